@@ -1,0 +1,44 @@
+"""`nanoseek <command>`: train, generate, chat, serve.
+
+    nanoseek train [--preset NAME] [--config FILE] [--section.field VALUE ...]
+    nanoseek generate --ckpt DIR --prompt "..."
+    nanoseek chat --ckpt DIR
+    nanoseek serve --ckpt DIR --host 127.0.0.1 --port 8000
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": ("nanoseek.train.cli", "main", "pretrain a model (default: the embedded demo)"),
+    "generate": ("nanoseek.infer.cli", "generate_main", "generate text from a checkpoint"),
+    "chat": ("nanoseek.infer.cli", "chat_main", "interactive chat with a checkpoint"),
+    "serve": ("nanoseek.infer.cli", "serve_main", "OpenAI-compatible HTTP server"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: nanoseek <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`nanoseek <command> --help` documents each command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("train", argv)
+    if command not in COMMANDS:
+        print(f"nanoseek: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[command]
+    import importlib
+
+    return getattr(importlib.import_module(module_name), func_name)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The latent KV cache of MLA: per token and layer only c_kv (kv_lora_rank) and the roped k_pe.
+
+Layout: one tensor (L, B, T_max, R + P) where L counts the main layers plus the MTP layers,
+B the batch rows (requests), T_max the positions. Row b's token at position p lives at
+`[:, b, p]`. Attention masks keys by position (key position <= query position), so rows of
+different lengths share one tensor: stale entries beyond a row's length are never read before
+they are overwritten. Rolling a row back (speculative decoding) is just forgetting its length;
+the cache itself keeps no lengths, the caller owns them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentCache:
+    """Preallocated latent cache for `num_layers` attention layers."""
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.kv_lora_rank, self.rope_dim, self.max_len = kv_lora_rank, rope_dim, max_len
+        # (L, B, T_max, R + P)
+        self.data = torch.zeros(num_layers, batch_size, max_len, kv_lora_rank + rope_dim,
+                                dtype=dtype, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.data.shape[1]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all cached layers."""
+        return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()
+
+    def write(self, layer: int, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Store c_kv (B, S, R) and k_pe (B, S, P) at positions (B, S) of the given layer."""
+        entry = torch.cat((c_kv, k_pe), dim=-1).to(self.data.dtype)  # (B, S, R + P)
+        index = positions[..., None].expand(-1, -1, entry.shape[-1])
+        self.data[layer].scatter_(1, index, entry)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv (B, T, R) and k_pe (B, T, P) for the first `length` positions."""
+        entry = self.data[layer, :, :length]
+        return entry[..., : self.kv_lora_rank], entry[..., self.kv_lora_rank:]

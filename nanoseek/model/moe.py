@@ -1,0 +1,196 @@
+"""DeepSeekMoE: fine-grained routed experts, always-on shared experts, aux-loss-free balancing.
+
+Shapes: T tokens (B*S flattened), D hidden, E routed experts, K experts per token, I expert width.
+
+Router (V3, sigmoid / noaux_tc):
+    s = sigmoid(x W_g^T)                       (T, E) fp32
+    choice = s + b                             b = e_score_correction_bias, selection only
+    group score = sum of the top-2 `choice` in each of n_group groups; keep topk_group groups,
+    mask the rest to -inf; top-K experts by `choice`; gates = s at those experts,
+    / sum (norm_topk_prob), * routed_scaling_factor.
+V2 (softmax): s = softmax(logits); "greedy" top-K, or "group_limited_greedy" (group score = max).
+
+Balancing (trainer-facing, outside autograd): each MoE layer counts tokens per expert in
+`load_since_update` (E,) during training; `update_router_bias` applies
+b_i += gamma * sign(mean(load) - load_i) once per optimizer step (after an optional all-reduce of
+the counts across data-parallel ranks). The complementary sequence-wise balance loss is left in
+`balance_loss` (unscaled sum_i f_i P_i, averaged over sequences); the trainer multiplies alpha.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.common import MLP
+
+
+class Router(nn.Module):
+    """Top-K expert selection; weight stays fp32 like the checkpoints' `mlp.gate.weight`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, D) -> gates (T, K) fp32, expert ids (T, K), scores s (T, E) fp32."""
+        cfg = self.cfg
+        with torch.autocast(x.device.type, enabled=False):  # routing stays fp32 under autocast
+            logits = F.linear(x.float(), self.weight.float())  # (T, E)
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach()
+        if self.e_score_correction_bias is not None:
+            choice = choice + self.e_score_correction_bias
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # (T, G, E/G)
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
+            else:
+                group_score = grouped.amax(dim=-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # (T, K)
+        gates = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        return gates * cfg.routed_scaling_factor, ids, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: w13 (E, 2I, D) = [gate ; up], w2 (E, D, I)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts, self.width = E, I
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, I))
+        self.use_grouped_mm: bool | None = None  # None: decide per call (see `grouped_mm_ok`)
+
+    def grouped_mm_ok(self, x: torch.Tensor) -> bool:
+        """torch._grouped_mm runs bf16 on Hopper+ GPUs and fp32 on the CPU."""
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        if not hasattr(torch, "_grouped_mm"):
+            return False
+        if x.is_cuda:
+            return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return x.dtype == torch.float32
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x (T, D), ids/gates (T, K) -> sum_k gates[t, k] * expert_{ids[t, k]}(x[t])  (T, D)."""
+        if self.grouped_mm_ok(x):
+            return self.forward_grouped(x, ids, gates)
+        return self.forward_looped(x, ids, gates)
+
+    def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Sort the T*K (token, expert) pairs by expert and run two grouped GEMMs; no host sync."""
+        T, K = ids.shape
+        flat = ids.flatten()  # (T*K,)
+        order = flat.argsort(stable=True)
+        token = order // K  # source token of each sorted row
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        xs = x[token]  # (T*K, D)
+        h = torch._grouped_mm(xs, self.w13.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, 2I)
+        gate, up = h.split(self.width, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2).to(x.dtype), offs=offsets)
+        y = y * gates.flatten()[order, None]  # promote to fp32 for the weighted sum
+        return torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype)
+
+    def forward_looped(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Reference: one plain SwiGLU per expert over the tokens routed to it."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in range(self.num_experts):
+            token, slot = (ids == e).nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], self.w13[e].to(x.dtype)).split(self.width, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[e].to(x.dtype))
+            out.index_add_(0, token, y * gates[token, slot, None])
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts, with balance statistics for the trainer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        # tokens per expert since the last bias update (training only), and in the last forward
+        self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.last_load: torch.Tensor | None = None
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D)."""
+        B, S, D = x.shape
+        flat = x.reshape(B * S, D)
+        gates, ids, scores = self.gate(flat)
+        out = self.experts(flat, ids, gates).view(B, S, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        with torch.no_grad():
+            self.last_load = torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).float()
+            if self.training:
+                self.load_since_update += self.last_load
+        if self.training and torch.is_grad_enabled():
+            self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
+        return out
+
+
+def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Complementary sequence-wise balance loss sum_i f_i P_i, averaged over sequences.
+
+    scores (B, S, E) router affinities s, ids (B, S, K) selected experts.
+    f_i = E / (K S) * #tokens of the sequence routed to i;  P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+    """
+    B, S, E = scores.shape
+    K = ids.shape[-1]
+    hits = torch.zeros(B, E, device=scores.device).scatter_add_(
+        1, ids.reshape(B, S * K), torch.ones(B, S * K, device=scores.device))
+    f = hits * E / (K * S)  # (B, E), no gradient
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+    return (f * p).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_router_bias(moe_layers: list[MoE], gamma: float,
+                       all_reduce: Callable[[torch.Tensor], None] | None = None) -> list[float]:
+    """Aux-loss-free balancing step: b_i += gamma * sign(mean load - load_i) per MoE layer.
+
+    Uses the tokens counted since the last call (`load_since_update`), then resets them.
+    `all_reduce` (e.g. `torch.distributed.all_reduce`) sums the counts over data-parallel ranks
+    first. Returns each layer's MaxVio over those counts.
+    """
+    if not moe_layers:
+        return []
+    loads = torch.stack([m.load_since_update for m in moe_layers])  # (L_moe, E)
+    if all_reduce is not None:
+        all_reduce(loads)
+    maxvio = max_violation(loads)
+    for m, load in zip(moe_layers, loads):
+        if gamma and m.gate.e_score_correction_bias is not None:
+            m.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        m.load_since_update.zero_()
+    return maxvio.tolist()
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio = max_i load_i / mean(load) - 1 along the last dim (0 for perfect balance)."""
+    mean = load.mean(dim=-1)
+    return torch.where(mean > 0, load.amax(dim=-1) / mean.clamp_min(1e-9) - 1, torch.zeros_like(mean))

@@ -1,0 +1,214 @@
+"""The DeepSeek-V3 decoder: pre-norm blocks (MLA + dense MLP or DeepSeekMoE) and MTP modules.
+
+Shapes: B batch, S sequence, D hidden, V vocabulary.
+
+    h = embed(ids)
+    for each block:  h = h + attn(norm(h));  h = h + ffn(norm(h))
+    hidden = norm(h);  logits = lm_head(hidden)
+
+Multi-token prediction module k (1..num_nextn_predict_layers) predicts token i+k+1 at position i:
+    h_k = block_k(eh_proj([enorm(embed(t_{i+k})) ; hnorm(h_{k-1})]))     (embedding first)
+    logits_k = lm_head(shared_head.norm(h_k)),   h_0 = hidden (the main model's normed output)
+Embedding and output head are shared with the main model.
+
+Parameter names mirror the Hugging Face layout (`layers.{i}.self_attn.q_a_proj`, ...), so the
+checkpoint mapping in `nanoseek/hf.py` is a rename of the `model.` prefix, the stacked experts and
+the MTP layers (`mtp.{k}` <-> `model.layers.{num_hidden_layers + k}`). Layers live in a
+`ModuleDict` so a pipeline stage is cut by deleting entries; the model holds no distributed code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.cache import LatentCache
+from nanoseek.model.common import MLP, RMSNorm
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MoE, RoutedExperts, Router
+from nanoseek.model.rope import rope_cos_sin, rope_frequencies
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, V) main head
+    hidden: torch.Tensor  # (B, S, D) after the final norm (the MTP modules' h_0)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, S, V), predicts i+k+1
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: MLA then a dense SwiGLU MLP or DeepSeekMoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                positions: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, positions, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm (its own weights); the head matrix is the main lm_head unless a
+    checkpoint stores a different one (then `head` holds it)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head: nn.Linear | None = None
+
+
+class MTPLayer(Block):
+    """One multi-token-prediction module: a Block preceded by the embedding/hidden merge."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+        self.embed_tokens: nn.Embedding | None = None  # set only when a checkpoint unties it
+
+    def merge(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) previous-depth hidden and (B, S, D) embedding of the next token -> (B, S, D)."""
+        return self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V2/V3 causal LM with optional MTP modules. Single-device maths only."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k)
+                                 for k in range(cfg.num_nextn_predict_layers))
+        inv_freq, self.attention_factor = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    # ------------------------------------------------------------------ construction
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Initialise every weight in place (also after `to_empty` from the meta device)."""
+        std = self.config.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                nn.init.normal_(module.w13, 0.0, std)
+                nn.init.normal_(module.w2, 0.0, std)
+            elif isinstance(module, MoE):
+                module.load_since_update.zero_()
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, _ = rope_frequencies(self.config)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                    seed: int | None = None) -> Transformer:
+        """Build on the meta device, materialise on `device`, initialise (deterministic with `seed`)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights()
+        if dtype is not None:
+            model.to_dtype(dtype)
+        return model
+
+    def to_dtype(self, dtype: torch.dtype) -> Transformer:
+        """Cast weights to dtype, keeping the router weights and biases fp32 as checkpoints do."""
+        for name, p in self.named_parameters():
+            if not name.endswith("gate.weight"):
+                p.data = p.data.to(dtype)
+        return self
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        """A latent cache for the main layers and the MTP layers."""
+        cfg, w = self.config, self.embed_tokens.weight
+        return LatentCache(cfg.num_hidden_layers + cfg.num_nextn_predict_layers, batch_size, max_len,
+                           cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype or w.dtype, w.device)
+
+    # ------------------------------------------------------------------ forward
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, positions, self.attention_factor, dtype)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None, kv_len: int | None = None,
+                mtp_tokens: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids (B, S) -> ModelOutput.
+
+        positions (B, S): token positions (default 0..S-1). With `cache`: positions None is a
+        prefill from 0; given positions, the tokens are decoded against the cache's first
+        `kv_len` positions (absorbed MLA). `mtp_tokens` (B, S), the tokens that follow each input
+        position (the training targets), switches on the MTP modules: depth k embeds
+        mtp_tokens[:, i + k - 1] at position i; its last k - 1 positions see padding.
+        """
+        B, S = input_ids.shape
+        pos = positions if positions is not None else torch.arange(S, device=input_ids.device).expand(B, S)
+        h = self.embed_tokens(input_ids)  # (B, S, D)
+        cos, sin = self.rope(pos, h.dtype)
+        for block in self.layers.values():
+            h = block(h, cos, sin, cache, positions, kv_len)
+        hidden = self.norm(h)
+        out = ModelOutput(logits=self.lm_head(hidden), hidden=hidden)
+        if mtp_tokens is not None:
+            h_prev = hidden
+            for k in range(1, len(self.mtp) + 1):
+                shifted = torch.nn.functional.pad(mtp_tokens[:, k - 1:], (0, k - 1))  # (B, S)
+                h_prev, logits = self.mtp_forward(k, h_prev, shifted, cos, sin)
+                out.mtp_logits.append(logits)
+        return out
+
+    def mtp_forward(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, cache: LatentCache | None = None, positions: torch.Tensor | None = None,
+                    kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` (1-based): h_prev (B, S, D), next_ids (B, S) -> (h (B, S, D), logits)."""
+        layer = self.mtp[depth - 1]
+        embed = self.embed_tokens if layer.embed_tokens is None else layer.embed_tokens
+        head = self.lm_head if layer.shared_head.head is None else layer.shared_head.head
+        h = layer(layer.merge(h_prev, embed(next_ids)), cos, sin, cache, positions, kv_len)
+        return h, head(layer.shared_head.norm(h))
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> Transformer:
+        """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (see `nanoseek.hf`)."""
+        from nanoseek.hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB",
+                        dtype: torch.dtype | None = None) -> None:
+        """Write a Hugging Face checkpoint directory, atomically (see `nanoseek.hf`)."""
+        from nanoseek.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    def balance_loss(self) -> torch.Tensor:
+        """Sum over MoE layers of the last training forward's sequence-wise balance loss (unscaled)."""
+        terms = [m.balance_loss for m in self.moe_layers if m.balance_loss is not None]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.inv_freq.device)
