@@ -73,7 +73,7 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown-but-harmless keys
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown-but-harmless keys
 
     def __post_init__(self) -> None:
         self.validate()

@@ -19,11 +19,13 @@ Every key must be used and every weight filled: anything else is an error naming
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -114,6 +116,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     path = Path(path)
     cfg = read_config(path)
     files = checkpoint_files(path)
+    if cfg.num_nextn_predict_layers:
+        mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
+        if not any(k.startswith(mtp_prefixes) for keys in files.values() for k in keys):
+            # transformers drops MTP weights when it saves; the model is whole without them
+            warnings.warn(f"{path}: config.json declares num_nextn_predict_layers="
+                          f"{cfg.num_nextn_predict_layers} but the checkpoint has no MTP weights; "
+                          "loading without MTP modules", stacklevel=3)
+            cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)

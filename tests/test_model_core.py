@@ -1,0 +1,170 @@
+"""Fast paths against their references, gradients, balance machinery, configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer, preset
+from nanoseek.config import PRESETS
+from nanoseek.model.moe import max_violation, sequence_balance_loss, update_router_bias
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def tiny(**overrides) -> Transformer:
+    return Transformer.from_config(preset("debug", **overrides), seed=0).eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN},
+                                       {"rope_interleave": False}])
+def test_absorbed_decode_matches_expanded(overrides):
+    model = tiny(**overrides)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits  # expanded causal attention over the whole sequence
+        cache = model.new_cache(batch_size=2, max_len=32)
+        pre = model(ids[:, :12], cache=cache).logits  # prefill (expanded), fills the latent cache
+        steps = [pre]
+        for p in range(12, 20):  # one token at a time through the absorbed path
+            pos = torch.full((2, 1), p)
+            steps.append(model(ids[:, p:p + 1], positions=pos, cache=cache, kv_len=p + 1).logits)
+        chunk = model(ids[:, 12:20], positions=torch.arange(12, 20).expand(2, 8), cache=cache,
+                      kv_len=32).logits  # several absorbed queries at once, stale tail masked
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    assert (chunk - full[:, 12:]).abs().max() < 1e-5
+
+
+def test_cache_is_latent_only():
+    cfg = preset("bench-1b")
+    model = Transformer(preset("debug"))
+    cache = model.new_cache(1, 8, dtype=torch.bfloat16)
+    per_layer = cache.bytes_per_token() // (model.config.num_hidden_layers + model.config.num_nextn_predict_layers)
+    assert per_layer == 2 * (model.config.kv_lora_rank + model.config.qk_rope_head_dim)
+    expanded = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    assert expanded / (cfg.kv_lora_rank + cfg.qk_rope_head_dim) > 4
+
+
+def test_grouped_experts_match_looped():
+    model = tiny()
+    moe = model.moe_layers[0]
+    x = torch.randn(40, model.config.hidden_size)
+    gates, ids, _ = moe.gate(x)
+    gates = gates.detach()
+    grouped = moe.experts.forward_grouped(x, ids, gates)
+    looped = moe.experts.forward_looped(x, ids, gates)
+    assert (grouped - looped).abs().max() < 1e-6
+    # gradients agree too
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    moe.experts.forward_grouped(x1, ids, gates).square().sum().backward()
+    g_grouped = moe.experts.w13.grad.clone()
+    moe.experts.w13.grad = None
+    moe.experts.forward_looped(x2, ids, gates).square().sum().backward()
+    assert (g_grouped - moe.experts.w13.grad).abs().max() < 1e-5
+    assert (x1.grad - x2.grad).abs().max() < 1e-5
+
+
+def test_router_groups_mask_to_minus_inf():
+    model = tiny(n_group=4, topk_group=1, num_experts_per_tok=2)
+    router = model.moe_layers[0].gate
+    x = torch.randn(64, model.config.hidden_size)
+    # strongly negative bias: a 0-masking bug would pick masked experts; -inf masking never does
+    router.e_score_correction_bias.fill_(-5.0)
+    _, ids, _ = router(x)
+    groups = ids // (model.config.n_routed_experts // model.config.n_group)
+    assert (groups == groups[:, :1]).all()  # all of a token's experts come from its one kept group
+
+
+def test_bias_changes_selection_not_gates():
+    model = tiny()
+    router = model.moe_layers[0].gate
+    x = torch.randn(16, model.config.hidden_size)
+    gates0, ids0, scores = router(x)
+    router.e_score_correction_bias[3] = 10.0  # expert 3 now always selected
+    gates1, ids1, _ = router(x)
+    assert (ids1 == 3).any(dim=1).all()
+    expected = scores.gather(1, ids1)
+    expected = expected / expected.sum(-1, keepdim=True) * model.config.routed_scaling_factor
+    assert torch.allclose(gates1, expected)
+
+
+def test_gradients_reach_every_weight_but_not_router_bias():
+    model = tiny().train()
+    ids = torch.randint(0, 512, (2, 16))
+    out = model(ids, mtp_tokens=ids)
+    loss = out.logits.square().mean() + sum(l.square().mean() for l in out.mtp_logits) + model.balance_loss()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for m in model.moe_layers:
+        assert not m.gate.e_score_correction_bias.requires_grad
+        assert m.gate.e_score_correction_bias.grad is None
+
+
+def test_balance_loss_and_bias_update():
+    scores = torch.rand(2, 6, 4)
+    ids = torch.tensor([[[0, 1]] * 6, [[2, 3]] * 6])
+    loss = sequence_balance_loss(scores, ids)
+    s = scores / scores.sum(-1, keepdim=True)
+    f = torch.zeros(2, 4)
+    f[0, :2] = 4 / (2 * 6) * 6
+    f[1, 2:] = 4 / (2 * 6) * 6
+    assert torch.allclose(loss, (f * s.mean(1)).sum(-1).mean())
+
+    model = tiny().train()
+    moe = model.moe_layers
+    ids = torch.randint(0, 512, (2, 16))
+    model(ids, mtp_tokens=ids)
+    loads = [m.load_since_update.clone() for m in moe]
+    assert all(load.sum() == 2 * 16 * model.config.num_experts_per_tok for load in loads)
+    calls = []
+    maxvio = update_router_bias(moe, gamma=0.01, all_reduce=lambda t: calls.append(t.shape))
+    assert calls == [(len(moe), model.config.n_routed_experts)]
+    for m, load, mv in zip(moe, loads, maxvio):
+        assert torch.allclose(m.gate.e_score_correction_bias, 0.01 * torch.sign(load.mean() - load))
+        assert abs(mv - (load.max() / load.mean() - 1).item()) < 1e-6
+        assert m.load_since_update.sum() == 0
+    assert max_violation(torch.ones(5)).item() == 0
+
+
+def test_meta_device_build_and_presets():
+    for name in PRESETS:
+        with torch.device("meta"):
+            model = Transformer(preset(name))
+        assert all(p.is_meta for p in model.parameters())
+    model = Transformer.from_config(preset("debug"), seed=1)
+    again = Transformer.from_config(preset("debug"), seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_parameter_counts_of_presets():
+    def count(cfg: ModelConfig) -> tuple[float, float]:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+        experts = sum(p.numel() for n, p in model.named_parameters()
+                      if "experts.w" in n and not n.startswith("mtp."))
+        n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+        active = total - experts + experts // cfg.n_routed_experts * cfg.num_experts_per_tok
+        active -= cfg.vocab_size * cfg.hidden_size  # embedding is not a matmul
+        assert n_moe > 0
+        return total / 1e9, active / 1e9
+
+    total, active = count(preset("v3-671b"))
+    assert 670 < total < 672.5 and 36 < active < 38
+    total, active = count(preset("v2-lite"))
+    assert 15.5 < total < 16 and 2.2 < active < 2.6
+    total, _ = count(preset("bench-1b"))
+    assert 1.1 < total < 1.4
+
+
+def test_config_validation_and_hf_round_trip():
+    with pytest.raises(ValueError, match="n_group.*must divide"):
+        preset("debug", n_group=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("nope")
+    cfg = preset("debug", rope_scaling=YARN)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    v2 = preset("v2-lite")
+    assert ModelConfig.from_hf_dict(v2.to_hf_dict()) == v2
