@@ -1,0 +1,1 @@
+"""Data layer: procedural tasks, corpora, tokenizer, token shards and the packed loader."""
