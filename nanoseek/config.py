@@ -5,8 +5,8 @@ reads in with `ModelConfig.from_hf_dict` and writes back with `to_hf_dict`. Fiel
 `deepseek_v2` has (`scoring_func`, `topk_method`) are kept here too; what can be derived
 (`qk_head_dim`, the YaRN scales) is a property, never stored twice.
 
-Presets: `debug` (tiny, CPU-fast), `bench-1b` (the training benchmark shape), `v2-lite` and
-`v3-671b` (the released shapes).
+Presets: `debug` (tiny, CPU-fast), `demo` (the embedded training demo), `bench-1b` (the training
+benchmark shape), `v2-lite` and `v3-671b` (the released shapes).
 """
 
 from __future__ import annotations
@@ -234,6 +234,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                   n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
                   first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
                   initializer_range=0.02),
+    # the embedded demo: a small MLA + MoE + MTP model that trains on 2 CPU cores in minutes
+    "demo": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+                 kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                 n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                 num_nextn_predict_layers=1, max_position_embeddings=1024, initializer_range=0.02),
     # DESIGN.md's training benchmark: ~1.25B total / 0.22B active
     "bench-1b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
                      num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=512,

@@ -261,14 +261,10 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
 
 
-def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | None = None) -> None:
-    """Write config.json + safetensors (sharded above max_shard_size) atomically into `path`.
-
-    The files are written into a temporary sibling directory which then replaces `path`, so an
-    interrupted or failed save (full disk) leaves any previous checkpoint at `path` intact.
-    """
-    path = Path(path)
+def write_pretrained(model: Transformer, directory: str | Path, max_shard_size: int | str = "5GB",
+                     dtype: torch.dtype | None = None) -> None:
+    """Write config.json and the safetensors file(s) (sharded above max_shard_size) into `directory`."""
+    directory = Path(directory)
     limit = _parse_size(max_shard_size)
     state = hf_state_dict(model, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -280,24 +276,34 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
             size = 0
         shards[-1][name] = t
         size += nbytes
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None) -> None:
+    """Write a checkpoint directory atomically.
+
+    The files are written into a temporary sibling directory which then replaces `path`, so an
+    interrupted or failed save (full disk) leaves any previous checkpoint at `path` intact.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        cfg = model.config.to_hf_dict()
-        weight_dtype = dtype or model.embed_tokens.weight.dtype
-        cfg["torch_dtype"] = str(weight_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for n, shard in enumerate(shards, 1):
-                fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_pretrained(model, tmp, max_shard_size, dtype)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -116,6 +116,7 @@ def test_balance_loss_and_bias_update():
     moe = model.moe_layers
     ids = torch.randint(0, 512, (2, 16))
     model(ids, mtp_tokens=ids)
+    model.record_load()
     loads = [m.load_since_update.clone() for m in moe]
     assert all(load.sum() == 2 * 16 * model.config.num_experts_per_tok for load in loads)
     calls = []

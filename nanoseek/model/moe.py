@@ -10,8 +10,9 @@ Router (V3, sigmoid / noaux_tc):
     / sum (norm_topk_prob), * routed_scaling_factor.
 V2 (softmax): s = softmax(logits); "greedy" top-K, or "group_limited_greedy" (group score = max).
 
-Balancing (trainer-facing, outside autograd): each MoE layer counts tokens per expert in
-`load_since_update` (E,) during training; `update_router_bias` applies
+Balancing (trainer-facing, outside autograd): each forward leaves tokens per expert in
+`last_load` (E,); the trainer adds them to `load_since_update` after each micro-batch
+(`Transformer.record_load`); `update_router_bias` applies
 b_i += gamma * sign(mean(load) - load_i) once per optimizer step (after an optional all-reduce of
 the counts across data-parallel ranks). The complementary sequence-wise balance loss is left in
 `balance_loss` (unscaled sum_i f_i P_i, averaged over sequences); the trainer multiplies alpha.
@@ -144,10 +145,8 @@ class MoE(nn.Module):
         out = self.experts(flat, ids, gates).view(B, S, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        with torch.no_grad():
+        with torch.no_grad():  # recomputation (activation checkpointing) rewrites the same counts
             self.last_load = torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).float()
-            if self.training:
-                self.load_since_update += self.last_load
         if self.training and torch.is_grad_enabled():
             self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
         return out

@@ -208,6 +208,14 @@ class Transformer(nn.Module):
 
         save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
+    @torch.no_grad()
+    def record_load(self) -> None:
+        """Add each MoE layer's tokens-per-expert of the last forward to its `load_since_update`."""
+        for m in self.moe_layers:
+            if m.last_load is not None:
+                m.load_since_update += m.last_load
+                m.last_load = None
+
     def balance_loss(self) -> torch.Tensor:
         """Sum over MoE layers of the last training forward's sequence-wise balance loss (unscaled)."""
         terms = [m.balance_loss for m in self.moe_layers if m.balance_loss is not None]

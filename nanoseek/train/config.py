@@ -1,0 +1,251 @@
+"""Run configuration: model + data + training, with presets, config files and CLI overrides.
+
+    nanoseek train                                   # the embedded demo (preset "demo")
+    nanoseek train --preset bench-1b --data.source corpus.jsonl --train.max_steps 20000
+    nanoseek train --config run.toml --model.hidden_size 512 --train.lr 1e-3
+
+Precedence: preset < config file (TOML or JSON with sections model/data/train) < command line.
+Every field of every section can be overridden as `--section.field VALUE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.config import PRESETS, ModelConfig
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field with a help text (shown by `nanoseek train --help`)."""
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("'synthetic' (embedded procedural corpus) or a path: .txt/.md, .jsonl, .parquet, or a folder",
+                      "synthetic")
+    text_field: str = doc("field/column holding the text in JSONL/Parquet data", "text")
+    n_docs: int = doc("synthetic corpus: training documents", 30000)
+    val_docs: int = doc("synthetic: held-out documents for validation (user data: 2% of documents)", 400)
+    difficulty_min: int = doc("synthetic: lowest difficulty (digits per operand / countdown numbers)", 1)
+    difficulty_max: int = doc("synthetic: highest difficulty", 3)
+    r1_share: float = doc("synthetic: share of solutions in the <think>/<answer> template", 0.5)
+    answer_only_share: float = doc("synthetic: share of answer-only solutions", 0.15)
+    tokenizer: str = doc("'' trains a byte-level BPE on the corpus; else a directory holding tokenizer.json", "")
+    vocab_size: int = doc("vocabulary size of a trained tokenizer (the model's vocab_size follows it)", 1024)
+    seq_len: int = doc("training sequence length (tokens per packed window)", 256)
+    seed: int = doc("corpus and shuffling seed", 0)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = doc("run directory: data cache, checkpoints, metrics, plots", "runs/demo")
+    device: str = doc("'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...", "auto")
+    batch_size: int = doc("micro-batch size in sequences", 16)
+    grad_accum: int = doc("micro-batches per optimizer step", 1)
+    max_steps: int = doc("optimizer steps", 500)
+    time_limit_min: float = doc("stop (and checkpoint) after this many minutes; 0 = no limit", 0.0)
+    lr: float = doc("peak learning rate", 3e-3)
+    min_lr_ratio: float = doc("final learning rate as a fraction of lr", 0.1)
+    warmup_steps: int = doc("linear warmup steps", 30)
+    schedule: str = doc("'v3' (warmup, constant, cosine decay), 'wsd' (warmup, stable, linear decay), 'cosine'",
+                        "v3")
+    decay_frac: float = doc("fraction of steps spent decaying ('v3' and 'wsd')", 0.4)
+    weight_decay: float = doc("AdamW weight decay (matrices only)", 0.1)
+    beta1: float = doc("AdamW beta1", 0.9)
+    beta2: float = doc("AdamW beta2", 0.95)
+    eps: float = doc("AdamW epsilon", 1e-8)
+    bf16_moments: bool = doc("keep AdamW moments in bf16 (as in DeepSeek-V3)", False)
+    grad_clip: float = doc("gradient-norm clip (0 disables)", 1.0)
+    mtp_lambda: float = doc("MTP loss weight lambda for the first part of training", 0.3)
+    mtp_lambda_final: float = doc("MTP loss weight after mtp_switch_frac of the steps", 0.1)
+    mtp_switch_frac: float = doc("fraction of steps after which lambda drops to mtp_lambda_final", 0.7)
+    bias_gamma: float = doc("router bias update rate gamma (aux-loss-free balancing)", 0.001)
+    bias_freeze_frac: float = doc("fraction of steps after which gamma is 0", 1.0)
+    seq_aux_alpha: float = doc("complementary sequence-wise balance loss weight alpha", 1e-4)
+    dtype: str = doc("'auto' (bf16 autocast on cuda, fp32 on cpu), 'bf16' or 'fp32'", "auto")
+    compile: bool = doc("torch.compile each transformer block", False)
+    activation_checkpointing: bool = doc("recompute each block in backward to save memory", False)
+    eval_every: int = doc("validation every N steps (0: only at the end)", 100)
+    eval_batches: int = doc("validation batches", 8)
+    ckpt_every: int = doc("checkpoint every N steps (0: only at the end)", 250)
+    keep_last: int = doc("checkpoints kept", 2)
+    log_every: int = doc("log line every N steps", 10)
+    seed: int = doc("model init seed", 0)
+    resume: str = doc("'' (fresh run), 'auto' (latest checkpoint in out_dir) or a checkpoint directory", "")
+    samples: int = doc("samples generated at the end", 4)
+    eval_problems: int = doc("held-out problems scored for accuracy at the end (synthetic data)", 100)
+    tensorboard: bool = doc("write TensorBoard event files", True)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    preset: str = "demo"
+
+    def to_dict(self) -> dict[str, Any]:
+        model = dataclasses.asdict(self.model)
+        model.pop("extra", None)
+        return {"preset": self.preset, "model": model, "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+
+MODEL_FIELD_HELP = {
+    "model_type": "'deepseek_v3' or 'deepseek_v2' (checkpoint format)",
+    "vocab_size": "vocabulary size (set from the tokenizer when one is trained)",
+    "hidden_size": "model width D", "intermediate_size": "dense SwiGLU width",
+    "moe_intermediate_size": "width of one routed expert", "num_hidden_layers": "decoder layers",
+    "num_attention_heads": "attention heads", "num_key_value_heads": "equal to num_attention_heads (MLA)",
+    "q_lora_rank": "query low-rank dim (null: full q_proj)", "kv_lora_rank": "latent KV dim (cached)",
+    "qk_nope_head_dim": "per-head non-rotary q/k dim", "qk_rope_head_dim": "rotary q/k dim (shared key)",
+    "v_head_dim": "per-head value dim", "n_routed_experts": "routed experts",
+    "n_shared_experts": "shared experts", "num_experts_per_tok": "experts per token (top-k)",
+    "n_group": "expert groups", "topk_group": "groups kept per token",
+    "routed_scaling_factor": "gate multiplier", "norm_topk_prob": "renormalise top-k gates",
+    "scoring_func": "'sigmoid' (V3) or 'softmax' (V2)", "topk_method": "'noaux_tc', 'greedy', 'group_limited_greedy'",
+    "first_k_dense_replace": "leading dense layers", "num_nextn_predict_layers": "MTP depth D",
+    "max_position_embeddings": "longest supported sequence", "rope_theta": "RoPE base",
+    "rope_scaling": "YaRN parameters (JSON) or null", "rope_interleave": "interleaved rotary channel layout",
+    "rms_norm_eps": "RMSNorm epsilon", "initializer_range": "init std", "tie_word_embeddings": "tie embedding/head",
+    "bos_token_id": "BOS id", "eos_token_id": "EOS id", "pad_token_id": "PAD id",
+}
+
+
+def _fields(cls: type) -> dict[str, tuple[Any, str]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata.get("help", MODEL_FIELD_HELP.get(f.name, "")))
+            for f in dataclasses.fields(cls) if f.name != "extra"}
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def convert(value: str | Any, typ: Any, option: str) -> Any:
+    """Turn a command-line string (or a config-file value) into the field's type."""
+    if not isinstance(value, str):
+        return value
+    args = typing.get_args(typ)
+    if type(None) in args:
+        if value.lower() in ("none", "null"):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    try:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return value
+        return json.loads(value)  # dicts (rope_scaling)
+    except (ValueError, json.JSONDecodeError):
+        name = getattr(typ, "__name__", str(typ))
+        raise SystemExit(f"nanoseek train: {option} expects {name}, got {value!r}") from None
+
+
+def help_text() -> str:
+    lines = ["usage: nanoseek train [--preset NAME] [--config FILE] [--resume [DIR]] [--SECTION.FIELD VALUE ...]",
+             "", "Pretrain a DeepSeek-V3-style model. With no arguments: the embedded demo (synthetic reasoning",
+             "corpus, BPE tokenizer, small MLA + MoE + MTP model, checkpoints, plots, samples, accuracy).", "",
+             f"  --preset NAME      model preset: {', '.join(sorted(PRESETS))} (default: demo)",
+             "  --config FILE      TOML or JSON file with [model], [data], [train] sections",
+             "  --resume [DIR]     continue from DIR, or from the latest checkpoint in train.out_dir", ""]
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        defaults = ModelConfig(**PRESETS["demo"]) if section == "model" else cls()
+        for name, (typ, help_) in _fields(cls).items():
+            tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))
+            default = getattr(defaults, name)
+            lines.append(f"  --{section}.{name} {tname:<8} {help_} [default: {default!r}]")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> RunConfig:
+    """Build a RunConfig from presets, an optional config file and `--section.field value` pairs."""
+    preset_name, config_file = "demo", None
+    overrides: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(help_text())
+            raise SystemExit(0)
+        key, eq, val = arg.partition("=")
+        if not key.startswith("--"):
+            raise SystemExit(f"nanoseek train: unexpected argument {arg!r} (options look like --train.lr 1e-3)")
+        if key == "--resume" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            pairs.append(("--train.resume", "auto"))
+            i += 1
+            continue
+        if not eq:
+            if i + 1 == len(argv):
+                raise SystemExit(f"nanoseek train: {key} needs a value")
+            val = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "--preset":
+            preset_name = val
+        elif key == "--config":
+            config_file = val
+        elif key == "--resume":
+            pairs.append(("--train.resume", val))
+        else:
+            pairs.append((key, val))
+    if preset_name not in PRESETS:
+        raise SystemExit(f"nanoseek train: unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SystemExit(f"nanoseek train: config file {path} not found")
+        try:
+            loaded = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise SystemExit(f"nanoseek train: cannot parse {path}: {e}") from None
+        preset_name = loaded.pop("preset", preset_name)
+        for section, values in loaded.items():
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise SystemExit(f"nanoseek train: {path}: unknown section {section!r}; use {sorted(SECTIONS)}")
+            for name, value in values.items():
+                _set(overrides, section, name, value, f"{path}: {section}.{name}")
+    for key, val in pairs:
+        section, _, name = key[2:].partition(".")
+        _set(overrides, section, name, val, key)
+    try:
+        model = ModelConfig(**{**PRESETS[preset_name], **overrides["model"]})
+        return RunConfig(model=model, data=DataConfig(**overrides["data"]),
+                         train=TrainConfig(**overrides["train"]), preset=preset_name)
+    except ValueError as e:
+        raise SystemExit(f"nanoseek train: {e}") from None
+
+
+def _set(overrides: dict, section: str, name: str, value: Any, where: str) -> None:
+    if section not in SECTIONS:
+        raise SystemExit(f"nanoseek train: unknown option {where!r}; options are --model.*, --data.*, --train.*")
+    fields = _fields(SECTIONS[section])
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f"; did you mean --{section}.{close[0]}?" if close else "; see `nanoseek train --help`"
+        raise SystemExit(f"nanoseek train: unknown option {where!r}{hint}")
+    typ = fields[name][0]
+    value = convert(value, typ, where)
+    base = typing.get_args(typ)[0] if type(None) in typing.get_args(typ) else typ
+    if value is not None and base in (int, float, bool, str) and not isinstance(value, base):
+        if not (base is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise SystemExit(f"nanoseek train: {where} expects {base.__name__}, got {value!r}")
+    overrides[section][name] = value

@@ -1,0 +1,79 @@
+"""AdamW (torch's, fused on CUDA; or one with bf16 moments) and the learning-rate schedules.
+
+Schedules return the lr multiplier for an optimizer step (0-based), all with linear warmup:
+    v3      warmup -> constant -> cosine decay to min_lr_ratio over the last decay_frac (DeepSeek-V3's shape)
+    wsd     warmup -> stable -> linear decay to min_lr_ratio over the last decay_frac
+    cosine  warmup -> cosine decay to min_lr_ratio over all remaining steps
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = ("v3", "wsd", "cosine")
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str, decay_frac: float, min_ratio: float) -> float:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is unknown; use one of {SCHEDULES}")
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = warmup if schedule == "cosine" else max(warmup, int(total * (1 - decay_frac)))
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    if schedule == "wsd":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class AdamWBf16Moments(torch.optim.Optimizer):
+    """AdamW whose first and second moments are stored in bf16 (fp32 maths, fp32 weights).
+
+    Halves optimizer-state memory, as DeepSeek-V3 did; the update equals torch's AdamW up to the
+    rounding of the stored moments.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
+
+
+def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                    bf16_moments: bool = False) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices (and stacked experts) only; norms get none."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if bf16_moments:
+        return AdamWBf16Moments(groups, lr=lr, betas=betas, eps=eps)
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)

@@ -1,0 +1,370 @@
+"""Pretraining: data -> tokenizer -> shards -> model (+MTP) -> loss (+balance) -> AdamW (+bias update).
+
+    nanoseek train                                    # embedded demo, CPU, minutes
+    nanoseek train --preset bench-1b --data.source my.jsonl --data.seq_len 2048 --train.batch_size 8
+    nanoseek train --resume                           # continue the latest checkpoint in train.out_dir
+
+Reads top to bottom: prepare data, build model and optimizer, (resume), loop, finish.
+Per optimizer step:
+    loss = CE(main) + lambda/D * sum_k CE(MTP_k) + alpha * sum_layers L_balance   (per micro-batch)
+    clip grad norm; AdamW step; router bias b += gamma * sign(mean load - load) (global counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import resource
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanoseek.data.corpus import load_user_texts, synthetic_corpus
+from nanoseek.data.loader import PackedLoader
+from nanoseek.data.shards import write_shards
+from nanoseek.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from nanoseek.model.moe import update_router_bias
+from nanoseek.model.transformer import Transformer
+from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, run_record, save_checkpoint
+from nanoseek.train.config import DataConfig, RunConfig
+from nanoseek.train.evaluate import greedy_generate, heldout_accuracy, validation_loss
+from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
+from nanoseek.train.optim import build_optimizer, lr_multiplier
+
+
+# ---------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    tokenizer_dir: Path
+    train_dir: Path
+    val_dir: Path
+
+
+def prepare_data(cfg: DataConfig, out_dir: Path, log=print) -> PreparedData:
+    """Corpus -> tokenizer -> token shards, cached under out_dir/data keyed by the data config."""
+    key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    root = out_dir / "data" / key
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else root / "tokenizer"
+    train_dir, val_dir = root / "train", root / "val"
+    if (train_dir / "manifest.json").is_file() and (val_dir / "manifest.json").is_file() \
+            and (tok_dir / "tokenizer.json").is_file():
+        log(f"data: cached shards in {root}")
+        return PreparedData(load_tokenizer(tok_dir), tok_dir, train_dir, val_dir)
+
+    t0 = time.time()
+    if cfg.source == "synthetic":
+        difficulty = (cfg.difficulty_min, cfg.difficulty_max)
+        train_docs = synthetic_corpus(cfg.n_docs, cfg.seed, difficulty, cfg.r1_share, cfg.answer_only_share)
+        val_docs = synthetic_corpus(cfg.val_docs, cfg.seed + 1, difficulty, cfg.r1_share, cfg.answer_only_share,
+                                    split="heldout")
+    else:
+        try:
+            docs = load_user_texts(cfg.source, cfg.text_field)
+        except ValueError as e:
+            raise SystemExit(f"nanoseek train: {e}") from None
+        if len(docs) < 2:
+            raise SystemExit(f"nanoseek train: {cfg.source} holds {len(docs)} document(s); need at least 2 "
+                             "(one for validation)")
+        n_val = max(1, len(docs) // 50)
+        train_docs, val_docs = docs[:-n_val], docs[-n_val:]
+    log(f"data: {len(train_docs)} training / {len(val_docs)} validation documents ({time.time() - t0:.1f}s)")
+    if cfg.tokenizer:
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise SystemExit(f"nanoseek train: --data.tokenizer {tok_dir} has no tokenizer.json")
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        t0 = time.time()
+        tokenizer = train_tokenizer(train_docs, cfg.vocab_size, tok_dir)
+        log(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens ({time.time() - t0:.1f}s) -> {tok_dir}")
+    write_shards(train_docs, tokenizer, train_dir, overwrite=True)
+    write_shards(val_docs, tokenizer, val_dir, overwrite=True)
+    return PreparedData(tokenizer, tok_dir, train_dir, val_dir)
+
+
+def unigram_entropy(shard_dir: Path, vocab_size: int) -> float:
+    """Entropy (nats/token) of the corpus's token frequencies: the loss of a context-free model."""
+    from nanoseek.data.shards import open_shards
+
+    shards, _ = open_shards(shard_dir)
+    counts = sum(np.bincount(np.asarray(s), minlength=vocab_size) for s in shards).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def open_loader(shard_dir: Path, seq_len: int, batch_size: int, seed: int, what: str) -> PackedLoader:
+    """A packed loader; a small validation split gets a smaller batch instead of an error."""
+    from nanoseek.data.shards import open_shards
+
+    total = open_shards(shard_dir)[1]["total_tokens"]
+    windows = (total - 1) // seq_len
+    if what == "validation":
+        batch_size = max(1, min(batch_size, windows))
+    if windows < batch_size:
+        raise SystemExit(f"nanoseek train: the {what} data holds {total} tokens, but one batch needs "
+                         f"{batch_size * seq_len + 1} (batch_size={batch_size} x seq_len={seq_len} + 1); "
+                         "add data or lower --train.batch_size / --data.seq_len")
+    return PackedLoader(shard_dir, seq_len, batch_size, seed)
+
+
+# ---------------------------------------------------------------------------- the loop
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"nanoseek train: --train.device {name} asked for, but CUDA is not available")
+    return device
+
+
+def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Main next-token CE and one CE per MTP depth k (position i predicts token i+k+1)."""
+    use_mtp = len(model.mtp) > 0
+    out = model(x, mtp_tokens=y if use_mtp else None)
+    main = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+    mtp = []
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        mtp.append(F.cross_entropy(logits[:, :-k].float().flatten(0, 1), y[:, k:].flatten()))
+    return main, mtp
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in backward (MoE load counts are rewritten, not doubled)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in [*model.layers.values(), *model.mtp]:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def train(run: RunConfig) -> dict[str, Any]:
+    """Run pretraining as configured; returns a summary dict (also written to summary.json)."""
+    tc, out_dir = run.train, Path(run.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    if run.data.seq_len > run.model.max_position_embeddings:
+        raise SystemExit(f"nanoseek train: --data.seq_len {run.data.seq_len} exceeds the model's "
+                         f"max_position_embeddings={run.model.max_position_embeddings}; lower seq_len or raise "
+                         "--model.max_position_embeddings")
+    print(f"nanoseek train: run directory {out_dir.resolve()}")
+
+    # ---- data
+    data = prepare_data(run.data, out_dir)
+    tok = data.tokenizer
+    if run.model.vocab_size != tok.vocab_size:
+        run.model = dataclasses.replace(run.model, vocab_size=tok.vocab_size)  # the tokenizer decides
+    run.model = dataclasses.replace(run.model, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id,
+                                    pad_token_id=tok.pad_id)
+    loader = open_loader(data.train_dir, run.data.seq_len, tc.batch_size, run.data.seed, "training")
+    val_loader = open_loader(data.val_dir, run.data.seq_len, tc.batch_size, run.data.seed, "validation")
+
+    # ---- model and optimizer
+    model = Transformer.from_config(run.model, device=device, seed=tc.seed).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments)
+    if tc.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if tc.compile:
+        for block in [*model.layers.values(), *model.mtp]:
+            block.compile()
+    step = 0
+    if tc.resume:
+        found = list_checkpoints(out_dir)
+        path = Path(tc.resume) if tc.resume != "auto" else (found[-1] if found else None)
+        if path is None:
+            raise SystemExit(f"nanoseek train: --resume: no checkpoint in {out_dir / 'checkpoints'}")
+        state = load_checkpoint(path, model)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        print(f"resumed from {path} at step {step}")
+
+    fpt = flops_per_token(run.model, run.data.seq_len, with_mtp=len(model.mtp) > 0)
+    tokens_per_step = tc.batch_size * tc.grad_accum * run.data.seq_len
+    logger = MetricsLogger(out_dir, tc.tensorboard)
+    record = run_record(run.to_dict(), device)
+    (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"model: {n_params / 1e6:.2f}M parameters ({run.preset} preset), device {device}, "
+          f"{'bf16 autocast' if use_bf16 else 'fp32'}; {tokens_per_step} tokens/step, {len(loader)} steps/epoch")
+
+    stop_signal: list[str] = []
+
+    def on_signal(signum, frame):  # finish the step, checkpoint, exit cleanly
+        stop_signal.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint(at: int) -> Path | None:
+        state = {"step": at, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                 "rng": torch.get_rng_state()}
+        try:
+            return save_checkpoint(out_dir, at, model, state, data.tokenizer_dir, record, tc.keep_last)
+        except OSError as e:
+            kept = list_checkpoints(out_dir)
+            previous_note = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint"
+            raise SystemExit(f"nanoseek train: could not write the checkpoint at step {at} ({e}); "
+                             f"{previous_note}") from None
+
+    load_history: list[tuple[int, np.ndarray]] = []
+    val_history: list[float] = []
+    started, last_ckpt = time.time(), None
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
+    try:
+        while step < tc.max_steps and not stop_signal:
+            t0 = time.time()
+            frac = step / max(1, tc.max_steps)
+            lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.decay_frac,
+                                       tc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            mtp_lambda = tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final
+            main_sum, mtp_sum, bal_sum = 0.0, 0.0, 0.0
+            for _ in range(tc.grad_accum):
+                x, y = next(loader)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast:
+                    main, mtp = language_losses(model, x, y)
+                    balance = model.balance_loss()
+                mtp_term = mtp_lambda / len(mtp) * torch.stack(mtp).sum() if mtp else torch.zeros((), device=device)
+                loss = main + mtp_term + tc.seq_aux_alpha * balance
+                (loss / tc.grad_accum).backward()
+                model.record_load()
+                main_sum += main.detach()
+                mtp_sum += (mtp[0].detach() if mtp else 0.0)
+                bal_sum += balance.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
+                                                       else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            gamma = tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0
+            loads = torch.stack([m.load_since_update.clone() for m in model.moe_layers[: _n_main_moe(run)]]) \
+                if _n_main_moe(run) else None
+            maxvio = update_router_bias(model.moe_layers, gamma)
+            step += 1
+            bar.update(1)
+
+            loss_value = float(main_sum) / tc.grad_accum
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"nanoseek train: loss became {loss_value} at step {step}; lower --train.lr "
+                                 "or check the data")
+            dt = time.time() - t0
+            if step % tc.log_every == 0 or step == 1 or step == tc.max_steps:
+                tok_s = tokens_per_step / dt
+                metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tok_s": tok_s,
+                           "maxvio": max(maxvio[: _n_main_moe(run)] or [0.0]), "step_s": dt,
+                           "balance": float(bal_sum) / tc.grad_accum}
+                if len(model.mtp):
+                    metrics["mtp_loss"] = float(mtp_sum) / tc.grad_accum
+                if device.type == "cuda":
+                    metrics["mfu"] = tok_s * fpt / H100_BF16_PEAK
+                    metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                else:
+                    metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                logger.log(step, "train", metrics)
+                bar.write(_log_line(step, tc.max_steps, metrics))
+                if loads is not None:
+                    load_history.append((step, (loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)).cpu().numpy()))
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+                val = validation_loss(model, val_loader, tc.eval_batches, device, autocast)
+                val_history.append(val)
+                logger.log(step, "val", {"loss": val})
+                bar.write(f"step {step:>6} | validation loss {val:.4f}")
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.max_steps:
+                last_ckpt = checkpoint(step)
+            if tc.time_limit_min and time.time() - started > tc.time_limit_min * 60:
+                bar.write(f"time limit of {tc.time_limit_min} min reached at step {step}")
+                break
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    # ---- finish: checkpoint, validation, samples, accuracy, plots
+    last_ckpt = checkpoint(step)
+    if stop_signal:
+        logger.close()
+        print(f"stopped by {stop_signal[0]} at step {step}; checkpoint {last_ckpt} (resume with --resume)")
+        return {"step": step, "checkpoint": str(last_ckpt), "interrupted": stop_signal[0]}
+    val = validation_loss(model, val_loader, tc.eval_batches, device, autocast)
+    logger.log(step, "val", {"loss": val})
+    entropy = unigram_entropy(data.train_dir, tok.vocab_size)
+    summary: dict[str, Any] = {"step": step, "val_loss": val, "unigram_entropy": entropy,
+                               "checkpoint": str(last_ckpt), "minutes": (time.time() - started) / 60}
+    model.eval()
+    with autocast:
+        if tc.samples:
+            prompts = _sample_prompts(run, tc.samples)
+            outs = greedy_generate(model, [tok.encode(p) for p in prompts], 120, tok.eos_id)
+            summary["samples"] = [{"prompt": p, "completion": tok.decode([t for t in o if t != tok.eos_id])}
+                                  for p, o in zip(prompts, outs)]
+        if tc.eval_problems and run.data.source == "synthetic":
+            acc = heldout_accuracy(model, tok, tc.eval_problems, seed=run.data.seed + 12345,
+                                   difficulty=(run.data.difficulty_min, run.data.difficulty_max))
+            summary["heldout"] = acc
+            logger.log(step, "eval", {"heldout_accuracy": acc["accuracy"],
+                                      **{f"acc_{k}": v for k, v in acc["per_kind"].items()}})
+    logger.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary["plots"] = [str(p) for p in plot_run(logger.path, load_history, out_dir)]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(summary, out_dir)
+    return summary
+
+
+def _n_main_moe(run: RunConfig) -> int:
+    return sum(run.model.is_moe_layer(i) for i in range(run.model.num_hidden_layers))
+
+
+def _log_line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = [f"step {step:>6}/{total}", f"loss {m['loss']:.4f}"]
+    if "mtp_loss" in m:
+        parts.append(f"mtp {m['mtp_loss']:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{m['tok_s']:,.0f} tok/s"]
+    if "mfu" in m:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    parts += [f"mem {m['mem_gb']:.1f}G", f"maxvio {m['maxvio']:.2f}"]
+    return " | ".join(parts)
+
+
+def _sample_prompts(run: RunConfig, n: int) -> list[str]:
+    if run.data.source != "synthetic":
+        return ["The"] * n
+    from nanoseek.data.tasks import r1_prompt, sample_problems
+
+    problems = sample_problems(n, run.data.seed + 999, difficulty_range=(run.data.difficulty_min,
+                                                                        run.data.difficulty_max), split="heldout")
+    return [r1_prompt(p.prompt) for p in problems]
+
+
+def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
+    print("\n" + "=" * 72)
+    print(f"done: {summary['step']} steps in {summary['minutes']:.1f} min")
+    print(f"validation loss {summary['val_loss']:.4f} nats/token "
+          f"(unigram entropy of the corpus: {summary['unigram_entropy']:.4f})")
+    if "heldout" in summary:
+        acc = summary["heldout"]
+        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc["per_kind"].items())
+        print(f"held-out accuracy {100 * acc['accuracy']:.1f}% on {acc['n']} problems never trained on ({kinds})")
+    for s in summary.get("samples", [])[:2]:
+        print("-" * 72)
+        print(s["prompt"][-160:] + " \u2192" + s["completion"][:400])
+    print("-" * 72)
+    print(f"checkpoint  {summary['checkpoint']}  (HF format: Transformer.from_pretrained / transformers)")
+    print(f"metrics     {out_dir / 'metrics.jsonl'}  (TensorBoard: {out_dir / 'tensorboard'})")
+    print(f"plots       {', '.join(summary['plots'])}")
+    print(f"summary     {out_dir / 'summary.json'}")

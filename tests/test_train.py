@@ -1,0 +1,175 @@
+"""Pretraining: exact resume, checkpoints that load elsewhere, errors for bad input, schedules, optimizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import Transformer
+from nanoseek.train.config import help_text, parse_args
+from nanoseek.train.optim import AdamWBf16Moments, lr_multiplier
+from nanoseek.train.trainer import train
+
+TINY = ["--preset", "debug", "--data.n_docs", "300", "--data.val_docs", "40", "--data.vocab_size", "300",
+        "--data.seq_len", "32", "--data.difficulty_max", "3", "--train.batch_size", "4", "--train.log_every", "1",
+        "--train.eval_every", "0", "--train.samples", "0", "--train.eval_problems", "0", "--train.tensorboard", "false",
+        "--train.warmup_steps", "2", "--train.lr", "3e-3", "--train.keep_last", "5", "--train.bias_gamma", "0.01"]
+
+
+def run(tmp: Path, *extra: str) -> dict:
+    return train(parse_args([*TINY, "--train.out_dir", str(tmp), *extra]))
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["mtp_loss"]) for r in rows if r["kind"] == "train"}
+
+
+def test_resume_continues_exactly(tmp_path):
+    run(tmp_path / "straight", "--train.max_steps", "6")
+    run(tmp_path / "split", "--train.max_steps", "3")
+    run(tmp_path / "split", "--train.max_steps", "6", "--resume")
+    straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 7))
+    assert straight == split  # identical losses, MTP losses included
+    a = Transformer.from_pretrained(tmp_path / "straight" / "checkpoints" / "step-000006")
+    b = Transformer.from_pretrained(tmp_path / "split" / "checkpoints" / "step-000006")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    bias = a.moe_layers[0].gate.e_score_correction_bias
+    assert bias.abs().sum() > 0  # the router bias moved and was saved
+
+
+def test_checkpoint_loads_in_transformers_and_learning_happens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    summary = run(tmp_path, "--train.max_steps", "25", "--train.eval_every", "10")
+    ckpt = Path(summary["checkpoint"])
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "run.json"):
+        assert (ckpt / name).is_file(), name
+    record = json.loads((ckpt / "run.json").read_text())
+    assert {"git_commit", "versions", "hardware", "config"} <= set(record)
+    losses = train_losses(tmp_path)
+    assert losses[25][0] < losses[1][0] - 1.0
+    assert summary["val_loss"] < summary["unigram_entropy"]
+    ours = Transformer.from_pretrained(ckpt).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert (ours(ids).logits - ref(ids).logits).abs().max() < 1e-4
+    for png in ("loss.png", "lr.png", "expert_load.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, "--train.max_steps", "2")
+    first = tmp_path / "checkpoints" / "step-000002"
+    before = (first / "model.safetensors").read_bytes()
+    import nanoseek.hf
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nanoseek.hf, "save_file", disk_full)
+    with pytest.raises(SystemExit, match="previous checkpoint .*step-000002 is intact"):
+        run(tmp_path, "--train.max_steps", "4", "--resume")
+    assert (first / "model.safetensors").read_bytes() == before
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="did you mean --model.hidden_size"):
+        parse_args(["--model.hiden_size", "3"])
+    with pytest.raises(SystemExit, match="--train.lr expects float, got 'fast'"):
+        parse_args(["--train.lr", "fast"])
+    with pytest.raises(SystemExit, match="unknown option '--optim.lr'"):
+        parse_args(["--optim.lr", "1"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        parse_args(["--preset", "huge"])
+    with pytest.raises(SystemExit, match="seq_len 4096 exceeds the model's max_position_embeddings=512"):
+        run(tmp_path, "--data.seq_len", "4096")
+    with pytest.raises(SystemExit, match="does not exist|not found|missing"):
+        run(tmp_path / "x", "--data.source", str(tmp_path / "no-such-file.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="empty|no text|holds 0"):
+        run(tmp_path / "y", "--data.source", str(empty))
+    run(tmp_path / "z", "--train.max_steps", "1")
+    with pytest.raises(SystemExit, match="another model shape.*hidden_size"):
+        run(tmp_path / "z", "--train.max_steps", "2", "--model.hidden_size", "96", "--resume")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        run(tmp_path / "fresh", "--resume")
+
+
+def test_config_file_and_help(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('preset = "debug"\n[model]\nhidden_size = 96\n[train]\nlr = 0.01\n')
+    r = parse_args(["--config", str(cfg), "--train.lr", "0.02"])
+    assert r.model.hidden_size == 96 and r.train.lr == 0.02 and r.preset == "debug"
+    text = help_text()
+    for option in ("--model.kv_lora_rank", "--train.mtp_lambda", "--train.bias_gamma", "--data.source"):
+        assert option in text
+
+
+def test_user_text_data_trains(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"document {i}: " + "the cat sat on the mat. " * 5})
+                                for i in range(120)))
+    summary = run(tmp_path / "out", "--data.source", str(corpus), "--train.max_steps", "3")
+    assert math.isfinite(summary["val_loss"])
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "nanoseek.cli", "train", *TINY, "--train.out_dir", str(tmp_path),
+           "--train.max_steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if "step      2/" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "stopped by SIGTERM" in out
+    ckpts = list((tmp_path / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1
+
+
+def test_schedules():
+    kw = dict(total=100, warmup=10, decay_frac=0.4, min_ratio=0.1)
+    for schedule in ("v3", "wsd", "cosine"):
+        values = [lr_multiplier(s, schedule=schedule, **kw) for s in range(100)]
+        assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+        assert lr_multiplier(100, schedule=schedule, **kw) == pytest.approx(0.1)
+        assert all(b <= a + 1e-12 for a, b in zip(values[10:], values[11:]))
+    assert lr_multiplier(50, schedule="v3", **kw) == 1.0  # constant before the decay
+    assert lr_multiplier(50, schedule="cosine", **kw) < 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_multiplier(1, schedule="linear", **kw)
+
+
+def test_bf16_moment_adamw_tracks_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 32))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref = torch.optim.AdamW([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ours = AdamWBf16Moments([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(20):
+        g = torch.randn(64, 32)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    assert ours.state[b]["exp_avg"].dtype == torch.bfloat16
+    assert (a - b).abs().max() < 2e-3
+    assert (a - b).abs().max() < 0.05 * (a.detach() - a.detach().mean()).abs().mean()
