@@ -122,7 +122,7 @@ def test_balance_loss_and_bias_update():
     calls = []
     maxvio = update_router_bias(moe, gamma=0.01, all_reduce=lambda t: calls.append(t.shape))
     assert calls == [(len(moe), model.config.n_routed_experts)]
-    for m, load, mv in zip(moe, loads, maxvio):
+    for m, load, mv in zip(moe, loads, maxvio.tolist()):
         assert torch.allclose(m.gate.e_score_correction_bias, 0.01 * torch.sign(load.mean() - load))
         assert abs(mv - (load.max() / load.mean() - 1).item()) < 1e-6
         assert m.load_since_update.sum() == 0

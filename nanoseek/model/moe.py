@@ -90,6 +90,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x (T, D), ids/gates (T, K) -> sum_k gates[t, k] * expert_{ids[t, k]}(x[t])  (T, D)."""
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach _grouped_mm: cast here
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.grouped_mm_ok(x):
             return self.forward_grouped(x, ids, gates)
         return self.forward_looped(x, ids, gates)
@@ -100,8 +102,7 @@ class RoutedExperts(nn.Module):
         flat = ids.flatten()  # (T*K,)
         order = flat.argsort(stable=True)
         token = order // K  # source token of each sorted row
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        offsets = expert_counts(flat, self.num_experts).cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
         xs = x[token]  # (T*K, D)
         h = torch._grouped_mm(xs, self.w13.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, 2I)
         gate, up = h.split(self.width, dim=-1)
@@ -146,10 +147,15 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         with torch.no_grad():  # recomputation (activation checkpointing) rewrites the same counts
-            self.last_load = torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).float()
+            self.last_load = expert_counts(ids.flatten(), self.cfg.n_routed_experts).float()
         if self.training and torch.is_grad_enabled():
             self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
         return out
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Occurrences of each expert id (E,), without bincount's host sync on CUDA."""
+    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -169,15 +175,15 @@ def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def update_router_bias(moe_layers: list[MoE], gamma: float,
-                       all_reduce: Callable[[torch.Tensor], None] | None = None) -> list[float]:
+                       all_reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Aux-loss-free balancing step: b_i += gamma * sign(mean load - load_i) per MoE layer.
 
     Uses the tokens counted since the last call (`load_since_update`), then resets them.
     `all_reduce` (e.g. `torch.distributed.all_reduce`) sums the counts over data-parallel ranks
-    first. Returns each layer's MaxVio over those counts.
+    first. Returns each layer's MaxVio over those counts (a tensor: reading it is the caller's sync).
     """
     if not moe_layers:
-        return []
+        return torch.zeros(0)
     loads = torch.stack([m.load_since_update for m in moe_layers])  # (L_moe, E)
     if all_reduce is not None:
         all_reduce(loads)
@@ -186,7 +192,7 @@ def update_router_bias(moe_layers: list[MoE], gamma: float,
         if gamma and m.gate.e_score_correction_bias is not None:
             m.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
         m.load_since_update.zero_()
-    return maxvio.tolist()
+    return maxvio
 
 
 def max_violation(load: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,45 @@ def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tup
     return main, mtp
 
 
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+               *, lr: float, autocast: contextlib.AbstractContextManager, grad_clip: float, mtp_lambda: float,
+               seq_aux_alpha: float, bias_gamma: float) -> dict[str, torch.Tensor]:
+    """One optimizer step over micro-batches [(input_ids, targets) (B, S)]; no host syncs.
+
+    Returns device tensors: loss (main CE), mtp_loss (depth 1), balance, grad_norm, maxvio and the
+    per-layer expert loads (L_moe, E) of the step.
+    """
+    device = model.embed_tokens.weight.device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums = {"loss": torch.zeros((), device=device), "mtp_loss": torch.zeros((), device=device),
+            "balance": torch.zeros((), device=device)}
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            main, mtp = language_losses(model, x, y)
+            balance = model.balance_loss()
+        loss = main + seq_aux_alpha * balance
+        if mtp:
+            loss = loss + mtp_lambda / len(mtp) * torch.stack(mtp).sum()
+            sums["mtp_loss"] += mtp[0].detach() / len(batches)
+        (loss / len(batches)).backward()
+        model.record_load()
+        sums["loss"] += main.detach() / len(batches)
+        sums["balance"] += balance.detach() / len(batches)
+    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    main_moe = [m for m in model.layers.values() if hasattr(m.mlp, "gate")]
+    if main_moe:
+        sums["loads"] = torch.stack([b.mlp.load_since_update.clone() for b in main_moe])
+    maxvio = update_router_bias(model.moe_layers, bias_gamma)
+    sums["maxvio"] = maxvio[: len(main_moe)].max() if main_moe else torch.zeros((), device=device)
+    if not len(model.mtp):
+        del sums["mtp_loss"]
+    return sums
+
+
 def enable_activation_checkpointing(model: Transformer) -> None:
     """Recompute each block's activations in backward (MoE load counts are rewritten, not doubled)."""
     from torch.utils.checkpoint import checkpoint
@@ -222,53 +261,30 @@ def train(run: RunConfig) -> dict[str, Any]:
     load_history: list[tuple[int, np.ndarray]] = []
     val_history: list[float] = []
     started, last_ckpt = time.time(), None
+    interval_start, interval_step = started, step
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     try:
         while step < tc.max_steps and not stop_signal:
-            t0 = time.time()
             frac = step / max(1, tc.max_steps)
             lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.decay_frac,
                                        tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            mtp_lambda = tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final
-            main_sum, mtp_sum, bal_sum = 0.0, 0.0, 0.0
-            for _ in range(tc.grad_accum):
-                x, y = next(loader)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    main, mtp = language_losses(model, x, y)
-                    balance = model.balance_loss()
-                mtp_term = mtp_lambda / len(mtp) * torch.stack(mtp).sum() if mtp else torch.zeros((), device=device)
-                loss = main + mtp_term + tc.seq_aux_alpha * balance
-                (loss / tc.grad_accum).backward()
-                model.record_load()
-                main_sum += main.detach()
-                mtp_sum += (mtp[0].detach() if mtp else 0.0)
-                bal_sum += balance.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
-                                                       else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            gamma = tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0
-            loads = torch.stack([m.load_since_update.clone() for m in model.moe_layers[: _n_main_moe(run)]]) \
-                if _n_main_moe(run) else None
-            maxvio = update_router_bias(model.moe_layers, gamma)
+            batches = [next(loader) for _ in range(tc.grad_accum)]
+            out = train_step(model, optimizer, batches, lr=lr, autocast=autocast, grad_clip=tc.grad_clip,
+                             mtp_lambda=tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final,
+                             seq_aux_alpha=tc.seq_aux_alpha,
+                             bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0)
             step += 1
             bar.update(1)
-
-            loss_value = float(main_sum) / tc.grad_accum
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"nanoseek train: loss became {loss_value} at step {step}; lower --train.lr "
-                                 "or check the data")
-            dt = time.time() - t0
             if step % tc.log_every == 0 or step == 1 or step == tc.max_steps:
-                tok_s = tokens_per_step / dt
-                metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tok_s": tok_s,
-                           "maxvio": max(maxvio[: _n_main_moe(run)] or [0.0]), "step_s": dt,
-                           "balance": float(bal_sum) / tc.grad_accum}
-                if len(model.mtp):
-                    metrics["mtp_loss"] = float(mtp_sum) / tc.grad_accum
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.time() - interval_start
+                tok_s = (step - interval_step) * tokens_per_step / elapsed
+                metrics = {k: float(v) for k, v in out.items() if k != "loads"}
+                if not math.isfinite(metrics["loss"]):
+                    raise SystemExit(f"nanoseek train: loss became {metrics['loss']} at step {step}; lower "
+                                     "--train.lr or check the data")
+                metrics.update(lr=lr, tok_s=tok_s, step_s=elapsed / (step - interval_step))
                 if device.type == "cuda":
                     metrics["mfu"] = tok_s * fpt / H100_BF16_PEAK
                     metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -276,8 +292,10 @@ def train(run: RunConfig) -> dict[str, Any]:
                     metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 logger.log(step, "train", metrics)
                 bar.write(_log_line(step, tc.max_steps, metrics))
-                if loads is not None:
+                if "loads" in out:
+                    loads = out["loads"]
                     load_history.append((step, (loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)).cpu().numpy()))
+                interval_start, interval_step = time.time(), step
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                 val = validation_loss(model, val_loader, tc.eval_batches, device, autocast)
                 val_history.append(val)
@@ -285,6 +303,8 @@ def train(run: RunConfig) -> dict[str, Any]:
                 bar.write(f"step {step:>6} | validation loss {val:.4f}")
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.max_steps:
                 last_ckpt = checkpoint(step)
+            if step % tc.log_every == 0:
+                interval_start = time.time()  # evaluation and checkpoint time is not training speed
             if tc.time_limit_min and time.time() - started > tc.time_limit_min * 60:
                 bar.write(f"time limit of {tc.time_limit_min} min reached at step {step}")
                 break
@@ -324,10 +344,6 @@ def train(run: RunConfig) -> dict[str, Any]:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out_dir)
     return summary
-
-
-def _n_main_moe(run: RunConfig) -> int:
-    return sum(run.model.is_moe_layer(i) for i in range(run.model.num_hidden_layers))
 
 
 def _log_line(step: int, total: int, m: dict[str, float]) -> str:

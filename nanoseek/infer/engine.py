@@ -1,0 +1,528 @@
+"""Generation engine: batched decoding over the latent MLA cache.
+
+Shapes: B batch rows, S prompt tokens (padded), V vocabulary, L cached layers (main + MTP).
+
+A `Batch` is B rows of one `LatentCache`; each row decodes one request (`Sequence`) at its own
+position. Admitting requests prefills their right-padded prompts together (expanded MLA) into
+a small cache whose rows are then copied into free rows of the big one; decoding feeds every
+row's pending token at its own position (absorbed MLA over the cache). Rows join and leave
+between steps, which is all continuous batching needs (`nanoseek.infer.scheduler`):
+
+    admit:  logits = model(prompts (n, S), cache=small);  first token per row from logits[len-1]
+            big.data[:, rows, :S] = small.data
+    step:   logits = model(pending (B, 1), positions=length (B, 1), cache=big, kv_len=max(length)+1)
+            pending = sample(logits); length += 1   (speculative: `nanoseek.infer.speculative`)
+
+Host syncs: one per step, to read the new tokens (needed for streaming, EOS and stop strings).
+Lengths live on the host (they follow from the tokens), sampling settings and uniforms are
+(B,) tensors, so the step itself never syncs; on CUDA it can be replayed as a CUDA graph
+(`cuda_graph=True`: static batch, kv_len bucketed to powers of two).
+
+`Engine.generate_reference` recomputes the whole sequence without a cache for every token:
+the slow reference that the cached (and speculative) paths must match.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.infer import speculative as spec
+from nanoseek.infer.sampling import SamplingParams, sample, sampling_probs, settings_tensors
+from nanoseek.model.cache import LatentCache
+from nanoseek.model.transformer import Transformer
+
+Prompt = str | Seq[int]
+
+
+@dataclass
+class Completion:
+    """A finished request: its prompt and generated ids, the text, and why it stopped."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated, EOS included when it ended the text
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generate() call or of a scheduler's life."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # emitted to requests
+    steps: int = 0  # decode forwards of the main model (batched)
+    row_steps: int = 0  # sum over steps of the rows decoding in it
+    step_tokens: int = 0  # tokens those rows produced (a + 1 per row and speculative step)
+    drafted: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of draft tokens the main model accepted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens a request gains per main-model decode forward (1 without speculation)."""
+        return self.step_tokens / self.row_steps if self.row_steps else 0.0
+
+    def summary(self) -> str:
+        line = (f"{self.new_tokens} new tokens ({self.prompt_tokens} prompt) in {self.seconds:.2f}s: "
+                f"{self.tokens_per_second:.1f} tok/s, {self.steps} decode steps")
+        if self.drafted:
+            line += (f", acceptance {self.acceptance:.1%}, "
+                     f"{self.tokens_per_forward:.2f} tokens per main-model forward")
+        return line
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(latent, expanded) cache bytes per token over the main and MTP layers.
+
+    latent: kv_lora_rank + qk_rope_head_dim values per layer (what `LatentCache` stores);
+    expanded: per-head K and V, heads * (qk_head_dim + v_head_dim) values per layer.
+    """
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    size = torch.empty((), dtype=dtype).element_size()
+    latent = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
+    expanded = layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * size
+    return latent, expanded
+
+
+class Sequence:
+    """One request: prompt, settings, generated ids, text, and what has been handed out.
+
+    `append` takes newly sampled tokens and applies EOS, max_new_tokens and stop strings;
+    text is detokenised incrementally (a token that ends inside a UTF-8 character waits for the
+    next), and a tail that could begin a stop string is held back until it cannot.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, eos_id: int | None,
+                 on_event: Callable[[Sequence, str], None] | None = None):
+        self.prompt_ids, self.params, self.tokenizer, self.eos_id = prompt_ids, params, tokenizer, eos_id
+        self.on_event = on_event  # called as on_event(seq, delta) by the scheduler
+        self.generator = None if params.greedy else params.generator()
+        self.token_ids: list[int] = []
+        self.text = ""  # decoded so far (cut before a stop string)
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._sent = 0  # characters of text handed out
+        self._prefix = self._read = 0  # detokenisation window: token_ids[_prefix:_read] already decoded
+        self._text_ids = 0  # leading token_ids that are text (all but a final EOS)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def uniforms(self, n: int) -> torch.Tensor:
+        """n uniforms in [0, 1) from this request's generator (zeros when greedy: unused)."""
+        return torch.zeros(n) if self.generator is None else torch.rand(n, generator=self.generator)
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt_ids, list(self.token_ids), self.text, self.finish_reason or "")
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+
+    def append(self, tokens: Seq[int]) -> str:
+        """Add sampled tokens (the rest is dropped once finished); returns the new text to show."""
+        p = self.params
+        for t in tokens:
+            if self.finished:
+                break
+            self.token_ids.append(t)
+            if t == self.eos_id and not p.ignore_eos:
+                self.finish("stop")
+                self._decode(final=True)
+                break
+            self._text_ids = len(self.token_ids)
+            self._decode(final=False)
+            if not self.finished and len(self.token_ids) >= p.max_new_tokens:
+                self.finish("length")
+                self._decode(final=True)
+        end = len(self.text) if self.finished else len(self.text) - self._stop_prefix_len()
+        delta = self.text[self._sent:end]
+        self._sent = max(self._sent, end)
+        return delta
+
+    def _decode(self, final: bool) -> None:
+        """Move newly complete characters of the text tokens into text, then look for stop strings.
+
+        Decoding token_ids[_prefix:] against token_ids[_prefix:_read] keeps the cost per token
+        constant and lets the tokenizer see a little context (leading-space rules). Unless
+        `final`, text that ends inside a UTF-8 character waits for the next token.
+        """
+        ids = self.token_ids[: self._text_ids]
+        if self.tokenizer is None or self._read == len(ids):
+            return
+        before = self.tokenizer.decode(ids[self._prefix:self._read])
+        after = self.tokenizer.decode(ids[self._prefix:])
+        if final or (len(after) > len(before) and not after.endswith("\ufffd")):
+            checked = len(self.text)
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(ids)
+            hits = [i for s in self.params.stop if (i := self.text.find(s, max(0, checked - len(s) + 1))) >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish("stop")
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest tail of text that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.params.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+class Batch:
+    """B decode rows over one latent cache; row r runs seqs[r] or is free.
+
+    Per row: length[r] (host) tokens are cached at positions 0 .. length-1 and pending[r]
+    (device) is the sampled token the next step feeds at position length[r]. Free rows decode a
+    dummy token at position 0 (harmless: the row is prefilled afresh when reused).
+    """
+
+    def __init__(self, engine: Engine, rows: int):
+        self.engine, self.model, self.k = engine, engine.model, engine.speculative
+        self.cache = self.model.new_cache(rows, engine.max_len + 2 * self.k)
+        dev = self.device = self.cache.data.device
+        self.seqs: list[Sequence | None] = [None] * rows
+        self.length = [0] * rows
+        self.pending = torch.zeros(rows, dtype=torch.long, device=dev)  # (B,)
+        self.temperature, self.top_k, self.top_p = settings_tensors([SamplingParams()] * rows, dev)
+        V = self.model.config.vocab_size
+        self.drafts = torch.zeros(rows, self.k, dtype=torch.long, device=dev)  # (B, K)
+        self.draft_probs = torch.zeros(rows, self.k, V, device=dev)  # (B, K, V)
+        self.graph = CudaGraphStep(self) if engine.cuda_graph and dev.type == "cuda" and not self.k else None
+
+    @property
+    def rows(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def busy(self) -> bool:
+        return any(s is not None for s in self.seqs)
+
+    def free_rows(self) -> list[int]:
+        return [r for r, s in enumerate(self.seqs) if s is None]
+
+    def running(self) -> list[Sequence]:
+        return [s for s in self.seqs if s is not None]
+
+    def release(self, row: int) -> None:
+        self.seqs[row], self.length[row] = None, 0
+
+    def release_cancelled(self) -> list[tuple[Sequence, str]]:
+        """Free the rows of cancelled requests; returns their (seq, "") events."""
+        events = []
+        for r, s in enumerate(self.seqs):
+            if s is not None and s.cancelled:
+                s.finish("cancelled")
+                self.release(r)
+                events.append((s, ""))
+        return events
+
+    def _settings(self, rows: slice, filters: bool | None = None) -> spec.Settings:
+        """Sampling settings of rows; filters None: sort only if a running request uses top-k/top-p."""
+        if filters is None:
+            filters = any(s.params.filters for s in self.seqs if s is not None)
+        return self.temperature[rows], self.top_k[rows], self.top_p[rows], filters
+
+    def _uniforms(self, seqs: Seq[Sequence | None], n: int) -> torch.Tensor:
+        """(len(seqs), n) uniforms, one row per sequence (zeros for free rows)."""
+        u = torch.stack([s.uniforms(n) if s is not None else torch.zeros(n) for s in seqs])
+        return u.to(self.device, non_blocking=True)
+
+    def _emit(self, rows: list[int], tokens: list[list[int]], stats: GenerationStats) -> list[tuple[Sequence, str]]:
+        """Hand each row's new tokens to its sequence; free the rows that finished."""
+        events = []
+        for r, toks in zip(rows, tokens):
+            seq = self.seqs[r]
+            before = len(seq.token_ids)
+            delta = seq.append(toks)
+            stats.new_tokens += len(seq.token_ids) - before
+            events.append((seq, delta))
+            if seq.finished:
+                self.release(r)
+        return events
+
+    @torch.no_grad()
+    def admit(self, seqs: list[Sequence], stats: GenerationStats) -> list[tuple[Sequence, str]]:
+        """Prefill `seqs` (at most as many as free rows) and sample their first tokens."""
+        rows = self.free_rows()[: len(seqs)]
+        assert len(rows) == len(seqs), "admit() got more sequences than free rows"
+        n, lens = len(seqs), [len(s.prompt_ids) for s in seqs]
+        S = max(lens)
+        ids = torch.zeros(n, S, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : lens[i]] = torch.tensor(s.prompt_ids)
+        ids, lengths = ids.to(self.device), torch.tensor(lens, device=self.device)
+        index = torch.tensor(rows, device=self.device)
+        for r, s, n_prompt in zip(rows, seqs, lens):
+            self.seqs[r], self.length[r] = s, n_prompt
+        t, k, p = settings_tensors([s.params for s in seqs], self.device)
+        self.temperature[index], self.top_k[index], self.top_p[index] = t, k, p
+        settings = (t, k, p, any(s.params.filters for s in seqs))
+
+        small = self.model.new_cache(n, S + max(self.k - 1, 0))
+        out = self.model(ids, cache=small)
+        last = out.logits[torch.arange(n, device=self.device), lengths - 1]  # (n, V)
+        first = sample(sampling_probs(last, *settings), self._uniforms(seqs, 1)[:, 0])  # (n,)
+        if self.k:
+            drafts, q = spec.prefill_drafts(self.model, small, out.hidden, ids, first, lengths, self.k, settings,
+                                            self._uniforms(seqs, self.k))
+            self.drafts[index], self.draft_probs[index] = drafts, q
+        self.cache.data[:, index, : small.max_len] = small.data
+        self.pending[index] = first
+        stats.prompt_tokens += sum(lens)
+        return self._emit(rows, [[t] for t in first.tolist()], stats)
+
+    @torch.no_grad()
+    def step(self, stats: GenerationStats) -> list[tuple[Sequence, str]]:
+        """One decode step for every running row (K+1 positions each when speculative)."""
+        active = [r for r, s in enumerate(self.seqs) if s is not None]
+        hi = self.rows if self.graph is not None else active[-1] + 1  # rows [0, hi) run
+        max_length = max(self.length[r] for r in active)
+        stats.steps += 1
+        stats.row_steps += len(active)
+        if self.k:
+            a, tokens = self._speculative_step(hi, max_length)
+            host = torch.cat((a[:, None], tokens), dim=1).tolist()
+            new = [host[r][1: host[r][0] + 2] for r in active]
+            for r, toks in zip(active, new):
+                self.length[r] += len(toks)
+            stats.drafted += self.k * len(active)
+            stats.accepted += sum(host[r][0] for r in active)
+        else:
+            if self.graph is not None:
+                tokens = self.graph(max_length + 1, self._uniforms(self.seqs, 1)[:, 0])
+            else:
+                tokens = self.decode(hi, max_length + 1, self._uniforms(self.seqs[:hi], 1)[:, 0])
+            host = tokens.tolist()
+            new = [[host[r]] for r in active]
+            for r in active:
+                self.length[r] += 1
+        stats.step_tokens += sum(len(t) for t in new)
+        return self._emit(active, new, stats)
+
+    def rows_view(self, hi: int) -> LatentCache:
+        """The cache restricted to rows [0, hi) (a view: writes land in the full cache)."""
+        if hi == self.rows:
+            return self.cache
+        view = copy.copy(self.cache)
+        view.data = self.cache.data[:, :hi]
+        return view
+
+    def decode(self, hi: int, kv_len: int, u: torch.Tensor) -> torch.Tensor:
+        """Plain decode of rows [0, hi): feed pending at length, sample, update pending. -> (hi,) ids."""
+        positions = torch.tensor(self.length[:hi], device=self.device)[:, None]  # (hi, 1)
+        return self.decode_at(hi, positions, kv_len, u)
+
+    def decode_at(self, hi: int, positions: torch.Tensor, kv_len: int, u: torch.Tensor,
+                  filters: bool | None = None) -> torch.Tensor:
+        """The device part of `decode` (what a CUDA graph captures): no host syncs."""
+        logits = self.model(self.pending[:hi, None], positions=positions, cache=self.rows_view(hi),
+                            kv_len=kv_len).logits[:, -1]  # (hi, V)
+        tokens = sample(sampling_probs(logits, *self._settings(slice(0, hi), filters)), u)
+        self.pending[:hi] = tokens
+        return tokens
+
+    def _speculative_step(self, hi: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor(self.length[:hi], device=self.device)
+        u = self._uniforms(self.seqs[:hi], 2 * self.k + 1)
+        a, tokens, drafts, q = spec.speculative_step(
+            self.model, self.rows_view(hi), self.pending[:hi], self.drafts[:hi], self.draft_probs[:hi], lengths,
+            max_length, self._settings(slice(0, hi)), u)
+        self.pending[:hi] = tokens.gather(1, a[:, None])[:, 0]
+        self.drafts[:hi], self.draft_probs[:hi] = drafts, q
+        return a, tokens
+
+
+class CudaGraphStep:
+    """The plain decode step of all B rows, captured as CUDA graphs, one per kv_len bucket.
+
+    Buckets are powers of two (at least 64, at most the cache length), captured on first use.
+    Inputs are copied into static buffers (positions, uniforms) before each replay; the cache,
+    pending tokens and sampling settings are the batch's own persistent tensors. Capturing runs
+    the step twice for warm-up, which rewrites the same cache entries with the same values; the
+    pending tokens are restored afterwards. If capture fails (an op that syncs with the host,
+    e.g. `torch.bincount` in the MoE), it warns once and the batch decodes eagerly.
+    """
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+        self.positions = torch.zeros(batch.rows, 1, dtype=torch.long, device=batch.device)
+        self.u = torch.zeros(batch.rows, device=batch.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.failed = False
+
+    def __call__(self, kv_len: int, u: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        self.positions.copy_(torch.tensor(b.length, device=b.device)[:, None], non_blocking=True)
+        self.u.copy_(u, non_blocking=True)
+        bucket = min(max(64, 1 << (kv_len - 1).bit_length()), b.cache.max_len)
+        if not self.failed and bucket not in self.graphs:
+            self._capture(bucket)
+        if self.failed:
+            return b.decode_at(b.rows, self.positions, kv_len, self.u, filters=True)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out
+
+    def _capture(self, kv_len: int) -> None:
+        b = self.batch
+        saved = b.pending.clone()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    b.pending.copy_(saved)
+                    b.decode_at(b.rows, self.positions, kv_len, self.u, filters=True)
+            torch.cuda.current_stream().wait_stream(stream)
+            b.pending.copy_(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = b.decode_at(b.rows, self.positions, kv_len, self.u, filters=True)
+            self.pool = graph.pool()
+            self.graphs[kv_len] = (graph, out)
+        except RuntimeError as e:
+            warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly", stacklevel=2)
+            self.failed = True
+        b.pending.copy_(saved)
+
+
+class Engine:
+    """Batched generation with a model and a tokenizer.
+
+    max_batch_size: rows decoded together; max_len: the context (prompt + new tokens), default
+    the model's max_position_embeddings; speculative: draft tokens per step from the MTP module
+    (0 = off); cuda_graph: replay the plain decode step as CUDA graphs on a GPU.
+    The tokenizer needs `encode`, `decode` and `eos_id` (see `nanoseek.data.tokenizer`); it may
+    be None when prompts are given as token ids (the text fields then stay empty).
+    """
+
+    def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8, max_len: int | None = None,
+                 speculative: int = 0, cuda_graph: bool = False):
+        cfg = model.config
+        if speculative and not cfg.num_nextn_predict_layers:
+            raise ValueError(f"speculative={speculative}: the model has no MTP module "
+                             "(num_nextn_predict_layers=0); use speculative=0")
+        if speculative < 0 or max_batch_size < 1:
+            raise ValueError(f"speculative={speculative} must be >= 0 and max_batch_size={max_batch_size} >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = getattr(tokenizer, "eos_id", cfg.eos_token_id)
+        self.max_batch_size, self.speculative, self.cuda_graph = max_batch_size, speculative, cuda_graph
+        self.max_len = max_len or cfg.max_position_embeddings
+        self.last_stats = GenerationStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def cache_report(self) -> str:
+        """One line: latent cache bytes per token against an expanded per-head K/V cache."""
+        dtype = self.model.embed_tokens.weight.dtype
+        latent, expanded = cache_bytes_per_token(self.model.config, dtype)
+        return (f"KV cache per token ({str(dtype).removeprefix('torch.')}): latent {latent:,} B vs expanded "
+                f"per-head K/V {expanded:,} B ({expanded / latent:.1f}x smaller)")
+
+    def sequence(self, prompt: Prompt, params: SamplingParams,
+                 on_event: Callable[[Sequence, str], None] | None = None) -> Sequence:
+        """Tokenise and check a request; raises ValueError naming the problem."""
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise ValueError("this Engine has no tokenizer: give prompts as token ids and no stop strings")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens); give at least one token of text")
+        V = self.model.config.vocab_size
+        if not all(0 <= t < V for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {V}) (the model's vocab_size)")
+        if len(ids) + params.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+                             f"context of {self.max_len} tokens; lower max_new_tokens to at most "
+                             f"{max(self.max_len - len(ids), 0)} or shorten the prompt")
+        return Sequence(ids, params, self.tokenizer, self.eos_id, on_event)
+
+    def _params(self, params: SamplingParams | Seq[SamplingParams], n: int) -> list[SamplingParams]:
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; give one, or one per prompt")
+        return list(params)
+
+    def run(self, seqs: list[Sequence], stats: GenerationStats) -> Iterator[tuple[Sequence, str]]:
+        """Decode `seqs` to the end, max_batch_size at a time (rows refill as requests finish).
+
+        Yields (seq, text delta) as tokens are produced.
+        """
+        waiting = deque(seqs)
+        batch = Batch(self, min(len(seqs), self.max_batch_size))
+        start = time.perf_counter()
+        while waiting or batch.busy:
+            free = batch.free_rows()
+            if waiting and free:
+                yield from batch.admit([waiting.popleft() for _ in range(min(len(free), len(waiting)))], stats)
+            if batch.busy:
+                yield from batch.step(stats)
+            stats.seconds = time.perf_counter() - start
+
+    def generate(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] = SamplingParams(), *,
+                 on_delta: Callable[[int, str], None] | None = None) -> list[Completion]:
+        """Generate for a list of prompts (text or token ids), batched.
+
+        params: one SamplingParams for all or one per prompt. on_delta(i, text) streams the text
+        of prompt i as it is produced. Counters land in `last_stats`.
+        """
+        seqs = [self.sequence(p, sp) for p, sp in zip(prompts, self._params(params, len(prompts)))]
+        self.last_stats = GenerationStats()
+        index = {id(s): i for i, s in enumerate(seqs)}
+        for seq, delta in self.run(seqs, self.last_stats):
+            if on_delta is not None and delta:
+                on_delta(index[id(seq)], delta)
+        return [s.completion() for s in seqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[str]:
+        """Yield the text of one request piece by piece as tokens are produced."""
+        self.last_stats = GenerationStats()
+        for _, delta in self.run([self.sequence(prompt, params)], self.last_stats):
+            if delta:
+                yield delta
+
+    @torch.no_grad()
+    def generate_reference(self, prompts: Seq[Prompt],
+                           params: SamplingParams | Seq[SamplingParams] = SamplingParams()) -> list[Completion]:
+        """The slow reference: one prompt at a time, the full sequence recomputed (no cache) per token.
+
+        Uses the same sampling functions and uniforms as `generate`, so a seeded request gives the
+        same tokens on both paths (up to floating-point ties).
+        """
+        out = []
+        for prompt, sp in zip(prompts, self._params(params, len(prompts))):
+            seq = self.sequence(prompt, sp)
+            t, k, p = settings_tensors([sp], self.device)
+            while not seq.finished:
+                ids = torch.tensor([seq.prompt_ids + seq.token_ids], device=self.device)
+                logits = self.model(ids).logits[:, -1]  # (1, V)
+                token = sample(sampling_probs(logits, t, k, p), seq.uniforms(1).to(self.device))
+                seq.append(token.tolist())
+            out.append(seq.completion())
+        return out
