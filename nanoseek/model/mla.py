@@ -18,14 +18,25 @@ Two ways to compute the same attention:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.common import RMSNorm
 from nanoseek.model.rope import apply_rope
+
+
+def _sdpa_backends(device: torch.device):
+    """On CUDA prefer cuDNN attention: the flash kernel refuses q/k head dim != v head dim (192 vs 128)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 class MLA(nn.Module):
@@ -87,7 +98,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, S, N + P)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)), dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        with _sdpa_backends(q.device):
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,

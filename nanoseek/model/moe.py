@@ -100,15 +100,14 @@ class RoutedExperts(nn.Module):
         """Sort the T*K (token, expert) pairs by expert and run two grouped GEMMs; no host sync."""
         T, K = ids.shape
         flat = ids.flatten()  # (T*K,)
-        order = flat.argsort(stable=True)
-        token = order // K  # source token of each sorted row
-        offsets = expert_counts(flat, self.num_experts).cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        xs = x[token]  # (T*K, D)
+        order = flat.argsort(stable=True)  # sorted row r holds pair order[r]
+        offsets = expert_counts(flat, self.num_experts).cumsum(0).to(torch.int32)  # (E,) end row per expert
+        xs = x[order // K]  # (T*K, D) token of each sorted row
         h = torch._grouped_mm(xs, self.w13.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, 2I)
         gate, up = h.split(self.width, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2).to(x.dtype), offs=offsets)
-        y = y * gates.flatten()[order, None]  # promote to fp32 for the weighted sum
-        return torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype)
+        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, D)
+        y = y[order.argsort()].view(T, K, -1)  # back to (token, slot) order: a gather, no atomics
+        return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (T, D) = sum_k gate_k * y_k
 
     def forward_looped(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Reference: one plain SwiGLU per expert over the tokens routed to it."""

@@ -127,20 +127,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of logits (B, S, V) against targets (B, S), computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+# fused upcast + log-softmax: never materialises the fp32 logits (used when blocks are compiled)
+compiled_cross_entropy = torch.compile(cross_entropy, dynamic=False)
+
+
+def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor,
+                    loss_fn=cross_entropy) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Main next-token CE and one CE per MTP depth k (position i predicts token i+k+1)."""
     use_mtp = len(model.mtp) > 0
     out = model(x, mtp_tokens=y if use_mtp else None)
-    main = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-    mtp = []
-    for k, logits in enumerate(out.mtp_logits, start=1):
-        mtp.append(F.cross_entropy(logits[:, :-k].float().flatten(0, 1), y[:, k:].flatten()))
+    main = loss_fn(out.logits, y)
+    mtp = [loss_fn(logits[:, :-k], y[:, k:]) for k, logits in enumerate(out.mtp_logits, start=1)]
     return main, mtp
 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
                *, lr: float, autocast: contextlib.AbstractContextManager, grad_clip: float, mtp_lambda: float,
-               seq_aux_alpha: float, bias_gamma: float) -> dict[str, torch.Tensor]:
+               seq_aux_alpha: float, bias_gamma: float, loss_fn=cross_entropy) -> dict[str, torch.Tensor]:
     """One optimizer step over micro-batches [(input_ids, targets) (B, S)]; no host syncs.
 
     Returns device tensors: loss (main CE), mtp_loss (depth 1), balance, grad_norm, maxvio and the
@@ -154,7 +162,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: li
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            main, mtp = language_losses(model, x, y)
+            main, mtp = language_losses(model, x, y, loss_fn)
             balance = model.balance_loss()
         loss = main + seq_aux_alpha * balance
         if mtp:
@@ -272,7 +280,8 @@ def train(run: RunConfig) -> dict[str, Any]:
             out = train_step(model, optimizer, batches, lr=lr, autocast=autocast, grad_clip=tc.grad_clip,
                              mtp_lambda=tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final,
                              seq_aux_alpha=tc.seq_aux_alpha,
-                             bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0)
+                             bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0,
+                             loss_fn=compiled_cross_entropy if tc.compile else cross_entropy)
             step += 1
             bar.update(1)
             if step % tc.log_every == 0 or step == 1 or step == tc.max_steps:

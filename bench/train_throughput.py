@@ -1,0 +1,195 @@
+"""Training throughput: nanoseek's training step against transformers' DeepseekV3ForCausalLM.
+
+    python bench/train_throughput.py                          # one H200: bench-1b, 8 x 2048, bf16
+    python bench/train_throughput.py --variants eager,compile --steps 12
+    python bench/train_throughput.py --preset debug --batch 2 --seq 64 --device cpu --steps 2 --warmup 1  # smoke
+
+Both sides run a full optimizer step (forward, backward, fused AdamW) on the same random batch in
+the same process. nanoseek: fp32 master weights under bf16 autocast, grouped-GEMM experts, cuDNN
+SDPA, MTP depth 1 trained (as `nanoseek train` does). Peer: bf16 weights, `experts_implementation=
+"grouped_mm"`, `attn_implementation="sdpa"`, no MTP (transformers has none). Tokens/s, MFU
+(DESIGN.md formula, with MTP FLOPs only where MTP is trained) and peak memory are medians over the
+timed steps; the result JSON lands in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek import Transformer, preset  # noqa: E402
+from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
+from nanoseek.train.optim import build_optimizer  # noqa: E402
+from nanoseek.train.trainer import compiled_cross_entropy, cross_entropy, train_step  # noqa: E402
+
+GEMM_CEILING = 812e12  # measured bf16 GEMM ceiling of the lent H200 (REFERENCE.md section 8)
+
+
+def timed(step_fn, steps: int, warmup: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step_fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step_fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step_fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
+    if "nomtp" in variant:
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    model = Transformer.from_config(cfg, device=device, seed=0).train()
+    if "bf16" in variant:
+        model.to_dtype(torch.bfloat16)
+    if "compile" in variant:
+        for block in [*model.layers.values(), *model.mtp]:
+            block.compile()
+    optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def step():
+        train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
+                   seq_aux_alpha=1e-4, bias_gamma=1e-3, loss_fn=loss_fn)
+
+    loss_fn = compiled_cross_entropy if "compile" in variant else cross_entropy
+    result = measure(step, model, device, args, flops_per_token(cfg, args.seq, cfg.num_nextn_predict_layers > 0))
+    if args.profile and device.type == "cuda":
+        result["top_kernels"] = profile(step)
+    return result
+
+
+def profile(step, rows: int = 25) -> list[dict]:
+    """CUDA time per kernel over two steps (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) or 1
+    table = [{"kernel": e.key[:120], "ms_per_step": e.device_time_total / 2e3, "share": e.device_time_total / total,
+              "calls_per_step": e.count / 2} for e in events[:rows]]
+    for r in table:
+        print(f"  {100 * r['share']:5.1f}%  {r['ms_per_step']:7.2f} ms  x{r['calls_per_step']:<5g} {r['kernel']}")
+    return table
+
+
+def run_transformers(cfg, batch, device, args) -> dict:
+    import transformers
+
+    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items()
+                                              if k not in ("architectures", "rope_scaling")})
+    model = transformers.DeepseekV3ForCausalLM._from_config(
+        hf_cfg, attn_implementation="sdpa", experts_implementation="grouped_mm" if device.type == "cuda" else "eager",
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    x, y = batch
+
+    def step():
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    no_mtp = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    return measure(step, model, device, args, flops_per_token(no_mtp, args.seq, with_mtp=False))
+
+
+def measure(step, model, device, args, fpt: float) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(step, args.steps, args.warmup, device)
+    tokens = args.batch * args.seq
+    median = statistics.median(times)
+    result = {"step_s_median": median, "step_s_all": times, "tokens_per_s": tokens / median,
+              "flops_per_token": fpt, "params": sum(p.numel() for p in model.parameters())}
+    result["mfu"] = result["tokens_per_s"] * fpt / H100_BF16_PEAK
+    result["share_of_gemm_ceiling"] = result["tokens_per_s"] * fpt / GEMM_CEILING
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="bench-1b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="eager,compile,compile+nomtp",
+                   help="comma list of eager or compile, each optionally +bf16 (bf16 weights) or +nomtp (no MTP)")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/train_throughput-<date>.json)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cfg = preset(args.preset)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+    results = {}
+    for variant in [v for v in args.variants.split(",") if v]:
+        r = results[f"nanoseek-{variant}"] = run_nanoseek(cfg, batch, device, args, variant)
+        print(f"nanoseek-{variant}: {json.dumps({k: v for k, v in r.items() if k != 'step_s_all'})}", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    if not args.no_peer:
+        results["transformers"] = run_transformers(cfg, batch, device, args)
+        print(f"transformers: {json.dumps({k: v for k, v in results['transformers'].items() if k != 'step_s_all'})}")
+        for name, r in results.items():
+            if name != "transformers":
+                r["speedup_vs_transformers"] = r["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+
+    import transformers
+
+    record = {
+        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "config": {"preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                   "warmup": args.warmup, "model": cfg.to_hf_dict()},
+        "results": results,
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"train_throughput-{record['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    for name, r in results.items():
+        extra = f", {r['speedup_vs_transformers']:.2f}x transformers" if "speedup_vs_transformers" in r else ""
+        print(f"{name:>22}: {r['tokens_per_s']:>10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
+              f"peak {r.get('peak_mem_gb', 0):5.1f} GB{extra}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
