@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -173,3 +174,24 @@ def test_bf16_moment_adamw_tracks_torch_adamw():
     assert ours.state[b]["exp_avg"].dtype == torch.bfloat16
     assert (a - b).abs().max() < 2e-3
     assert (a - b).abs().max() < 0.05 * (a.detach() - a.detach().mean()).abs().mean()
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    from nanoseek import preset
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.trainer import enable_activation_checkpointing, train_step
+
+    x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for checkpointed in (False, True):
+        model = Transformer.from_config(preset("debug"), seed=0).train()
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+        out = train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=1e-3, autocast=contextlib.nullcontext(),
+                         grad_clip=1.0, mtp_lambda=0.3, seq_aux_alpha=1e-4, bias_gamma=1e-3)
+        results.append((out, model.state_dict()))
+    (a, sa), (b, sb) = results
+    assert torch.allclose(a["loss"], b["loss"]) and torch.equal(a["loads"], b["loads"])  # loads not doubled
+    for name in sa:
+        assert torch.allclose(sa[name], sb[name], atol=1e-6), name

@@ -180,6 +180,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: li
         sums["loads"] = torch.stack([b.mlp.load_since_update.clone() for b in main_moe])
     maxvio = update_router_bias(model.moe_layers, bias_gamma)
     sums["maxvio"] = maxvio[: len(main_moe)].max() if main_moe else torch.zeros((), device=device)
+    sums["maxvio_layers"] = maxvio[: len(main_moe)]
     if not len(model.mtp):
         del sums["mtp_loss"]
     return sums
@@ -289,7 +290,8 @@ def train(run: RunConfig) -> dict[str, Any]:
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - interval_start
                 tok_s = (step - interval_step) * tokens_per_step / elapsed
-                metrics = {k: float(v) for k, v in out.items() if k != "loads"}
+                metrics = {k: float(v) for k, v in out.items() if v.dim() == 0}
+                metrics["maxvio_layers"] = [round(v, 4) for v in out["maxvio_layers"].tolist()]
                 if not math.isfinite(metrics["loss"]):
                     raise SystemExit(f"nanoseek train: loss became {metrics['loss']} at step {step}; lower "
                                      "--train.lr or check the data")
