@@ -28,7 +28,8 @@ import copy
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -362,7 +363,8 @@ class CudaGraphStep:
     pending tokens and sampling settings are the batch's own persistent tensors. Capturing runs
     the step twice for warm-up, which rewrites the same cache entries with the same values; the
     pending tokens are restored afterwards. If capture fails (an op that syncs with the host,
-    e.g. `torch.bincount` in the MoE), it warns once and the batch decodes eagerly.
+    e.g. `nonzero` in the looped expert path of fp32 MoE on CUDA), it warns and the batch decodes
+    eagerly.
     """
 
     def __init__(self, batch: Batch):
@@ -439,11 +441,14 @@ class Engine:
         return self.model.embed_tokens.weight.device
 
     def cache_report(self) -> str:
-        """One line: latent cache bytes per token against an expanded per-head K/V cache."""
+        """One line: latent cache bytes per token against an expanded per-head K/V cache, and the
+        memory a full batch's cache takes."""
         dtype = self.model.embed_tokens.weight.dtype
         latent, expanded = cache_bytes_per_token(self.model.config, dtype)
+        positions = self.max_len + 2 * self.speculative
         return (f"KV cache per token ({str(dtype).removeprefix('torch.')}): latent {latent:,} B vs expanded "
-                f"per-head K/V {expanded:,} B ({expanded / latent:.1f}x smaller)")
+                f"per-head K/V {expanded:,} B ({expanded / latent:.1f}x smaller); {self.max_batch_size} rows x "
+                f"{positions} positions take {self.max_batch_size * positions * latent / 2**20:,.1f} MiB")
 
     def sequence(self, prompt: Prompt, params: SamplingParams,
                  on_event: Callable[[Sequence, str], None] | None = None) -> Sequence:
@@ -462,7 +467,9 @@ class Engine:
                              f"{max(self.max_len - len(ids), 0)} or shorten the prompt")
         return Sequence(ids, params, self.tokenizer, self.eos_id, on_event)
 
-    def _params(self, params: SamplingParams | Seq[SamplingParams], n: int) -> list[SamplingParams]:
+    def _params(self, params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt (None: the defaults)."""
+        params = SamplingParams() if params is None else params
         if isinstance(params, SamplingParams):
             return [params] * n
         if len(params) != n:
@@ -485,7 +492,7 @@ class Engine:
                 yield from batch.step(stats)
             stats.seconds = time.perf_counter() - start
 
-    def generate(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] = SamplingParams(), *,
+    def generate(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None, *,
                  on_delta: Callable[[int, str], None] | None = None) -> list[Completion]:
         """Generate for a list of prompts (text or token ids), batched.
 
@@ -500,16 +507,16 @@ class Engine:
                 on_delta(index[id(seq)], delta)
         return [s.completion() for s in seqs]
 
-    def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one request piece by piece as tokens are produced."""
         self.last_stats = GenerationStats()
-        for _, delta in self.run([self.sequence(prompt, params)], self.last_stats):
+        for _, delta in self.run([self.sequence(prompt, params or SamplingParams())], self.last_stats):
             if delta:
                 yield delta
 
     @torch.no_grad()
     def generate_reference(self, prompts: Seq[Prompt],
-                           params: SamplingParams | Seq[SamplingParams] = SamplingParams()) -> list[Completion]:
+                           params: SamplingParams | Seq[SamplingParams] | None = None) -> list[Completion]:
         """The slow reference: one prompt at a time, the full sequence recomputed (no cache) per token.
 
         Uses the same sampling functions and uniforms as `generate`, so a seeded request gives the

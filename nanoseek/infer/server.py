@@ -149,7 +149,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
         if req.stream:
             async def chunks() -> AsyncIterator[dict]:
-                async for i, seq, delta, finish in _events(scheduler, seqs):
+                async for i, delta, finish in _events(scheduler, seqs):
                     if delta or finish:
                         yield {**head, "choices": [choice(i, delta, finish)]}
                 if _include_usage(req):
@@ -184,7 +184,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 for i in range(len(seqs)):
                     delta = {"role": "assistant", "content": ""}
                     yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
-                async for i, seq, text, finish in _events(scheduler, seqs):
+                async for i, text, finish in _events(scheduler, seqs):
                     if text:
                         yield {**head, "choices": [{"index": i, "delta": {"content": text}, "logprobs": None,
                                                     "finish_reason": None}]}
@@ -288,8 +288,8 @@ class _Bridge:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (seq, delta, seq.finish_reason))
 
 
-async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[tuple[int, Sequence, str, str | None]]:
-    """(choice index, seq, delta, finish reason or None) until every sequence finished.
+async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[tuple[int, str, str | None]]:
+    """(choice index, text delta, finish reason or None) until every sequence finished.
 
     Cancels the unfinished ones when the consumer stops early (client gone). A failed or
     cancelled sequence raises APIError.
@@ -304,7 +304,7 @@ async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[t
                 raise APIError(500, f"generation {finish}: {seq.error or 'the server is shutting down'}",
                                type_="server_error")
             left -= finish is not None
-            yield index[id(seq)], seq, delta, finish
+            yield index[id(seq)], delta, finish
     finally:
         for s in seqs:
             if not s.finished:

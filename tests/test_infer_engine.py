@@ -1,0 +1,143 @@
+"""Engine: cached batched decoding equals the no-cache reference; cache sizes; continuous batching."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from test_infer_fixtures import random_prompts, single_thread, tiny_model, write_tiny_ckpt
+
+from nanoseek.config import preset
+from nanoseek.infer import Engine, SamplingParams, cache_bytes_per_token
+from nanoseek.infer.scheduler import Scheduler
+
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    return write_tiny_ckpt(tmp_path_factory.mktemp("ckpt"))
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def test_greedy_batched_equals_reference(model):
+    """Different prompt lengths, more prompts than rows (rows refill), YaRN and MoE layers."""
+    prompts = random_prompts([3, 17, 8, 1, 30], model.config.vocab_size)
+    engine = Engine(model, max_batch_size=3, max_len=96)
+    out = engine.generate(prompts, GREEDY)
+    ref = engine.generate_reference(prompts, GREEDY)
+    for o, r in zip(out, ref):
+        assert o.token_ids == r.token_ids
+        assert o.finish_reason == "length" and len(o.token_ids) == GREEDY.max_new_tokens
+    assert engine.last_stats.steps < 5 * GREEDY.max_new_tokens  # batched: not one pass per prompt
+
+
+def test_outputs_do_not_depend_on_batch(model):
+    prompts = random_prompts([5, 12, 9], model.config.vocab_size, seed=1)
+    engine = Engine(model, max_batch_size=4, max_len=64)
+    together = engine.generate(prompts, GREEDY)
+    alone = [engine.generate([p], GREEDY)[0] for p in prompts]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_seeded_sampling_matches_reference(model):
+    """Same seed, same uniforms: the cached path draws the same tokens as the reference."""
+    prompts = random_prompts([4, 10], model.config.vocab_size, seed=2)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7, max_new_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=1.3, seed=8, max_new_tokens=16, ignore_eos=True)]
+    engine = Engine(model, max_len=64)
+    out = engine.generate(prompts, params)
+    assert [o.token_ids for o in out] == [r.token_ids for r in engine.generate_reference(prompts, params)]
+    assert [o.token_ids for o in out] == [o.token_ids for o in engine.generate(prompts, params)]  # reproducible
+    other = engine.generate(prompts, [SamplingParams(temperature=0.9, seed=9, max_new_tokens=16, ignore_eos=True)] * 2)
+    assert [o.token_ids for o in other] != [o.token_ids for o in out]
+
+
+def test_cache_bytes_per_token(model):
+    latent, expanded = cache_bytes_per_token(model.config, torch.float32)
+    assert latent == model.new_cache(1, 4).bytes_per_token() == 4 * 4 * (32 + 8)  # 3 layers + 1 MTP
+    assert expanded == 4 * 4 * 4 * (24 + 16)
+    v3_latent, v3_expanded = cache_bytes_per_token(preset("v3-671b", num_nextn_predict_layers=0), torch.bfloat16)
+    assert v3_latent == 61 * 576 * 2  # 70 KB per token (REFERENCE.md section 6)
+    assert v3_expanded / v3_latent == pytest.approx(40960 / 576)
+    assert "latent 640 B vs expanded per-head K/V 2,560 B" in Engine(model).cache_report()
+
+
+def test_eos_and_context_errors(model):
+    prompt = random_prompts([6], model.config.vocab_size, seed=3)[0]
+    engine = Engine(model, max_len=32)
+    ref = engine.generate([prompt], GREEDY)[0].token_ids
+    engine.eos_id = ref[5]  # pretend the 6th generated token is EOS
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=24))[0]
+    assert out.token_ids == ref[: ref.index(ref[5]) + 1] and out.finish_reason == "stop"
+    with pytest.raises(ValueError, match="max_new_tokens=27 exceeds the context of 32"):
+        engine.generate([prompt], SamplingParams(max_new_tokens=27))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.generate(["text"])
+
+
+def test_scheduler_concurrent_requests_match_alone(model):
+    """Requests arriving while others decode join the batch and give their solo outputs."""
+    prompts = random_prompts([3, 14, 7, 22, 5, 9], model.config.vocab_size, seed=4)
+    lengths = [10, 30, 6, 20, 25, 3]
+    engine = Engine(model, max_batch_size=4, max_len=64)
+    alone = [engine.generate([p], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))[0].token_ids
+             for p, n in zip(prompts, lengths)]
+    scheduler = Scheduler(engine).start()
+    done, results = threading.Event(), {}
+
+    def on_event(seq, delta):
+        if seq.finished:
+            results[id(seq)] = seq
+            if len(results) == len(prompts):
+                done.set()
+
+    seqs = []
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        seqs.append(scheduler.submit(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True), on_event))
+        if i == 2:  # let the first ones start decoding before the rest arrive
+            while scheduler.stats.steps < 3:
+                threading.Event().wait(0.001)
+    assert done.wait(60)
+    scheduler.stop()
+    assert [s.token_ids for s in seqs] == alone
+    assert scheduler.stats.steps < sum(lengths)  # requests shared decode steps
+
+
+def test_scheduler_cancel_and_stop(model):
+    engine = Engine(model, max_batch_size=2, max_len=64)
+    scheduler = Scheduler(engine).start()
+    finished = threading.Event()
+    seq = scheduler.submit([5, 6, 7], SamplingParams(max_new_tokens=60, ignore_eos=True),
+                           lambda s, d: s.finished and finished.set())
+    scheduler.cancel(seq)
+    assert finished.wait(30) and seq.finish_reason == "cancelled"
+    scheduler.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        scheduler.submit([5], SamplingParams(max_new_tokens=4))
+
+
+def test_stream_with_tokenizer(tiny_ckpt):
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    engine = Engine(tiny_model(vocab_size=load_tokenizer(tiny_ckpt).vocab_size), load_tokenizer(tiny_ckpt),
+                    max_len=128)
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    pieces = list(engine.stream("The quick brown", params))
+    full = engine.generate(["The quick brown"], params)[0]
+    assert len(pieces) > 1 and "".join(pieces) == full.text
+    assert full.text == engine.tokenizer.decode(full.token_ids)
+
+
+def test_speculative_needs_an_mtp_module():
+    with pytest.raises(ValueError, match="no MTP module"):
+        Engine(tiny_model(num_nextn_predict_layers=0), speculative=1)

@@ -1,0 +1,76 @@
+"""Inference on CUDA: cached, speculative and CUDA-graph decoding against the reference (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_infer_fixtures import random_prompts, tiny_model
+
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer import speculative as spec
+from nanoseek.infer.engine import Batch, GenerationStats
+from nanoseek.infer.sampling import settings_tensors
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+HOT = SamplingParams(temperature=0.8, top_p=0.9, seed=0, max_new_tokens=24, ignore_eos=True)
+
+
+def generate(model, prompts, params, **kw) -> tuple[list[list[int]], list[warnings.WarningMessage]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = Engine(model, max_batch_size=3, max_len=96, **kw).generate(prompts, params)
+    return [c.token_ids for c in out], caught
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_fp32_cached_speculative_and_graph_equal_reference(dense):
+    """fp32: every path gives the reference's tokens. The CUDA graph is checked on the dense model
+    (fp32 MoE on CUDA takes the looped expert path, whose nonzero() syncs: graphs fall back)."""
+    model = tiny_model(mtp_agree=1.0, **({"first_k_dense_replace": 3} if dense else {})).cuda()
+    prompts = random_prompts([3, 17, 8, 30], model.config.vocab_size)
+    ref = [c.token_ids for c in Engine(model, max_len=96).generate_reference(prompts, GREEDY)]
+    for kw in ({}, {"speculative": 2}, {"cuda_graph": True}):
+        out, caught = generate(model, prompts, GREEDY, **kw)
+        assert out == ref, kw
+        assert not (dense and caught), [str(w.message) for w in caught]
+
+
+def test_bf16_moe_graph_and_speculative():
+    """bf16 with grouped-GEMM experts: the CUDA graph captures and replays the eager step's tokens;
+    speculative greedy equals plain greedy."""
+    model = tiny_model(mtp_agree=1.0).cuda().to_dtype(torch.bfloat16)
+    prompts = random_prompts([5, 12, 20], model.config.vocab_size)
+    eager, _ = generate(model, prompts, [GREEDY, HOT, GREEDY])
+    graphed, caught = generate(model, prompts, [GREEDY, HOT, GREEDY], cuda_graph=True)
+    assert not caught, [str(w.message) for w in caught]
+    assert graphed == eager
+    speculative, _ = generate(model, prompts, GREEDY, speculative=2)
+    assert speculative == generate(model, prompts, GREEDY)[0]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@torch.no_grad()
+def test_decode_steps_do_not_sync_with_the_host(k):
+    """The device part of a plain (k=0) and a speculative step never waits for the GPU."""
+    model = tiny_model(mtp_agree=1.0).cuda().to_dtype(torch.bfloat16)
+    engine = Engine(model, max_len=64, speculative=k)
+    batch = Batch(engine, 2)
+    batch.admit([engine.sequence(p, GREEDY) for p in random_prompts([4, 9], model.config.vocab_size)],
+                GenerationStats())
+    lengths = torch.tensor(batch.length, device="cuda")
+    u = torch.rand(2, 2 * k + 1, device="cuda")
+    settings = (*settings_tensors([HOT, GREEDY], "cuda"), True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if k:
+            spec.speculative_step(model, batch.cache, batch.pending, batch.drafts, batch.draft_probs, lengths,
+                                  max(batch.length), settings, u)
+        else:
+            batch.decode_at(2, lengths[:, None], max(batch.length) + 1, u[:, 0], filters=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
