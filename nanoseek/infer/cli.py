@@ -42,6 +42,8 @@ def _parser(prog: str, description: str, temperature: float | None) -> argparse.
                    help="MTP speculative decoding with K draft tokens per step (bare flag: K=1; 0: off)")
     m.add_argument("--cuda-graph", action="store_true",
                    help="replay the decode step as CUDA graphs (GPU only, without --speculative)")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile each block: fewer, fused kernels per decode step (GPU; first call is slow)")
     if temperature is None:
         return p
     s = p.add_argument_group("sampling")
@@ -81,7 +83,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
             raise ValueError(f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"vocab_size={model.config.vocab_size}; pair the checkpoint with its own tokenizer")
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_len=args.max_len,
-                        speculative=args.speculative, cuda_graph=args.cuda_graph)
+                        speculative=args.speculative, cuda_graph=args.cuda_graph, compile=args.compile)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(engine.cache_report(), file=sys.stderr)

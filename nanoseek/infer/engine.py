@@ -416,13 +416,14 @@ class Engine:
 
     max_batch_size: rows decoded together; max_len: the context (prompt + new tokens), default
     the model's max_position_embeddings; speculative: draft tokens per step from the MTP module
-    (0 = off); cuda_graph: replay the plain decode step as CUDA graphs on a GPU.
+    (0 = off); cuda_graph: replay the plain decode step as CUDA graphs on a GPU; compile:
+    torch.compile each block (fewer, fused kernels per decode step).
     The tokenizer needs `encode`, `decode` and `eos_id` (see `nanoseek.data.tokenizer`); it may
     be None when prompts are given as token ids (the text fields then stay empty).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8, max_len: int | None = None,
-                 speculative: int = 0, cuda_graph: bool = False):
+                 speculative: int = 0, cuda_graph: bool = False, compile: bool = False):
         cfg = model.config
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError(f"speculative={speculative}: the model has no MTP module "
@@ -435,6 +436,10 @@ class Engine:
         self.max_batch_size, self.speculative, self.cuda_graph = max_batch_size, speculative, cuda_graph
         self.max_len = max_len or cfg.max_position_embeddings
         self.last_stats = GenerationStats()
+        self._batch: Batch | None = None  # kept between calls: its cache and captured graphs are reused
+        if compile:  # fuse each block's small decode kernels (captured inside the CUDA graphs too)
+            for block in [*model.layers.values(), *model.mtp]:
+                block.compile(dynamic=False)
 
     @property
     def device(self) -> torch.device:
@@ -482,7 +487,10 @@ class Engine:
         Yields (seq, text delta) as tokens are produced.
         """
         waiting = deque(seqs)
-        batch = Batch(self, min(len(seqs), self.max_batch_size))
+        rows = min(len(seqs), self.max_batch_size)
+        if self._batch is None or self._batch.rows != rows or self._batch.busy:
+            self._batch = Batch(self, rows)
+        batch = self._batch
         start = time.perf_counter()
         while waiting or batch.busy:
             free = batch.free_rows()
