@@ -105,6 +105,34 @@ def run_transformers(ckpt: Path, prompts, args, device) -> tuple[dict, object]:
     return result, out
 
 
+def profile_decode(model, prompt: list[int], device, steps: int = 16) -> dict:
+    """Kernels per plain (eager, batch 1) decode step and where their time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, None, max_batch_size=1, max_len=len(prompt) + 2 * steps)
+    few = SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_new_tokens=steps + 1, ignore_eos=True)
+    engine.generate([prompt], many)  # warm-up
+    counts = {}
+    for name, params in (("prefill", few), ("prefill+decode", many)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate([prompt], params)
+            torch.cuda.synchronize()
+        counts[name] = [(e.key, e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+    base = {k: (c, t) for k, c, t in counts["prefill"]}
+    per_step = []
+    for k, c, t in counts["prefill+decode"]:
+        c0, t0 = base.get(k, (0, 0.0))
+        if c > c0:
+            per_step.append({"kernel": k[:100], "calls_per_step": (c - c0) / steps, "us_per_step": (t - t0) / steps})
+    per_step.sort(key=lambda r: -r["us_per_step"])
+    result = {"kernels_per_step": sum(r["calls_per_step"] for r in per_step),
+              "gpu_us_per_step": sum(r["us_per_step"] for r in per_step), "top": per_step[:15]}
+    print(f"eager decode step: {result['kernels_per_step']:.0f} kernels, {result['gpu_us_per_step']:.0f} us GPU time",
+          flush=True)
+    return result
+
+
 def speculative(ckpt: str, args, device) -> dict:
     from nanoseek.data.tasks import r1_prompt, sample_problems
     from nanoseek.data.tokenizer import load_tokenizer
@@ -129,6 +157,12 @@ def speculative(ckpt: str, args, device) -> dict:
             "speculative_tokens_per_s": stats.new_tokens / t_spec, "speedup": t_plain / t_spec}
         print(f"speculative batch {batch}: {json.dumps(result[f'batch{batch}'])}", flush=True)
     return result
+
+
+def save(record: dict, out: Path) -> None:
+    """Write the record so far (a crash late in the run keeps the figures already measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main() -> None:
@@ -163,6 +197,7 @@ def main() -> None:
         import transformers
 
         record["versions"]["transformers"] = transformers.__version__
+    out = Path(args.out or Path(__file__).parent / "results" / f"decode_throughput-{record['date']}.json")
     g = torch.Generator().manual_seed(0)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = {B: torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist() for B in batches}
@@ -172,12 +207,16 @@ def main() -> None:
         for B in batches:
             r = results[f"batch{B}"][f"nanoseek-{variant}"] = run_nanoseek(model, prompts[B], args, device, variant)
             print(f"batch {B} nanoseek-{variant}: {r['tokens_per_s']:,.1f} tok/s", flush=True)
+            save(record, out)
+        if variant == "eager" and device.type == "cuda":
+            record["eager_decode_profile"] = profile_decode(model, prompts[batches[0]][0], device)
     for B in batches:
         res = results[f"batch{B}"]
         if not args.no_peer:
             res["transformers"], _ = run_transformers(tmp / "ckpt", prompts[B], args, device)
             peer = res["transformers"]["tokens_per_s"]
             print(f"batch {B} transformers: {peer:,.1f} tok/s", flush=True)
+            save(record, out)
             for name, r in res.items():
                 if name != "transformers":
                     r["speedup_vs_transformers"] = r["tokens_per_s"] / peer
@@ -189,9 +228,7 @@ def main() -> None:
             res["bytes_read_per_token"] = per_token
     if args.spec_ckpt:
         record["speculative"] = speculative(args.spec_ckpt, args, device)
-    out = Path(args.out or Path(__file__).parent / "results" / f"decode_throughput-{record['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    save(record, out)
     for batch, res in record["results"].items():
         for name, r in res.items():
             if isinstance(r, dict):

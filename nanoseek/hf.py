@@ -197,7 +197,7 @@ def _attach_mtp_copies(model: Transformer, copies: dict[str, torch.Tensor], path
         if tensor.shape != shared.shape:
             raise CheckpointError(f"{path}: MTP weight for {name!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(shared.shape)}")
-        if torch.equal(tensor.to(shared.dtype), shared.data):
+        if torch.equal(tensor.to(shared.device, shared.dtype), shared.data):
             continue
         if name.endswith("embed_tokens.weight"):
             layer.embed_tokens = torch.nn.Embedding(*tensor.shape, device=shared.device)

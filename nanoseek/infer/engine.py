@@ -371,7 +371,7 @@ class CudaGraphStep:
         self.batch = batch
         self.positions = torch.zeros(batch.rows, 1, dtype=torch.long, device=batch.device)
         self.u = torch.zeros(batch.rows, device=batch.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.failed = False
 
@@ -380,15 +380,16 @@ class CudaGraphStep:
         self.positions.copy_(torch.tensor(b.length, device=b.device)[:, None], non_blocking=True)
         self.u.copy_(u, non_blocking=True)
         bucket = min(max(64, 1 << (kv_len - 1).bit_length()), b.cache.max_len)
-        if not self.failed and bucket not in self.graphs:
-            self._capture(bucket)
+        filters = any(s.params.filters for s in b.seqs if s is not None)  # greedy/plain sampling: no sort
+        if not self.failed and (bucket, filters) not in self.graphs:
+            self._capture(bucket, filters)
         if self.failed:
             return b.decode_at(b.rows, self.positions, kv_len, self.u, filters=True)
-        graph, out = self.graphs[bucket]
+        graph, out = self.graphs[bucket, filters]
         graph.replay()
         return out
 
-    def _capture(self, kv_len: int) -> None:
+    def _capture(self, kv_len: int, filters: bool) -> None:
         b = self.batch
         saved = b.pending.clone()
         try:
@@ -397,14 +398,14 @@ class CudaGraphStep:
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     b.pending.copy_(saved)
-                    b.decode_at(b.rows, self.positions, kv_len, self.u, filters=True)
+                    b.decode_at(b.rows, self.positions, kv_len, self.u, filters=filters)
             torch.cuda.current_stream().wait_stream(stream)
             b.pending.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = b.decode_at(b.rows, self.positions, kv_len, self.u, filters=True)
+                out = b.decode_at(b.rows, self.positions, kv_len, self.u, filters=filters)
             self.pool = graph.pool()
-            self.graphs[kv_len] = (graph, out)
+            self.graphs[kv_len, filters] = (graph, out)
         except RuntimeError as e:
             warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly", stacklevel=2)
             self.failed = True
@@ -438,6 +439,8 @@ class Engine:
         self.last_stats = GenerationStats()
         self._batch: Batch | None = None  # kept between calls: its cache and captured graphs are reused
         if compile:  # fuse each block's small decode kernels (captured inside the CUDA graphs too)
+            # one graph per (batch rows, prefill length, kv bucket): allow more than dynamo's default 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             for block in [*model.layers.values(), *model.mtp]:
                 block.compile(dynamic=False)
 
