@@ -158,17 +158,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | Path, model_max_length: int = 4096
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path, model_max_length: int = 4096,
+    split_digits: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` entries in total (fewer if the texts run out of
-    merges), save it to `out_dir` in the Hugging Face layout and return it loaded."""
+    merges), save it to `out_dir` in the Hugging Face layout and return it loaded.
+
+    split_digits: every digit is its own token (no merges across digits), so numbers keep their
+    place-value structure. Off by default: on the 10-minute CPU demo it measured 3% held-out
+    accuracy against 10% with merged digits (longer sequences, same step budget)."""
     minimum = 256 + 2 + len(TAGS)
     if vocab_size < minimum:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: 256 bytes + 6 special/added tokens need >= {minimum}"
         )
     tok = _HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(TAGS),

@@ -50,8 +50,9 @@ class TrainConfig:
     device: str = doc("'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...", "auto")
     batch_size: int = doc("micro-batch size in sequences", 16)
     grad_accum: int = doc("micro-batches per optimizer step", 1)
-    max_steps: int = doc("optimizer steps", 500)
-    time_limit_min: float = doc("stop (and checkpoint) after this many minutes; 0 = no limit", 0.0)
+    max_steps: int = doc("optimizer steps", 800)
+    time_limit_min: float = doc("stop (and checkpoint) after this many minutes; 0 = no limit "
+                                "(the demo preset defaults to 8, so `make demo` ends in time on slow machines)", 0.0)
     lr: float = doc("peak learning rate", 3e-3)
     min_lr_ratio: float = doc("final learning rate as a fraction of lr", 0.1)
     warmup_steps: int = doc("linear warmup steps", 30)
@@ -226,6 +227,8 @@ def parse_args(argv: list[str]) -> RunConfig:
     for key, val in pairs:
         section, _, name = key[2:].partition(".")
         _set(overrides, section, name, val, key)
+    if preset_name == "demo":
+        overrides["train"].setdefault("time_limit_min", 8.0)
     try:
         model = ModelConfig(**{**PRESETS[preset_name], **overrides["model"]})
         return RunConfig(model=model, data=DataConfig(**overrides["data"]),
