@@ -37,7 +37,6 @@ class LatentCache:
         index = positions[..., None].expand(-1, -1, entry.shape[-1])
         self.data[layer].scatter_(1, index, entry)
 
-    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """c_kv (B, T, R) and k_pe (B, T, P) for the first `length` positions."""
-        entry = self.data[layer, :, :length]
-        return entry[..., : self.kv_lora_rank], entry[..., self.kv_lora_rank:]
+    def read(self, layer: int, length: int) -> torch.Tensor:
+        """[c_kv ; k_pe] (B, T, R + P) of the first `length` positions (a view)."""
+        return self.data[layer, :, :length]

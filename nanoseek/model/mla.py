@@ -87,8 +87,8 @@ class MLA(nn.Module):
             cache.write(self.layer_idx, positions, c_kv, k_pe)
             return self.expanded(q_nope, q_pe, c_kv, k_pe)
         cache.write(self.layer_idx, positions, c_kv, k_pe)
-        c_all, pe_all = cache.read(self.layer_idx, kv_len or cache.max_len)
-        return self.absorbed(q_nope, q_pe, c_all.to(x.dtype), pe_all.to(x.dtype), positions)
+        return self.absorbed(q_nope, q_pe, cache.read(self.layer_idx, kv_len or cache.max_len).to(x.dtype),
+                             positions)
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
                  k_pe: torch.Tensor) -> torch.Tensor:
@@ -102,20 +102,20 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
-    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
-        """Attention over latent keys c_kv (B, T, R), k_pe (B, T, P) for queries at positions (B, S)."""
+        """Attention over cached latents [c_kv ; k_pe] (B, T, R + P) for queries at positions (B, S)."""
         B, S, H, _ = q_nope.shape
-        T = c_kv.shape[1]
+        T = latent.shape[1]
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, R), (H, V, R)
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # query in latent space
-        scores = (torch.einsum("bshr,btr->bsht", q_lat, c_kv)
-                  + torch.einsum("bshp,btp->bsht", q_pe, k_pe)) * self.scale  # (B, S, H, T)
-        key_pos = torch.arange(T, device=c_kv.device)
+        q_all = torch.cat((q_lat, q_pe), dim=-1)  # (B, S, H, R + P): one product scores both parts
+        scores = torch.einsum("bshd,btd->bsht", q_all, latent) * self.scale  # (B, S, H, T)
+        key_pos = torch.arange(T, device=latent.device)
         visible = key_pos[None, None, :] <= positions[:, :, None]  # (B, S, T)
         scores = scores.float().masked_fill(~visible[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bsht,btr->bshr", probs, c_kv)  # (B, S, H, R)
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        o_lat = torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_rank])  # (B, S, H, R)
         out = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # (B, S, H, V)
         return self.o_proj(out.reshape(B, S, H * self.v_dim))

@@ -92,6 +92,8 @@ class RoutedExperts(nn.Module):
         """x (T, D), ids/gates (T, K) -> sum_k gates[t, k] * expert_{ids[t, k]}(x[t])  (T, D)."""
         if torch.is_autocast_enabled(x.device.type):  # autocast does not reach _grouped_mm: cast here
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if 2 * ids.numel() <= self.num_experts:  # a few tokens (decode): cheaper to fetch their experts
+            return self.forward_gathered(x, ids, gates)
         if self.grouped_mm_ok(x):
             return self.forward_grouped(x, ids, gates)
         return self.forward_looped(x, ids, gates)
@@ -108,6 +110,17 @@ class RoutedExperts(nn.Module):
         y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, D)
         y = y[order.argsort()].view(T, K, -1)  # back to (token, slot) order: a gather, no atomics
         return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (T, D) = sum_k gate_k * y_k
+
+    def forward_gathered(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Gather the weights of each (token, expert) pair and run batched mat-vecs: few kernels and
+        no empty expert groups, for decode steps where T*K is below the expert count."""
+        T, K = ids.shape
+        flat = ids.flatten()  # (T*K,)
+        xs = x.repeat_interleave(K, dim=0)[:, :, None]  # (T*K, D, 1)
+        h = torch.bmm(self.w13[flat].to(x.dtype), xs)[..., 0]  # (T*K, 2I)
+        gate, up = h.split(self.width, dim=-1)
+        y = torch.bmm(self.w2[flat].to(x.dtype), (F.silu(gate) * up)[:, :, None])[..., 0]  # (T*K, D)
+        return torch.bmm(gates.to(y.dtype).unsqueeze(1), y.view(T, K, -1)).squeeze(1)  # (T, D)
 
     def forward_looped(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Reference: one plain SwiGLU per expert over the tokens routed to it."""
