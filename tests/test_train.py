@@ -93,6 +93,8 @@ def test_bad_input_gets_clear_errors(tmp_path):
         parse_args(["--train.lr", "fast"])
     with pytest.raises(SystemExit, match="unknown option '--optim.lr'"):
         parse_args(["--optim.lr", "1"])
+    with pytest.raises(SystemExit, match="--train.schedule 'linear' is unknown"):
+        run(tmp_path / "s", "--train.schedule", "linear")
     with pytest.raises(SystemExit, match="unknown preset"):
         parse_args(["--preset", "huge"])
     with pytest.raises(SystemExit, match="seq_len 4096 exceeds the model's max_position_embeddings=512"):

@@ -39,7 +39,7 @@ from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, run_rec
 from nanoseek.train.config import DataConfig, RunConfig
 from nanoseek.train.evaluate import greedy_generate, heldout_accuracy, validation_loss
 from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
-from nanoseek.train.optim import build_optimizer, lr_multiplier
+from nanoseek.train.optim import SCHEDULES, build_optimizer, lr_multiplier
 
 
 # ---------------------------------------------------------------------------- data
@@ -201,6 +201,10 @@ def train(run: RunConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
+    if tc.dtype not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"nanoseek train: --train.dtype {tc.dtype!r} is unknown; use auto, bf16 or fp32")
+    if tc.schedule not in SCHEDULES:
+        raise SystemExit(f"nanoseek train: --train.schedule {tc.schedule!r} is unknown; use one of {SCHEDULES}")
     if run.data.seq_len > run.model.max_position_embeddings:
         raise SystemExit(f"nanoseek train: --data.seq_len {run.data.seq_len} exceeds the model's "
                          f"max_position_embeddings={run.model.max_position_embeddings}; lower seq_len or raise "
@@ -268,7 +272,6 @@ def train(run: RunConfig) -> dict[str, Any]:
                              f"{previous_note}") from None
 
     load_history: list[tuple[int, np.ndarray]] = []
-    val_history: list[float] = []
     started, last_ckpt = time.time(), None
     interval_start, interval_step = started, step
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
@@ -309,7 +312,6 @@ def train(run: RunConfig) -> dict[str, Any]:
                 interval_start, interval_step = time.time(), step
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                 val = validation_loss(model, val_loader, tc.eval_batches, device, autocast)
-                val_history.append(val)
                 logger.log(step, "val", {"loss": val})
                 bar.write(f"step {step:>6} | validation loss {val:.4f}")
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.max_steps:
