@@ -171,7 +171,8 @@ def help_text() -> str:
         for name, (typ, help_) in _fields(cls).items():
             tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))
             default = getattr(defaults, name)
-            lines.append(f"  --{section}.{name} {tname:<8} {help_} [default: {default!r}]")
+            option = f"--{section}.{name} {tname}"
+            lines.append(f"  {option:<46} {help_} [default: {default!r}]")
         lines.append("")
     return "\n".join(lines)
 
