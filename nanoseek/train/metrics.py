@@ -95,7 +95,7 @@ def plot_run(metrics_path: str | Path, load_history: list[tuple[int, np.ndarray]
                 label="train MTP (depth 1)", lw=1)
     if val:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token, log scale)", title="loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
     paths.append(out_dir / "loss.png")
