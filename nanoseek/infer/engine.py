@@ -24,7 +24,6 @@ the slow reference that the cached (and speculative) paths must match.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from collections import deque
@@ -324,11 +323,7 @@ class Batch:
 
     def rows_view(self, hi: int) -> LatentCache:
         """The cache restricted to rows [0, hi) (a view: writes land in the full cache)."""
-        if hi == self.rows:
-            return self.cache
-        view = copy.copy(self.cache)
-        view.data = self.cache.data[:, :hi]
-        return view
+        return self.cache if hi == self.rows else self.cache.rows(hi)
 
     def decode(self, hi: int, kv_len: int, u: torch.Tensor) -> torch.Tensor:
         """Plain decode of rows [0, hi): feed pending at length, sample, update pending. -> (hi,) ids."""

@@ -27,6 +27,13 @@ class LatentCache:
     def batch_size(self) -> int:
         return self.data.shape[1]
 
+    def rows(self, hi: int) -> LatentCache:
+        """A view of rows [0, hi): writes through it land in this cache."""
+        view = object.__new__(LatentCache)
+        view.kv_lora_rank, view.rope_dim, view.max_len = self.kv_lora_rank, self.rope_dim, self.max_len
+        view.data = self.data[:, :hi]
+        return view
+
     def bytes_per_token(self) -> int:
         """Bytes one token occupies across all cached layers."""
         return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()
