@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from nanoseek.data.loader import PackedLoader
 from nanoseek.data.tasks import r1_prompt, sample_problems, verify
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.transformer import Transformer
 
 
@@ -39,61 +41,39 @@ def _rewound(loader: PackedLoader) -> dict:
     return state
 
 
-@torch.no_grad()
-def greedy_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                    stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
-    """Batched greedy completion with the latent cache; returns the new tokens of each prompt."""
-    device = model.embed_tokens.weight.device
-    B, lengths = len(prompts), [len(p) for p in prompts]
-    max_prompt = max(lengths)
-    limit = min(max_prompt + max_new_tokens, model.config.max_position_embeddings)
-    ids = torch.zeros(B, max_prompt, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):  # right-padded; padding positions are overwritten before use
-        ids[b, : len(p)] = torch.tensor(p)
-    cache = model.new_cache(B, limit)
-    logits = model(ids, cache=cache).logits  # (B, S, V)
-    pos = torch.tensor(lengths, device=device)  # next position per row
-    token = logits[torch.arange(B), pos - 1].argmax(-1)  # (B,)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    stops = {eos_id, *stop_ids}
-    for _ in range(max_new_tokens):
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(token[b]))
-                done[b] = int(token[b]) in stops or lengths[b] + len(out[b]) >= limit
-        if all(done) or int(pos.max()) >= limit:
-            break
-        logits = model(token[:, None], positions=pos[:, None], cache=cache, kv_len=int(pos.max()) + 1).logits
-        pos = pos + 1
-        token = logits[:, -1].argmax(-1)
-    return out
+def greedy_complete(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
+                    stop: str | None = None) -> list[str]:
+    """Greedy completions of text prompts through the inference engine (latent cache, batched).
+
+    A completion cut by the `stop` string keeps it, so it reads as the model wrote it."""
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    engine = Engine(model, tokenizer, max_batch_size=32,
+                    max_len=min(model.config.max_position_embeddings, longest + max_new_tokens))
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=[stop] if stop else [])
+    was_training = model.training
+    outs = engine.generate(prompts, params)
+    model.train(was_training)
+    ended_by_eos = [bool(o.token_ids) and o.token_ids[-1] == tokenizer.eos_id for o in outs]
+    return [o.text + stop if stop and o.finish_reason == "stop" and not eos else o.text
+            for o, eos in zip(outs, ended_by_eos)]
 
 
 def heldout_accuracy(model: Transformer, tokenizer: Tokenizer, n: int, seed: int, difficulty: tuple[int, int],
-                     max_new_tokens: int = 256, batch_size: int = 32) -> dict:
+                     max_new_tokens: int = 256) -> dict:
     """Greedy accuracy on held-out problems (never in the training corpus), per task kind.
 
     Prompts use the R1 template; a completion counts if the task's exact verifier accepts it.
     """
     problems = sample_problems(n, seed, difficulty_range=difficulty, split="heldout", unique=True)
-    stop = tokenizer.encode("</answer>")
-    stop_ids = tuple(stop) if len(stop) == 1 else ()
+    texts = greedy_complete(model, tokenizer, [r1_prompt(p.prompt) for p in problems], max_new_tokens,
+                            stop="</answer>")
     hits: dict[str, list[int]] = defaultdict(list)
     examples = []
-    was_training = model.training
-    model.eval()
-    for start in range(0, n, batch_size):
-        chunk = problems[start: start + batch_size]
-        prompts = [tokenizer.encode(r1_prompt(p.prompt)) for p in chunk]
-        outs = greedy_generate(model, prompts, max_new_tokens, tokenizer.eos_id, stop_ids)
-        for problem, toks in zip(chunk, outs):
-            text = tokenizer.decode([t for t in toks if t != tokenizer.eos_id])
-            ok = verify(problem, text)
-            hits[problem.kind].append(int(ok))
-            if len(examples) < 3:
-                examples.append({"prompt": problem.prompt, "completion": text, "correct": ok})
-    model.train(was_training)
+    for problem, text in zip(problems, texts):
+        ok = verify(problem, text)
+        hits[problem.kind].append(int(ok))
+        if len(examples) < 3:
+            examples.append({"prompt": problem.prompt, "completion": text, "correct": ok})
     per_kind = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     overall = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
     return {"accuracy": overall, "per_kind": per_kind, "n": n, "examples": examples}

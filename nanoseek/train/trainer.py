@@ -37,7 +37,7 @@ from nanoseek.model.moe import update_router_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, run_record, save_checkpoint
 from nanoseek.train.config import DataConfig, RunConfig
-from nanoseek.train.evaluate import greedy_generate, heldout_accuracy, validation_loss
+from nanoseek.train.evaluate import greedy_complete, heldout_accuracy, validation_loss
 from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
 from nanoseek.train.optim import SCHEDULES, build_optimizer, lr_multiplier
 
@@ -341,9 +341,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     with autocast:
         if tc.samples:
             prompts = _sample_prompts(run, tc.samples)
-            outs = greedy_generate(model, [tok.encode(p) for p in prompts], 120, tok.eos_id)
-            summary["samples"] = [{"prompt": p, "completion": tok.decode([t for t in o if t != tok.eos_id])}
-                                  for p, o in zip(prompts, outs)]
+            outs = greedy_complete(model, tok, prompts, 120)
+            summary["samples"] = [{"prompt": p, "completion": o} for p, o in zip(prompts, outs)]
         if tc.eval_problems and run.data.source == "synthetic":
             acc = heldout_accuracy(model, tok, tc.eval_problems, seed=run.data.seed + 12345,
                                    difficulty=(run.data.difficulty_min, run.data.difficulty_max))
