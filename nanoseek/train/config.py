@@ -82,7 +82,7 @@ class TrainConfig:
     seed: int = doc("model init seed", 0)
     resume: str = doc("'' (fresh run), 'auto' (latest checkpoint in out_dir) or a checkpoint directory", "")
     samples: int = doc("samples generated at the end", 4)
-    eval_problems: int = doc("held-out problems scored for accuracy at the end (synthetic data)", 100)
+    eval_problems: int = doc("held-out problems scored for accuracy at the end (synthetic data)", 300)
     tensorboard: bool = doc("write TensorBoard event files", True)
 
 
