@@ -76,12 +76,9 @@ class RoutedExperts(nn.Module):
         self.num_experts, self.width = E, I
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
         self.w2 = nn.Parameter(torch.empty(E, D, I))
-        self.use_grouped_mm: bool | None = None  # None: decide per call (see `grouped_mm_ok`)
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm runs bf16 on Hopper+ GPUs and fp32 on the CPU."""
-        if self.use_grouped_mm is not None:
-            return self.use_grouped_mm
         if not hasattr(torch, "_grouped_mm"):
             return False
         if x.is_cuda:
