@@ -178,22 +178,26 @@ def test_bf16_moment_adamw_tracks_torch_adamw():
     assert (a - b).abs().max() < 0.05 * (a.detach() - a.detach().mean()).abs().mean()
 
 
-def test_activation_checkpointing_gives_the_same_step():
+def one_debug_step(prepare) -> tuple[dict, dict]:
+    """One train_step of a fresh debug model (after `prepare(model)`) on a fixed batch."""
     from nanoseek import preset
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.trainer import enable_activation_checkpointing, train_step
+    from nanoseek.train.trainer import train_step
 
     x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
-    results = []
-    for checkpointed in (False, True):
-        model = Transformer.from_config(preset("debug"), seed=0).train()
-        if checkpointed:
-            enable_activation_checkpointing(model)
-        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
-        out = train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=1e-3, autocast=contextlib.nullcontext(),
-                         grad_clip=1.0, mtp_lambda=0.3, seq_aux_alpha=1e-4, bias_gamma=1e-3)
-        results.append((out, model.state_dict()))
-    (a, sa), (b, sb) = results
+    model = Transformer.from_config(preset("debug"), seed=0).train()
+    prepare(model)
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    out = train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=1e-3, autocast=contextlib.nullcontext(),
+                     grad_clip=1.0, mtp_lambda=0.3, seq_aux_alpha=1e-4, bias_gamma=1e-3)
+    return out, model.state_dict()
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    from nanoseek.train.trainer import enable_activation_checkpointing
+
+    a, sa = one_debug_step(lambda model: None)
+    b, sb = one_debug_step(enable_activation_checkpointing)
     assert torch.allclose(a["loss"], b["loss"]) and torch.equal(a["loads"], b["loads"])  # loads not doubled
     for name in sa:
         assert torch.allclose(sa[name], sb[name], atol=1e-6), name
@@ -217,19 +221,11 @@ def test_compiled_cross_entropy_matches_plain():
 
 def test_compiled_blocks_trace_on_cpu():
     """Dynamo + fake tensors go through every block (aot_eager: no C++ toolchain needed)."""
-    from nanoseek import preset
-    from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.trainer import train_step
 
-    x = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for compiled in (False, True):
-        model = Transformer.from_config(preset("debug"), seed=0).train()
-        if compiled:
-            for block in [*model.layers.values(), *model.mtp]:
-                block.compile(backend="aot_eager")
-        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
-        out = train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=1e-3, autocast=contextlib.nullcontext(),
-                         grad_clip=1.0, mtp_lambda=0.3, seq_aux_alpha=1e-4, bias_gamma=1e-3)
-        losses.append(out["loss"])
-    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    def compile_blocks(model):
+        for block in [*model.layers.values(), *model.mtp]:
+            block.compile(backend="aot_eager")
+
+    plain, _ = one_debug_step(lambda model: None)
+    compiled, _ = one_debug_step(compile_blocks)
+    assert torch.allclose(plain["loss"], compiled["loss"], atol=1e-5)

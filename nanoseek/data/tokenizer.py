@@ -165,8 +165,8 @@ def train_tokenizer(
     merges), save it to `out_dir` in the Hugging Face layout and return it loaded.
 
     split_digits: every digit is its own token (no merges across digits), so numbers keep their
-    place-value structure. Off by default: on the 10-minute CPU demo it measured 3% held-out
-    accuracy against 10% with merged digits (longer sequences, same step budget)."""
+    place-value structure. Off by default: in one exploratory run of the CPU demo it did not raise
+    held-out accuracy within the same step budget (sequences get longer)."""
     minimum = 256 + 2 + len(TAGS)
     if vocab_size < minimum:
         raise ValueError(
