@@ -27,10 +27,12 @@ def model():
     return tiny_model()
 
 
-def test_greedy_batched_equals_reference(model):
-    """Different prompt lengths, more prompts than rows (rows refill), YaRN and MoE layers."""
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_greedy_batched_equals_reference(model, pipeline):
+    """Different prompt lengths, more prompts than rows (rows refill), YaRN and MoE layers; with
+    pipelined steps (launch step n, then hand out step n-1's tokens) as well."""
     prompts = random_prompts([3, 17, 8, 1, 30], model.config.vocab_size)
-    engine = Engine(model, max_batch_size=3, max_len=96)
+    engine = Engine(model, max_batch_size=3, max_len=96, pipeline=pipeline)
     out = engine.generate(prompts, GREEDY)
     ref = engine.generate_reference(prompts, GREEDY)
     for o, r in zip(out, ref):
@@ -47,12 +49,13 @@ def test_outputs_do_not_depend_on_batch(model):
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 
-def test_seeded_sampling_matches_reference(model):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_seeded_sampling_matches_reference(model, pipeline):
     """Same seed, same uniforms: the cached path draws the same tokens as the reference."""
     prompts = random_prompts([4, 10], model.config.vocab_size, seed=2)
     params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7, max_new_tokens=16, ignore_eos=True),
               SamplingParams(temperature=1.3, seed=8, max_new_tokens=16, ignore_eos=True)]
-    engine = Engine(model, max_len=64)
+    engine = Engine(model, max_len=64, pipeline=pipeline)
     out = engine.generate(prompts, params)
     assert [o.token_ids for o in out] == [r.token_ids for r in engine.generate_reference(prompts, params)]
     assert [o.token_ids for o in out] == [o.token_ids for o in engine.generate(prompts, params)]  # reproducible
@@ -70,13 +73,20 @@ def test_cache_bytes_per_token(model):
     assert "latent 640 B vs expanded per-head K/V 2,560 B" in Engine(model).cache_report()
 
 
-def test_eos_and_context_errors(model):
-    prompt = random_prompts([6], model.config.vocab_size, seed=3)[0]
-    engine = Engine(model, max_len=32)
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_eos_and_context_errors(model, pipeline):
+    prompts = random_prompts([6, 7], model.config.vocab_size, seed=3)
+    prompt = prompts[0]
+    engine = Engine(model, max_len=32, pipeline=pipeline)
     ref = engine.generate([prompt], GREEDY)[0].token_ids
+    other = engine.generate([prompts[1]], GREEDY)[0].token_ids
     engine.eos_id = ref[5]  # pretend the 6th generated token is EOS
     out = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=24))[0]
     assert out.token_ids == ref[: ref.index(ref[5]) + 1] and out.finish_reason == "stop"
+    # a row that stops early next to one that runs on: the other row's tokens are unaffected
+    both = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24))
+    assert both[0].token_ids == out.token_ids
+    assert both[1].token_ids == (other[: other.index(ref[5]) + 1] if ref[5] in other else other)
     with pytest.raises(ValueError, match="max_new_tokens=27 exceeds the context of 32"):
         engine.generate([prompt], SamplingParams(max_new_tokens=27))
     with pytest.raises(ValueError, match="prompt is empty"):
@@ -85,11 +95,12 @@ def test_eos_and_context_errors(model):
         engine.generate(["text"])
 
 
-def test_scheduler_concurrent_requests_match_alone(model):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_scheduler_concurrent_requests_match_alone(model, pipeline):
     """Requests arriving while others decode join the batch and give their solo outputs."""
     prompts = random_prompts([3, 14, 7, 22, 5, 9], model.config.vocab_size, seed=4)
     lengths = [10, 30, 6, 20, 25, 3]
-    engine = Engine(model, max_batch_size=4, max_len=64)
+    engine = Engine(model, max_batch_size=4, max_len=64, pipeline=pipeline)
     alone = [engine.generate([p], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))[0].token_ids
              for p, n in zip(prompts, lengths)]
     scheduler = Scheduler(engine).start()

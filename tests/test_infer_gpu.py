@@ -71,6 +71,6 @@ def test_decode_steps_do_not_sync_with_the_host(k):
             spec.speculative_step(model, batch.cache, batch.pending, batch.drafts, batch.draft_probs, lengths,
                                   max(batch.length), settings, u)
         else:
-            batch.decode_at(2, lengths[:, None], max(batch.length) + 1, u[:, 0], filters=True)
+            batch.decode_at(2, lengths[:, None], max(batch.length) + 1, u[:, 0], mode="filters")
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -16,7 +16,8 @@ between steps, which is all continuous batching needs (`nanoseek.infer.scheduler
 Host syncs: one per step, to read the new tokens (needed for streaming, EOS and stop strings).
 Lengths live on the host (they follow from the tokens), sampling settings and uniforms are
 (B,) tensors, so the step itself never syncs; on CUDA it can be replayed as a CUDA graph
-(`cuda_graph=True`: static batch, kv_len bucketed to powers of two).
+(`cuda_graph=True`: static batch, kv_len bucketed to powers of two), and plain steps are
+pipelined: step n is launched before the host handles step n-1's tokens.
 
 `Engine.generate_reference` recomputes the whole sequence without a cache for every token:
 the slow reference that the cached (and speculative) paths must match.
@@ -209,6 +210,8 @@ class Batch:
         V = self.model.config.vocab_size
         self.drafts = torch.zeros(rows, self.k, dtype=torch.long, device=dev)  # (B, K)
         self.draft_probs = torch.zeros(rows, self.k, V, device=dev)  # (B, K, V)
+        self._zeros: torch.Tensor | None = None  # the uniforms of an all-greedy step
+        self._in_flight: tuple | None = None  # a launched plain step: ([(row, seq)], host ids, event)
         self.graph = CudaGraphStep(self) if engine.cuda_graph and dev.type == "cuda" and not self.k else None
 
     @property
@@ -246,8 +249,11 @@ class Batch:
 
     def _uniforms(self, seqs: Seq[Sequence | None], n: int) -> torch.Tensor:
         """(len(seqs), n) uniforms, one row per sequence (zeros for free rows)."""
-        u = torch.stack([s.uniforms(n) if s is not None else torch.zeros(n) for s in seqs])
-        return u.to(self.device, non_blocking=True)
+        if all(s is None or s.generator is None for s in seqs):  # greedy rows draw nothing
+            if self._zeros is None or self._zeros.shape != (len(seqs), n):
+                self._zeros = torch.zeros(len(seqs), n, device=self.device)
+            return self._zeros
+        return self._to_device(torch.stack([s.uniforms(n) if s is not None else torch.zeros(n) for s in seqs]))
 
     def _emit(self, rows: list[int], tokens: list[list[int]], stats: GenerationStats) -> list[tuple[Sequence, str]]:
         """Hand each row's new tokens to its sequence; free the rows that finished."""
@@ -295,14 +301,22 @@ class Batch:
 
     @torch.no_grad()
     def step(self, stats: GenerationStats) -> list[tuple[Sequence, str]]:
-        """One decode step for every running row (K+1 positions each when speculative)."""
+        """One decode step for every running row (K+1 positions each when speculative).
+
+        With `Engine.pipeline` (default on CUDA), plain steps are pipelined: this call launches
+        step n and then hands out the tokens of step n-1, whose copy to the host has landed
+        meanwhile, so the host's work (detokenising, stop strings, streaming) overlaps the GPU's.
+        A row that ends at step n-1 has ridden along in step n; that token is dropped. No step is
+        launched once every running row has all its tokens in flight.
+        """
+        if not self.k and self.engine.pipeline:
+            return self._pipelined_step(stats)
         active = [r for r, s in enumerate(self.seqs) if s is not None]
-        hi = self.rows if self.graph is not None else active[-1] + 1  # rows [0, hi) run
-        max_length = max(self.length[r] for r in active)
         stats.steps += 1
         stats.row_steps += len(active)
         if self.k:
-            a, tokens = self._speculative_step(hi, max_length)
+            hi = active[-1] + 1
+            a, tokens = self._speculative_step(hi, max(self.length[r] for r in active))
             host = torch.cat((a[:, None], tokens), dim=1).tolist()
             new = [host[r][1: host[r][0] + 2] for r in active]
             for r, toks in zip(active, new):
@@ -310,32 +324,83 @@ class Batch:
             stats.drafted += self.k * len(active)
             stats.accepted += sum(host[r][0] for r in active)
         else:
-            if self.graph is not None:
-                tokens = self.graph(max_length + 1, self._uniforms(self.seqs, 1)[:, 0])
-            else:
-                tokens = self.decode(hi, max_length + 1, self._uniforms(self.seqs[:hi], 1)[:, 0])
-            host = tokens.tolist()
+            host = self._launch_plain(active).tolist()
             new = [[host[r]] for r in active]
-            for r in active:
-                self.length[r] += 1
         stats.step_tokens += sum(len(t) for t in new)
         return self._emit(active, new, stats)
+
+    def _launch_plain(self, active: list[int]) -> torch.Tensor:
+        """Enqueue a plain decode step of the active rows (no host sync); advances their lengths.
+        Returns the sampled ids (rows,) on the device."""
+        max_length = max(self.length[r] for r in active)
+        if self.graph is not None:
+            tokens = self.graph(max_length + 1, self._uniforms(self.seqs, 1)[:, 0])
+        else:
+            hi = active[-1] + 1
+            positions = self._to_device(torch.tensor(self.length[:hi]))[:, None]  # (hi, 1)
+            tokens = self.decode_at(hi, positions, max_length + 1, self._uniforms(self.seqs[:hi], 1)[:, 0])
+        for r in active:
+            self.length[r] += 1
+        return tokens
+
+    def _pipelined_step(self, stats: GenerationStats) -> list[tuple[Sequence, str]]:
+        previous, self._in_flight = self._in_flight, None
+        in_flight = {r for r, seq in previous[0] if self.seqs[r] is seq} if previous else set()
+        active = [r for r, s in enumerate(self.seqs) if s is not None]
+        # a row whose last token (by max_new_tokens) is already in flight needs no further step
+        needed = [r for r in active
+                  if len(self.seqs[r].token_ids) + (r in in_flight) < self.seqs[r].params.max_new_tokens]
+        if needed or previous is None:
+            tokens = self._launch_plain(active)
+            cuda = tokens.is_cuda
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+            host.copy_(tokens, non_blocking=cuda)
+            done = torch.cuda.Event() if cuda else None
+            if done is not None:
+                done.record()
+            self._in_flight = ([(r, self.seqs[r]) for r in active], host, done)
+            stats.steps += 1
+            stats.row_steps += len(active)
+        if previous is None:
+            return []
+        launched, host, done = previous
+        if done is not None:
+            done.synchronize()
+        ids = host.tolist()
+        rows = [r for r, seq in launched if self.seqs[r] is seq]  # still running the same request
+        stats.step_tokens += len(rows)
+        return self._emit(rows, [[ids[r]] for r in rows], stats)
+
+    def _to_device(self, values: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the batch's device without waiting for the GPU (pinned, non-blocking)."""
+        if self.device.type != "cuda":
+            return values.to(self.device)
+        return values.pin_memory().to(self.device, non_blocking=True)
+
+    def sampling_mode(self) -> str:
+        """"greedy" when every running row is greedy (the step takes an argmax), "filters" when one
+        uses top-k/top-p (the step sorts), else "sample"."""
+        params = [s.params for s in self.seqs if s is not None]
+        if all(p.greedy for p in params):
+            return "greedy"
+        return "filters" if any(p.filters for p in params) else "sample"
 
     def rows_view(self, hi: int) -> LatentCache:
         """The cache restricted to rows [0, hi) (a view: writes land in the full cache)."""
         return self.cache if hi == self.rows else self.cache.rows(hi)
 
-    def decode(self, hi: int, kv_len: int, u: torch.Tensor) -> torch.Tensor:
-        """Plain decode of rows [0, hi): feed pending at length, sample, update pending. -> (hi,) ids."""
-        positions = torch.tensor(self.length[:hi], device=self.device)[:, None]  # (hi, 1)
-        return self.decode_at(hi, positions, kv_len, u)
-
     def decode_at(self, hi: int, positions: torch.Tensor, kv_len: int, u: torch.Tensor,
-                  filters: bool | None = None) -> torch.Tensor:
-        """The device part of `decode` (what a CUDA graph captures): no host syncs."""
+                  mode: str | None = None) -> torch.Tensor:
+        """Plain decode of rows [0, hi): feed pending at positions (hi, 1), sample with uniforms u (hi,),
+        update pending -> (hi,) ids. No host syncs: this is what a CUDA graph captures.
+        mode: "greedy", "sample" or "filters" (None: `sampling_mode()`)."""
         logits = self.model(self.pending[:hi, None], positions=positions, cache=self.rows_view(hi),
                             kv_len=kv_len).logits[:, -1]  # (hi, V)
-        tokens = sample(sampling_probs(logits, *self._settings(slice(0, hi), filters)), u)
+        mode = mode or self.sampling_mode()
+        if mode == "greedy":  # what `sample` returns for temperature 0, without the softmax and CDF
+            tokens = logits.float().argmax(dim=-1)
+        else:
+            tokens = sample(sampling_probs(logits, *self._settings(slice(0, hi), mode == "filters")), u)
         self.pending[:hi] = tokens
         return tokens
 
@@ -366,25 +431,25 @@ class CudaGraphStep:
         self.batch = batch
         self.positions = torch.zeros(batch.rows, 1, dtype=torch.long, device=batch.device)
         self.u = torch.zeros(batch.rows, device=batch.device)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, mode)
         self.pool = None
         self.failed = False
 
     def __call__(self, kv_len: int, u: torch.Tensor) -> torch.Tensor:
         b = self.batch
-        self.positions.copy_(torch.tensor(b.length, device=b.device)[:, None], non_blocking=True)
+        self.positions.copy_(b._to_device(torch.tensor(b.length))[:, None], non_blocking=True)
         self.u.copy_(u, non_blocking=True)
         bucket = min(max(64, 1 << (kv_len - 1).bit_length()), b.cache.max_len)
-        filters = any(s.params.filters for s in b.seqs if s is not None)  # greedy/plain sampling: no sort
-        if not self.failed and (bucket, filters) not in self.graphs:
-            self._capture(bucket, filters)
+        mode = b.sampling_mode()
+        if not self.failed and (bucket, mode) not in self.graphs:
+            self._capture(bucket, mode)
         if self.failed:
-            return b.decode_at(b.rows, self.positions, kv_len, self.u, filters=True)
-        graph, out = self.graphs[bucket, filters]
+            return b.decode_at(b.rows, self.positions, kv_len, self.u, mode)
+        graph, out = self.graphs[bucket, mode]
         graph.replay()
         return out
 
-    def _capture(self, kv_len: int, filters: bool) -> None:
+    def _capture(self, kv_len: int, mode: str) -> None:
         b = self.batch
         saved = b.pending.clone()
         try:
@@ -393,14 +458,14 @@ class CudaGraphStep:
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     b.pending.copy_(saved)
-                    b.decode_at(b.rows, self.positions, kv_len, self.u, filters=filters)
+                    b.decode_at(b.rows, self.positions, kv_len, self.u, mode)
             torch.cuda.current_stream().wait_stream(stream)
             b.pending.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = b.decode_at(b.rows, self.positions, kv_len, self.u, filters=filters)
+                out = b.decode_at(b.rows, self.positions, kv_len, self.u, mode)
             self.pool = graph.pool()
-            self.graphs[kv_len, filters] = (graph, out)
+            self.graphs[kv_len, mode] = (graph, out)
         except RuntimeError as e:
             warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly", stacklevel=2)
             self.failed = True
@@ -413,13 +478,15 @@ class Engine:
     max_batch_size: rows decoded together; max_len: the context (prompt + new tokens), default
     the model's max_position_embeddings; speculative: draft tokens per step from the MTP module
     (0 = off); cuda_graph: replay the plain decode step as CUDA graphs on a GPU; compile:
-    torch.compile each block (fewer, fused kernels per decode step).
+    torch.compile each block (fewer, fused kernels per decode step); pipeline: launch each plain
+    decode step before handling the previous step's tokens on the host (default: on CUDA).
     The tokenizer needs `encode`, `decode` and `eos_id` (see `nanoseek.data.tokenizer`); it may
     be None when prompts are given as token ids (the text fields then stay empty).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8, max_len: int | None = None,
-                 speculative: int = 0, cuda_graph: bool = False, compile: bool = False):
+                 speculative: int = 0, cuda_graph: bool = False, compile: bool = False,
+                 pipeline: bool | None = None):
         cfg = model.config
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError(f"speculative={speculative}: the model has no MTP module "
@@ -431,6 +498,7 @@ class Engine:
         self.eos_id = getattr(tokenizer, "eos_id", cfg.eos_token_id)
         self.max_batch_size, self.speculative, self.cuda_graph = max_batch_size, speculative, cuda_graph
         self.max_len = max_len or cfg.max_position_embeddings
+        self.pipeline = self.device.type == "cuda" if pipeline is None else pipeline
         self.last_stats = GenerationStats()
         self._batch: Batch | None = None  # kept between calls: its cache and captured graphs are reused
         if compile:  # fuse each block's small decode kernels (captured inside the CUDA graphs too)

@@ -41,8 +41,11 @@ class LatentCache:
     def write(self, layer: int, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Store c_kv (B, S, R) and k_pe (B, S, P) at positions (B, S) of the given layer."""
         entry = torch.cat((c_kv, k_pe), dim=-1).to(self.data.dtype)  # (B, S, R + P)
-        index = positions[..., None].expand(-1, -1, entry.shape[-1])
-        self.data[layer].scatter_(1, index, entry)
+        B, S = positions.shape
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, S)
+        # one index_put_ on the whole tensor (not on a view of it): under torch.compile this stays an
+        # in-place write of B*S entries instead of a functional copy of the layer's cache
+        self.data.index_put_((torch.full_like(positions, layer), rows, positions), entry)
 
     def read(self, layer: int, length: int) -> torch.Tensor:
         """[c_kv ; k_pe] (B, T, R + P) of the first `length` positions (a view)."""

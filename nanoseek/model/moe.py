@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.kernels import triton_available
 from nanoseek.model.common import MLP
+
+DECODE_KERNEL_MAX_TOKENS = 64  # above this the grouped GEMM path is faster (and the kernels' pair lists grow)
+
+
+def route_shape_supported(n_experts: int, n_group: int) -> bool:
+    """The routing kernel views scores as (groups, experts per group): both must be powers of two."""
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return pow2(n_experts) and pow2(n_group) and n_group <= n_experts
 
 
 class Router(nn.Module):
@@ -42,6 +51,11 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    @property
+    def groups(self) -> int:
+        """Expert groups that group-limited routing chooses among (1: plain top-K)."""
+        return 1 if self.cfg.topk_method == "greedy" else self.cfg.n_group
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, D) -> gates (T, K) fp32, expert ids (T, K), scores s (T, E) fp32."""
         cfg = self.cfg
@@ -51,7 +65,7 @@ class Router(nn.Module):
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias
-        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+        if self.groups > 1:
             grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # (T, G, E/G)
             if cfg.topk_method == "noaux_tc":
                 group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
@@ -152,15 +166,40 @@ class MoE(nn.Module):
         """x (B, S, D) -> (B, S, D)."""
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
-        gates, ids, scores = self.gate(flat)
-        out = self.experts(flat, ids, gates).view(B, S, D)
+        if self.use_decode_kernels(flat):
+            out = self.decode_kernels(flat).view(B, S, D)
+        else:
+            gates, ids, scores = self.gate(flat)
+            out = self.experts(flat, ids, gates).view(B, S, D)
+            if self.training:  # balance statistics are for the trainer only
+                with torch.no_grad():  # recomputation (activation checkpointing) rewrites the same counts
+                    self.last_load = expert_counts(ids.flatten(), self.cfg.n_routed_experts).float()
+                if torch.is_grad_enabled():
+                    self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        with torch.no_grad():  # recomputation (activation checkpointing) rewrites the same counts
-            self.last_load = expert_counts(ids.flatten(), self.cfg.n_routed_experts).float()
-        if self.training and torch.is_grad_enabled():
-            self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
         return out
+
+    def use_decode_kernels(self, flat: torch.Tensor) -> bool:
+        """Inference on a GPU with Triton, a decode-sized batch, and a router shape the kernel takes."""
+        cfg = self.cfg
+        return (not self.training and not torch.is_grad_enabled() and triton_available(flat)
+                and flat.shape[0] <= DECODE_KERNEL_MAX_TOKENS and route_shape_supported(cfg.n_routed_experts,
+                                                                                       self.gate.groups))
+
+    def decode_kernels(self, flat: torch.Tensor) -> torch.Tensor:
+        """Routing and routed experts of a few tokens in four Triton kernels (`nanoseek.kernels.moe_decode`).
+        flat (T, D) -> (T, D); reference: `Router.forward` + `RoutedExperts.forward_looped`."""
+        from nanoseek.kernels import moe_decode
+
+        cfg, gate = self.cfg, self.gate
+        with torch.autocast(flat.device.type, enabled=False):
+            logits = F.linear(flat.float(), gate.weight.float())  # (T, E)
+        gates, ids = moe_decode.route(logits, gate.e_score_correction_bias, cfg.num_experts_per_tok, gate.groups,
+                                      cfg.topk_group, cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc",
+                                      cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        x = flat.to(torch.get_autocast_dtype("cuda")) if torch.is_autocast_enabled("cuda") else flat
+        return moe_decode.experts(x, ids, gates, self.experts.w13, self.experts.w2).sum(1).to(x.dtype)
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
