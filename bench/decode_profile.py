@@ -32,6 +32,50 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def time_prefill(engine, prompts, params, batch_size: int, args_host_profile: bool = False) -> dict:
+    """Wall time of admitting (prefilling) the prompts into a fresh batch, and its top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.infer.engine import Batch
+
+    times = []
+    for _ in range(3):
+        batch = Batch(engine, batch_size)
+        seqs = [engine.sequence(p, params) for p in prompts]
+        sync()
+        t0 = time.perf_counter()
+        batch.admit(seqs, GenerationStats())
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if args_host_profile:  # where the host's time goes in one prefill (cProfile, top functions)
+        import cProfile
+        import pstats
+
+        batch = Batch(engine, batch_size)
+        seqs = [engine.sequence(p, params) for p in prompts]
+        prof = cProfile.Profile()
+        prof.enable()
+        batch.admit(seqs, GenerationStats())
+        sync()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    if not torch.cuda.is_available():
+        return {"wall_ms": times}
+    batch = Batch(engine, batch_size)
+    seqs = [engine.sequence(p, params) for p in prompts]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        batch.admit(seqs, GenerationStats())
+        sync()
+    rows = sorted(((e.key, e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0),
+                  key=lambda r: -r[2])
+    gpu_ms = sum(r[2] for r in rows) / 1e3
+    print(f"batch {batch_size} prefill: wall {min(times):.2f} ms, GPU {gpu_ms:.2f} ms", flush=True)
+    for k, c, t in rows[:8]:
+        print(f"  {t:8.1f} us  {c:4d}x  {k[:110]}")
+    return {"wall_ms": times, "gpu_ms": gpu_ms,
+            "top": [{"kernel": k[:160], "calls": c, "us": t} for k, c, t in rows[:20]]}
+
+
 def profile_batch(model, batch_size: int, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -49,6 +93,7 @@ def profile_batch(model, batch_size: int, args) -> dict:
     params = SamplingParams(temperature=0.0, max_new_tokens=4 * args.steps, ignore_eos=True)
     engine.generate(prompts, params)  # warm-up: compiles, captures graphs
     seqs = [engine.sequence(p, params) for p in prompts]
+    prefill = time_prefill(engine, prompts, params, batch_size, args.host_profile)
     batch = engine._batch  # the warmed-up batch: its graphs are captured
     stats = GenerationStats()
     batch.admit(seqs, stats)
@@ -89,6 +134,7 @@ def profile_batch(model, batch_size: int, args) -> dict:
     for k, c, t in rows[:25]:
         print(f"  {t:8.1f} us  {c:6.1f}x  {k[:110]}")
     return {
+        "prefill": prefill,
         "wall_us_per_step": wall_us,
         "graph_replay_us_per_step": replay_us,
         "gpu_us_per_step": gpu_us,
@@ -104,6 +150,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--variant", default="compile+graph", help="eager, graph or compile+graph")
+    p.add_argument("--host-profile", action="store_true", help="print a cProfile of one prefill")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cuda = torch.cuda.is_available()
