@@ -29,7 +29,8 @@ def generate(model, prompts, params, **kw) -> tuple[list[list[int]], list[warnin
 @pytest.mark.parametrize("dense", [True, False])
 def test_fp32_cached_speculative_and_graph_equal_reference(dense):
     """fp32: every path gives the reference's tokens. The CUDA graph is checked on the dense model
-    (fp32 MoE on CUDA takes the looped expert path, whose nonzero() syncs: graphs fall back)."""
+    (without Triton, fp32 MoE on CUDA takes the looped expert path, whose nonzero() syncs, and graphs
+    fall back)."""
     model = tiny_model(mtp_agree=1.0, **({"first_k_dense_replace": 3} if dense else {})).cuda()
     prompts = random_prompts([3, 17, 8, 30], model.config.vocab_size)
     ref = [c.token_ids for c in Engine(model, max_len=96).generate_reference(prompts, GREEDY)]

@@ -423,8 +423,8 @@ class CudaGraphStep:
     pending tokens and sampling settings are the batch's own persistent tensors. Capturing runs
     the step twice for warm-up, which rewrites the same cache entries with the same values; the
     pending tokens are restored afterwards. If capture fails (an op that syncs with the host,
-    e.g. `nonzero` in the looped expert path of fp32 MoE on CUDA), it warns and the batch decodes
-    eagerly.
+    e.g. `nonzero` in the looped expert path, which fp32 MoE takes on CUDA when Triton is missing),
+    it warns and the batch decodes eagerly.
     """
 
     def __init__(self, batch: Batch):

@@ -10,7 +10,7 @@ Router (V3, sigmoid / noaux_tc):
     / sum (norm_topk_prob), * routed_scaling_factor.
 V2 (softmax): s = softmax(logits); "greedy" top-K, or "group_limited_greedy" (group score = max).
 
-Balancing (trainer-facing, outside autograd): each forward leaves tokens per expert in
+Balancing (trainer-facing, outside autograd): each training forward leaves tokens per expert in
 `last_load` (E,); the trainer adds them to `load_since_update` after each micro-batch
 (`Transformer.record_load`); `update_router_bias` applies
 b_i += gamma * sign(mean(load) - load_i) once per optimizer step (after an optional all-reduce of
@@ -31,6 +31,13 @@ from nanoseek.kernels import triton_available
 from nanoseek.model.common import MLP
 
 DECODE_KERNEL_MAX_TOKENS = 64  # above this the grouped GEMM path is faster (and the kernels' pair lists grow)
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype when autocast is on: it does not reach _grouped_mm or the Triton kernels."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def route_shape_supported(n_experts: int, n_group: int) -> bool:
@@ -102,8 +109,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x (T, D), ids/gates (T, K) -> sum_k gates[t, k] * expert_{ids[t, k]}(x[t])  (T, D)."""
-        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach _grouped_mm: cast here
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = autocast_input(x)
         if 2 * ids.numel() <= self.num_experts:  # a few tokens (decode): cheaper to fetch their experts
             return self.forward_gathered(x, ids, gates)
         if self.grouped_mm_ok(x):
@@ -199,7 +205,7 @@ class MoE(nn.Module):
         gates, ids = moe_decode.route(logits, gate.e_score_correction_bias, cfg.num_experts_per_tok, gate.groups,
                                       cfg.topk_group, cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc",
                                       cfg.norm_topk_prob, cfg.routed_scaling_factor)
-        x = flat.to(torch.get_autocast_dtype("cuda")) if torch.is_autocast_enabled("cuda") else flat
+        x = autocast_input(flat)
         return moe_decode.experts(x, ids, gates, self.experts.w13, self.experts.w2).sum(1).to(x.dtype)
 
 
