@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.common import Linear
 from nanoseek.model.transformer import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -203,8 +204,7 @@ def _attach_mtp_copies(model: Transformer, copies: dict[str, torch.Tensor], path
             layer.embed_tokens = torch.nn.Embedding(*tensor.shape, device=shared.device)
             layer.embed_tokens.weight.data.copy_(tensor)
         else:
-            layer.shared_head.head = torch.nn.Linear(tensor.shape[1], tensor.shape[0], bias=False,
-                                                     device=shared.device)
+            layer.shared_head.head = Linear(tensor.shape[1], tensor.shape[0], bias=False, device=shared.device)
             layer.shared_head.head.weight.data.copy_(tensor)
 
 

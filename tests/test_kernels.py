@@ -58,7 +58,7 @@ def test_route_kernel_matches_router(device, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tokens", [1, 3, 5, 33])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 33])  # 1-2: pair-major kernels
 def test_experts_kernel_matches_looped(device, tokens):
     from nanoseek.kernels.moe_decode import experts
 
@@ -77,3 +77,75 @@ def test_experts_kernel_matches_looped(device, tokens):
         out = experts(x, ids, gates, moe.w13, moe.w2).sum(1).to(dtype)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_skinny_kernels_match_linear(device, rows):
+    from nanoseek.kernels import skinny
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.manual_seed(2)
+    K = 160  # not a multiple of the 256-wide K step: the masked tail is exercised
+    x = torch.randn(2, rows, K, device=device, dtype=dtype)[1]  # a view with a row stride
+    w_a = (torch.randn(100, K, device=device) * 0.1).to(dtype)  # 100: not a multiple of the 16-wide strips
+    w_b = (torch.randn(37, K, device=device) * 0.1).to(dtype)
+    w_up = (torch.randn(100, K, device=device) * 0.1).to(dtype)
+    F = torch.nn.functional
+    with torch.no_grad():
+        torch.testing.assert_close(skinny.linear(x, w_a), F.linear(x, w_a), **tol)
+        y_a, y_b = skinny.pair(x, w_a, w_b)
+        torch.testing.assert_close(y_a, F.linear(x, w_a), **tol)
+        torch.testing.assert_close(y_b, F.linear(x, w_b), **tol)
+        ref = F.silu(F.linear(x.float(), w_a.float())) * F.linear(x.float(), w_up.float())
+        torch.testing.assert_close(skinny.swiglu(x, w_a, w_up).float(), ref, **tol)
+        x3 = x[None].expand(3, rows, K)  # leading dims are kept
+        assert skinny.linear(x3, w_a).shape == (3, rows, 100)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_model_decode_step_with_skinny_kernels_matches_cublas(monkeypatch):
+    """A bf16 decode step through the skinny kernels (pair, SwiGLU, linear) against the same step on
+    F.linear: same logits up to bf16 rounding."""
+    import nanoseek.model.common as common
+    import nanoseek.model.mla as mla
+    from nanoseek import Transformer
+
+    cfg = preset("debug", n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    model = Transformer.from_config(cfg, device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), device="cuda")
+
+    def step():
+        cache = model.new_cache(2, 16)
+        with torch.no_grad():
+            model(ids[:, :8], cache=cache)
+            return model(ids[:, 8:], positions=torch.full((2, 1), 8, device="cuda"), cache=cache, kv_len=9).logits
+
+    fast = step()
+    monkeypatch.setattr(common, "skinny_available", lambda *a: False)
+    monkeypatch.setattr(mla, "skinny_available", lambda *a: False)
+    slow = step()
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads,tokens", [(5, 1), (20, 3)])  # 20 heads: two head groups; 3 tokens: speculative
+def test_mla_decode_kernel_matches_latent_attention(device, heads, tokens):
+    from nanoseek.kernels import mla_decode
+    from nanoseek.model.mla import latent_attention
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(3)
+    B, T, R, P = 3, 70, 32, 16
+    cache = torch.randn(B, 96, R + P, device=device, dtype=dtype)  # the kernel reads a view of it
+    latent = cache[:, :T]
+    q_all = torch.randn(B, tokens, heads, R + P, device=device, dtype=dtype)
+    positions = torch.tensor([[0], [33], [T - 1]], device=device) + torch.arange(tokens, device=device) - tokens + 1
+    positions = positions.clamp(0, T - 1)  # row 0 sees only key 0; row 2 every key
+    with torch.no_grad():
+        ref = latent_attention(q_all, latent, positions, 0.3, R)
+        out = mla_decode.attention(q_all, latent, positions, 0.3, R)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)

@@ -14,3 +14,19 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 def triton_available(x: torch.Tensor) -> bool:
     """True when the Triton kernels can run on x's device (a CUDA GPU with Triton installed)."""
     return HAVE_TRITON and x.is_cuda
+
+
+SKINNY_MAX_ROWS = 64  # `nanoseek.kernels.skinny`: above this many rows cuBLAS's own tiles win
+SKINNY_MAX_K = 2048  # and for longer reductions too (a 4096-wide input measured 8.8 us against cuBLAS's 7.6)
+
+
+def skinny_available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """True when `nanoseek.kernels.skinny` takes x (..., K) @ weights (N, K)^T: inference (no
+    autograd, no autocast) on a GPU with Triton, at most SKINNY_MAX_ROWS rows, K <= SKINNY_MAX_K,
+    and contiguous weights of x's dtype."""
+    if not triton_available(x) or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    K = x.shape[-1]
+    rows = x.numel() // max(K, 1)
+    return (0 < rows <= SKINNY_MAX_ROWS and K <= SKINNY_MAX_K
+            and all(w.dim() == 2 and w.shape[1] == K and w.dtype == x.dtype and w.is_contiguous() for w in weights))

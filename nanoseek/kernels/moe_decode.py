@@ -18,8 +18,10 @@ stacked as w13 (E, 2I, D) = [gate ; up] and w2 (E, D, I), in three kernels:
     down:   program (e, n-block): y[p, n] = gates[p] * act[p] W2_e^T       y (P, D) fp32
     out[t] = sum_k y[t * K + k]                                          (by the caller)
 Each program reads its expert's weight tile once per 16 pairs, so a batch-1 step reads only the
-K selected experts and a batch-32 step reads each used expert once. Reference:
-`nanoseek.model.moe.RoutedExperts.forward_looped`.
+K selected experts and a batch-32 step reads each used expert once. For at most
+PAIR_MAJOR_MAX_TOKENS tokens two kernels do without the pair lists and most programs of the
+(E, n-block) grid exiting at once: programs (pair, n-block) read ids[p]'s weights directly.
+Reference: `nanoseek.model.moe.RoutedExperts.forward_looped`.
 
 Both are registered as torch custom ops (`nanoseek::moe_route`, `nanoseek::moe_experts`) so
 `torch.compile` treats them as opaque calls and CUDA graphs capture them.
@@ -174,6 +176,58 @@ def _experts_down_kernel(act_ptr, w2_ptr, gates_ptr, slots_ptr, counts_ptr, y_pt
             tl.store(y_ptr + pair[:, None] * D + n[None, :], acc * gate[:, None], mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _pair_up_kernel(x_ptr, ids_ptr, w13_ptr, act_ptr, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (n-block, pair p): act[p, n] = silu(x_t . W_gate[e, n]) * (x_t . W_up[e, n]), e = ids[p].
+    x_t rides in row 0 of a 16-row tl.dot tile (the other rows are masked to zero)."""
+    p = tl.program_id(1)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    row = tl.arange(0, 16)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = n < I
+    gate_rows = w13_ptr + e * 2 * I * D + n[None, :] * D  # (1, BN) row starts
+    up_rows = gate_rows + I * D
+    acc_gate = tl.zeros((16, BN), tl.float32)
+    acc_up = tl.zeros((16, BN), tl.float32)
+    for d0 in tl.range(0, D, BK):
+        d = d0 + tl.arange(0, BK)
+        d_ok = d < D
+        xt = tl.load(x_ptr + (p // K) * D + row[:, None] * 0 + d[None, :], mask=(row[:, None] == 0) & d_ok[None, :],
+                     other=0.0)
+        w_ok = d_ok[:, None] & n_ok[None, :]
+        acc_gate = tl.dot(xt, tl.load(gate_rows + d[:, None], mask=w_ok, other=0.0), acc_gate,
+                          input_precision=PRECISION)
+        acc_up = tl.dot(xt, tl.load(up_rows + d[:, None], mask=w_ok, other=0.0), acc_up, input_precision=PRECISION)
+    gate, up = tl.sum(acc_gate, 0), tl.sum(acc_up, 0)  # row 0 (the rest are zeros)
+    tl.store(act_ptr + p * I + n, (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _pair_down_kernel(act_ptr, ids_ptr, w2_ptr, gates_ptr, y_ptr, D: tl.constexpr, I: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (n-block, pair p): y[p, n] = gates[p] * (act[p] . W2[e, n]), e = ids[p]."""
+    p = tl.program_id(1)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    row = tl.arange(0, 16)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = n < D
+    w_rows = w2_ptr + e * D * I + n[None, :] * I  # (1, BN)
+    acc = tl.zeros((16, BN), tl.float32)
+    for k0 in tl.range(0, I, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < I
+        a = tl.load(act_ptr + p * I + row[:, None] * 0 + k[None, :], mask=(row[:, None] == 0) & k_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc,
+                     input_precision=PRECISION)
+    gate = tl.load(gates_ptr + p).to(tl.float32)
+    tl.store(y_ptr + p * D + n, tl.sum(acc, 0) * gate, mask=n_ok)
+
+
+PAIR_MAJOR_MAX_TOKENS = 2  # up to here each (token, expert) pair streams its expert's weights itself
+
+
 def _tiles(tokens: int) -> tuple[int, int, int]:
     """(pairs, output columns, reduction) per tile. 16 pairs is tl.dot's minimum. On the H200,
     (16, 32, 128) streams the weights at ~4 TB/s at batch 32; at batch 1, (16, 16, 256) measured
@@ -194,6 +248,16 @@ def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.
     dev = x.device
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
     x, w13, w2 = x.contiguous(), w13.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous()
+    if T <= PAIR_MAJOR_MAX_TOKENS:  # no pair lists: programs per (pair, strip of outputs)
+        flat_ids = ids.contiguous().view(-1)
+        act = torch.empty(P, I, dtype=x.dtype, device=dev)
+        # tiles as `nanoseek.kernels.skinny` picks for a batch-1 SwiGLU and a 512-wide down projection
+        _pair_up_kernel[(triton.cdiv(I, 16), P)](x, flat_ids, w13, act, D, I, K, BN=16, BK=256, PRECISION=precision,
+                                                 num_warps=2)
+        y = torch.empty(P, D, dtype=torch.float32, device=dev)
+        _pair_down_kernel[(triton.cdiv(D, 16), P)](act, flat_ids, w2, gates.contiguous().view(-1), y, D, I, BN=16,
+                                                   BK=256, PRECISION=precision, num_warps=2)
+        return y.view(T, K, D)
     slots = torch.empty(E, max(T, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     _pairs_kernel[(E,)](ids.contiguous().view(-1), slots, counts, P, T, BLOCK_P=triton.next_power_of_2(max(P, 16)))

@@ -26,8 +26,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanoseek.config import ModelConfig
+from nanoseek.kernels import skinny_available, triton_available
 from nanoseek.model.cache import LatentCache
-from nanoseek.model.common import RMSNorm
+from nanoseek.model.common import Linear, RMSNorm
 from nanoseek.model.rope import apply_rope
 
 
@@ -48,15 +49,15 @@ class MLA(nn.Module):
         self.kv_rank, self.interleaved, self.scale = cfg.kv_lora_rank, cfg.rope_interleave, cfg.softmax_scale
         qk_dim, D, H = cfg.qk_head_dim, cfg.hidden_size, cfg.num_attention_heads
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
+            self.q_proj = Linear(D, H * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(H * cfg.v_head_dim, D, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, positions: torch.Tensor | None = None,
@@ -70,12 +71,13 @@ class MLA(nn.Module):
         """
         B, S, _ = x.shape
         if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_lat, kv = self.down_projections(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_lat))
         q = q.view(B, S, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, S, H, N), (B, S, H, P)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        c_kv, k_pe = kv.split([self.kv_rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, S, R)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]  # (B, S, P)
@@ -90,6 +92,15 @@ class MLA(nn.Module):
         return self.absorbed(q_nope, q_pe, cache.read(self.layer_idx, kv_len or cache.max_len).to(x.dtype),
                              positions)
 
+    def down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> (q_a(x) (B, S, Q), kv_a(x) (B, S, R + P)); one skinny launch for both in decode."""
+        w_q, w_kv = self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight
+        if not self.training and skinny_available(x, w_q, w_kv):
+            from nanoseek.kernels import skinny
+
+            return skinny.pair(x, w_q, w_kv)
+        return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
                  k_pe: torch.Tensor) -> torch.Tensor:
         """Causal attention with per-head K/V materialised from the latent (SDPA)."""
@@ -102,20 +113,39 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
+    def use_attention_kernel(self, q_all: torch.Tensor) -> bool:
+        """Inference on a GPU with Triton, and latent and rope widths the kernel's tiles take (powers
+        of two: 512 and 64 in every DeepSeek model)."""
+        pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
+        return (not self.training and not torch.is_grad_enabled() and triton_available(q_all)
+                and pow2(self.kv_rank) and pow2(self.rope))
+
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
         """Attention over cached latents [c_kv ; k_pe] (B, T, R + P) for queries at positions (B, S)."""
         B, S, H, _ = q_nope.shape
-        T = latent.shape[1]
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, R), (H, V, R)
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # query in latent space
         q_all = torch.cat((q_lat, q_pe), dim=-1)  # (B, S, H, R + P): one product scores both parts
-        scores = torch.einsum("bshd,btd->bsht", q_all, latent) * self.scale  # (B, S, H, T)
-        key_pos = torch.arange(T, device=latent.device)
-        visible = key_pos[None, None, :] <= positions[:, :, None]  # (B, S, T)
-        scores = scores.float().masked_fill(~visible[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent.dtype)
-        o_lat = torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_rank])  # (B, S, H, R)
+        if self.use_attention_kernel(q_all):  # one pass over the cache, split over keys
+            from nanoseek.kernels import mla_decode
+
+            o_lat = mla_decode.attention(q_all, latent, positions, self.scale, self.kv_rank)
+        else:
+            o_lat = latent_attention(q_all, latent, positions, self.scale, self.kv_rank)
         out = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # (B, S, H, V)
         return self.o_proj(out.reshape(B, S, H * self.v_dim))
+
+
+def latent_attention(q_all: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor, scale: float,
+                     rank: int) -> torch.Tensor:
+    """Softmax attention of q_all (B, S, H, R + P) over cached [c_kv ; k_pe] latent (B, T, R + P), keys
+    at or before each query's position (B, S) -> o_lat = sum_t p_t c_t (B, S, H, R). The reference
+    for `nanoseek.kernels.mla_decode`."""
+    T = latent.shape[1]
+    scores = torch.einsum("bshd,btd->bsht", q_all, latent) * scale  # (B, S, H, T)
+    visible = torch.arange(T, device=latent.device)[None, None, :] <= positions[:, :, None]  # (B, S, T)
+    scores = scores.float().masked_fill(~visible[:, :, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(latent.dtype)
+    return torch.einsum("bsht,btr->bshr", probs, latent[..., :rank])

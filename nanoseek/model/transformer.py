@@ -26,7 +26,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.cache import LatentCache
-from nanoseek.model.common import MLP, RMSNorm
+from nanoseek.model.common import MLP, Linear, RMSNorm
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.rope import rope_cos_sin, rope_frequencies
@@ -62,7 +62,7 @@ class SharedHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head: nn.Linear | None = None
+        self.head: Linear | None = None
 
 
 class MTPLayer(Block):
@@ -72,7 +72,7 @@ class MTPLayer(Block):
         super().__init__(cfg, layer_idx)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
         self.embed_tokens: nn.Embedding | None = None  # set only when a checkpoint unties it
 
@@ -90,7 +90,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k)
                                  for k in range(cfg.num_nextn_predict_layers))
         inv_freq, self.attention_factor = rope_frequencies(cfg)
@@ -157,7 +157,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, kv_len: int | None = None,
-                mtp_tokens: torch.Tensor | None = None) -> ModelOutput:
+                mtp_tokens: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, S) -> ModelOutput.
 
         positions (B, S): token positions (default 0..S-1). With `cache`: positions None is a
@@ -165,6 +165,8 @@ class Transformer(nn.Module):
         `kv_len` positions (absorbed MLA). `mtp_tokens` (B, S), the tokens that follow each input
         position (the training targets), switches on the MTP modules: depth k embeds
         mtp_tokens[:, i + k - 1] at position i; its last k - 1 positions see padding.
+        `logits_at` (B,): the one position per row whose logits are wanted (a prefill needs only
+        each prompt's last); the output head then runs on those rows only and logits is (B, 1, V).
         """
         B, S = input_ids.shape
         pos = positions if positions is not None else torch.arange(S, device=input_ids.device).expand(B, S)
@@ -173,7 +175,11 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             h = block(h, cos, sin, cache, positions, kv_len)
         hidden = self.norm(h)
-        out = ModelOutput(logits=self.lm_head(hidden), hidden=hidden)
+        if logits_at is not None:
+            logits = self.lm_head(hidden[torch.arange(B, device=hidden.device), logits_at][:, None])  # (B, 1, V)
+        else:
+            logits = self.lm_head(hidden)
+        out = ModelOutput(logits=logits, hidden=hidden)
         if mtp_tokens is not None:
             h_prev = hidden
             for k in range(1, len(self.mtp) + 1):

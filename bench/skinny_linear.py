@@ -1,0 +1,139 @@
+"""Skinny projections (decode steps): nanoseek's Triton kernels against cuBLAS (`F.linear`).
+
+    python bench/skinny_linear.py                 # bench-1b's projection shapes, 1 and 32 rows
+    python bench/skinny_linear.py --sweep         # also time every tile config in CONFIGS
+
+Each call is timed inside a CUDA graph of many calls (as a decode step replays them), cycling
+through enough copies of the weight to exceed the L2 cache, so every call streams its weight
+from HBM as in a real step. The peer for `pair` is two F.linear calls and for `swiglu` two
+F.linear calls plus the fused activation. Writes bench/results/skinny_linear-DATE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek.kernels import skinny  # noqa: E402
+
+# (name, form, N (NA, NB), K) for bench-1b (hidden 1024, q rank 512, kv rank 512 + rope 64, 8 heads)
+SHAPES = [
+    ("q_a", "linear", (512,), 1024),
+    ("kv_a", "linear", (576,), 1024),
+    ("q_a+kv_a", "pair", (512, 576), 1024),
+    ("q_b", "linear", (1536,), 512),
+    ("o_proj", "linear", (1024,), 1024),
+    ("shared gate+up", "swiglu", (512, 512), 1024),
+    ("shared down", "linear", (1024,), 512),
+    ("dense gate+up", "swiglu", (4096, 4096), 1024),
+    ("dense down", "linear", (1024,), 4096),
+    ("lm_head", "linear", (32000,), 1024),
+]
+FORMS = {"linear": skinny.LINEAR, "pair": skinny.PAIR, "swiglu": skinny.SWIGLU}
+CONFIGS = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w, s in ((4, 3), (4, 4), (2, 3), (8, 3))]
+
+
+def graph_time_us(fn, calls: int, replays: int = 20) -> float:
+    """Mean time per call of fn(i) for i in range(calls), captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * calls)
+
+
+def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sweep: bool) -> dict:
+    dev, dtype = "cuda", torch.bfloat16
+    bytes_per_copy = sum(ns) * k * 2
+    copies = max(1, min(64, -(-200 * 2**20 // bytes_per_copy)))  # >= 200 MiB of weights: past the L2
+    weights = [[torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for n in ns] for _ in range(copies)]
+    x = torch.randn(rows, k, device=dev, dtype=dtype)
+    calls = max(copies, 16)
+
+    def peer(i):
+        ws = weights[i % copies]
+        if form == "swiglu":
+            return F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])
+        return [F.linear(x, w) for w in ws]
+
+    def ours(i, config=None):
+        ws = weights[i % copies]
+        return skinny._launch(FORMS[form], x, ws[0], ws[1] if len(ws) > 1 else None, config)
+
+    ref = peer(0)
+    got = ours(0)
+    ref = ref if isinstance(ref, list) else [ref]
+    err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref))
+    peer_us = graph_time_us(peer, calls)
+    ours_us = graph_time_us(ours, calls)
+    hbm_us = bytes_per_copy / 4.3e6  # at the measured ~4.3 TB/s
+    result = dict(name=name, form=form, n=list(ns), k=k, rows=rows, cublas_us=round(peer_us, 2),
+                  nanoseek_us=round(ours_us, 2), speedup=round(peer_us / ours_us, 2),
+                  bandwidth_bound_us=round(hbm_us, 2),
+                  tiles=list(skinny.tiles(FORMS[form], rows, max(ns), k)), max_abs_err=err)
+    if sweep:
+        bm = max(16, 1 << (rows - 1).bit_length())
+        timings = []
+        for bn, bk, warps, stages in CONFIGS:
+            try:
+                config = (bm, bn, bk, warps, stages)
+                us = graph_time_us(lambda i, c=config: ours(i, c), calls, replays=10)
+            except Exception as e:  # a config that does not compile (e.g. out of shared memory)
+                print(f"  config {(bn, bk, warps, stages)} failed: {type(e).__name__}", flush=True)
+                continue
+            timings.append((round(us, 2), [bm, bn, bk, warps, stages]))
+        timings.sort()
+        result["best_configs"] = timings[:5]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,32", help="comma-separated rows of x (tokens per step)")
+    ap.add_argument("--sweep", action="store_true", help="time every tile config too")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/skinny_linear.py needs a CUDA GPU")
+    record = {
+        "benchmark": "skinny_linear",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "triton": __import__("triton").__version__},
+        "config": vars(args),
+        "results": [bench_shape(*shape, rows=int(r), sweep=args.sweep)
+                    for r in args.rows.split(",") for shape in SHAPES],
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"skinny_linear-{record['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Triton matmuls for skinny inputs: a decode step's projections, where x has a few rows.
+
+Shapes: M rows of x (tokens), K input features, N output features; weights are nn.Linear's (N, K).
+
+At batch 1 a projection is a matrix-vector product that must stream the weight once. cuBLAS picks
+tiles 64 outputs wide for these shapes, so a 512 x 1024 weight is read by 8 thread blocks and the
+call takes ~4.4 us on the H200 (`bench/results/decode_profile-*.json`). Here every program owns a
+narrow strip of BN outputs (many programs, all SMs streaming) and the rows of x ride along in one
+tl.dot tile (16 rows minimum, masked).
+
+Three forms, one kernel:
+    linear:  y = x W^T                                          (M, N)
+    pair:    ya = x Wa^T, yb = x Wb^T in one launch              two projections of the same input
+    swiglu:  y = silu(x Wg^T) * (x Wu^T)                         a SwiGLU's gate and up, fused
+References: `torch.nn.functional.linear` (and `MLP.forward` for swiglu); `tests/test_kernels.py`.
+All are torch custom ops: opaque to `torch.compile`, captured by CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LINEAR, PAIR, SWIGLU = 0, 1, 2
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, stride_x, NA, NB, K: tl.constexpr,
+                   MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Program (n-block, m-block). PAIR: the first cdiv(NA, BN) n-blocks are Wa's, the rest Wb's."""
+    pid = tl.program_id(0)
+    w_ptr, y_ptr, N = wa_ptr, ya_ptr, NA
+    if MODE == 1:
+        blocks_a = tl.cdiv(NA, BN)
+        if pid >= blocks_a:
+            w_ptr, y_ptr, N = wb_ptr, yb_ptr, NB
+            pid = pid - blocks_a
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    m_ok = m < M
+    n = pid * BN + tl.arange(0, BN)
+    n_ok = n < N
+    w_rows = n[None, :].to(tl.int64) * K  # (1, BN)
+    acc = tl.zeros((BM, BN), tl.float32)
+    acc_up = tl.zeros((BM, BN), tl.float32)
+    for k0 in tl.range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        xt = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        acc = tl.dot(xt, tl.load(w_ptr + w_rows + k[:, None], mask=w_ok, other=0.0), acc,
+                     input_precision=PRECISION)
+        if MODE == 2:
+            acc_up = tl.dot(xt, tl.load(wb_ptr + w_rows + k[:, None], mask=w_ok, other=0.0), acc_up,
+                            input_precision=PRECISION)
+    if MODE == 2:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def tiles(mode: int, rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages). All rows in one tile (16 is tl.dot's minimum); strips of 16
+    outputs (at least 32 programs for bench-1b's smallest weights), 64 for a vocabulary-sized head;
+    K in 256-wide steps. Picked from `bench/skinny_linear.py --sweep` on the H200
+    (`bench/results/skinny_linear-*.json`): e.g. a 512 x 1024 weight at batch 1, 3.5 us against
+    cuBLAS's 4.2 us; fused pair 3.9 against 8.5 us; fused SwiGLU 4.2 against 11.9 us."""
+    bm = max(16, triton.next_power_of_2(rows))
+    if n >= 16384:
+        return bm, 64, min(128, triton.next_power_of_2(k)), 2, 3
+    warps = 2 if mode == SWIGLU or k <= 512 else 4
+    return bm, 16, min(256, triton.next_power_of_2(k)), warps, 3
+
+
+def _launch(mode: int, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None,
+            config: tuple[int, int, int, int, int] | None = None) -> list[torch.Tensor]:
+    """Run one form; returns [y] ([ya, yb] for PAIR) shaped (..., N). config (BM, BN, BK, warps,
+    stages) overrides `tiles` (for `bench/skinny_linear.py`)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, NA = x2.shape[0], wa.shape[0]
+    NB = wb.shape[0] if wb is not None else 0
+    ya = torch.empty(M, NA, dtype=x.dtype, device=x.device)
+    yb = torch.empty(M, NB, dtype=x.dtype, device=x.device) if mode == PAIR else ya  # ya: an unused stand-in
+    bm, bn, bk, warps, stages = config or tiles(mode, M, max(NA, NB), K)
+    blocks = triton.cdiv(NA, bn) + (triton.cdiv(NB, bn) if mode == PAIR else 0)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
+    _skinny_kernel[(blocks, triton.cdiv(M, bm))](x2, wa, wb if wb is not None else wa, ya, yb, M, x2.stride(0),
+                                                 NA, NB, K, MODE=mode, BM=bm, BN=bn, BK=bk, PRECISION=precision,
+                                                 num_warps=warps, num_stages=stages)
+    outs = [ya, yb] if mode == PAIR else [ya]
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
+
+
+@torch.library.custom_op("nanoseek::skinny_linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K), w (N, K) -> x W^T (..., N)."""
+    return _launch(LINEAR, x, w, None)[0]
+
+
+@linear.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.custom_op("nanoseek::skinny_pair", mutates_args=())
+def pair(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K), wa (NA, K), wb (NB, K) -> (x Wa^T (..., NA), x Wb^T (..., NB)) in one launch."""
+    ya, yb = _launch(PAIR, x, wa, wb)
+    return ya, yb
+
+
+@pair.register_fake
+def _(x, wa, wb):
+    return x.new_empty(*x.shape[:-1], wa.shape[0]), x.new_empty(*x.shape[:-1], wb.shape[0])
+
+
+@torch.library.custom_op("nanoseek::skinny_swiglu", mutates_args=())
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """x (..., K), w_gate/w_up (N, K) -> silu(x Wg^T) * (x Wu^T) (..., N), computed in fp32."""
+    return _launch(SWIGLU, x, w_gate, w_up)[0]
+
+
+@swiglu.register_fake
+def _(x, w_gate, w_up):
+    return x.new_empty(*x.shape[:-1], w_gate.shape[0])
