@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import skinny_available, triton_available
+from nanoseek.kernels import skinny_available
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.common import Linear, RMSNorm
 from nanoseek.model.rope import apply_rope
@@ -113,13 +113,6 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
-    def use_attention_kernel(self, q_all: torch.Tensor) -> bool:
-        """Inference on a GPU with Triton, and latent and rope widths the kernel's tiles take (powers
-        of two: 512 and 64 in every DeepSeek model)."""
-        pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
-        return (not self.training and not torch.is_grad_enabled() and triton_available(q_all)
-                and pow2(self.kv_rank) and pow2(self.rope))
-
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
         """Attention over cached latents [c_kv ; k_pe] (B, T, R + P) for queries at positions (B, S)."""
@@ -128,12 +121,7 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, R), (H, V, R)
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # query in latent space
         q_all = torch.cat((q_lat, q_pe), dim=-1)  # (B, S, H, R + P): one product scores both parts
-        if self.use_attention_kernel(q_all):  # one pass over the cache, split over keys
-            from nanoseek.kernels import mla_decode
-
-            o_lat = mla_decode.attention(q_all, latent, positions, self.scale, self.kv_rank)
-        else:
-            o_lat = latent_attention(q_all, latent, positions, self.scale, self.kv_rank)
+        o_lat = latent_attention(q_all, latent, positions, self.scale, self.kv_rank)  # (B, S, H, R)
         out = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # (B, S, H, V)
         return self.o_proj(out.reshape(B, S, H * self.v_dim))
 
@@ -141,8 +129,7 @@ class MLA(nn.Module):
 def latent_attention(q_all: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor, scale: float,
                      rank: int) -> torch.Tensor:
     """Softmax attention of q_all (B, S, H, R + P) over cached [c_kv ; k_pe] latent (B, T, R + P), keys
-    at or before each query's position (B, S) -> o_lat = sum_t p_t c_t (B, S, H, R). The reference
-    for `nanoseek.kernels.mla_decode`."""
+    at or before each query's position (B, S) -> o_lat = sum_t p_t c_t (B, S, H, R)."""
     T = latent.shape[1]
     scores = torch.einsum("bshd,btd->bsht", q_all, latent) * scale  # (B, S, H, T)
     visible = torch.arange(T, device=latent.device)[None, None, :] <= positions[:, :, None]  # (B, S, T)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import skinny_available, triton_available
+from nanoseek.kernels import triton_available
 from nanoseek.model.common import MLP
 
 DECODE_KERNEL_MAX_TOKENS = 64  # above this the grouped GEMM path is faster (and the kernels' pair lists grow)
@@ -208,21 +208,20 @@ class MoE(nn.Module):
     def route_kernel(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """flat (T, D) -> gates (T, K) fp32, ids (T, K): `Router.forward`'s selection in one Triton
         kernel after the fp32 router matmul (`nanoseek.kernels.moe_decode.route`). On a batch-32,
-        512-token prefill it replaces torch.topk and sort kernels that took 4.9 ms over 11 layers."""
+        512-token prefill it replaces torch.topk and sort kernels that took 4.9 ms over 11 layers.
+        Decode steps with a small router (bench-1b's is 256 KB) fold the matmul into the kernel."""
         from nanoseek.kernels import moe_decode
 
         cfg, gate = self.cfg, self.gate
+        args = (gate.e_score_correction_bias, cfg.num_experts_per_tok, gate.groups, cfg.topk_group,
+                cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc", cfg.norm_topk_prob,
+                cfg.routed_scaling_factor)
+        if (flat.shape[0] <= DECODE_KERNEL_MAX_TOKENS
+                and gate.weight.numel() * 4 <= moe_decode.ROUTE_FROM_HIDDEN_MAX_BYTES):
+            return moe_decode.route_hidden(flat, gate.weight, *args)  # the router matmul inside the kernel
         with torch.autocast(flat.device.type, enabled=False):
-            x32, w32 = flat.float(), gate.weight.float()
-            if skinny_available(x32, w32):  # a decode step: one kernel instead of cuBLAS's GEMV and reduction
-                from nanoseek.kernels import skinny
-
-                logits = skinny.linear(x32, w32)  # (T, E)
-            else:
-                logits = F.linear(x32, w32)
-        return moe_decode.route(logits, gate.e_score_correction_bias, cfg.num_experts_per_tok, gate.groups,
-                                cfg.topk_group, cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc",
-                                cfg.norm_topk_prob, cfg.routed_scaling_factor)
+            logits = F.linear(flat.float(), gate.weight.float())  # (T, E) fp32
+        return moe_decode.route(logits, *args)
 
 
 @torch.library.custom_op("nanoseek::stable_argsort", mutates_args=())
