@@ -37,24 +37,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(logits_ptr, w_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
+def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                   K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  GROUP_TOP2: tl.constexpr, NORMALIZE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """Program t routes token t. D > 0: logits_ptr holds the hidden states x (T, D) and the logits
-    x_t W^T (E,) are computed here in fp32 from the router weight W (E, D); D = 0: logits (T, E)."""
+                  GROUP_TOP2: tl.constexpr, NORMALIZE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, E)
-    if D > 0:
-        logits = tl.zeros((E,), tl.float32)
-        for d0 in tl.range(0, D, BD):
-            d = d0 + tl.arange(0, BD)
-            d_ok = d < D
-            xv = tl.load(logits_ptr + t * D + d, mask=d_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + offs[:, None] * D + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
-            logits += tl.sum(w * xv[None, :], 1)
-    else:
-        logits = tl.load(logits_ptr + t * E + offs).to(tl.float32)  # (E,)
+    logits = tl.load(logits_ptr + t * E + offs).to(tl.float32)  # (E,)
     if SIGMOID:
         s = tl.sigmoid(logits)
     else:
@@ -100,10 +89,10 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int,
     gates = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
     if T:
-        _route_kernel[(T,)](logits.contiguous(), logits, bias if bias is not None else logits, gates, ids, scale,
+        _route_kernel[(T,)](logits.contiguous(), bias if bias is not None else logits, gates, ids, scale,
                             E=E, G=n_group, TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k),
                             SIGMOID=sigmoid, HAS_BIAS=bias is not None, GROUP_TOP2=group_top2,
-                            NORMALIZE=normalize, D=0, BD=1)
+                            NORMALIZE=normalize)
     return gates, ids
 
 
@@ -111,35 +100,6 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int,
 def _(logits, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale):
     T = logits.shape[0]
     return logits.new_empty(T, k), logits.new_empty(T, k, dtype=torch.int64)
-
-
-ROUTE_FROM_HIDDEN_MAX_BYTES = 1 << 20  # each program reads the whole router weight (from L2 after the first)
-
-
-@torch.library.custom_op("nanoseek::moe_route_hidden", mutates_args=())
-def route_hidden(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int,
-                 topk_group: int, sigmoid: bool, group_top2: bool, normalize: bool,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route` with the router matmul folded in: x (T, D), weight (E, D) fp32 -> gates (T, K) fp32,
-    ids (T, K). For decode steps: one kernel instead of cuBLAS's matmul (two kernels for these
-    shapes) and the routing kernel; every program reads the whole weight, so it is for small routers
-    (E * D * 4 <= ROUTE_FROM_HIDDEN_MAX_BYTES) and few tokens."""
-    T, D = x.shape
-    E = weight.shape[0]
-    gates = torch.empty(T, k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
-    if T:
-        _route_kernel[(T,)](x.contiguous(), weight.float().contiguous(), bias if bias is not None else weight, gates,
-                            ids, scale, E=E, G=n_group, TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k),
-                            SIGMOID=sigmoid, HAS_BIAS=bias is not None, GROUP_TOP2=group_top2, NORMALIZE=normalize,
-                            D=D, BD=min(128, triton.next_power_of_2(D)))
-    return gates, ids
-
-
-@route_hidden.register_fake
-def _(x, weight, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale):
-    T = x.shape[0]
-    return x.new_empty(T, k, dtype=torch.float32), x.new_empty(T, k, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------- experts
