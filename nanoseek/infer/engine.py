@@ -8,7 +8,7 @@ a small cache whose rows are then copied into free rows of the big one; decoding
 row's pending token at its own position (absorbed MLA over the cache). Rows join and leave
 between steps, which is all continuous batching needs (`nanoseek.infer.scheduler`):
 
-    admit:  logits = model(prompts (n, S), cache=small);  first token per row from logits[len-1]
+    admit:  logits = model(prompts (n, S), cache=small, logits_at=len-1);  first token per row
             big.data[:, rows, :S] = small.data
     step:   logits = model(pending (B, 1), positions=length (B, 1), cache=big, kv_len=max(length)+1)
             pending = sample(logits); length += 1   (speculative: `nanoseek.infer.speculative`)
@@ -16,8 +16,9 @@ between steps, which is all continuous batching needs (`nanoseek.infer.scheduler
 Host syncs: one per step, to read the new tokens (needed for streaming, EOS and stop strings).
 Lengths live on the host (they follow from the tokens), sampling settings and uniforms are
 (B,) tensors, so the step itself never syncs; on CUDA it can be replayed as a CUDA graph
-(`cuda_graph=True`: static batch, kv_len bucketed to powers of two), and plain steps are
-pipelined: step n is launched before the host handles step n-1's tokens.
+(`cuda_graph=True`: static batch, kv_len bucketed to powers of two; prefills too, prompts padded
+to power-of-two lengths), and plain steps are pipelined: step n is launched before the host
+handles step n-1's tokens.
 
 `Engine.generate_reference` recomputes the whole sequence without a cache for every token:
 the slow reference that the cached (and speculative) paths must match.
@@ -577,7 +578,7 @@ class Engine:
 
     max_batch_size: rows decoded together; max_len: the context (prompt + new tokens), default
     the model's max_position_embeddings; speculative: draft tokens per step from the MTP module
-    (0 = off); cuda_graph: replay the plain decode step as CUDA graphs on a GPU; compile:
+    (0 = off); cuda_graph: replay plain decode steps and prefills as CUDA graphs on a GPU; compile:
     torch.compile each block (fewer, fused kernels per decode step); pipeline: launch each plain
     decode step before handling the previous step's tokens on the host (default: on CUDA).
     The tokenizer needs `encode`, `decode` and `eos_id` (see `nanoseek.data.tokenizer`); it may
