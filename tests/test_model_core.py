@@ -46,6 +46,18 @@ def test_cache_is_latent_only():
     assert expanded / (cfg.kv_lora_rank + cfg.qk_rope_head_dim) > 4
 
 
+def test_logits_at_selects_one_position_per_row():
+    """`logits_at` (a prefill's last prompt positions) gives those rows of the full logits."""
+    model = Transformer.from_config(preset("debug"), seed=0).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    at = torch.tensor([6, 0, 3])
+    with torch.no_grad():
+        full = model(ids).logits
+        some = model(ids, logits_at=at).logits
+    assert some.shape == (3, 1, model.config.vocab_size)
+    torch.testing.assert_close(some[:, 0], full[torch.arange(3), at], rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_experts_match_looped():
     model = tiny()
     moe = model.moe_layers[0]
