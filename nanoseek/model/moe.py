@@ -128,8 +128,11 @@ class RoutedExperts(nn.Module):
         y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, D)
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         y = y[unsort].view(T, K, -1)  # back to (token, slot) order: a gather, no atomics
-        # (T, D) = sum_k gate_k * y_k, in fp32 (one fused kernel under compile; a bmm here runs as T
-        # tiny mat-vecs: 245 us per layer for a batch-32 prefill on the H200)
+        # (T, D) = sum_k gate_k * y_k. The batched product runs as T tiny mat-vecs (245 us per layer in
+        # a batch-32 prefill on the H200); inference sums in fp32 instead (one fused kernel under
+        # compile). Training keeps the product its throughput was measured with (bench/train_throughput.py).
+        if torch.is_grad_enabled():
+            return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)
         return (y.float() * gates[..., None]).sum(1).to(x.dtype)
 
     def forward_gathered(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
