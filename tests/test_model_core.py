@@ -64,9 +64,11 @@ def test_grouped_experts_match_looped():
     x = torch.randn(40, model.config.hidden_size)
     gates, ids, _ = moe.gate(x)
     gates = gates.detach()
-    grouped = moe.experts.forward_grouped(x, ids, gates)
+    grouped = moe.experts.forward_grouped(x, ids, gates)  # training's combine (batched product)
     looped = moe.experts.forward_looped(x, ids, gates)
     assert (grouped - looped).abs().max() < 1e-6
+    with torch.no_grad():  # inference's combine (fp32 gated sum)
+        assert (moe.experts.forward_grouped(x, ids, gates) - looped).abs().max() < 1e-6
     gathered = moe.experts.forward_gathered(x[:3], ids[:3], gates[:3])  # the decode path
     assert (gathered - looped[:3]).abs().max() < 1e-6
     # gradients agree too
