@@ -13,6 +13,7 @@ import torch
 
 from nanoseek import preset
 from nanoseek.kernels import HAVE_TRITON
+from nanoseek.model.common import MLP
 from nanoseek.model.moe import RoutedExperts, Router
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,7 +38,10 @@ ROUTERS = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(ROUTERS))
 def test_route_kernel_matches_router(device, name):
-    from nanoseek.kernels.moe_decode import route
+    """The selection kernel on given logits, and the decode router kernel (matmul and selection in
+    one launch) on hidden states, against `Router.forward`."""
+    from nanoseek.kernels.moe_decode import route, router_ok
+    from nanoseek.kernels.moe_decode import router as fused_router
 
     cfg = preset("debug", **ROUTERS[name])
     router = Router(cfg).to(device)
@@ -53,29 +57,44 @@ def test_route_kernel_matches_router(device, name):
                 cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc", cfg.norm_topk_prob,
                 cfg.routed_scaling_factor)
         gates, ids = route(logits, *args)
-    assert torch.equal(ids.sort(-1).values, ids_ref.sort(-1).values)
-    order, order_ref = ids.argsort(-1), ids_ref.argsort(-1)
-    torch.testing.assert_close(gates.gather(1, order), gates_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
+        arrivals = torch.zeros(8, dtype=torch.int32, device=device)
+        assert router_ok(x, router.weight)
+        fused = [fused_router(x, router.weight, arrivals, *args) for _ in range(2)]  # counters reset each call
+    assert torch.equal(arrivals, torch.zeros_like(arrivals))
+    order_ref = ids_ref.argsort(-1)
+    for g, i in [(gates, ids), *fused]:
+        assert torch.equal(i.sort(-1).values, ids_ref.sort(-1).values)
+        torch.testing.assert_close(g.gather(1, i.argsort(-1)), gates_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 33])  # 1-2: pair-major kernels
-def test_experts_kernel_matches_looped(device, tokens):
+@pytest.mark.parametrize("tokens,n_shared", [(1, 0), (2, 0), (3, 0), (5, 0), (33, 0), (1, 1), (2, 2)])
+def test_experts_kernel_matches_looped(device, tokens, n_shared):
+    """Routed experts (and, on the pair-major path for 1-2 tokens, the shared experts riding along)
+    against the looped reference plus the shared MLP."""
     from nanoseek.kernels.moe_decode import experts
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # D = 160 and I = 48 are not multiples of the default strips: the kernels' divisor tiles are exercised
     cfg = preset("debug", hidden_size=160, moe_intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4)
     moe = RoutedExperts(cfg).to(device)
     torch.manual_seed(1)
     moe.w13.data.normal_(0, 0.1)
     moe.w2.data.normal_(0, 0.1)
     moe.to(dtype)
+    shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared).to(device, dtype) if n_shared else None
     x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
     ids = torch.stack([torch.randperm(16, device=device)[:4] for _ in range(tokens)])
     gates = torch.rand(tokens, 4, device=device)
     with torch.no_grad():
         ref = moe.forward_looped(x, ids, gates)
-        out = experts(x, ids, gates, moe.w13, moe.w2).sum(1).to(dtype)
+        weights = ()
+        if shared is not None:
+            ref = (ref.float() + shared(x).float()).to(dtype)
+            weights = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+        y = experts(x, ids, gates, moe.w13, moe.w2, *weights)
+        assert y.shape == (tokens, 4 + n_shared, cfg.hidden_size)
+        out = y.sum(1).to(dtype)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
 

@@ -9,6 +9,10 @@ softmax, correction bias, group scores, group top-k, mask, top-k, gather, normal
     s = sigmoid(logits) | softmax(logits);  choice = s + bias
     groups: keep the `topk_group` best by (sum of top-2 | max) choice, others -inf
     ids = the K largest choices (descending);  gates = s[ids] (/ sum) * scale
+`router` (decode steps) also does the fp32 matmul logits = x W^T: programs (token, block of router
+rows) each store their logits and count themselves in a per-token counter; the last to arrive
+routes the token and resets the counter. One launch instead of cuBLAS's two plus `route`
+(bench-1b on the H200: 4.3 against 8.2 us at batch 1, 4.7 against 12.3 at batch 32).
 Reference: `nanoseek.model.moe.Router.forward`.
 
 `experts` computes sum_k gates[t, k] * expert_{ids[t, k]}(x[t]) with SwiGLU experts stored
@@ -19,12 +23,16 @@ stacked as w13 (E, 2I, D) = [gate ; up] and w2 (E, D, I), in three kernels:
     out[t] = sum_k y[t * K + k]                                          (by the caller)
 Each program reads its expert's weight tile once per 16 pairs, so a batch-1 step reads only the
 K selected experts and a batch-32 step reads each used expert once. For at most
-PAIR_MAJOR_MAX_TOKENS tokens two kernels do without the pair lists and most programs of the
-(E, n-block) grid exiting at once: programs (pair, n-block) read ids[p]'s weights directly.
-Reference: `nanoseek.model.moe.RoutedExperts.forward_looped`.
+PAIR_MAJOR_MAX_TOKENS tokens two mat-vec kernels do without the pair lists (and without most
+programs of an (E, n-block) grid exiting at once): programs (n-block, pair) stream ids[p]'s rows
+directly, and the shared experts ride along as more pairs of gate 1, so a batch-1 MoE layer is
+two launches (bench-1b: 12.5 us against 23.2 for routed and shared experts apart,
+`bench/results/moe_decode_kernels-*.json`).
+Reference: `nanoseek.model.moe.RoutedExperts.forward_looped` (plus the shared `MLP`).
 
-Both are registered as torch custom ops (`nanoseek::moe_route`, `nanoseek::moe_experts`) so
-`torch.compile` treats them as opaque calls and CUDA graphs capture them.
+All are registered as torch custom ops (`nanoseek::moe_route`, `nanoseek::moe_router`,
+`nanoseek::moe_experts`) so `torch.compile` treats them as opaque calls and CUDA graphs capture
+them.
 """
 
 from __future__ import annotations
@@ -37,13 +45,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
-                  E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
-                  K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  GROUP_TOP2: tl.constexpr, NORMALIZE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _select(logits, bias_ptr, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
+            K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+            NORMALIZE: tl.constexpr):
+    """logits (E,) fp32 -> (ids (K_POW2,) int32, unscaled gates (K_POW2,) fp32); slots >= K are padding."""
     offs = tl.arange(0, E)
-    logits = tl.load(logits_ptr + t * E + offs).to(tl.float32)  # (E,)
     if SIGMOID:
         s = tl.sigmoid(logits)
     else:
@@ -77,8 +83,49 @@ def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
         choice = tl.where(offs == i, float("-inf"), choice)
     if NORMALIZE:
         gates = gates / (tl.sum(gates, 0) + 1e-20)
+    return ids, gates
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
+                  E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
+                  K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  GROUP_TOP2: tl.constexpr, NORMALIZE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    logits = tl.load(logits_ptr + t * E + tl.arange(0, E)).to(tl.float32)  # (E,)
+    ids, gates = _select(logits, bias_ptr, E, G, TOPK_GROUP, K, K_POW2, SIGMOID, HAS_BIAS, GROUP_TOP2, NORMALIZE)
+    kidx = tl.arange(0, K_POW2)
     tl.store(ids_ptr + t * K + kidx, ids.to(tl.int64), mask=kidx < K)
     tl.store(gates_ptr + t * K + kidx, gates * scale, mask=kidx < K)
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, bias_ptr, logits_ptr, arrived_ptr, gates_ptr, ids_ptr, scale, D: tl.constexpr,
+                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
+                   K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                   NORMALIZE: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
+    """Program (token t, expert block): logits[t, block] = x_t W[block]^T in fp32 (a mat-vec over BE
+    router rows); the last program of token t to finish (a counter per token, reset by it) routes t."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BE + tl.arange(0, BE)
+    acc = tl.zeros((BE, BD), tl.float32)
+    for d0 in tl.range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        xt = tl.load(x_ptr + t * D + d).to(tl.float32)[None, :]
+        acc += tl.load(w_ptr + e[:, None] * D + d[None, :]).to(tl.float32) * xt
+    tl.store(logits_ptr + t * E + e, tl.sum(acc, 1))
+    arrived = tl.atomic_add(arrived_ptr + t, 1, sem="acq_rel")  # orders the store above before the count
+    if arrived == tl.num_programs(1) - 1:  # every block of token t has stored its logits
+        tl.store(arrived_ptr + t, 0)
+        logits = tl.load(logits_ptr + t * E + tl.arange(0, E), cache_modifier=".cg")  # from L2
+        ids, gates = _select(logits, bias_ptr, E, G, TOPK_GROUP, K, K_POW2, SIGMOID, HAS_BIAS, GROUP_TOP2,
+                             NORMALIZE)
+        kidx = tl.arange(0, K_POW2)
+        tl.store(ids_ptr + t * K + kidx, ids.to(tl.int64), mask=kidx < K)
+        tl.store(gates_ptr + t * K + kidx, gates * scale, mask=kidx < K)
+
+
+ROUTE_WARPS = 1  # one warp: the chain of arg-max reductions stays in warp shuffles (bench/moe_decode_kernels.py)
 
 
 @torch.library.custom_op("nanoseek::moe_route", mutates_args=())
@@ -92,7 +139,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int,
         _route_kernel[(T,)](logits.contiguous(), bias if bias is not None else logits, gates, ids, scale,
                             E=E, G=n_group, TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k),
                             SIGMOID=sigmoid, HAS_BIAS=bias is not None, GROUP_TOP2=group_top2,
-                            NORMALIZE=normalize)
+                            NORMALIZE=normalize, num_warps=ROUTE_WARPS)
     return gates, ids
 
 
@@ -100,6 +147,50 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int,
 def _(logits, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale):
     T = logits.shape[0]
     return logits.new_empty(T, k), logits.new_empty(T, k, dtype=torch.int64)
+
+
+ROUTER_TILES = (4, 256, 1)  # (experts per program, reduction step, warps); bench/moe_decode_kernels.py
+ROUTER_MAX_TOKENS = 64  # a decode step; prefills keep cuBLAS's matmul (each program re-reads its router rows)
+
+
+def router_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`router` takes decode-sized x (T, D) with D a multiple of 16 (no masked tail)."""
+    return 0 < x.shape[0] <= ROUTER_MAX_TOKENS and x.shape[1] % 16 == 0 and weight.shape[0] % ROUTER_TILES[0] == 0
+
+
+@torch.library.custom_op("nanoseek::moe_router", mutates_args=())
+def router(x: torch.Tensor, weight: torch.Tensor, arrivals: torch.Tensor, bias: torch.Tensor | None, k: int,
+           n_group: int, topk_group: int, sigmoid: bool, group_top2: bool, normalize: bool,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` with the router's fp32 matmul in the same kernel: x (T, D), weight (E, D) fp32 ->
+    gates (T, K) fp32, ids (T, K) int64; see `router_ok` for the shapes it takes. arrivals: int32
+    counters, at least T, all zero; the kernel counts in them and leaves them at zero again."""
+    return _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale)
+
+
+def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale, tiles=None):
+    T, D = x.shape
+    if arrivals.numel() < T or arrivals.dtype != torch.int32:
+        raise ValueError(f"moe_router: arrivals must hold >= {T} int32 counters, got {tuple(arrivals.shape)} "
+                         f"{arrivals.dtype}")
+    E = weight.shape[0]
+    gates = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    be, bd, warps = tiles or ROUTER_TILES
+    w = weight.float().contiguous()
+    _router_kernel[(T, E // be)](x.contiguous(), w, bias if bias is not None else w, logits,
+                                 arrivals, gates, ids, scale, D=D, E=E, G=n_group,
+                                 TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k), SIGMOID=sigmoid,
+                                 HAS_BIAS=bias is not None, GROUP_TOP2=group_top2, NORMALIZE=normalize, BE=be,
+                                 BD=_pow2_divisor(D, bd), num_warps=warps)
+    return gates, ids
+
+
+@router.register_fake
+def _(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale):
+    T = x.shape[0]
+    return x.new_empty(T, k, dtype=torch.float32), x.new_empty(T, k, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------- experts
@@ -177,55 +268,96 @@ def _experts_down_kernel(act_ptr, w2_ptr, gates_ptr, slots_ptr, counts_ptr, y_pt
 
 
 @triton.jit
-def _pair_up_kernel(x_ptr, ids_ptr, w13_ptr, act_ptr, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (n-block, pair p): act[p, n] = silu(x_t . W_gate[e, n]) * (x_t . W_up[e, n]), e = ids[p].
-    x_t rides in row 0 of a 16-row tl.dot tile (the other rows are masked to zero)."""
+def _pair_up_kernel(x_ptr, ids_ptr, w13_ptr, sg_ptr, su_ptr, act_ptr, D: tl.constexpr, I: tl.constexpr,
+                    K: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Program (n-block, pair p): act[p, n] = silu(x_t . Wg[n]) * (x_t . Wu[n]) for pair p = (token t,
+    slot); slots < K are routed expert ids[t, slot] (rows of w13), slot K + j is the j-th I-wide
+    slice of the shared experts' gate/up weights (sg, su: (NS * I, D)). A mat-vec: each program
+    streams BN rows of both weights with plain multiply-adds (no 16-row tl.dot tile)."""
     p = tl.program_id(1)
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    row = tl.arange(0, 16)
+    t = p // (K + NS)
+    slot = p % (K + NS)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
-    n_ok = n < I
-    gate_rows = w13_ptr + e * 2 * I * D + n[None, :] * D  # (1, BN) row starts
-    up_rows = gate_rows + I * D
-    acc_gate = tl.zeros((16, BN), tl.float32)
-    acc_up = tl.zeros((16, BN), tl.float32)
+    if slot < K:
+        e = tl.load(ids_ptr + t * K + slot).to(tl.int64)
+        gate_rows = w13_ptr + e * (2 * I * D) + n[:, None] * D  # (BN, 1) row starts
+        up_rows = gate_rows + I * D
+    else:
+        rows = ((slot - K) * I + n[:, None]).to(tl.int64) * D
+        gate_rows = sg_ptr + rows
+        up_rows = su_ptr + rows
+    acc_gate = tl.zeros((BN, BK), tl.float32)
+    acc_up = tl.zeros((BN, BK), tl.float32)
     for d0 in tl.range(0, D, BK):
         d = d0 + tl.arange(0, BK)
-        d_ok = d < D
-        xt = tl.load(x_ptr + (p // K) * D + row[:, None] * 0 + d[None, :], mask=(row[:, None] == 0) & d_ok[None, :],
-                     other=0.0)
-        w_ok = d_ok[:, None] & n_ok[None, :]
-        acc_gate = tl.dot(xt, tl.load(gate_rows + d[:, None], mask=w_ok, other=0.0), acc_gate,
-                          input_precision=PRECISION)
-        acc_up = tl.dot(xt, tl.load(up_rows + d[:, None], mask=w_ok, other=0.0), acc_up, input_precision=PRECISION)
-    gate, up = tl.sum(acc_gate, 0), tl.sum(acc_up, 0)  # row 0 (the rest are zeros)
-    tl.store(act_ptr + p * I + n, (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty), mask=n_ok)
+        xt = tl.load(x_ptr + t * D + d).to(tl.float32)[None, :]
+        acc_gate += tl.load(gate_rows + d[None, :]).to(tl.float32) * xt
+        acc_up += tl.load(up_rows + d[None, :]).to(tl.float32) * xt
+    gate, up = tl.sum(acc_gate, 1), tl.sum(acc_up, 1)
+    tl.store(act_ptr + p * I + n, (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _pair_down_kernel(act_ptr, ids_ptr, w2_ptr, gates_ptr, y_ptr, D: tl.constexpr, I: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (n-block, pair p): y[p, n] = gates[p] * (act[p] . W2[e, n]), e = ids[p]."""
+def _pair_down_kernel(act_ptr, ids_ptr, w2_ptr, sd_ptr, gates_ptr, y_ptr, D: tl.constexpr, I: tl.constexpr,
+                      K: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Program (n-block, pair p): y[p, n] = gate_p * (act[p] . W2[n]); routed slots use expert
+    ids[t, slot]'s w2 (D, I) and gates[t, slot], shared slice j the columns [j I, (j + 1) I) of the
+    shared down weight sd (D, NS * I) and gate 1."""
     p = tl.program_id(1)
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    row = tl.arange(0, 16)
+    t = p // (K + NS)
+    slot = p % (K + NS)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
-    n_ok = n < D
-    w_rows = w2_ptr + e * D * I + n[None, :] * I  # (1, BN)
-    acc = tl.zeros((16, BN), tl.float32)
+    routed = tl.minimum(slot, K - 1)
+    gate = tl.where(slot < K, tl.load(gates_ptr + t * K + routed).to(tl.float32), 1.0)
+    if slot < K:
+        e = tl.load(ids_ptr + t * K + routed).to(tl.int64)
+        w_rows = w2_ptr + e * (D * I) + n[:, None] * I  # (BN, 1)
+    else:
+        w_rows = sd_ptr + n[:, None].to(tl.int64) * (NS * I) + (slot - K) * I
+    acc = tl.zeros((BN, BK), tl.float32)
     for k0 in tl.range(0, I, BK):
         k = k0 + tl.arange(0, BK)
-        k_ok = k < I
-        a = tl.load(act_ptr + p * I + row[:, None] * 0 + k[None, :], mask=(row[:, None] == 0) & k_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(a, tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc,
-                     input_precision=PRECISION)
-    gate = tl.load(gates_ptr + p).to(tl.float32)
-    tl.store(y_ptr + p * D + n, tl.sum(acc, 0) * gate, mask=n_ok)
+        a = tl.load(act_ptr + p * I + k).to(tl.float32)[None, :]
+        acc += tl.load(w_rows + k[None, :]).to(tl.float32) * a
+    tl.store(y_ptr + p * D + n, tl.sum(acc, 1) * gate)
 
 
 PAIR_MAJOR_MAX_TOKENS = 2  # up to here each (token, expert) pair streams its expert's weights itself
+PAIR_TILES = (4, 256, 4, 3)  # (BN, BK, warps, stages) of the pair-major mat-vecs; bench/moe_decode_kernels.py
+
+
+def pair_major_ok(x: torch.Tensor, w13: torch.Tensor) -> bool:
+    """The pair-major mat-vecs take D and I that are multiples of 16 (no masked tails)."""
+    D, I = x.shape[1], w13.shape[1] // 2
+    return x.shape[0] <= PAIR_MAJOR_MAX_TOKENS and D % 16 == 0 and I % 16 == 0
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n."""
+    b = cap
+    while n % b:
+        b //= 2
+    return b
+
+
+def _pair_major(x, ids, gates, w13, w2, shared, tiles):
+    T, D = x.shape
+    K = ids.shape[1]
+    I = w13.shape[1] // 2
+    NS = shared[0].shape[0] // I if shared is not None else 0
+    sg, su, sd = shared if shared is not None else (w13, w13, w2)  # unused stand-ins when NS == 0
+    P = T * (K + NS)
+    bn, bk, warps, stages = tiles or PAIR_TILES
+    flat_ids, flat_gates = ids.contiguous().view(-1), gates.contiguous().view(-1)
+    act = torch.empty(P, I, dtype=x.dtype, device=x.device)
+    _pair_up_kernel[(I // _pow2_divisor(I, bn), P)](x, flat_ids, w13, sg, su, act, D, I, K, NS,
+                                                    BN=_pow2_divisor(I, bn), BK=_pow2_divisor(D, bk),
+                                                    num_warps=warps, num_stages=stages)
+    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    _pair_down_kernel[(D // _pow2_divisor(D, bn), P)](act, flat_ids, w2, sd, flat_gates, y, D, I, K, NS,
+                                                      BN=_pow2_divisor(D, bn), BK=_pow2_divisor(I, bk),
+                                                      num_warps=warps, num_stages=stages)
+    return y.view(T, K + NS, D)
 
 
 def _tiles(tokens: int) -> tuple[int, int, int]:
@@ -236,28 +368,33 @@ def _tiles(tokens: int) -> tuple[int, int, int]:
 
 
 @torch.library.custom_op("nanoseek::moe_experts", mutates_args=())
-def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.Tensor,
-            w2: torch.Tensor) -> torch.Tensor:
+def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+            shared_gate: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
+            shared_down: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, D), ids/gates (T, K), w13 (E, 2I, D), w2 (E, D, I) -> y (T, K, D) fp32, the gated output
     of each (token, expert) pair; the caller sums over K (where torch.compile fuses the sum into the
-    next additions)."""
+    next additions). With the shared experts' SwiGLU weights (gate/up (NS*I, D), down (D, NS*I);
+    pair-major path only, see `pair_major_ok`) y is (T, K + NS, D): the shared experts ride along as
+    NS more I-wide pairs of gate 1."""
+    return _experts(x, ids, gates, w13, w2, shared_gate, shared_up, shared_down)
+
+
+def _experts(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_down=None, tiles=None):
+    """`experts`; tiles (BN, BK, warps, stages) overrides PAIR_TILES (for the benchmark)."""
     T, D = x.shape
     K = ids.shape[1]
     E, I = w13.shape[0], w13.shape[1] // 2
     P = T * K
     dev = x.device
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
     x, w13, w2 = x.contiguous(), w13.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous()
-    if T <= PAIR_MAJOR_MAX_TOKENS:  # no pair lists: programs per (pair, strip of outputs)
-        flat_ids = ids.contiguous().view(-1)
-        act = torch.empty(P, I, dtype=x.dtype, device=dev)
-        # tiles as `nanoseek.kernels.skinny` picks for a batch-1 SwiGLU and a 512-wide down projection
-        _pair_up_kernel[(triton.cdiv(I, 16), P)](x, flat_ids, w13, act, D, I, K, BN=16, BK=256, PRECISION=precision,
-                                                 num_warps=2)
-        y = torch.empty(P, D, dtype=torch.float32, device=dev)
-        _pair_down_kernel[(triton.cdiv(D, 16), P)](act, flat_ids, w2, gates.contiguous().view(-1), y, D, I, BN=16,
-                                                   BK=256, PRECISION=precision, num_warps=2)
-        return y.view(T, K, D)
+    shared = None
+    if shared_gate is not None:
+        shared = tuple(w.to(x.dtype).contiguous() for w in (shared_gate, shared_up, shared_down))
+    if pair_major_ok(x, w13):  # no pair lists: programs per (pair, strip of outputs)
+        return _pair_major(x, ids, gates, w13, w2, shared, tiles)
+    if shared is not None:
+        raise ValueError("moe_experts: shared experts ride along only on the pair-major path (pair_major_ok)")
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
     slots = torch.empty(E, max(T, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     _pairs_kernel[(E,)](ids.contiguous().view(-1), slots, counts, P, T, BLOCK_P=triton.next_power_of_2(max(P, 16)))
@@ -272,5 +409,6 @@ def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.
 
 
 @experts.register_fake
-def _(x, ids, gates, w13, w2):
-    return x.new_empty(x.shape[0], ids.shape[1], x.shape[1], dtype=torch.float32)
+def _(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_down=None):
+    slots = ids.shape[1] + (shared_gate.shape[0] // (w13.shape[1] // 2) if shared_gate is not None else 0)
+    return x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)

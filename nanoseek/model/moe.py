@@ -171,6 +171,9 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         # tokens per expert since the last bias update (training only), and in the last forward
         self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # the decode router kernel's per-token counters (`nanoseek.kernels.moe_decode.router`); always zero
+        # between calls
+        self.register_buffer("router_arrivals", torch.zeros(64, dtype=torch.int32), persistent=False)
         self.last_load: torch.Tensor | None = None
         self.balance_loss: torch.Tensor | None = None
 
@@ -184,10 +187,13 @@ class MoE(nn.Module):
                 from nanoseek.kernels import moe_decode
 
                 x_in = autocast_input(flat)
-                out = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2).sum(1).to(x_in.dtype)
+                shared = self.shared_weights_for_kernel(x_in)
+                y = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2, *shared)
+                out = y.sum(1).to(x_in.dtype).view(B, S, D)
+                if shared:  # the shared experts rode along as more pairs
+                    return out
             else:
-                out = self.experts(flat, ids, gates)
-            out = out.view(B, S, D)
+                out = self.experts(flat, ids, gates).view(B, S, D)
         else:
             gates, ids, scores = self.gate(flat)
             out = self.experts(flat, ids, gates).view(B, S, D)
@@ -208,18 +214,34 @@ class MoE(nn.Module):
         return (not self.training and not torch.is_grad_enabled() and triton_available(flat)
                 and route_shape_supported(cfg.n_routed_experts, self.gate.groups))
 
+    def shared_weights_for_kernel(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The shared experts' (gate, up, down) weights when the routed-experts kernel can run them as
+        extra pairs (pair-major path: its width a multiple of the routed experts', weights of x's
+        dtype); () otherwise, and the shared MLP runs on its own."""
+        from nanoseek.kernels import moe_decode
+
+        mlp = self.shared_experts
+        if mlp is None or not moe_decode.pair_major_ok(x, self.experts.w13):
+            return ()
+        weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        if mlp.gate_proj.weight.shape[0] % self.experts.width or any(w.dtype != x.dtype for w in weights):
+            return ()
+        return weights
+
     def route_kernel(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """flat (T, D) -> gates (T, K) fp32, ids (T, K): `Router.forward`'s selection in one Triton
-        kernel after the fp32 router matmul (`nanoseek.kernels.moe_decode.route`). On a batch-32,
-        512-token prefill it replaces torch.topk and sort kernels that took 4.9 ms over 11 layers.
-        The matmul stays cuBLAS's: folding it into the kernel (each program reading the whole 256 KB
-        router of bench-1b) measured 19 us per layer against 7 us for matmul plus routing."""
+        """flat (T, D) -> gates (T, K) fp32, ids (T, K): `Router.forward` in Triton. Decode steps run
+        matmul and selection in one kernel (`moe_decode.router`: programs over blocks of router rows,
+        the last one of each token routes it). Prefills keep cuBLAS's fp32 matmul and select in one
+        kernel (`moe_decode.route`), replacing torch.topk and sort kernels that took 4.9 ms over 11
+        layers of a batch-32, 512-token prefill."""
         from nanoseek.kernels import moe_decode
 
         cfg, gate = self.cfg, self.gate
         args = (gate.e_score_correction_bias, cfg.num_experts_per_tok, gate.groups, cfg.topk_group,
                 cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc", cfg.norm_topk_prob,
                 cfg.routed_scaling_factor)
+        if moe_decode.router_ok(flat, gate.weight) and flat.shape[0] <= self.router_arrivals.numel():
+            return moe_decode.router(flat, gate.weight, self.router_arrivals, *args)
         with torch.autocast(flat.device.type, enabled=False):
             logits = F.linear(flat.float(), gate.weight.float())  # (T, E) fp32
         return moe_decode.route(logits, *args)

@@ -115,6 +115,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.w2, 0.0, std)
             elif isinstance(module, MoE):
                 module.load_since_update.zero_()
+                module.router_arrivals.zero_()
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq, _ = rope_frequencies(self.config)

@@ -1,0 +1,166 @@
+"""Decode-step MoE kernels (1-2 tokens): nanoseek's pair-major expert mat-vecs against PyTorch.
+
+    python bench/moe_decode_kernels.py            # bench-1b's expert shapes, 1 and 2 tokens
+    python bench/moe_decode_kernels.py --sweep    # also time every tile config in CONFIGS
+
+Times one MoE layer's experts (K routed + the shared one) inside a CUDA graph of many layers, each
+with its own weights (more than the L2 cache holds), as a decode step replays them:
+- `fused`: `moe_decode.experts` with the shared expert riding along (two kernels);
+- `split`: routed experts by `moe_decode.experts`, the shared expert by the skinny SwiGLU and
+  linear kernels (four kernels; the layout before the shared expert was folded in);
+- `peer`: PyTorch on the same layer, gathered expert weights and batched mat-vecs
+  (`RoutedExperts.forward_gathered`) plus the shared `MLP` on cuBLAS.
+And the router (fp32 64 x 1024 matmul, sigmoid, 8 groups keep 4, top-6) at 1 and 32 tokens:
+- `fused`: `moe_decode.router`, matmul and selection in one kernel;
+- `split`: cuBLAS's fp32 matmul, then the selection kernel `moe_decode.route` (the prefill path);
+- `peer`: `Router.forward` in PyTorch.
+Writes bench/results/moe_decode_kernels-DATE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.skinny_linear import graph_time_us  # noqa: E402
+from nanoseek import preset  # noqa: E402
+from nanoseek.kernels import moe_decode, skinny  # noqa: E402
+from nanoseek.model.moe import Router  # noqa: E402
+
+# bench-1b: hidden 1024, 64 routed experts of width 512, 6 per token, one shared expert
+D, I, E, K = 1024, 512, 64, 6
+CONFIGS = [(bn, bk, w, s) for bn in (2, 4, 8) for bk in (128, 256, 512)
+           for w, s in ((1, 3), (2, 3), (4, 3), (4, 4), (8, 3))]
+ROUTER_CONFIGS = [(be, bd, w) for be in (1, 2, 4, 8) for bd in (128, 256, 512) for w in (1, 2, 4)]
+
+
+def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: bool) -> dict:
+    w13, w2, sg, su, sd = weights
+    layers, dev, dt = len(w13), w13[0].device, w13[0].dtype
+    x = torch.randn(tokens, D, device=dev, dtype=dt)
+    ids = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(tokens)])
+    gates = torch.rand(tokens, K, device=dev)
+
+    def fused(i, tiles=None):
+        return moe_decode._experts(x, ids, gates, w13[i], w2[i], sg[i], su[i], sd[i], tiles=tiles).sum(1)
+
+    def split(i):
+        routed = moe_decode._experts(x, ids, gates, w13[i], w2[i]).sum(1)
+        return routed + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
+
+    def peer(i):
+        flat = ids.flatten()
+        xs = x.repeat_interleave(K, dim=0)[:, :, None]
+        gate, up = torch.bmm(w13[i][flat], xs)[..., 0].split(I, dim=-1)
+        y = torch.bmm(w2[i][flat], (F.silu(gate) * up)[:, :, None])[..., 0].view(tokens, K, D)
+        shared = F.linear(F.silu(F.linear(x, sg[i])) * F.linear(x, su[i]), sd[i])
+        return (y.float() * gates[..., None]).sum(1) + shared.float()
+
+    err = max((fused(0) - peer(0)).abs().max().item(), (split(0) - peer(0)).abs().max().item())
+    expert_bytes = (K + 1) * 3 * I * D * 2
+    result = dict(tokens=tokens, peer_us=round(graph_time_us(peer, layers), 2),
+                  split_us=round(graph_time_us(split, layers), 2), fused_us=round(graph_time_us(fused, layers), 2),
+                  tiles=list(moe_decode.PAIR_TILES), bandwidth_bound_us=round(expert_bytes / 4.3e6, 2),
+                  max_abs_err=err)
+    if sweep:
+        timings = []
+        for config in CONFIGS:
+            try:
+                us = graph_time_us(lambda i, c=config: fused(i, c), layers, replays=10)
+            except Exception as e:  # a config that does not compile
+                print(f"  config {config} failed: {type(e).__name__}", flush=True)
+                continue
+            timings.append((round(us, 2), list(config)))
+        timings.sort()
+        result["best_configs"] = timings[:8]
+        result["worst_configs"] = timings[-3:]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,2")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/moe_decode_kernels.py needs a CUDA GPU")
+    dev, dt = "cuda", torch.bfloat16
+    layers = 12  # 12 x (64 experts x 3 MiB + shared) = 2.3 GiB of weights, far past the 50 MiB L2
+    torch.manual_seed(0)
+
+    def stack(*shape):
+        return [torch.randn(*shape, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
+
+    weights = (stack(E, 2 * I, D), stack(E, D, I), stack(I, D), stack(I, D), stack(D, I))
+    results = [bench_experts(int(t), weights, args.sweep) for t in args.tokens.split(",")]
+    router_results = [bench_router(t, args.sweep) for t in (1, 32)]
+    record = {"benchmark": "moe_decode_kernels", "date": time.strftime("%Y-%m-%d"),
+              "device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                           "triton": __import__("triton").__version__},
+              "config": dict(vars(args), D=D, I=I, E=E, K=K, shared=1), "results": results,
+              "router": router_results}
+    out = Path(args.out or Path(__file__).parent / "results" / f"moe_decode_kernels-{record['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+
+
+def bench_router(tokens: int, sweep: bool) -> dict:
+    cfg = preset("bench-1b")
+    layers = 64  # 64 routers of 256 KiB: 16 MiB, mostly L2-resident (a real step's other weights evict them)
+    routers = [Router(cfg).cuda() for _ in range(layers)]
+    for r in routers:
+        r.weight.data.normal_(0, 0.02)
+        r.e_score_correction_bias.normal_(0, 0.01)
+    arrivals = torch.zeros(64, dtype=torch.int32, device="cuda")
+    x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+
+    def args(i):
+        r = routers[i]
+        return (r.e_score_correction_bias, cfg.num_experts_per_tok, r.groups, cfg.topk_group, True, True,
+                cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+    def fused(i, tiles=None):
+        return moe_decode._router(x, routers[i].weight, arrivals, *args(i), tiles=tiles)
+
+    def split(i):
+        return moe_decode.route(F.linear(x.float(), routers[i].weight), *args(i))
+
+    def peer(i):
+        return routers[i](x)[:2]
+
+    with torch.no_grad():
+        same = all(torch.equal(fused(i)[1].sort(-1).values, peer(i)[1].sort(-1).values) for i in range(layers))
+        result = dict(tokens=tokens, peer_us=round(graph_time_us(peer, layers), 2),
+                      split_us=round(graph_time_us(split, layers), 2),
+                      fused_us=round(graph_time_us(fused, layers), 2), tiles=list(moe_decode.ROUTER_TILES),
+                      route_warps=moe_decode.ROUTE_WARPS, same_experts_as_peer=same)
+        if sweep:
+            timings = []
+            for config in ROUTER_CONFIGS:
+                try:
+                    timings.append((round(graph_time_us(lambda i, c=config: fused(i, c), layers, 10), 2),
+                                    list(config)))
+                except Exception as e:  # a config that does not compile
+                    print(f"  router config {config} failed: {type(e).__name__}", flush=True)
+            timings.sort()
+            result["best_configs"] = timings[:6]
+            result["worst_configs"] = timings[-2:]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
