@@ -51,10 +51,10 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
     gates = torch.rand(tokens, K, device=dev)
 
     def fused(i, tiles=None):
-        return moe_decode._experts(x, ids, gates, w13[i], w2[i], sg[i], su[i], sd[i], tiles=tiles).sum(1)
+        return moe_decode._experts(x, ids, gates, w13[i], w2[i], True, sg[i], su[i], sd[i], tiles=tiles).sum(1)
 
     def split(i):
-        routed = moe_decode._experts(x, ids, gates, w13[i], w2[i]).sum(1)
+        routed = moe_decode._experts(x, ids, gates, w13[i], w2[i], True).sum(1)
         return routed + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
 
     def peer(i):
@@ -145,7 +145,8 @@ def bench_router(tokens: int, sweep: bool) -> dict:
         same = all(torch.equal(fused(i)[1].sort(-1).values, peer(i)[1].sort(-1).values) for i in range(layers))
         result = dict(tokens=tokens, peer_us=round(graph_time_us(peer, layers), 2),
                       split_us=round(graph_time_us(split, layers), 2),
-                      fused_us=round(graph_time_us(fused, layers), 2), tiles=list(moe_decode.ROUTER_TILES),
+                      fused_us=round(graph_time_us(fused, layers), 2),
+                      tiles=list(moe_decode.ROUTER_TILES if tokens <= 2 else moe_decode.ROUTER_TILES_BATCHED),
                       route_warps=moe_decode.ROUTE_WARPS, same_experts_as_peer=same)
         if sweep:
             timings = []

@@ -2,6 +2,7 @@
 
     python bench/skinny_linear.py                 # bench-1b's projection shapes, 1 and 32 rows
     python bench/skinny_linear.py --sweep         # also time every tile config in CONFIGS
+    python bench/skinny_linear.py --rows 1 --sweep-gemv   # the mat-vec kernel's configs (GEMV_CONFIGS)
 
 Each call is timed inside a CUDA graph of many calls (as a decode step replays them), cycling
 through enough copies of the weight to exceed the L2 cache, so every call streams its weight
@@ -39,6 +40,7 @@ SHAPES = [
     ("lm_head", "linear", (32000,), 1024),
 ]
 FORMS = {"linear": skinny.LINEAR, "pair": skinny.PAIR, "swiglu": skinny.SWIGLU}
+GEMV_CONFIGS = [(bn, bk, w, 3) for bn in (2, 4, 8, 16) for bk in (256, 512) for w in (2, 4, 8)]
 CONFIGS = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w, s in ((4, 3), (4, 4), (2, 3), (8, 3))]
 
 
@@ -65,7 +67,8 @@ def graph_time_us(fn, calls: int, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * calls)
 
 
-def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sweep: bool) -> dict:
+def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sweep: bool,
+                sweep_gemv: bool = False) -> dict:
     dev, dtype = "cuda", torch.bfloat16
     bytes_per_copy = sum(ns) * k * 2
     copies = max(1, min(64, -(-200 * 2**20 // bytes_per_copy)))  # >= 200 MiB of weights: past the L2
@@ -79,9 +82,9 @@ def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sw
             return F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])
         return [F.linear(x, w) for w in ws]
 
-    def ours(i, config=None):
+    def ours(i, config=None, gemv=None):
         ws = weights[i % copies]
-        return skinny._launch(FORMS[form], x, ws[0], ws[1] if len(ws) > 1 else None, config)
+        return skinny._launch(FORMS[form], x, ws[0], ws[1] if len(ws) > 1 else None, config, gemv)
 
     ref = peer(0)
     got = ours(0)
@@ -93,7 +96,23 @@ def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sw
     result = dict(name=name, form=form, n=list(ns), k=k, rows=rows, cublas_us=round(peer_us, 2),
                   nanoseek_us=round(ours_us, 2), speedup=round(peer_us / ours_us, 2),
                   bandwidth_bound_us=round(hbm_us, 2),
-                  tiles=list(skinny.tiles(FORMS[form], rows, max(ns), k)), max_abs_err=err)
+                  tiles=list(skinny.tiles(FORMS[form], rows, max(ns), k)), max_abs_err=err,
+                  gemv=skinny.gemv_ok(x, ns))
+    if rows <= skinny.GEMV_MAX_BATCH:  # both kernels, whichever `gemv_ok` picks
+        result["dot_us"] = round(graph_time_us(lambda i: ours(i, gemv=False), calls), 2)
+        result["gemv_us"] = round(graph_time_us(lambda i: ours(i, gemv=True), calls), 2)
+        result["gemv_tiles"] = list(skinny.GEMV_TILES)
+    if sweep_gemv and rows <= skinny.GEMV_MAX_BATCH:
+        timings = []
+        for config in GEMV_CONFIGS:
+            try:
+                us = graph_time_us(lambda i, c=config: ours(i, c, gemv=True), calls, replays=10)
+            except Exception as e:  # a config that does not compile
+                print(f"  gemv config {config} failed: {type(e).__name__}", flush=True)
+                continue
+            timings.append((round(us, 2), list(config)))
+        timings.sort()
+        result["best_gemv_configs"] = timings[:5]
     if sweep:
         bm = max(16, 1 << (rows - 1).bit_length())
         timings = []
@@ -115,6 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,32", help="comma-separated rows of x (tokens per step)")
     ap.add_argument("--sweep", action="store_true", help="time every tile config too")
+    ap.add_argument("--sweep-gemv", action="store_true", help="time every mat-vec config (1-2 rows)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -126,7 +146,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "triton": __import__("triton").__version__},
         "config": vars(args),
-        "results": [bench_shape(*shape, rows=int(r), sweep=args.sweep)
+        "results": [bench_shape(*shape, rows=int(r), sweep=args.sweep, sweep_gemv=args.sweep_gemv)
                     for r in args.rows.split(",") for shape in SHAPES],
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"skinny_linear-{record['date']}.json")

@@ -68,10 +68,13 @@ def test_route_kernel_matches_router(device, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tokens,n_shared", [(1, 0), (2, 0), (3, 0), (5, 0), (33, 0), (1, 1), (2, 2)])
-def test_experts_kernel_matches_looped(device, tokens, n_shared):
-    """Routed experts (and, on the pair-major path for 1-2 tokens, the shared experts riding along)
-    against the looped reference plus the shared MLP."""
+@pytest.mark.parametrize("tokens,pair_major,n_shared", [
+    (1, True, 0), (2, True, 0), (1, True, 1), (2, True, 2), (5, True, 1),  # pair-major, shared experts riding along
+    (1, False, 0), (3, False, 0), (5, False, 0), (33, False, 0),  # expert-major
+])
+def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
+    """Routed experts (and, on the pair-major path, the shared experts riding along) against the
+    looped reference plus the shared MLP."""
     from nanoseek.kernels.moe_decode import experts
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -92,7 +95,7 @@ def test_experts_kernel_matches_looped(device, tokens, n_shared):
         if shared is not None:
             ref = (ref.float() + shared(x).float()).to(dtype)
             weights = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-        y = experts(x, ids, gates, moe.w13, moe.w2, *weights)
+        y = experts(x, ids, gates, moe.w13, moe.w2, pair_major, *weights)
         assert y.shape == (tokens, 4 + n_shared, cfg.hidden_size)
         out = y.sum(1).to(dtype)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
@@ -114,6 +117,16 @@ def test_skinny_kernels_match_linear(device, rows):
     w_up = (torch.randn(100, K, device=device) * 0.1).to(dtype)
     F = torch.nn.functional
     with torch.no_grad():
+        for gemv in (False, True):  # both kernels, whatever `gemv_ok` would pick
+            w_n = (torch.randn(48, K, device=device) * 0.1).to(dtype)  # the mat-vec kernel takes multiples of 16
+            ya, yb = skinny._launch(skinny.PAIR, x, w_n, w_b[:32], gemv=gemv)
+            torch.testing.assert_close(ya, F.linear(x, w_n), **tol)
+            torch.testing.assert_close(yb, F.linear(x, w_b[:32]), **tol)
+            ref = F.silu(F.linear(x.float(), w_n.float())) * F.linear(x.float(), w_a[:48].float())
+            y = skinny._launch(skinny.SWIGLU, x, w_n, w_a[:48].contiguous(), gemv=gemv)[0]
+            torch.testing.assert_close(y.float(), ref, **tol)
+            torch.testing.assert_close(skinny._launch(skinny.LINEAR, x, w_n, None, gemv=gemv)[0], F.linear(x, w_n),
+                                       **tol)
         torch.testing.assert_close(skinny.linear(x, w_a), F.linear(x, w_a), **tol)
         y_a, y_b = skinny.pair(x, w_a, w_b)
         torch.testing.assert_close(y_a, F.linear(x, w_a), **tol)
@@ -148,3 +161,38 @@ def test_model_decode_step_with_skinny_kernels_matches_cublas(monkeypatch):
     monkeypatch.setattr(mla, "skinny_available", lambda *a: False)
     slow = step()
     torch.testing.assert_close(fast.float(), slow.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads,kv_len,positions", [
+    (4, 16, [[9]]),  # one row, one chunk
+    (4, 64, [[5, 6], [40, 63]]),  # a 2-token step on 2 rows: chunks past a row's position are skipped
+    (20, 4096, [[3000]]),  # two head groups; 64 chunks of two 32-key steps each
+])
+def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions):
+    """The three-launch absorbed attention (W_uk product, split-key partials, merge with W_uv)
+    against `MLA.absorbed`'s matmul path."""
+    from nanoseek.kernels import mla_decode
+    from nanoseek.model import mla as mla_module
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = preset("debug", num_attention_heads=heads, num_key_value_heads=heads)
+    torch.manual_seed(3)
+    attn = mla_module.MLA(cfg, 0).to(device, dtype).eval()
+    for p in attn.parameters():
+        p.data.normal_(0, 0.2)
+    pos = torch.tensor(positions, device=device)
+    B, S = pos.shape
+    q_nope = torch.randn(B, S, heads, cfg.qk_nope_head_dim, device=device, dtype=dtype)
+    q_pe = torch.randn(B, S, heads, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+    cache = torch.randn(B, kv_len + 5, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device, dtype=dtype)
+    latent = cache[:, :kv_len]  # a view with the cache's row stride, as `LatentCache.read` gives
+    assert mla_decode.supported(q_nope, latent, cfg.kv_lora_rank)
+    with torch.no_grad():
+        out = attn.o_proj(mla_decode.attention(q_nope, q_pe, latent, pos, attn.kv_b_proj.weight, attn.scale,
+                                               cfg.v_head_dim))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(mla_module, "mla_kernel_available", lambda *a: False)
+            ref = attn.absorbed(q_nope, q_pe, latent, pos)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)

@@ -23,7 +23,7 @@ stacked as w13 (E, 2I, D) = [gate ; up] and w2 (E, D, I), in three kernels:
     out[t] = sum_k y[t * K + k]                                          (by the caller)
 Each program reads its expert's weight tile once per 16 pairs, so a batch-1 step reads only the
 K selected experts and a batch-32 step reads each used expert once. For at most
-PAIR_MAJOR_MAX_TOKENS tokens two mat-vec kernels do without the pair lists (and without most
+PAIR_MAJOR_MAX_TOKENS tokens (`pair_major=True`) two mat-vec kernels do without the pair lists (and without most
 programs of an (E, n-block) grid exiting at once): programs (n-block, pair) stream ids[p]'s rows
 directly, and the shared experts ride along as more pairs of gate 1, so a batch-1 MoE layer is
 two launches (bench-1b: 12.5 us against 23.2 for routed and shared experts apart,
@@ -149,13 +149,16 @@ def _(logits, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scal
     return logits.new_empty(T, k), logits.new_empty(T, k, dtype=torch.int64)
 
 
-ROUTER_TILES = (4, 256, 1)  # (experts per program, reduction step, warps); bench/moe_decode_kernels.py
+# (router rows per program, reduction step, warps) for 1-2 tokens and for more; bench/moe_decode_kernels.py.
+# The reduction step is the same for both: each logit's arithmetic does not depend on the batch.
+ROUTER_TILES = (1, 256, 1)
+ROUTER_TILES_BATCHED = (4, 256, 1)
 ROUTER_MAX_TOKENS = 64  # a decode step; prefills keep cuBLAS's matmul (each program re-reads its router rows)
 
 
 def router_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """`router` takes decode-sized x (T, D) with D a multiple of 16 (no masked tail)."""
-    return 0 < x.shape[0] <= ROUTER_MAX_TOKENS and x.shape[1] % 16 == 0 and weight.shape[0] % ROUTER_TILES[0] == 0
+    return 0 < x.shape[0] <= ROUTER_MAX_TOKENS and x.shape[1] % 16 == 0 and weight.shape[0] % 4 == 0
 
 
 @torch.library.custom_op("nanoseek::moe_router", mutates_args=())
@@ -177,7 +180,7 @@ def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_to
     gates = torch.empty(T, k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    be, bd, warps = tiles or ROUTER_TILES
+    be, bd, warps = tiles or (ROUTER_TILES if T <= 2 else ROUTER_TILES_BATCHED)
     w = weight.float().contiguous()
     _router_kernel[(T, E // be)](x.contiguous(), w, bias if bias is not None else w, logits,
                                  arrivals, gates, ids, scale, D=D, E=E, G=n_group,
@@ -322,12 +325,14 @@ def _pair_down_kernel(act_ptr, ids_ptr, w2_ptr, sd_ptr, gates_ptr, y_ptr, D: tl.
     tl.store(y_ptr + p * D + n, tl.sum(acc, 1) * gate)
 
 
-PAIR_MAJOR_MAX_TOKENS = 2  # up to here each (token, expert) pair streams its expert's weights itself
+PAIR_MAJOR_MAX_TOKENS = 8  # batch rows x tokens per row that may take the pair-major mat-vecs
 PAIR_TILES = (4, 256, 4, 3)  # (BN, BK, warps, stages) of the pair-major mat-vecs; bench/moe_decode_kernels.py
 
 
 def pair_major_ok(x: torch.Tensor, w13: torch.Tensor) -> bool:
-    """The pair-major mat-vecs take D and I that are multiples of 16 (no masked tails)."""
+    """The pair-major mat-vecs take at most PAIR_MAJOR_MAX_TOKENS tokens, D and I multiples of 16
+    (no masked tails). Callers choose by batch rows, not tokens (`MoE.forward`), so that a plain and
+    a speculative step of the same batch take the same path and arithmetic."""
     D, I = x.shape[1], w13.shape[1] // 2
     return x.shape[0] <= PAIR_MAJOR_MAX_TOKENS and D % 16 == 0 and I % 16 == 0
 
@@ -369,17 +374,18 @@ def _tiles(tokens: int) -> tuple[int, int, int]:
 
 @torch.library.custom_op("nanoseek::moe_experts", mutates_args=())
 def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-            shared_gate: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
+            pair_major: bool, shared_gate: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
             shared_down: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, D), ids/gates (T, K), w13 (E, 2I, D), w2 (E, D, I) -> y (T, K, D) fp32, the gated output
     of each (token, expert) pair; the caller sums over K (where torch.compile fuses the sum into the
-    next additions). With the shared experts' SwiGLU weights (gate/up (NS*I, D), down (D, NS*I);
-    pair-major path only, see `pair_major_ok`) y is (T, K + NS, D): the shared experts ride along as
-    NS more I-wide pairs of gate 1."""
-    return _experts(x, ids, gates, w13, w2, shared_gate, shared_up, shared_down)
+    next additions). pair_major: run the pair-major mat-vecs (needs `pair_major_ok`), else the
+    expert-major kernels. With the shared experts' SwiGLU weights (gate/up (NS*I, D), down
+    (D, NS*I); pair-major only) y is (T, K + NS, D): the shared experts ride along as NS more I-wide
+    pairs of gate 1."""
+    return _experts(x, ids, gates, w13, w2, pair_major, shared_gate, shared_up, shared_down)
 
 
-def _experts(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_down=None, tiles=None):
+def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None, tiles=None):
     """`experts`; tiles (BN, BK, warps, stages) overrides PAIR_TILES (for the benchmark)."""
     T, D = x.shape
     K = ids.shape[1]
@@ -390,10 +396,13 @@ def _experts(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_do
     shared = None
     if shared_gate is not None:
         shared = tuple(w.to(x.dtype).contiguous() for w in (shared_gate, shared_up, shared_down))
-    if pair_major_ok(x, w13):  # no pair lists: programs per (pair, strip of outputs)
+    if pair_major:  # no pair lists: programs per (pair, strip of outputs)
+        if not pair_major_ok(x, w13):
+            raise ValueError(f"moe_experts: {T} tokens of width {D}, experts of width {I} do not fit the pair-major "
+                             "kernels (see pair_major_ok); pass pair_major=False")
         return _pair_major(x, ids, gates, w13, w2, shared, tiles)
     if shared is not None:
-        raise ValueError("moe_experts: shared experts ride along only on the pair-major path (pair_major_ok)")
+        raise ValueError("moe_experts: shared experts ride along only on the pair-major path (pair_major=True)")
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
     slots = torch.empty(E, max(T, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
@@ -409,6 +418,6 @@ def _experts(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_do
 
 
 @experts.register_fake
-def _(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_down=None):
+def _(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None):
     slots = ids.shape[1] + (shared_gate.shape[0] // (w13.shape[1] // 2) if shared_gate is not None else 0)
     return x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)

@@ -6,9 +6,11 @@ At batch 1 a projection is a matrix-vector product that must stream the weight o
 tiles 64 outputs wide for these shapes, so a 512 x 1024 weight is read by 8 thread blocks and the
 call takes ~4.4 us on the H200 (`bench/results/decode_profile-*.json`). Here every program owns a
 narrow strip of BN outputs (many programs, all SMs streaming) and the rows of x ride along in one
-tl.dot tile (16 rows minimum, masked).
+tl.dot tile (16 rows minimum, masked). Batches of one or two rows (`gemv_ok`) take a plain
+mat-vec kernel instead: 4 outputs per program and fp32 multiply-adds, more programs with less
+latency each (`bench/results/skinny_linear-*.json`).
 
-Three forms, one kernel:
+Three forms, in each kernel:
     linear:  y = x W^T                                          (M, N)
     pair:    ya = x Wa^T, yb = x Wb^T in one launch              two projections of the same input
     swiglu:  y = silu(x Wg^T) * (x Wu^T)                         a SwiGLU's gate and up, fused
@@ -59,6 +61,58 @@ def _skinny_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, stride_x, NA, NB, K
     tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gemv_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, stride_x, NA, NB, K: tl.constexpr, MODE: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """Program (n-block, row m): the same three forms as plain mat-vecs, BN weight rows per program and
+    multiply-adds in fp32 (no 16-row tl.dot tile). Needs BN | NA, NB and BK | K (no masks)."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    w_ptr, y_ptr, N = wa_ptr, ya_ptr, NA
+    if MODE == 1:
+        blocks_a = NA // BN
+        if pid >= blocks_a:
+            w_ptr, y_ptr, N = wb_ptr, yb_ptr, NB
+            pid = pid - blocks_a
+    n = pid * BN + tl.arange(0, BN)
+    w_rows = n[:, None].to(tl.int64) * K  # (BN, 1)
+    acc = tl.zeros((BN, BK), tl.float32)
+    acc_up = tl.zeros((BN, BK), tl.float32)
+    for k0 in tl.range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        xv = tl.load(x_ptr + m * stride_x + k).to(tl.float32)[None, :]
+        acc += tl.load(w_ptr + w_rows + k[None, :]).to(tl.float32) * xv
+        if MODE == 2:
+            acc_up += tl.load(wb_ptr + w_rows + k[None, :]).to(tl.float32) * xv
+    y = tl.sum(acc, 1)
+    if MODE == 2:
+        y = y * tl.sigmoid(y) * tl.sum(acc_up, 1)
+    tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty))
+
+
+GEMV_MAX_BATCH = 2  # x (B, ..., K) with B <= 2 and at most GEMV_MAX_ROWS rows takes the mat-vec kernel
+GEMV_MAX_ROWS = 8
+GEMV_TILES = (4, 256, 4, 3)  # (BN, BK, warps, stages); bench/skinny_linear.py --sweep
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n."""
+    b = cap
+    while n % b:
+        b //= 2
+    return b
+
+
+def gemv_ok(x: torch.Tensor, n_outputs: tuple[int, ...]) -> bool:
+    """Mat-vecs for batch-1/2 decode steps: x (B, ..., K) with B <= GEMV_MAX_BATCH, at most GEMV_MAX_ROWS
+    rows, K and every output count multiples of 16. The choice goes by the batch (leading) dimension,
+    not rows, so a plain step (B, 1, K) and a speculative one (B, S, K) take the same arithmetic."""
+    K = x.shape[-1]
+    rows = x.numel() // max(K, 1)
+    return (x.shape[0] <= GEMV_MAX_BATCH and rows <= GEMV_MAX_ROWS and K % 16 == 0
+            and all(n % 16 == 0 for n in n_outputs))
+
+
 def tiles(mode: int, rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, warps, stages). All rows in one tile (16 is tl.dot's minimum); strips of 16
     outputs (at least 32 programs for bench-1b's smallest weights), 64 for a vocabulary-sized head;
@@ -73,23 +127,35 @@ def tiles(mode: int, rows: int, n: int, k: int) -> tuple[int, int, int, int, int
 
 
 def _launch(mode: int, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None,
-            config: tuple[int, int, int, int, int] | None = None) -> list[torch.Tensor]:
-    """Run one form; returns [y] ([ya, yb] for PAIR) shaped (..., N). config (BM, BN, BK, warps,
-    stages) overrides `tiles` (for `bench/skinny_linear.py`)."""
+            config: tuple[int, ...] | None = None, gemv: bool | None = None) -> list[torch.Tensor]:
+    """Run one form; returns [y] ([ya, yb] for PAIR) shaped (..., N). gemv: the mat-vec kernel (None:
+    `gemv_ok` decides). config overrides the tiles: (BN, BK, warps, stages) for the mat-vec kernel,
+    (BM, BN, BK, warps, stages) for the tl.dot one (for `bench/skinny_linear.py`)."""
     K = x.shape[-1]
+    NA = wa.shape[0]
+    NB = wb.shape[0] if wb is not None else 0
+    if gemv is None:
+        gemv = gemv_ok(x, (NA, NB))
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    M, NA = x2.shape[0], wa.shape[0]
-    NB = wb.shape[0] if wb is not None else 0
+    M = x2.shape[0]
     ya = torch.empty(M, NA, dtype=x.dtype, device=x.device)
     yb = torch.empty(M, NB, dtype=x.dtype, device=x.device) if mode == PAIR else ya  # ya: an unused stand-in
-    bm, bn, bk, warps, stages = config or tiles(mode, M, max(NA, NB), K)
-    blocks = triton.cdiv(NA, bn) + (triton.cdiv(NB, bn) if mode == PAIR else 0)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
-    _skinny_kernel[(blocks, triton.cdiv(M, bm))](x2, wa, wb if wb is not None else wa, ya, yb, M, x2.stride(0),
-                                                 NA, NB, K, MODE=mode, BM=bm, BN=bn, BK=bk, PRECISION=precision,
-                                                 num_warps=warps, num_stages=stages)
+    wb_arg = wb if wb is not None else wa
+    if gemv:
+        bn, bk, warps, stages = config or GEMV_TILES
+        bn = _pow2_divisor(NA, bn) if mode != PAIR else _pow2_divisor(NA, _pow2_divisor(NB, bn))
+        blocks = NA // bn + (NB // bn if mode == PAIR else 0)
+        _gemv_kernel[(blocks, M)](x2, wa, wb_arg, ya, yb, x2.stride(0), NA, NB, K, MODE=mode, BN=bn,
+                                  BK=_pow2_divisor(K, bk), num_warps=warps, num_stages=stages)
+    else:
+        bm, bn, bk, warps, stages = config or tiles(mode, M, max(NA, NB), K)
+        blocks = triton.cdiv(NA, bn) + (triton.cdiv(NB, bn) if mode == PAIR else 0)
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
+        _skinny_kernel[(blocks, triton.cdiv(M, bm))](x2, wa, wb_arg, ya, yb, M, x2.stride(0), NA, NB, K, MODE=mode,
+                                                     BM=bm, BN=bn, BK=bk, PRECISION=precision, num_warps=warps,
+                                                     num_stages=stages)
     outs = [ya, yb] if mode == PAIR else [ya]
     return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import skinny_available
+from nanoseek.kernels import skinny_available, triton_available
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.common import Linear, RMSNorm
 from nanoseek.model.rope import apply_rope
@@ -117,6 +117,12 @@ class MLA(nn.Module):
                  positions: torch.Tensor) -> torch.Tensor:
         """Attention over cached latents [c_kv ; k_pe] (B, T, R + P) for queries at positions (B, S)."""
         B, S, H, _ = q_nope.shape
+        if not self.training and mla_kernel_available(q_nope, latent, self.kv_rank):  # a few rows on a GPU
+            from nanoseek.kernels import mla_decode
+
+            out = mla_decode.attention(q_nope, q_pe, latent, positions, self.kv_b_proj.weight, self.scale,
+                                       self.v_dim)
+            return self.o_proj(out)
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, R), (H, V, R)
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # query in latent space
@@ -124,6 +130,15 @@ class MLA(nn.Module):
         o_lat = latent_attention(q_all, latent, positions, self.scale, self.kv_rank)  # (B, S, H, R)
         out = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # (B, S, H, V)
         return self.o_proj(out.reshape(B, S, H * self.v_dim))
+
+
+def mla_kernel_available(q_nope: torch.Tensor, latent: torch.Tensor, rank: int) -> bool:
+    """Inference on a GPU with Triton, for the few rows `nanoseek.kernels.mla_decode` takes."""
+    if not triton_available(q_nope) or torch.is_grad_enabled():
+        return False
+    from nanoseek.kernels import mla_decode
+
+    return mla_decode.supported(q_nope, latent, rank)
 
 
 def latent_attention(q_all: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor, scale: float,

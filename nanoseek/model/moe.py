@@ -31,6 +31,7 @@ from nanoseek.kernels import triton_available
 from nanoseek.model.common import MLP
 
 DECODE_KERNEL_MAX_TOKENS = 64  # above this the grouped GEMM path is faster (and the kernels' pair lists grow)
+PAIR_MAJOR_MAX_BATCH = 2  # decode batches of at most this many rows run the pair-major expert mat-vecs
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +188,10 @@ class MoE(nn.Module):
                 from nanoseek.kernels import moe_decode
 
                 x_in = autocast_input(flat)
-                shared = self.shared_weights_for_kernel(x_in)
-                y = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2, *shared)
+                # by batch rows (PAIR_MAJOR_MAX_BATCH), so a speculative step takes a plain step's path
+                pair_major = B <= PAIR_MAJOR_MAX_BATCH and moe_decode.pair_major_ok(x_in, self.experts.w13)
+                shared = self.shared_weights_for_kernel(x_in) if pair_major else ()
+                y = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2, pair_major, *shared)
                 out = y.sum(1).to(x_in.dtype).view(B, S, D)
                 if shared:  # the shared experts rode along as more pairs
                     return out
@@ -215,13 +218,11 @@ class MoE(nn.Module):
                 and route_shape_supported(cfg.n_routed_experts, self.gate.groups))
 
     def shared_weights_for_kernel(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The shared experts' (gate, up, down) weights when the routed-experts kernel can run them as
-        extra pairs (pair-major path: its width a multiple of the routed experts', weights of x's
-        dtype); () otherwise, and the shared MLP runs on its own."""
-        from nanoseek.kernels import moe_decode
-
+        """The shared experts' (gate, up, down) weights when the pair-major experts kernel can run them
+        as extra pairs (their width a multiple of the routed experts', weights of x's dtype); ()
+        otherwise, and the shared MLP runs on its own."""
         mlp = self.shared_experts
-        if mlp is None or not moe_decode.pair_major_ok(x, self.experts.w13):
+        if mlp is None:
             return ()
         weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
         if mlp.gate_proj.weight.shape[0] % self.experts.width or any(w.dtype != x.dtype for w in weights):

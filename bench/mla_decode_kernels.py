@@ -1,0 +1,96 @@
+"""Absorbed MLA attention for small decode batches: nanoseek's three Triton kernels against the matmul path.
+
+    python bench/mla_decode_kernels.py            # bench-1b's attention shapes
+    python bench/mla_decode_kernels.py --sweep    # also time the tile configs in CONFIGS
+
+One layer's attention from q (nope and rope parts) to the per-head values (before o_proj), over a
+latent cache bucket of 1,024 positions with rows at position 600 (a 512-token prompt, some tokens
+in), timed inside a CUDA graph of many layers with their own weights and caches (past the L2):
+- `kernels`: `nanoseek.kernels.mla_decode.attention` (W_uk product, split-key partials, merge with W_uv);
+- `peer`: the matmul path of `MLA.absorbed` (two einsums with W, scores, softmax, values).
+Writes bench/results/mla_decode_kernels-DATE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.skinny_linear import graph_time_us  # noqa: E402
+from nanoseek.kernels import mla_decode  # noqa: E402
+from nanoseek.model.mla import latent_attention  # noqa: E402
+
+H, N, P, V, R = 8, 128, 64, 128, 512  # bench-1b
+BUCKET, POSITION = 1024, 600
+CONFIGS = ([(bt, w, 32, 8) for bt in (16, 32, 64) for w in (2, 4, 8)]
+           + [(32, 4, bv, w) for bv in (16, 64) for w in (4, 8)] + [(32, 4, 32, 4)])
+
+
+def bench(batch: int, queries: int, sweep: bool) -> dict:
+    dev, dt = "cuda", torch.bfloat16
+    layers = 48  # 48 x (2 MiB of kv_b weight + 1.2 MiB of cache per row): past the 50 MiB L2
+    torch.manual_seed(0)
+    w = [torch.randn(H * (N + V), R, device=dev, dtype=dt) * 0.05 for _ in range(layers)]
+    cache = [torch.randn(batch, BUCKET, R + P, device=dev, dtype=dt) for _ in range(layers)]
+    q_nope = torch.randn(batch, queries, H, N, device=dev, dtype=dt)
+    q_pe = torch.randn(batch, queries, H, P, device=dev, dtype=dt)
+    positions = POSITION + torch.arange(queries, device=dev).expand(batch, queries).contiguous()
+    scale = (N + P) ** -0.5
+
+    def ours(i, tiles=None):
+        return mla_decode._attention(q_nope, q_pe, cache[i], positions, w[i], scale, V, tiles=tiles)
+
+    def peer(i):
+        wv = w[i].view(H, N + V, R)
+        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, wv[:, :N])
+        o_lat = latent_attention(torch.cat((q_lat, q_pe), dim=-1), cache[i], positions, scale, R)
+        return torch.einsum("bshr,hvr->bshv", o_lat, wv[:, N:]).reshape(batch, queries, H * V)
+
+    err = (ours(0).float() - peer(0).float()).abs().max().item()
+    peer_us, ours_us = graph_time_us(peer, layers), graph_time_us(ours, layers)
+    result = dict(batch=batch, queries=queries, kv_bucket=BUCKET, position=POSITION, peer_us=round(peer_us, 2),
+                  kernels_us=round(ours_us, 2), speedup=round(peer_us / ours_us, 2), tiles=list(mla_decode.TILES),
+                  max_abs_err=err)
+    if sweep:
+        timings = []
+        for config in CONFIGS:
+            try:
+                timings.append((round(graph_time_us(lambda i, c=config: ours(i, c), layers, replays=10), 2),
+                                list(config)))
+            except Exception as e:  # a config that does not compile
+                print(f"  config {config} failed: {type(e).__name__}", flush=True)
+        timings.sort()
+        result["configs"] = timings
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/mla_decode_kernels.py needs a CUDA GPU")
+    results = [bench(1, 1, args.sweep), bench(1, 2, args.sweep), bench(4, 1, False)]
+    record = {"benchmark": "mla_decode_kernels", "date": time.strftime("%Y-%m-%d"),
+              "device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                           "triton": __import__("triton").__version__},
+              "config": dict(vars(args), H=H, N=N, P=P, V=V, R=R), "results": results}
+    out = Path(args.out or Path(__file__).parent / "results" / f"mla_decode_kernels-{record['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Triton kernels for MLA decode steps of a few rows: the absorbed attention of `MLA.absorbed`, from
+the query's nope part to the per-head values, in three launches.
+
+Shapes: rows = B * S query tokens, H heads, N nope dim, P rope dim, V value dim, R kv_lora_rank,
+T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R) = [W_uk ; W_uv].
+
+    q_lat[t, h]   = W_uk[h]^T q_nope[t, h]                                   (rows, H, R)
+    scores[t,h,k] = scale * (q_lat[t, h] . c[k] + q_pe[t, h] . k_pe[k])      keys k <= position[t]
+    o_lat[t, h]   = sum_k softmax(scores[t, h])_k c[k]                       (rows, H, R)
+    out[t, h]     = W_uv[h] o_lat[t, h]                                      (rows, H * V)
+
+1. `_q_latent_kernel`, program (head, block of R): the W_uk product for every row at once.
+2. `_partials_kernel`, program (row, key chunk, group of 16 heads): scores, a softmax over its chunk
+   and the weighted sum of the chunk's latents (split-key "flash decoding"): partial o (unnormalised),
+   max m and sum l. Chunks that start past the row's position exit at once, so a CUDA graph
+   captured for a kv_len bucket reads only the positions each row has (the matmul path reads the
+   whole bucket, twice).
+3. `_merge_kernel`, program (row, head, block of V): rescales the chunks' partials by exp(m - max),
+   normalises, and applies W_uv.
+The matmul path it replaces takes six launches (two einsums with W, two over the cache, a softmax,
+a concatenation). Reference: `nanoseek.model.mla.MLA.absorbed`; tests in `tests/test_kernels.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Batches of at most MAX_BATCH rows and MAX_QUERIES tokens per row (plain and speculative steps alike,
+# so both take the same arithmetic); larger batches keep the matmuls, which read each row's cache anyway.
+MAX_BATCH = 4
+MAX_QUERIES = 4
+MAX_CHUNKS = 64  # beyond 64 steps of keys (TILES[0] each) a chunk takes several steps
+HEADS_PER_PROGRAM = 16  # tl.dot's minimum rows; fewer heads are masked
+
+
+def _dot_dim(n: int) -> int:
+    """A tile side for a dimension n: a power of two, at least tl.dot's 16 (the excess is masked)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _q_latent_kernel(q_ptr, w_ptr, out_ptr, rows, stride_qt, stride_qh, H: tl.constexpr, N: tl.constexpr,
+                     NV: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Program (h, r-block): q_lat[t, h, r] = sum_n q_nope[t, h, n] W[h, n, r] for all rows t (<= BM)."""
+    h = tl.program_id(0)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    t = tl.arange(0, BM)
+    n = tl.arange(0, BN)
+    q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + n[None, :],
+                mask=(t[:, None] < rows) & (n[None, :] < N), other=0.0)  # (BM, BN)
+    w = tl.load(w_ptr + (h * NV + n[:, None]).to(tl.int64) * R + r[None, :], mask=n[:, None] < N, other=0.0)
+    acc = tl.dot(q, w, input_precision=PRECISION)  # (BM, BR)
+    tl.store(out_ptr + (t[:, None] * H + h) * R + r[None, :], acc.to(out_ptr.dtype.element_ty), mask=t[:, None] < rows)
+
+
+@triton.jit
+def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale, T, stride_pt, stride_ph,
+                     stride_lb, stride_lt, S: tl.constexpr, H: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
+                     BP: tl.constexpr, HG: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Program (row, chunk, head group): keys [chunk * STEPS * BT, ...) up to the row's position."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    start = chunk * (STEPS * BT)
+    position = tl.load(pos_ptr + row)
+    if start <= position:  # later chunks hold no visible key: the merge never reads them
+        h = tl.program_id(2) * HG + tl.arange(0, HG)
+        h_ok = h < H
+        r = tl.arange(0, R)
+        p = tl.arange(0, BP)
+        q_c = tl.load(q_lat_ptr + (row * H + h[:, None]) * R + r[None, :], mask=h_ok[:, None], other=0.0)
+        q_p = tl.load(q_pe_ptr + row * stride_pt + h[:, None] * stride_ph + p[None, :],
+                      mask=h_ok[:, None] & (p[None, :] < P), other=0.0)
+        lat = lat_ptr + (row // S).to(tl.int64) * stride_lb
+        end = tl.minimum(position + 1, T)  # keys [start, end) are visible
+        m = tl.full((HG,), float("-inf"), tl.float32)
+        l_sum = tl.zeros((HG,), tl.float32)
+        acc = tl.zeros((HG, R), tl.float32)
+        for step in tl.static_range(STEPS):
+            t = start + step * BT + tl.arange(0, BT)
+            t_ok = t < end
+            keys = lat + t[:, None].to(tl.int64) * stride_lt
+            c = tl.load(keys + r[None, :], mask=t_ok[:, None], other=0.0)  # (BT, R)
+            pe = tl.load(keys + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)  # (BT, BP)
+            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+            s = tl.dot(q_p, tl.trans(pe), s, input_precision=PRECISION) * scale  # (HG, BT)
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # finite: the first step holds key `start`
+            alpha = tl.exp(m - m_new)
+            weights = tl.exp(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(weights, 1)
+            acc = tl.dot(weights.to(c.dtype), c, acc * alpha[:, None], input_precision=PRECISION)
+            m = m_new
+        part = (row * chunks + chunk) * H + h  # (HG,) into the (rows, chunks, H) partials
+        tl.store(o_ptr + part[:, None].to(tl.int64) * R + r[None, :], acc, mask=h_ok[:, None])
+        tl.store(m_ptr + part, m, mask=h_ok)
+        tl.store(l_ptr + part, l_sum, mask=h_ok)
+
+
+@triton.jit
+def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.constexpr, CHUNKS: tl.constexpr,
+                  H: tl.constexpr, N: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BV: tl.constexpr,
+                  BC: tl.constexpr):
+    """Program (row, h, v-block): o_lat = sum_c exp(m_c - max) o_c / sum_c exp(m_c - max) l_c over the
+    row's visible chunks (BC at a time, rescaled online), then out[row, h, v] = W_uv[h, v] . o_lat."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.arange(0, R)
+    v = tl.program_id(2) * BV + tl.arange(0, BV)
+    # the weight tile first: its load does not wait for the partials
+    w = tl.load(w_ptr + (h * (N + V) + N + v[:, None]).to(tl.int64) * R + r[None, :], mask=v[:, None] < V, other=0.0)
+    visible = tl.load(pos_ptr + row) // CHUNK_KEYS + 1  # chunks that hold a visible key
+    c = tl.arange(0, BC)
+    base = row * CHUNKS * H + h
+    m_run = tl.max(tl.full((BC,), float("-inf"), tl.float32), 0)
+    denom = tl.sum(tl.zeros((BC,), tl.float32), 0)
+    o_lat = tl.zeros((R,), tl.float32)
+    for c0 in tl.range(0, CHUNKS, BC):  # one step unless the context is long
+        ok = c0 + c < visible
+        m_c = tl.load(m_ptr + base + (c0 + c) * H, mask=ok, other=float("-inf"))  # (BC,)
+        l_c = tl.load(l_ptr + base + (c0 + c) * H, mask=ok, other=0.0)
+        o_c = tl.load(o_ptr + (base + (c0 + c)[:, None] * H).to(tl.int64) * R + r[None, :], mask=ok[:, None],
+                      other=0.0)  # (BC, R)
+        m_new = tl.maximum(m_run, tl.max(m_c, 0))  # finite: chunk 0 is always visible
+        alpha = tl.exp(m_run - m_new)
+        weight = tl.exp(m_c - m_new)
+        denom = denom * alpha + tl.sum(weight * l_c, 0)
+        o_lat = o_lat * alpha + tl.sum(o_c * weight[:, None], 0)
+        m_run = m_new
+    out = tl.sum(w.to(tl.float32) * (o_lat / denom)[None, :], 1)  # (BV,)
+    tl.store(out_ptr + (row * H + h) * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
+
+
+def supported(q_nope: torch.Tensor, latent: torch.Tensor, rank: int) -> bool:
+    """The kernels take q_nope (B, S, H, N) with B <= MAX_BATCH and S <= MAX_QUERIES, a power-of-two
+    kv_lora_rank (>= 16) and latents of the query's dtype."""
+    B, S = q_nope.shape[:2]
+    return (0 < B <= MAX_BATCH and 0 < S <= MAX_QUERIES and rank >= 16 and rank & (rank - 1) == 0
+            and latent.dtype == q_nope.dtype and latent.stride(-1) == 1)
+
+
+@torch.library.custom_op("nanoseek::mla_decode", mutates_args=())
+def attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor,
+              w_kv_b: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
+    """q_nope (B, S, H, N), q_pe (B, S, H, P), latent [c_kv ; k_pe] (B, T, R + P), positions (B, S),
+    w_kv_b = kv_b_proj.weight (H * (N + V), R) -> per-head values (B, S, H * V) in q's dtype."""
+    return _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim)
+
+
+TILES = (32, 4, 16, 8)  # (keys per step, partials' warps, V block, merge's warps); bench/mla_decode_kernels.py
+
+
+def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None):
+    """`attention`; tiles overrides TILES (for the benchmark)."""
+    block_keys, partial_warps, block_v, merge_warps = tiles or TILES
+    B, S, H, N = q_nope.shape
+    P, T, R = q_pe.shape[-1], latent.shape[1], w_kv_b.shape[1]
+    rows, dev = B * S, q_nope.device
+    precision = "ieee" if q_nope.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
+    q_nope, q_pe = q_nope.reshape(rows, H, N), q_pe.reshape(rows, H, P)
+    w = w_kv_b.contiguous()
+    positions = positions.reshape(rows).contiguous()
+
+    q_lat = torch.empty(rows, H, R, dtype=q_nope.dtype, device=dev)
+    block_r = min(R, 64)
+    _q_latent_kernel[(H, R // block_r)](q_nope, w, q_lat, rows, q_nope.stride(0), q_nope.stride(1), H=H, N=N,
+                                        NV=N + v_dim, R=R, BM=16, BN=_dot_dim(N), BR=block_r, PRECISION=precision)
+
+    chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS)
+    steps = triton.cdiv(T, chunks * block_keys)
+    o = torch.empty(rows, chunks, H, R, dtype=torch.float32, device=dev)
+    m = torch.empty(rows, chunks, H, dtype=torch.float32, device=dev)
+    l_sum = torch.empty(rows, chunks, H, dtype=torch.float32, device=dev)
+    _partials_kernel[(rows, chunks, triton.cdiv(H, HEADS_PER_PROGRAM))](
+        q_lat, q_pe, latent, positions, o, m, l_sum, scale, T, q_pe.stride(0), q_pe.stride(1), latent.stride(0),
+        latent.stride(1), S=S, H=H, R=R, P=P, BP=_dot_dim(P), HG=HEADS_PER_PROGRAM, BT=block_keys, STEPS=steps,
+        PRECISION=precision, num_warps=partial_warps)
+
+    out = torch.empty(rows, H, v_dim, dtype=q_nope.dtype, device=dev)
+    block_v = min(triton.next_power_of_2(v_dim), block_v)
+    _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](
+        o, m, l_sum, positions, w, out, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
+        BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), num_warps=merge_warps)
+    return out.view(B, S, H * v_dim)
+
+
+@attention.register_fake
+def _(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim):
+    B, S, H, _ = q_nope.shape
+    return q_nope.new_empty(B, S, H * v_dim)
