@@ -92,7 +92,7 @@ def _gemv_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, stride_x, NA, NB, K: tl.
 
 GEMV_MAX_BATCH = 2  # x (B, ..., K) with B <= 2 and at most GEMV_MAX_ROWS rows takes the mat-vec kernel
 GEMV_MAX_ROWS = 8
-GEMV_TILES = (4, 256, 4, 3)  # (BN, BK, warps, stages); bench/skinny_linear.py --sweep
+GEMV_TILES = (4, 512, 8, 3)  # (BN, BK, warps, stages); bench/skinny_linear.py --sweep-gemv
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
