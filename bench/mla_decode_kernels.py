@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.skinny_linear import graph_time_us  # noqa: E402
+from bench import kernel_timing  # noqa: E402
 from nanoseek.kernels import mla_decode  # noqa: E402
 from nanoseek.model.mla import latent_attention  # noqa: E402
 
@@ -55,20 +53,12 @@ def bench(batch: int, queries: int, sweep: bool) -> dict:
         return torch.einsum("bshr,hvr->bshv", o_lat, wv[:, N:]).reshape(batch, queries, H * V)
 
     err = (ours(0).float() - peer(0).float()).abs().max().item()
-    peer_us, ours_us = graph_time_us(peer, layers), graph_time_us(ours, layers)
+    peer_us, ours_us = kernel_timing.graph_time_us(peer, layers), kernel_timing.graph_time_us(ours, layers)
     result = dict(batch=batch, queries=queries, kv_bucket=BUCKET, position=POSITION, peer_us=round(peer_us, 2),
                   kernels_us=round(ours_us, 2), speedup=round(peer_us / ours_us, 2), tiles=list(mla_decode.TILES),
                   max_abs_err=err)
     if sweep:
-        timings = []
-        for config in CONFIGS:
-            try:
-                timings.append((round(graph_time_us(lambda i, c=config: ours(i, c), layers, replays=10), 2),
-                                list(config)))
-            except Exception as e:  # a config that does not compile
-                print(f"  config {config} failed: {type(e).__name__}", flush=True)
-        timings.sort()
-        result["configs"] = timings
+        result["configs"] = kernel_timing.sweep(ours, CONFIGS, layers)
     print(json.dumps(result), flush=True)
     return result
 
@@ -81,16 +71,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/mla_decode_kernels.py needs a CUDA GPU")
     results = [bench(1, 1, args.sweep), bench(1, 2, args.sweep), bench(4, 1, False)]
-    record = {"benchmark": "mla_decode_kernels", "date": time.strftime("%Y-%m-%d"),
-              "device": torch.cuda.get_device_name(),
-              "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                           "triton": __import__("triton").__version__},
-              "config": dict(vars(args), H=H, N=N, P=P, V=V, R=R), "results": results}
-    out = Path(args.out or Path(__file__).parent / "results" / f"mla_decode_kernels-{record['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}")
-
+    kernel_timing.write_record("mla_decode_kernels", dict(vars(args), H=H, N=N, P=P, V=V, R=R), args.out,
+                               results=results)
 
 if __name__ == "__main__":
     main()

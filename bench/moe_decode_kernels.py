@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.skinny_linear import graph_time_us  # noqa: E402
+from bench import kernel_timing  # noqa: E402
 from nanoseek import preset  # noqa: E402
 from nanoseek.kernels import moe_decode, skinny  # noqa: E402
 from nanoseek.model.moe import Router  # noqa: E402
@@ -67,20 +65,12 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
 
     err = max((fused(0) - peer(0)).abs().max().item(), (split(0) - peer(0)).abs().max().item())
     expert_bytes = (K + 1) * 3 * I * D * 2
-    result = dict(tokens=tokens, peer_us=round(graph_time_us(peer, layers), 2),
-                  split_us=round(graph_time_us(split, layers), 2), fused_us=round(graph_time_us(fused, layers), 2),
-                  tiles=list(moe_decode.PAIR_TILES), bandwidth_bound_us=round(expert_bytes / 4.3e6, 2),
-                  max_abs_err=err)
+    time_us = {name: round(kernel_timing.graph_time_us(fn, layers), 2)
+               for name, fn in (("peer_us", peer), ("split_us", split), ("fused_us", fused))}
+    result = dict(tokens=tokens, **time_us, tiles=list(moe_decode.PAIR_TILES),
+                  bandwidth_bound_us=round(expert_bytes / 4.3e6, 2), max_abs_err=err)
     if sweep:
-        timings = []
-        for config in CONFIGS:
-            try:
-                us = graph_time_us(lambda i, c=config: fused(i, c), layers, replays=10)
-            except Exception as e:  # a config that does not compile
-                print(f"  config {config} failed: {type(e).__name__}", flush=True)
-                continue
-            timings.append((round(us, 2), list(config)))
-        timings.sort()
+        timings = kernel_timing.sweep(fused, CONFIGS, layers)
         result["best_configs"] = timings[:8]
         result["worst_configs"] = timings[-3:]
     print(json.dumps(result), flush=True)
@@ -105,17 +95,8 @@ def main() -> None:
     weights = (stack(E, 2 * I, D), stack(E, D, I), stack(I, D), stack(I, D), stack(D, I))
     results = [bench_experts(int(t), weights, args.sweep) for t in args.tokens.split(",")]
     router_results = [bench_router(t, args.sweep) for t in (1, 32)]
-    record = {"benchmark": "moe_decode_kernels", "date": time.strftime("%Y-%m-%d"),
-              "device": torch.cuda.get_device_name(),
-              "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                           "triton": __import__("triton").__version__},
-              "config": dict(vars(args), D=D, I=I, E=E, K=K, shared=1), "results": results,
-              "router": router_results}
-    out = Path(args.out or Path(__file__).parent / "results" / f"moe_decode_kernels-{record['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}")
-
+    kernel_timing.write_record("moe_decode_kernels", dict(vars(args), D=D, I=I, E=E, K=K, shared=1), args.out,
+                               results=results, router=router_results)
 
 def bench_router(tokens: int, sweep: bool) -> dict:
     cfg = preset("bench-1b")
@@ -143,20 +124,13 @@ def bench_router(tokens: int, sweep: bool) -> dict:
 
     with torch.no_grad():
         same = all(torch.equal(fused(i)[1].sort(-1).values, peer(i)[1].sort(-1).values) for i in range(layers))
-        result = dict(tokens=tokens, peer_us=round(graph_time_us(peer, layers), 2),
-                      split_us=round(graph_time_us(split, layers), 2),
-                      fused_us=round(graph_time_us(fused, layers), 2),
+        result = dict(tokens=tokens, peer_us=round(kernel_timing.graph_time_us(peer, layers), 2),
+                      split_us=round(kernel_timing.graph_time_us(split, layers), 2),
+                      fused_us=round(kernel_timing.graph_time_us(fused, layers), 2),
                       tiles=list(moe_decode.ROUTER_TILES if tokens <= 2 else moe_decode.ROUTER_TILES_BATCHED),
                       route_warps=moe_decode.ROUTE_WARPS, same_experts_as_peer=same)
         if sweep:
-            timings = []
-            for config in ROUTER_CONFIGS:
-                try:
-                    timings.append((round(graph_time_us(lambda i, c=config: fused(i, c), layers, 10), 2),
-                                    list(config)))
-                except Exception as e:  # a config that does not compile
-                    print(f"  router config {config} failed: {type(e).__name__}", flush=True)
-            timings.sort()
+            timings = kernel_timing.sweep(fused, ROUTER_CONFIGS, layers)
             result["best_configs"] = timings[:6]
             result["worst_configs"] = timings[-2:]
     print(json.dumps(result), flush=True)

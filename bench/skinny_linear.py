@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import kernel_timing  # noqa: E402
 from nanoseek.kernels import skinny  # noqa: E402
 
 # (name, form, N (NA, NB), K) for bench-1b (hidden 1024, q rank 512, kv rank 512 + rope 64, 8 heads)
@@ -42,29 +41,6 @@ SHAPES = [
 FORMS = {"linear": skinny.LINEAR, "pair": skinny.PAIR, "swiglu": skinny.SWIGLU}
 GEMV_CONFIGS = [(bn, bk, w, 3) for bn in (2, 4, 8, 16) for bk in (256, 512) for w in (2, 4, 8)]
 CONFIGS = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w, s in ((4, 3), (4, 4), (2, 3), (8, 3))]
-
-
-def graph_time_us(fn, calls: int, replays: int = 20) -> float:
-    """Mean time per call of fn(i) for i in range(calls), captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * calls)
 
 
 def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sweep: bool,
@@ -90,8 +66,8 @@ def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sw
     got = ours(0)
     ref = ref if isinstance(ref, list) else [ref]
     err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref))
-    peer_us = graph_time_us(peer, calls)
-    ours_us = graph_time_us(ours, calls)
+    peer_us = kernel_timing.graph_time_us(peer, calls)
+    ours_us = kernel_timing.graph_time_us(ours, calls)
     hbm_us = bytes_per_copy / 4.3e6  # at the measured ~4.3 TB/s
     result = dict(name=name, form=form, n=list(ns), k=k, rows=rows, cublas_us=round(peer_us, 2),
                   nanoseek_us=round(ours_us, 2), speedup=round(peer_us / ours_us, 2),
@@ -99,33 +75,15 @@ def bench_shape(name: str, form: str, ns: tuple[int, ...], k: int, rows: int, sw
                   tiles=list(skinny.tiles(FORMS[form], rows, max(ns), k)), max_abs_err=err,
                   gemv=skinny.gemv_ok(x, ns))
     if rows <= skinny.GEMV_MAX_BATCH:  # both kernels, whichever `gemv_ok` picks
-        result["dot_us"] = round(graph_time_us(lambda i: ours(i, gemv=False), calls), 2)
-        result["gemv_us"] = round(graph_time_us(lambda i: ours(i, gemv=True), calls), 2)
+        result["dot_us"] = round(kernel_timing.graph_time_us(lambda i: ours(i, gemv=False), calls), 2)
+        result["gemv_us"] = round(kernel_timing.graph_time_us(lambda i: ours(i, gemv=True), calls), 2)
         result["gemv_tiles"] = list(skinny.GEMV_TILES)
     if sweep_gemv and rows <= skinny.GEMV_MAX_BATCH:
-        timings = []
-        for config in GEMV_CONFIGS:
-            try:
-                us = graph_time_us(lambda i, c=config: ours(i, c, gemv=True), calls, replays=10)
-            except Exception as e:  # a config that does not compile
-                print(f"  gemv config {config} failed: {type(e).__name__}", flush=True)
-                continue
-            timings.append((round(us, 2), list(config)))
-        timings.sort()
-        result["best_gemv_configs"] = timings[:5]
+        result["best_gemv_configs"] = kernel_timing.sweep(lambda i, c: ours(i, c, gemv=True), GEMV_CONFIGS, calls)[:5]
     if sweep:
         bm = max(16, 1 << (rows - 1).bit_length())
-        timings = []
-        for bn, bk, warps, stages in CONFIGS:
-            try:
-                config = (bm, bn, bk, warps, stages)
-                us = graph_time_us(lambda i, c=config: ours(i, c), calls, replays=10)
-            except Exception as e:  # a config that does not compile (e.g. out of shared memory)
-                print(f"  config {(bn, bk, warps, stages)} failed: {type(e).__name__}", flush=True)
-                continue
-            timings.append((round(us, 2), [bm, bn, bk, warps, stages]))
-        timings.sort()
-        result["best_configs"] = timings[:5]
+        configs = [(bm, *config) for config in CONFIGS]
+        result["best_configs"] = kernel_timing.sweep(lambda i, c: ours(i, c, gemv=False), configs, calls)[:5]
     print(json.dumps(result), flush=True)
     return result
 
@@ -139,21 +97,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/skinny_linear.py needs a CUDA GPU")
-    record = {
-        "benchmark": "skinny_linear",
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "triton": __import__("triton").__version__},
-        "config": vars(args),
-        "results": [bench_shape(*shape, rows=int(r), sweep=args.sweep, sweep_gemv=args.sweep_gemv)
-                    for r in args.rows.split(",") for shape in SHAPES],
-    }
-    out = Path(args.out or Path(__file__).parent / "results" / f"skinny_linear-{record['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}")
-
+    results = [bench_shape(*shape, rows=int(r), sweep=args.sweep, sweep_gemv=args.sweep_gemv)
+               for r in args.rows.split(",") for shape in SHAPES]
+    kernel_timing.write_record("skinny_linear", vars(args), args.out, results=results)
 
 if __name__ == "__main__":
     main()

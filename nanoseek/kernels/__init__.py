@@ -30,3 +30,11 @@ def skinny_available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     rows = x.numel() // max(K, 1)
     return (0 < rows <= SKINNY_MAX_ROWS and K <= SKINNY_MAX_K
             and all(w.dim() == 2 and w.shape[1] == K and w.dtype == x.dtype and w.is_contiguous() for w in weights))
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n (a tile size that leaves no masked tail)."""
+    b = cap
+    while n % b:
+        b //= 2
+    return b

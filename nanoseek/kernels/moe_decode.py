@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoseek.kernels import pow2_divisor
+
 # ---------------------------------------------------------------------------------------- routing
 
 
@@ -186,7 +188,7 @@ def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_to
                                  arrivals, gates, ids, scale, D=D, E=E, G=n_group,
                                  TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k), SIGMOID=sigmoid,
                                  HAS_BIAS=bias is not None, GROUP_TOP2=group_top2, NORMALIZE=normalize, BE=be,
-                                 BD=_pow2_divisor(D, bd), num_warps=warps)
+                                 BD=pow2_divisor(D, bd), num_warps=warps)
     return gates, ids
 
 
@@ -337,14 +339,6 @@ def pair_major_ok(x: torch.Tensor, w13: torch.Tensor) -> bool:
     return x.shape[0] <= PAIR_MAJOR_MAX_TOKENS and D % 16 == 0 and I % 16 == 0
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    """The largest power of two <= cap that divides n."""
-    b = cap
-    while n % b:
-        b //= 2
-    return b
-
-
 def _pair_major(x, ids, gates, w13, w2, shared, tiles):
     T, D = x.shape
     K = ids.shape[1]
@@ -355,12 +349,12 @@ def _pair_major(x, ids, gates, w13, w2, shared, tiles):
     bn, bk, warps, stages = tiles or PAIR_TILES
     flat_ids, flat_gates = ids.contiguous().view(-1), gates.contiguous().view(-1)
     act = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    _pair_up_kernel[(I // _pow2_divisor(I, bn), P)](x, flat_ids, w13, sg, su, act, D, I, K, NS,
-                                                    BN=_pow2_divisor(I, bn), BK=_pow2_divisor(D, bk),
+    _pair_up_kernel[(I // pow2_divisor(I, bn), P)](x, flat_ids, w13, sg, su, act, D, I, K, NS,
+                                                    BN=pow2_divisor(I, bn), BK=pow2_divisor(D, bk),
                                                     num_warps=warps, num_stages=stages)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
-    _pair_down_kernel[(D // _pow2_divisor(D, bn), P)](act, flat_ids, w2, sd, flat_gates, y, D, I, K, NS,
-                                                      BN=_pow2_divisor(D, bn), BK=_pow2_divisor(I, bk),
+    _pair_down_kernel[(D // pow2_divisor(D, bn), P)](act, flat_ids, w2, sd, flat_gates, y, D, I, K, NS,
+                                                      BN=pow2_divisor(D, bn), BK=pow2_divisor(I, bk),
                                                       num_warps=warps, num_stages=stages)
     return y.view(T, K + NS, D)
 

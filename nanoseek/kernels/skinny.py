@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoseek.kernels import pow2_divisor
+
 LINEAR, PAIR, SWIGLU = 0, 1, 2
 
 
@@ -95,14 +97,6 @@ GEMV_MAX_ROWS = 8
 GEMV_TILES = (4, 512, 8, 3)  # (BN, BK, warps, stages); bench/skinny_linear.py --sweep-gemv
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    """The largest power of two <= cap that divides n."""
-    b = cap
-    while n % b:
-        b //= 2
-    return b
-
-
 def gemv_ok(x: torch.Tensor, n_outputs: tuple[int, ...]) -> bool:
     """Mat-vecs for batch-1/2 decode steps: x (B, ..., K) with B <= GEMV_MAX_BATCH, at most GEMV_MAX_ROWS
     rows, K and every output count multiples of 16. The choice goes by the batch (leading) dimension,
@@ -145,10 +139,10 @@ def _launch(mode: int, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | Non
     wb_arg = wb if wb is not None else wa
     if gemv:
         bn, bk, warps, stages = config or GEMV_TILES
-        bn = _pow2_divisor(NA, bn) if mode != PAIR else _pow2_divisor(NA, _pow2_divisor(NB, bn))
+        bn = pow2_divisor(NA, bn) if mode != PAIR else pow2_divisor(NA, pow2_divisor(NB, bn))
         blocks = NA // bn + (NB // bn if mode == PAIR else 0)
         _gemv_kernel[(blocks, M)](x2, wa, wb_arg, ya, yb, x2.stride(0), NA, NB, K, MODE=mode, BN=bn,
-                                  BK=_pow2_divisor(K, bk), num_warps=warps, num_stages=stages)
+                                  BK=pow2_divisor(K, bk), num_warps=warps, num_stages=stages)
     else:
         bm, bn, bk, warps, stages = config or tiles(mode, M, max(NA, NB), K)
         blocks = triton.cdiv(NA, bn) + (triton.cdiv(NB, bn) if mode == PAIR else 0)

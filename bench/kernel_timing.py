@@ -1,0 +1,63 @@
+"""Shared by the kernel benchmarks (`skinny_linear`, `moe_decode_kernels`, `mla_decode_kernels`):
+time calls inside a CUDA graph, sweep tile configs, write the result record."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def graph_time_us(fn: Callable[[int], object], calls: int, replays: int = 20) -> float:
+    """Mean time per call of fn(i) for i in range(calls), captured in one CUDA graph (as a decode step
+    replays its kernels: launch gaps included, no host work)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * calls)
+
+
+def sweep(fn: Callable[[int, tuple], object], configs: list[tuple], calls: int) -> list[tuple[float, list]]:
+    """[(us per call, config)] of fn(i, config) for every config that compiles, fastest first."""
+    timings = []
+    for config in configs:
+        try:
+            us = graph_time_us(lambda i, c=config: fn(i, c), calls, replays=10)
+        except Exception as e:  # a config that does not compile (e.g. out of shared memory)
+            print(f"  config {config} failed: {type(e).__name__}", flush=True)
+            continue
+        timings.append((round(us, 2), list(config)))
+    return sorted(timings)
+
+
+def write_record(name: str, config: dict, out: str | None, **results) -> Path:
+    """Write {benchmark, date, device, versions, config, **results} to out (default
+    bench/results/NAME-DATE.json) and return the path."""
+    record = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                           "triton": __import__("triton").__version__},
+              "config": config, **results}
+    path = Path(out or Path(__file__).parent / "results" / f"{name}-{record['date']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return path
