@@ -187,12 +187,46 @@ def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions):
     q_pe = torch.randn(B, S, heads, cfg.qk_rope_head_dim, device=device, dtype=dtype)
     cache = torch.randn(B, kv_len + 5, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device, dtype=dtype)
     latent = cache[:, :kv_len]  # a view with the cache's row stride, as `LatentCache.read` gives
-    assert mla_decode.supported(q_nope, latent, cfg.kv_lora_rank)
+    assert mla_decode.supported(q_nope, latent.dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
     with torch.no_grad():
         out = attn.o_proj(mla_decode.attention(q_nope, q_pe, latent, pos, attn.kv_b_proj.weight, attn.scale,
                                                cfg.v_head_dim))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(mla_module, "mla_kernel_available", lambda *a: False)
-            ref = attn.absorbed(q_nope, q_pe, latent, pos)
+        ref = attn.absorbed(q_nope, q_pe, latent, pos)  # the matmul path
     tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_mla_decode_step_with_kernels_matches_reference(device, interleaved):
+    """A whole MLA decode call (2 rows x 2 tokens) through `decode_with_kernels` (RoPE and latent
+    entry in one kernel, cache write, attention kernels) against the PyTorch path: same output,
+    same cache."""
+    from nanoseek.model import mla as mla_module
+    from nanoseek.model.cache import LatentCache
+    from nanoseek.model.rope import rope_cos_sin, rope_frequencies
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = preset("debug", rope_interleave=interleaved, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                    "original_max_position_embeddings": 64})
+    torch.manual_seed(4)
+    attn = mla_module.MLA(cfg, 1).to(device, dtype).eval()
+    for name, p in attn.named_parameters():
+        p.data.normal_(1.0 if "layernorm" in name else 0.0, 0.2)
+    caches = [LatentCache(2, 2, 80, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+              for _ in range(2)]
+    history = torch.randn(caches[0].data.shape, device=device).to(dtype)  # earlier positions' latents
+    for cache in caches:
+        cache.data.copy_(history)
+    positions = torch.tensor([[7, 8], [50, 51]], device=device)
+    inv_freq, factor = rope_frequencies(cfg)
+    cos, sin = rope_cos_sin(inv_freq.to(device), positions, factor, dtype)
+    x = torch.randn(2, 2, cfg.hidden_size, device=device, dtype=dtype)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mla_module.MLA, "decode_kernels_ok", lambda self, q, cache: False)
+        ref = attn(x, cos, sin, caches[0], positions, kv_len=64)
+        mp.setattr(mla_module.MLA, "decode_kernels_ok", lambda self, q, cache: True)
+        out = attn(x, cos, sin, caches[1], positions, kv_len=64)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(caches[1].data, caches[0].data, **tol)

@@ -17,6 +17,10 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
    whole bucket, twice).
 3. `_merge_kernel`, program (row, head, block of V): rescales the chunks' partials by exp(m - max),
    normalises, and applies W_uv.
+Before them, `rope_latent` (one program per token) does what a step does to the new token's q and
+latent between the projections and the attention: kv_a_layernorm of c, RoPE of k_pe and of every
+head's q_pe, and the cache entry [c ; k_pe] (written by the caller's `index_put_`), in one launch
+instead of three.
 The matmul path it replaces takes six launches (two einsums with W, two over the cache, a softmax,
 a concatenation). Reference: `nanoseek.model.mla.MLA.absorbed`; tests in `tests/test_kernels.py`.
 """
@@ -135,12 +139,79 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.c
     tl.store(out_ptr + (row * H + h) * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
 
 
-def supported(q_nope: torch.Tensor, latent: torch.Tensor, rank: int) -> bool:
+def supported(q_nope: torch.Tensor, latent_dtype: torch.dtype, rank: int, rope_dim: int) -> bool:
     """The kernels take q_nope (B, S, H, N) with B <= MAX_BATCH and S <= MAX_QUERIES, a power-of-two
-    kv_lora_rank (>= 16) and latents of the query's dtype."""
+    kv_lora_rank (>= 16) and rope dim (>= 2), and latents of the query's dtype."""
     B, S = q_nope.shape[:2]
-    return (0 < B <= MAX_BATCH and 0 < S <= MAX_QUERIES and rank >= 16 and rank & (rank - 1) == 0
-            and latent.dtype == q_nope.dtype and latent.stride(-1) == 1)
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return (0 < B <= MAX_BATCH and 0 < S <= MAX_QUERIES and rank >= 16 and pow2(rank) and rope_dim >= 2
+            and pow2(rope_dim) and latent_dtype == q_nope.dtype)
+
+
+@triton.jit
+def _rope_latent_kernel(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, eps, stride_qt, stride_kvt,
+                        H: tl.constexpr, HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
+                        INTERLEAVED: tl.constexpr):
+    """Program t (a token): entry[t] = [w * norm(c_t) ; rope(k_pe_t)], q_pe_out[t, h] = rope(q_pe[t, h]).
+    Products are rounded to the input dtype where the PyTorch reference rounds them (eager bf16)."""
+    t = tl.program_id(0).to(tl.int64)
+    dt = entry_ptr.dtype.element_ty
+    HALF: tl.constexpr = P // 2
+    r = tl.arange(0, R)
+    c = tl.load(kv_ptr + t * stride_kvt + r).to(tl.float32)
+    normed = (c * tl.rsqrt(tl.sum(c * c, 0) / R + eps)).to(dt).to(tl.float32)
+    tl.store(entry_ptr + t * (R + P) + r, (normed * tl.load(norm_ptr + r).to(tl.float32)).to(dt))
+    j = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + t * HALF + j).to(tl.float32)
+    sin = tl.load(sin_ptr + t * HALF + j).to(tl.float32)
+    if INTERLEAVED:  # pairs (2j, 2j + 1)
+        first, second = 2 * j, 2 * j + 1
+    else:  # halves
+        first, second = j, j + HALF
+    k1 = tl.load(kv_ptr + t * stride_kvt + R + first).to(tl.float32)
+    k2 = tl.load(kv_ptr + t * stride_kvt + R + second).to(tl.float32)
+    out = entry_ptr + t * (R + P) + R
+    tl.store(out + j, ((k1 * cos).to(dt).to(tl.float32) - (k2 * sin).to(dt).to(tl.float32)).to(dt))
+    tl.store(out + HALF + j, ((k2 * cos).to(dt).to(tl.float32) + (k1 * sin).to(dt).to(tl.float32)).to(dt))
+    h = tl.arange(0, HB)[:, None]
+    h_ok = h < H
+    q_rows = q_ptr + t * stride_qt + h * (N + P) + N
+    q1 = tl.load(q_rows + first[None, :], mask=h_ok, other=0.0).to(tl.float32)  # (HB, HALF)
+    q2 = tl.load(q_rows + second[None, :], mask=h_ok, other=0.0).to(tl.float32)
+    cos, sin = cos[None, :], sin[None, :]
+    q_out = q_pe_ptr + (t * H + h) * P + j[None, :]
+    tl.store(q_out, ((q1 * cos).to(dt).to(tl.float32) - (q2 * sin).to(dt).to(tl.float32)).to(dt), mask=h_ok)
+    tl.store(q_out + HALF, ((q2 * cos).to(dt).to(tl.float32) + (q1 * sin).to(dt).to(tl.float32)).to(dt),
+             mask=h_ok)
+
+
+@torch.library.custom_op("nanoseek::mla_rope_latent", mutates_args=())
+def rope_latent(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                sin: torch.Tensor, interleaved: bool, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, S, H, N + P) from q_b, kv (B, S, R + P) from kv_a, cos/sin (B, S, P / 2) ->
+    (roped q_pe (B, S, H, P), cache entry [kv_a_layernorm(c) ; roped k_pe] (B, S, R + P)), in q's dtype;
+    RoPE output in the half-split layout, as `nanoseek.model.rope.apply_rope` gives."""
+    B, S, H, width = q.shape
+    P = width - nope_dim
+    R = kv.shape[-1] - P
+    q2, kv2 = q.reshape(B * S, H * width), kv.reshape(B * S, R + P)
+    if q2.stride(-1) != 1:
+        q2 = q2.contiguous()
+    if kv2.stride(-1) != 1:
+        kv2 = kv2.contiguous()
+    q_pe = torch.empty(B, S, H, P, dtype=q.dtype, device=q.device)
+    entry = torch.empty(B, S, R + P, dtype=q.dtype, device=q.device)
+    _rope_latent_kernel[(B * S,)](q2, kv2, norm_weight.contiguous(), cos.contiguous(), sin.contiguous(), q_pe, entry,
+                                  eps, q2.stride(0), kv2.stride(0), H=H, HB=triton.next_power_of_2(H), N=nope_dim,
+                                  P=P, R=R, INTERLEAVED=interleaved)
+    return q_pe, entry
+
+
+@rope_latent.register_fake
+def _(q, kv, norm_weight, eps, cos, sin, interleaved, nope_dim):
+    B, S, H, width = q.shape
+    P = width - nope_dim
+    return q.new_empty(B, S, H, P), q.new_empty(B, S, kv.shape[-1])
 
 
 @torch.library.custom_op("nanoseek::mla_decode", mutates_args=())
@@ -162,6 +233,8 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
     rows, dev = B * S, q_nope.device
     precision = "ieee" if q_nope.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
     q_nope, q_pe = q_nope.reshape(rows, H, N), q_pe.reshape(rows, H, P)
+    if latent.stride(-1) != 1:
+        latent = latent.contiguous()
     w = w_kv_b.contiguous()
     positions = positions.reshape(rows).contiguous()
 

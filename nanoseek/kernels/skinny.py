@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoseek.kernels import pow2_divisor
+from nanoseek.kernels import GEMV_MAX_BATCH, GEMV_MAX_ROWS, pow2_divisor
 
 LINEAR, PAIR, SWIGLU = 0, 1, 2
 
@@ -92,8 +92,6 @@ def _gemv_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, stride_x, NA, NB, K: tl.
     tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty))
 
 
-GEMV_MAX_BATCH = 2  # x (B, ..., K) with B <= 2 and at most GEMV_MAX_ROWS rows takes the mat-vec kernel
-GEMV_MAX_ROWS = 8
 GEMV_TILES = (4, 512, 8, 3)  # (BN, BK, warps, stages); bench/skinny_linear.py --sweep-gemv
 
 

@@ -40,7 +40,11 @@ class LatentCache:
 
     def write(self, layer: int, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Store c_kv (B, S, R) and k_pe (B, S, P) at positions (B, S) of the given layer."""
-        entry = torch.cat((c_kv, k_pe), dim=-1).to(self.data.dtype)  # (B, S, R + P)
+        self.write_entry(layer, positions, torch.cat((c_kv, k_pe), dim=-1))
+
+    def write_entry(self, layer: int, positions: torch.Tensor, entry: torch.Tensor) -> None:
+        """Store entry [c_kv ; k_pe] (B, S, R + P) at positions (B, S) of the given layer."""
+        entry = entry.to(self.data.dtype)
         B, S = positions.shape
         rows = torch.arange(B, device=positions.device)[:, None].expand(B, S)
         # one index_put_ on the whole tensor (not on a view of it): under torch.compile this stays an

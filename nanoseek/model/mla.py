@@ -77,6 +77,8 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q_lat))
         q = q.view(B, S, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, S, H, N), (B, S, H, P)
+        if cache is not None and positions is not None and self.decode_kernels_ok(q_nope, cache):
+            return self.decode_with_kernels(q, kv, cos, sin, cache, positions, kv_len)
         c_kv, k_pe = kv.split([self.kv_rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, S, R)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
@@ -91,6 +93,28 @@ class MLA(nn.Module):
         cache.write(self.layer_idx, positions, c_kv, k_pe)
         return self.absorbed(q_nope, q_pe, cache.read(self.layer_idx, kv_len or cache.max_len).to(x.dtype),
                              positions)
+
+    def decode_kernels_ok(self, q_nope: torch.Tensor, cache: LatentCache) -> bool:
+        """Inference on a GPU with Triton, for the batches `nanoseek.kernels.mla_decode` takes."""
+        if self.training or not triton_available(q_nope) or torch.is_grad_enabled():
+            return False
+        from nanoseek.kernels import mla_decode
+
+        return mla_decode.supported(q_nope, cache.data.dtype, self.kv_rank, self.rope)
+
+    def decode_with_kernels(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            cache: LatentCache, positions: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+        """The absorbed path in Triton kernels (`nanoseek.kernels.mla_decode`): RoPE and the latent
+        entry in one launch, the cache write, attention in three. Reference: the rest of `forward`."""
+        from nanoseek.kernels import mla_decode
+
+        norm = self.kv_a_layernorm
+        q_pe, entry = mla_decode.rope_latent(q, kv, norm.weight, norm.eps, cos, sin, self.interleaved, self.nope)
+        cache.write_entry(self.layer_idx, positions, entry)
+        latent = cache.read(self.layer_idx, kv_len or cache.max_len)
+        out = mla_decode.attention(q[..., : self.nope], q_pe, latent, positions, self.kv_b_proj.weight, self.scale,
+                                   self.v_dim)
+        return self.o_proj(out)
 
     def down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> (q_a(x) (B, S, Q), kv_a(x) (B, S, R + P)); one skinny launch for both in decode."""
@@ -117,12 +141,6 @@ class MLA(nn.Module):
                  positions: torch.Tensor) -> torch.Tensor:
         """Attention over cached latents [c_kv ; k_pe] (B, T, R + P) for queries at positions (B, S)."""
         B, S, H, _ = q_nope.shape
-        if not self.training and mla_kernel_available(q_nope, latent, self.kv_rank):  # a few rows on a GPU
-            from nanoseek.kernels import mla_decode
-
-            out = mla_decode.attention(q_nope, q_pe, latent, positions, self.kv_b_proj.weight, self.scale,
-                                       self.v_dim)
-            return self.o_proj(out)
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, R), (H, V, R)
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # query in latent space
@@ -130,15 +148,6 @@ class MLA(nn.Module):
         o_lat = latent_attention(q_all, latent, positions, self.scale, self.kv_rank)  # (B, S, H, R)
         out = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # (B, S, H, V)
         return self.o_proj(out.reshape(B, S, H * self.v_dim))
-
-
-def mla_kernel_available(q_nope: torch.Tensor, latent: torch.Tensor, rank: int) -> bool:
-    """Inference on a GPU with Triton, for the few rows `nanoseek.kernels.mla_decode` takes."""
-    if not triton_available(q_nope) or torch.is_grad_enabled():
-        return False
-    from nanoseek.kernels import mla_decode
-
-    return mla_decode.supported(q_nope, latent, rank)
 
 
 def latent_attention(q_all: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor, scale: float,
