@@ -22,7 +22,8 @@ latent between the projections and the attention: kv_a_layernorm of c, RoPE of k
 head's q_pe, and the cache entry [c ; k_pe] (written by the caller's `index_put_`), in one launch
 instead of three.
 The matmul path it replaces takes six launches (two einsums with W, two over the cache, a softmax,
-a concatenation). Reference: `nanoseek.model.mla.MLA.absorbed`; tests in `tests/test_kernels.py`.
+a concatenation). References: `nanoseek.model.mla.MLA.absorbed` for the attention, the PyTorch path
+of `MLA.forward` for `rope_latent`; tests in `tests/test_kernels.py`.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
     q_lat = torch.empty(rows, H, R, dtype=q_nope.dtype, device=dev)
     block_r = min(R, 64)
     _q_latent_kernel[(H, R // block_r)](q_nope, w, q_lat, rows, q_nope.stride(0), q_nope.stride(1), H=H, N=N,
-                                        NV=N + v_dim, R=R, BM=16, BN=_dot_dim(N), BR=block_r, PRECISION=precision)
+                                        NV=N + v_dim, R=R, BM=_dot_dim(rows), BN=_dot_dim(N), BR=block_r,
+                                        PRECISION=precision)
 
     chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS)
     steps = triton.cdiv(T, chunks * block_keys)
