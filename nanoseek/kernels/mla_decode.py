@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
+
 # Batches of at most MAX_BATCH rows and MAX_QUERIES tokens per row (plain and speculative steps alike,
 # so both take the same arithmetic); larger batches keep the matmuls, which read each row's cache anyway.
 MAX_BATCH = 4
@@ -48,15 +50,16 @@ def _dot_dim(n: int) -> int:
 @triton.jit
 def _q_latent_kernel(q_ptr, w_ptr, out_ptr, rows, stride_qt, stride_qh, H: tl.constexpr, N: tl.constexpr,
                      NV: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (h, r-block): q_lat[t, h, r] = sum_n q_nope[t, h, n] W[h, n, r] for all rows t (<= BM)."""
     h = tl.program_id(0)
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     t = tl.arange(0, BM)
     n = tl.arange(0, BN)
+    w = tl.load(w_ptr + (h * NV + n[:, None]).to(tl.int64) * R + r[None, :], mask=n[:, None] < N, other=0.0)
+    inputs_ready(PDL)  # the weight tile above loads before the wait (nanoseek.kernels.pdl)
     q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + n[None, :],
                 mask=(t[:, None] < rows) & (n[None, :] < N), other=0.0)  # (BM, BN)
-    w = tl.load(w_ptr + (h * NV + n[:, None]).to(tl.int64) * R + r[None, :], mask=n[:, None] < N, other=0.0)
     acc = tl.dot(q, w, input_precision=PRECISION)  # (BM, BR)
     tl.store(out_ptr + (t[:, None] * H + h) * R + r[None, :], acc.to(out_ptr.dtype.element_ty), mask=t[:, None] < rows)
 
@@ -65,21 +68,20 @@ def _q_latent_kernel(q_ptr, w_ptr, out_ptr, rows, stride_qt, stride_qh, H: tl.co
 def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale, T, stride_pt, stride_ph,
                      stride_lb, stride_lt, S: tl.constexpr, H: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
                      BP: tl.constexpr, HG: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """Program (row, chunk, head group): keys [chunk * STEPS * BT, ...) up to the row's position."""
+                     PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Program (row, chunk, head group): keys [chunk * STEPS * BT, ...) up to the row's position.
+    Positions and the cache (written before the W_uk product, the kernel just before) load before
+    the wait for q_lat (nanoseek.kernels.pdl), through L2."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
     start = chunk * (STEPS * BT)
-    position = tl.load(pos_ptr + row)
+    position = tl.load(pos_ptr + row, cache_modifier=".cg")
     if start <= position:  # later chunks hold no visible key: the merge never reads them
         h = tl.program_id(2) * HG + tl.arange(0, HG)
         h_ok = h < H
         r = tl.arange(0, R)
         p = tl.arange(0, BP)
-        q_c = tl.load(q_lat_ptr + (row * H + h[:, None]) * R + r[None, :], mask=h_ok[:, None], other=0.0)
-        q_p = tl.load(q_pe_ptr + row * stride_pt + h[:, None] * stride_ph + p[None, :],
-                      mask=h_ok[:, None] & (p[None, :] < P), other=0.0)
         lat = lat_ptr + (row // S).to(tl.int64) * stride_lb
         end = tl.minimum(position + 1, T)  # keys [start, end) are visible
         m = tl.full((HG,), float("-inf"), tl.float32)
@@ -89,8 +91,14 @@ def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
             t = start + step * BT + tl.arange(0, BT)
             t_ok = t < end
             keys = lat + t[:, None].to(tl.int64) * stride_lt
-            c = tl.load(keys + r[None, :], mask=t_ok[:, None], other=0.0)  # (BT, R)
-            pe = tl.load(keys + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)  # (BT, BP)
+            c = tl.load(keys + r[None, :], mask=t_ok[:, None], other=0.0, cache_modifier=".cg")  # (BT, R)
+            pe = tl.load(keys + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0,
+                         cache_modifier=".cg")  # (BT, BP)
+            if step == 0:
+                inputs_ready(PDL)
+                q_c = tl.load(q_lat_ptr + (row * H + h[:, None]) * R + r[None, :], mask=h_ok[:, None], other=0.0)
+                q_p = tl.load(q_pe_ptr + row * stride_pt + h[:, None] * stride_ph + p[None, :],
+                              mask=h_ok[:, None] & (p[None, :] < P), other=0.0)
             s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
             s = tl.dot(q_p, tl.trans(pe), s, input_precision=PRECISION) * scale  # (HG, BT)
             s = tl.where(t_ok[None, :], s, float("-inf"))
@@ -109,16 +117,17 @@ def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.constexpr, CHUNKS: tl.constexpr,
                   H: tl.constexpr, N: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BV: tl.constexpr,
-                  BC: tl.constexpr):
+                  BC: tl.constexpr, PDL: tl.constexpr):
     """Program (row, h, v-block): o_lat = sum_c exp(m_c - max) o_c / sum_c exp(m_c - max) l_c over the
     row's visible chunks (BC at a time, rescaled online), then out[row, h, v] = W_uv[h, v] . o_lat."""
     row = tl.program_id(0)
     h = tl.program_id(1)
     r = tl.arange(0, R)
     v = tl.program_id(2) * BV + tl.arange(0, BV)
-    # the weight tile first: its load does not wait for the partials
+    # the weight tile and the position load before the wait for the partials (nanoseek.kernels.pdl)
     w = tl.load(w_ptr + (h * (N + V) + N + v[:, None]).to(tl.int64) * R + r[None, :], mask=v[:, None] < V, other=0.0)
-    visible = tl.load(pos_ptr + row) // CHUNK_KEYS + 1  # chunks that hold a visible key
+    visible = tl.load(pos_ptr + row, cache_modifier=".cg") // CHUNK_KEYS + 1  # chunks that hold a visible key
+    inputs_ready(PDL)
     c = tl.arange(0, BC)
     base = row * CHUNKS * H + h
     m_run = tl.max(tl.full((BC,), float("-inf"), tl.float32), 0)
@@ -152,16 +161,18 @@ def supported(q_nope: torch.Tensor, latent_dtype: torch.dtype, rank: int, rope_d
 @triton.jit
 def _rope_latent_kernel(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, eps, stride_qt, stride_kvt,
                         H: tl.constexpr, HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
-                        INTERLEAVED: tl.constexpr):
+                        INTERLEAVED: tl.constexpr, PDL: tl.constexpr):
     """Program t (a token): entry[t] = [w * norm(c_t) ; rope(k_pe_t)], q_pe_out[t, h] = rope(q_pe[t, h]).
     Products are rounded to the input dtype where the PyTorch reference rounds them (eager bf16)."""
     t = tl.program_id(0).to(tl.int64)
     dt = entry_ptr.dtype.element_ty
     HALF: tl.constexpr = P // 2
     r = tl.arange(0, R)
+    norm_w = tl.load(norm_ptr + r).to(tl.float32)  # a weight: before the wait (nanoseek.kernels.pdl)
+    inputs_ready(PDL)
     c = tl.load(kv_ptr + t * stride_kvt + r).to(tl.float32)
     normed = (c * tl.rsqrt(tl.sum(c * c, 0) / R + eps)).to(dt).to(tl.float32)
-    tl.store(entry_ptr + t * (R + P) + r, (normed * tl.load(norm_ptr + r).to(tl.float32)).to(dt))
+    tl.store(entry_ptr + t * (R + P) + r, (normed * norm_w).to(dt))
     j = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + t * HALF + j).to(tl.float32)
     sin = tl.load(sin_ptr + t * HALF + j).to(tl.float32)
@@ -202,9 +213,11 @@ def rope_latent(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, ep
         kv2 = kv2.contiguous()
     q_pe = torch.empty(B, S, H, P, dtype=q.dtype, device=q.device)
     entry = torch.empty(B, S, R + P, dtype=q.dtype, device=q.device)
-    _rope_latent_kernel[(B * S,)](q2, kv2, norm_weight.contiguous(), cos.contiguous(), sin.contiguous(), q_pe, entry,
+    norm = norm_weight.contiguous()
+    pdl = pdl_enabled(q) and norm is norm_weight  # a copy made here is not read before the wait
+    _rope_latent_kernel[(B * S,)](q2, kv2, norm, cos.contiguous(), sin.contiguous(), q_pe, entry,
                                   eps, q2.stride(0), kv2.stride(0), H=H, HB=triton.next_power_of_2(H), N=nope_dim,
-                                  P=P, R=R, INTERLEAVED=interleaved)
+                                  P=P, R=R, INTERLEAVED=interleaved, PDL=pdl, launch_pdl=pdl)
     return q_pe, entry
 
 
@@ -238,12 +251,14 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
         latent = latent.contiguous()
     w = w_kv_b.contiguous()
     positions = positions.reshape(rows).contiguous()
+    # the W_uk product reads w before its wait (nanoseek.kernels.pdl): not if w is a copy made just before it
+    pdl = pdl_enabled(q_nope) and w is w_kv_b
 
     q_lat = torch.empty(rows, H, R, dtype=q_nope.dtype, device=dev)
     block_r = min(R, 64)
     _q_latent_kernel[(H, R // block_r)](q_nope, w, q_lat, rows, q_nope.stride(0), q_nope.stride(1), H=H, N=N,
                                         NV=N + v_dim, R=R, BM=_dot_dim(rows), BN=_dot_dim(N), BR=block_r,
-                                        PRECISION=precision)
+                                        PRECISION=precision, PDL=pdl, launch_pdl=pdl)
 
     chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS)
     steps = triton.cdiv(T, chunks * block_keys)
@@ -253,13 +268,13 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
     _partials_kernel[(rows, chunks, triton.cdiv(H, HEADS_PER_PROGRAM))](
         q_lat, q_pe, latent, positions, o, m, l_sum, scale, T, q_pe.stride(0), q_pe.stride(1), latent.stride(0),
         latent.stride(1), S=S, H=H, R=R, P=P, BP=_dot_dim(P), HG=HEADS_PER_PROGRAM, BT=block_keys, STEPS=steps,
-        PRECISION=precision, num_warps=partial_warps)
+        PRECISION=precision, PDL=pdl, num_warps=partial_warps, launch_pdl=pdl)
 
     out = torch.empty(rows, H, v_dim, dtype=q_nope.dtype, device=dev)
     block_v = min(triton.next_power_of_2(v_dim), block_v)
     _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](
         o, m, l_sum, positions, w, out, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
-        BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), num_warps=merge_warps)
+        BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
     return out.view(B, S, H * v_dim)
 
 

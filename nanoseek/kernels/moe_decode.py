@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from nanoseek.kernels import pow2_divisor
+from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
 
 # ---------------------------------------------------------------------------------------- routing
 
@@ -92,8 +93,9 @@ def _select(logits, bias_ptr, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.c
 def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                   K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  GROUP_TOP2: tl.constexpr, NORMALIZE: tl.constexpr):
+                  GROUP_TOP2: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    inputs_ready(PDL)
     logits = tl.load(logits_ptr + t * E + tl.arange(0, E)).to(tl.float32)  # (E,)
     ids, gates = _select(logits, bias_ptr, E, G, TOPK_GROUP, K, K_POW2, SIGMOID, HAS_BIAS, GROUP_TOP2, NORMALIZE)
     kidx = tl.arange(0, K_POW2)
@@ -105,13 +107,16 @@ def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
 def _router_kernel(x_ptr, w_ptr, bias_ptr, logits_ptr, arrived_ptr, gates_ptr, ids_ptr, scale, D: tl.constexpr,
                    E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                    K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
-                   NORMALIZE: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
+                   NORMALIZE: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """Program (token t, expert block): logits[t, block] = x_t W[block]^T in fp32 (a mat-vec over BE
     router rows); the last program of token t to finish (a counter per token, reset by it) routes t."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
-    acc = tl.zeros((BE, BD), tl.float32)
-    for d0 in tl.range(0, D, BD):
+    d = tl.arange(0, BD)
+    w_first = tl.load(w_ptr + e[:, None] * D + d[None, :])  # weights before the wait (nanoseek.kernels.pdl)
+    inputs_ready(PDL)
+    acc = w_first.to(tl.float32) * tl.load(x_ptr + t * D + d).to(tl.float32)[None, :]
+    for d0 in tl.range(BD, D, BD):
         d = d0 + tl.arange(0, BD)
         xt = tl.load(x_ptr + t * D + d).to(tl.float32)[None, :]
         acc += tl.load(w_ptr + e[:, None] * D + d[None, :]).to(tl.float32) * xt
@@ -137,11 +142,12 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int,
     T, E = logits.shape
     gates = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    pdl = pdl_enabled(logits)
     if T:
         _route_kernel[(T,)](logits.contiguous(), bias if bias is not None else logits, gates, ids, scale,
                             E=E, G=n_group, TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k),
                             SIGMOID=sigmoid, HAS_BIAS=bias is not None, GROUP_TOP2=group_top2,
-                            NORMALIZE=normalize, num_warps=ROUTE_WARPS)
+                            NORMALIZE=normalize, PDL=pdl, num_warps=ROUTE_WARPS, launch_pdl=pdl)
     return gates, ids
 
 
@@ -184,11 +190,12 @@ def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_to
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
     be, bd, warps = tiles or (ROUTER_TILES if T <= 2 else ROUTER_TILES_BATCHED)
     w = weight.float().contiguous()
+    pdl = pdl_enabled(x) and w is weight  # a converted copy is the predecessor's output: not before the wait
     _router_kernel[(T, E // be)](x.contiguous(), w, bias if bias is not None else w, logits,
                                  arrivals, gates, ids, scale, D=D, E=E, G=n_group,
                                  TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k), SIGMOID=sigmoid,
                                  HAS_BIAS=bias is not None, GROUP_TOP2=group_top2, NORMALIZE=normalize, BE=be,
-                                 BD=pow2_divisor(D, bd), num_warps=warps)
+                                 BD=pow2_divisor(D, bd), PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return gates, ids
 
 
@@ -202,9 +209,11 @@ def _(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, no
 
 
 @triton.jit
-def _pairs_kernel(ids_ptr, slots_ptr, counts_ptr, P: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr):
+def _pairs_kernel(ids_ptr, slots_ptr, counts_ptr, P: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PDL: tl.constexpr):
     """Program e: slots[e, :counts[e]] = the pairs routed to expert e, in pair order."""
     e = tl.program_id(0)
+    inputs_ready(PDL)
     offs = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
     hit = (ids == e).to(tl.int32)
@@ -216,9 +225,10 @@ def _pairs_kernel(ids_ptr, slots_ptr, counts_ptr, P: tl.constexpr, T: tl.constex
 @triton.jit
 def _experts_up_kernel(x_ptr, w13_ptr, slots_ptr, counts_ptr, act_ptr, T: tl.constexpr, D: tl.constexpr,
                        I: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (e, n-block): act[p, n] = silu(x_t . W_gate[e, n]) * (x_t . W_up[e, n]) for e's pairs p."""
     e = tl.program_id(0)
+    inputs_ready(PDL)
     count = tl.load(counts_ptr + e)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < I
@@ -249,9 +259,10 @@ def _experts_up_kernel(x_ptr, w13_ptr, slots_ptr, counts_ptr, act_ptr, T: tl.con
 @triton.jit
 def _experts_down_kernel(act_ptr, w2_ptr, gates_ptr, slots_ptr, counts_ptr, y_ptr, T: tl.constexpr,
                          D: tl.constexpr, I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (e, n-block): y[p, n] = gates[p] * (act[p] . W2[e, n]) for e's pairs p."""
     e = tl.program_id(0)
+    inputs_ready(PDL)
     count = tl.load(counts_ptr + e)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < D
@@ -274,7 +285,7 @@ def _experts_down_kernel(act_ptr, w2_ptr, gates_ptr, slots_ptr, counts_ptr, y_pt
 
 @triton.jit
 def _pair_up_kernel(x_ptr, ids_ptr, w13_ptr, sg_ptr, su_ptr, act_ptr, D: tl.constexpr, I: tl.constexpr,
-                    K: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    K: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """Program (n-block, pair p): act[p, n] = silu(x_t . Wg[n]) * (x_t . Wu[n]) for pair p = (token t,
     slot); slots < K are routed expert ids[t, slot] (rows of w13), slot K + j is the j-th I-wide
     slice of the shared experts' gate/up weights (sg, su: (NS * I, D)). A mat-vec: each program
@@ -283,6 +294,7 @@ def _pair_up_kernel(x_ptr, ids_ptr, w13_ptr, sg_ptr, su_ptr, act_ptr, D: tl.cons
     t = p // (K + NS)
     slot = p % (K + NS)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
+    inputs_ready(PDL)  # ids come from the router, the kernel just before
     if slot < K:
         e = tl.load(ids_ptr + t * K + slot).to(tl.int64)
         gate_rows = w13_ptr + e * (2 * I * D) + n[:, None] * D  # (BN, 1) row starts
@@ -304,7 +316,7 @@ def _pair_up_kernel(x_ptr, ids_ptr, w13_ptr, sg_ptr, su_ptr, act_ptr, D: tl.cons
 
 @triton.jit
 def _pair_down_kernel(act_ptr, ids_ptr, w2_ptr, sd_ptr, gates_ptr, y_ptr, D: tl.constexpr, I: tl.constexpr,
-                      K: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      K: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """Program (n-block, pair p): y[p, n] = gate_p * (act[p] . W2[n]); routed slots use expert
     ids[t, slot]'s w2 (D, I) and gates[t, slot], shared slice j the columns [j I, (j + 1) I) of the
     shared down weight sd (D, NS * I) and gate 1."""
@@ -313,14 +325,19 @@ def _pair_down_kernel(act_ptr, ids_ptr, w2_ptr, sd_ptr, gates_ptr, y_ptr, D: tl.
     slot = p % (K + NS)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     routed = tl.minimum(slot, K - 1)
-    gate = tl.where(slot < K, tl.load(gates_ptr + t * K + routed).to(tl.float32), 1.0)
+    # ids and gates are the router's (two kernels back) and the weights are constant: all load before
+    # the wait for act (nanoseek.kernels.pdl), through L2
+    gate = tl.where(slot < K, tl.load(gates_ptr + t * K + routed, cache_modifier=".cg").to(tl.float32), 1.0)
     if slot < K:
-        e = tl.load(ids_ptr + t * K + routed).to(tl.int64)
+        e = tl.load(ids_ptr + t * K + routed, cache_modifier=".cg").to(tl.int64)
         w_rows = w2_ptr + e * (D * I) + n[:, None] * I  # (BN, 1)
     else:
         w_rows = sd_ptr + n[:, None].to(tl.int64) * (NS * I) + (slot - K) * I
-    acc = tl.zeros((BN, BK), tl.float32)
-    for k0 in tl.range(0, I, BK):
+    k = tl.arange(0, BK)
+    w_first = tl.load(w_rows + k[None, :])
+    inputs_ready(PDL)
+    acc = w_first.to(tl.float32) * tl.load(act_ptr + p * I + k).to(tl.float32)[None, :]
+    for k0 in tl.range(BK, I, BK):
         k = k0 + tl.arange(0, BK)
         a = tl.load(act_ptr + p * I + k).to(tl.float32)[None, :]
         acc += tl.load(w_rows + k[None, :]).to(tl.float32) * a
@@ -339,7 +356,7 @@ def pair_major_ok(x: torch.Tensor, w13: torch.Tensor) -> bool:
     return x.shape[0] <= PAIR_MAJOR_MAX_TOKENS and D % 16 == 0 and I % 16 == 0
 
 
-def _pair_major(x, ids, gates, w13, w2, shared, tiles):
+def _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl):
     T, D = x.shape
     K = ids.shape[1]
     I = w13.shape[1] // 2
@@ -350,12 +367,12 @@ def _pair_major(x, ids, gates, w13, w2, shared, tiles):
     flat_ids, flat_gates = ids.contiguous().view(-1), gates.contiguous().view(-1)
     act = torch.empty(P, I, dtype=x.dtype, device=x.device)
     _pair_up_kernel[(I // pow2_divisor(I, bn), P)](x, flat_ids, w13, sg, su, act, D, I, K, NS,
-                                                    BN=pow2_divisor(I, bn), BK=pow2_divisor(D, bk),
-                                                    num_warps=warps, num_stages=stages)
+                                                    BN=pow2_divisor(I, bn), BK=pow2_divisor(D, bk), PDL=pdl,
+                                                    num_warps=warps, num_stages=stages, launch_pdl=pdl)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     _pair_down_kernel[(D // pow2_divisor(D, bn), P)](act, flat_ids, w2, sd, flat_gates, y, D, I, K, NS,
-                                                      BN=pow2_divisor(D, bn), BK=pow2_divisor(I, bk),
-                                                      num_warps=warps, num_stages=stages)
+                                                      BN=pow2_divisor(D, bn), BK=pow2_divisor(I, bk), PDL=pdl,
+                                                      num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return y.view(T, K + NS, D)
 
 
@@ -386,28 +403,34 @@ def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=Non
     E, I = w13.shape[0], w13.shape[1] // 2
     P = T * K
     dev = x.device
+    given = (w13, w2, shared_gate, shared_up, shared_down)
     x, w13, w2 = x.contiguous(), w13.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous()
     shared = None
     if shared_gate is not None:
         shared = tuple(w.to(x.dtype).contiguous() for w in (shared_gate, shared_up, shared_down))
+    used = (w13, w2, *(shared or (None,) * 3))
+    # weights load before a kernel's wait (nanoseek.kernels.pdl) unless they are converted copies made here
+    pdl = pdl_enabled(x) and all(a is b for a, b in zip(given, used))
     if pair_major:  # no pair lists: programs per (pair, strip of outputs)
         if not pair_major_ok(x, w13):
             raise ValueError(f"moe_experts: {T} tokens of width {D}, experts of width {I} do not fit the pair-major "
                              "kernels (see pair_major_ok); pass pair_major=False")
-        return _pair_major(x, ids, gates, w13, w2, shared, tiles)
+        return _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl)
     if shared is not None:
         raise ValueError("moe_experts: shared experts ride along only on the pair-major path (pair_major=True)")
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
     slots = torch.empty(E, max(T, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
-    _pairs_kernel[(E,)](ids.contiguous().view(-1), slots, counts, P, T, BLOCK_P=triton.next_power_of_2(max(P, 16)))
+    _pairs_kernel[(E,)](ids.contiguous().view(-1), slots, counts, P, T, BLOCK_P=triton.next_power_of_2(max(P, 16)),
+                        PDL=pdl, launch_pdl=pdl)
     act = torch.empty(P, I, dtype=x.dtype, device=dev)
     BM, BN, BK = _tiles(T)
     _experts_up_kernel[(E, triton.cdiv(I, BN))](x, w13, slots, counts, act, T, D, I, K=K, BM=BM, BN=BN, BK=BK,
-                                                PRECISION=precision)
+                                                PRECISION=precision, PDL=pdl, launch_pdl=pdl)
     y = torch.empty(P, D, dtype=torch.float32, device=dev)
     _experts_down_kernel[(E, triton.cdiv(D, BN))](act, w2, gates.contiguous().view(-1), slots, counts, y, T, D, I,
-                                                  BM=BM, BN=BN, BK=BK, PRECISION=precision)
+                                                  BM=BM, BN=BN, BK=BK, PRECISION=precision, PDL=pdl,
+                                                  launch_pdl=pdl)
     return y.view(T, K, D)
 
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from nanoseek.kernels import GEMV_MAX_BATCH, GEMV_MAX_ROWS, pow2_divisor
+from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
 
 LINEAR, PAIR, SWIGLU = 0, 1, 2
 
@@ -32,7 +33,7 @@ LINEAR, PAIR, SWIGLU = 0, 1, 2
 @triton.jit
 def _skinny_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, stride_x, NA, NB, K: tl.constexpr,
                    MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (n-block, m-block). PAIR: the first cdiv(NA, BN) n-blocks are Wa's, the rest Wb's."""
     pid = tl.program_id(0)
     w_ptr, y_ptr, N = wa_ptr, ya_ptr, NA
@@ -46,6 +47,7 @@ def _skinny_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, stride_x, NA, NB, K
     n = pid * BN + tl.arange(0, BN)
     n_ok = n < N
     w_rows = n[None, :].to(tl.int64) * K  # (1, BN)
+    inputs_ready(PDL)
     acc = tl.zeros((BM, BN), tl.float32)
     acc_up = tl.zeros((BM, BN), tl.float32)
     for k0 in tl.range(0, K, BK):
@@ -65,7 +67,7 @@ def _skinny_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, M, stride_x, NA, NB, K
 
 @triton.jit
 def _gemv_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, stride_x, NA, NB, K: tl.constexpr, MODE: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """Program (n-block, row m): the same three forms as plain mat-vecs, BN weight rows per program and
     multiply-adds in fp32 (no 16-row tl.dot tile). Needs BN | NA, NB and BK | K (no masks)."""
     pid = tl.program_id(0)
@@ -78,9 +80,17 @@ def _gemv_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, stride_x, NA, NB, K: tl.
             pid = pid - blocks_a
     n = pid * BN + tl.arange(0, BN)
     w_rows = n[:, None].to(tl.int64) * K  # (BN, 1)
-    acc = tl.zeros((BN, BK), tl.float32)
+    k = tl.arange(0, BK)  # the first step's weights load before the wait for x (nanoseek.kernels.pdl)
+    w_first = tl.load(w_ptr + w_rows + k[None, :])
+    if MODE == 2:
+        w_up_first = tl.load(wb_ptr + w_rows + k[None, :])
+    inputs_ready(PDL)
+    xv = tl.load(x_ptr + m * stride_x + k).to(tl.float32)[None, :]
+    acc = w_first.to(tl.float32) * xv
     acc_up = tl.zeros((BN, BK), tl.float32)
-    for k0 in tl.range(0, K, BK):
+    if MODE == 2:
+        acc_up = w_up_first.to(tl.float32) * xv
+    for k0 in tl.range(BK, K, BK):
         k = k0 + tl.arange(0, BK)
         xv = tl.load(x_ptr + m * stride_x + k).to(tl.float32)[None, :]
         acc += tl.load(w_ptr + w_rows + k[None, :]).to(tl.float32) * xv
@@ -135,19 +145,20 @@ def _launch(mode: int, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | Non
     ya = torch.empty(M, NA, dtype=x.dtype, device=x.device)
     yb = torch.empty(M, NB, dtype=x.dtype, device=x.device) if mode == PAIR else ya  # ya: an unused stand-in
     wb_arg = wb if wb is not None else wa
+    pdl = pdl_enabled(x)
     if gemv:
         bn, bk, warps, stages = config or GEMV_TILES
         bn = pow2_divisor(NA, bn) if mode != PAIR else pow2_divisor(NA, pow2_divisor(NB, bn))
         blocks = NA // bn + (NB // bn if mode == PAIR else 0)
         _gemv_kernel[(blocks, M)](x2, wa, wb_arg, ya, yb, x2.stride(0), NA, NB, K, MODE=mode, BN=bn,
-                                  BK=pow2_divisor(K, bk), num_warps=warps, num_stages=stages)
+                                  BK=pow2_divisor(K, bk), PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     else:
         bm, bn, bk, warps, stages = config or tiles(mode, M, max(NA, NB), K)
         blocks = triton.cdiv(NA, bn) + (triton.cdiv(NB, bn) if mode == PAIR else 0)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
         _skinny_kernel[(blocks, triton.cdiv(M, bm))](x2, wa, wb_arg, ya, yb, M, x2.stride(0), NA, NB, K, MODE=mode,
-                                                     BM=bm, BN=bn, BK=bk, PRECISION=precision, num_warps=warps,
-                                                     num_stages=stages)
+                                                     BM=bm, BN=bn, BK=bk, PRECISION=precision, PDL=pdl,
+                                                     num_warps=warps, num_stages=stages, launch_pdl=pdl)
     outs = [ya, yb] if mode == PAIR else [ya]
     return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
 

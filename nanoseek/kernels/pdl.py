@@ -1,0 +1,47 @@
+"""Programmatic dependent launch (PDL, compute capability 9.0 and later) for the decode kernels.
+
+A batch-1 decode step is a chain of about 200 kernels of a few microseconds each. Between two of
+them the GPU idles: the next kernel is scheduled only when the previous one has finished, and its
+first loads then travel to memory. With PDL (`launch_pdl=True`) a kernel may start while its
+predecessor still runs. It loads at once what no recent kernel writes (its weights), then waits
+(`griddepcontrol.wait`) until the predecessor has finished and its writes are visible.
+
+Every kernel here follows one rule, `inputs_ready`: wait, and only then let the successor launch
+(`griddepcontrol.launch_dependents`). So when a kernel starts, its predecessor has passed its own
+wait, and the kernel before that one has finished with its writes visible. Hence what a kernel may
+read before its wait: weights, and data written two or more kernels back (read through L2 with
+`.cg` loads). Nothing is stored before the wait. A kernel launched without PDL (cuBLAS, Inductor's)
+starts only when its predecessor has finished, as usual.
+
+`NANOSEEK_PDL=0` turns PDL off (kernels are then compiled without the wait), for timing with and
+without it in one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_enabled(x: torch.Tensor) -> bool:
+    """True when kernels on x's device launch with PDL: a CUDA device of compute capability >= 9.0
+    and NANOSEEK_PDL not set to 0."""
+    return x.is_cuda and os.environ.get("NANOSEEK_PDL", "1") != "0" and _capability_major(x.device.index or 0) >= 9
+
+
+@triton.jit
+def inputs_ready(PDL: tl.constexpr):
+    """Wait for the predecessor kernel's results, then allow the successor to launch (see the module
+    docstring). A no-op without PDL (and under the interpreter, where PDL is False)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
