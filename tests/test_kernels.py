@@ -40,8 +40,9 @@ ROUTERS = {
 def test_route_kernel_matches_router(device, name):
     """The selection kernel on given logits, and the decode router kernel (matmul and selection in
     one launch) on hidden states, against `Router.forward`."""
-    from nanoseek.kernels.moe_decode import route, router_ok
+    from nanoseek.kernels.moe_decode import normed_router, route, router_ok
     from nanoseek.kernels.moe_decode import router as fused_router
+    from nanoseek.model.common import RMSNorm
 
     cfg = preset("debug", **ROUTERS[name])
     router = Router(cfg).to(device)
@@ -60,7 +61,17 @@ def test_route_kernel_matches_router(device, name):
         arrivals = torch.zeros(8, dtype=torch.int32, device=device)
         assert router_ok(x, router.weight)
         fused = [fused_router(x, router.weight, arrivals, *args) for _ in range(2)]  # counters reset each call
+        # the MoE's pre-norm folded in: routes RMSNorm(x) and returns it
+        norm = RMSNorm(cfg.hidden_size, 1e-5).to(device)
+        norm.weight.data.uniform_(0.5, 1.5)
+        h = x * 3 + 1
+        gates_n, ids_n, x_n = normed_router(h, norm.weight, norm.eps, router.weight, arrivals, *args)
+        torch.testing.assert_close(x_n, norm(h), rtol=1e-5, atol=1e-6)
     assert torch.equal(arrivals, torch.zeros_like(arrivals))
+    gates_nr, ids_nr, _ = router(norm(h))
+    assert torch.equal(ids_n.sort(-1).values, ids_nr.sort(-1).values)
+    torch.testing.assert_close(gates_n.gather(1, ids_n.argsort(-1)), gates_nr.gather(1, ids_nr.argsort(-1)),
+                               rtol=1e-5, atol=1e-6)
     order_ref = ids_ref.argsort(-1)
     for g, i in [(gates, ids), *fused]:
         assert torch.equal(i.sort(-1).values, ids_ref.sort(-1).values)
@@ -135,6 +146,44 @@ def test_skinny_kernels_match_linear(device, rows):
         torch.testing.assert_close(skinny.swiglu(x, w_a, w_up).float(), ref, **tol)
         x3 = x[None].expand(3, rows, K)  # leading dims are kept
         assert skinny.linear(x3, w_a).shape == (3, rows, 100)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_skinny_kernels_fold_norm_and_residual(device, rows):
+    """norm_weight: RMSNorm(x) feeds the product; residual: added after it. Both kernels, every form."""
+    from nanoseek.kernels import skinny
+    from nanoseek.model.common import RMSNorm
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.manual_seed(3)
+    K = 160
+    x = torch.randn(2, rows, K, device=device, dtype=dtype)[1] * 3
+    norm = RMSNorm(K, eps=1e-5).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(K) + 0.5)
+    wa, wb = ((torch.randn(n, K, device=device) * 0.1).to(dtype) for n in (48, 32))
+    residual = torch.randn(rows, 48, device=device, dtype=dtype)
+    F = torch.nn.functional
+    with torch.no_grad():
+        xn = norm(x)
+        for gemv in (False, True):
+            args = dict(gemv=gemv, norm_weight=norm.weight, eps=norm.eps)
+            y = skinny._launch(skinny.LINEAR, x, wa, None, residual=residual, **args)[0]
+            torch.testing.assert_close(y, residual + F.linear(xn, wa), **tol)
+            ya, yb = skinny._launch(skinny.PAIR, x, wa, wb, **args)
+            torch.testing.assert_close(ya, F.linear(xn, wa), **tol)
+            torch.testing.assert_close(yb, F.linear(xn, wb), **tol)
+            y = skinny._launch(skinny.SWIGLU, x, wa, wb[:32].repeat(2, 1)[:48].contiguous(), **args)[0]
+            ref = F.silu(F.linear(xn.float(), wa.float())) * F.linear(xn.float(), wb.repeat(2, 1)[:48].float())
+            torch.testing.assert_close(y.float(), ref, **tol)
+        torch.testing.assert_close(skinny.linear(x, wa, norm.weight, norm.eps, residual),
+                                   residual + F.linear(xn, wa), **tol)
+        with pytest.raises(ValueError, match="norm weight"):
+            skinny.linear(x, wa, norm.weight[:-1], norm.eps)
+        with pytest.raises(ValueError, match="residual"):
+            skinny.linear(x, wa, None, 0.0, residual[:, :-1])
 
 
 @pytest.mark.gpu

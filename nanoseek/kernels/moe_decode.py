@@ -43,6 +43,7 @@ import triton.language as tl
 
 from nanoseek.kernels import pow2_divisor
 from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
+from nanoseek.kernels.skinny import _inverse_rms, _rms_normed
 
 # ---------------------------------------------------------------------------------------- routing
 
@@ -104,21 +105,39 @@ def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, bias_ptr, logits_ptr, arrived_ptr, gates_ptr, ids_ptr, scale, D: tl.constexpr,
-                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
+def _router_input(x_ptr, g_ptr, xn_ptr, t, d, inv_rms, D: tl.constexpr, NORM: tl.constexpr):
+    """x[t, d] (1, BD) in fp32; with NORM the RMS-normalised row, which the token's first program
+    also stores in xn for the experts."""
+    xt = tl.load(x_ptr + t * D + d)[None, :]
+    if NORM:
+        xt = _rms_normed(xt, inv_rms, tl.load(g_ptr + d)[None, :])
+        if tl.program_id(1) == 0:
+            tl.store(xn_ptr + t * D + d[None, :], xt)
+    return xt.to(tl.float32)
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, bias_ptr, g_ptr, xn_ptr, eps, logits_ptr, arrived_ptr, gates_ptr, ids_ptr, scale,
+                   D: tl.constexpr, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                    K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
-                   NORMALIZE: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+                   NORMALIZE: tl.constexpr, NORM: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr,
+                   PDL: tl.constexpr):
     """Program (token t, expert block): logits[t, block] = x_t W[block]^T in fp32 (a mat-vec over BE
-    router rows); the last program of token t to finish (a counter per token, reset by it) routes t."""
+    router rows); the last program of token t to finish (a counter per token, reset by it) routes t.
+    NORM: x_t is RMS-normalised (weight g) first, and stored normalised in xn."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     d = tl.arange(0, BD)
     w_first = tl.load(w_ptr + e[:, None] * D + d[None, :])  # weights before the wait (nanoseek.kernels.pdl)
     inputs_ready(PDL)
-    acc = w_first.to(tl.float32) * tl.load(x_ptr + t * D + d).to(tl.float32)[None, :]
+    inv_rms = 1.0
+    if NORM:
+        row = t + tl.arange(0, 1)
+        inv_rms = _inverse_rms(x_ptr, row, row >= 0, D, eps, D, 1, BD)[:, None]
+    acc = w_first.to(tl.float32) * _router_input(x_ptr, g_ptr, xn_ptr, t, d, inv_rms, D, NORM)
     for d0 in tl.range(BD, D, BD):
         d = d0 + tl.arange(0, BD)
-        xt = tl.load(x_ptr + t * D + d).to(tl.float32)[None, :]
+        xt = _router_input(x_ptr, g_ptr, xn_ptr, t, d, inv_rms, D, NORM)
         acc += tl.load(w_ptr + e[:, None] * D + d[None, :]).to(tl.float32) * xt
     tl.store(logits_ptr + t * E + e, tl.sum(acc, 1))
     arrived = tl.atomic_add(arrived_ptr + t, 1, sem="acq_rel")  # orders the store above before the count
@@ -176,11 +195,39 @@ def router(x: torch.Tensor, weight: torch.Tensor, arrivals: torch.Tensor, bias: 
     """`route` with the router's fp32 matmul in the same kernel: x (T, D), weight (E, D) fp32 ->
     gates (T, K) fp32, ids (T, K) int64; see `router_ok` for the shapes it takes. arrivals: int32
     counters, at least T, all zero; the kernel counts in them and leaves them at zero again."""
-    return _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale)
+    return _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale)[:2]
 
 
-def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale, tiles=None):
+@router.register_fake
+def _(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale):
+    T = x.shape[0]
+    return x.new_empty(T, k, dtype=torch.float32), x.new_empty(T, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("nanoseek::moe_normed_router", mutates_args=())
+def normed_router(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                  arrivals: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int, topk_group: int,
+                  sigmoid: bool, group_top2: bool, normalize: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`router` of RMSNorm(x) (norm_weight (D,) of x's dtype, eps) -> (gates, ids, RMSNorm(x) (T, D)):
+    the MoE's pre-norm in the same launch, its output kept for the experts."""
+    return _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale,
+                   norm_weight=norm_weight, eps=eps)
+
+
+@normed_router.register_fake
+def _(x, norm_weight, eps, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale):
+    T = x.shape[0]
+    return x.new_empty(T, k, dtype=torch.float32), x.new_empty(T, k, dtype=torch.int64), torch.empty_like(x)
+
+
+def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale, tiles=None,
+            norm_weight=None, eps=0.0):
+    """`router` (`normed_router` with norm_weight) -> (gates, ids, normalised x or None)."""
     T, D = x.shape
+    if norm_weight is not None and (norm_weight.shape != (D,) or norm_weight.dtype != x.dtype):
+        raise ValueError(f"moe_normed_router: the norm weight must be ({D},) of x's dtype {x.dtype}, got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
     if arrivals.numel() < T or arrivals.dtype != torch.int32:
         raise ValueError(f"moe_router: arrivals must hold >= {T} int32 counters, got {tuple(arrivals.shape)} "
                          f"{arrivals.dtype}")
@@ -191,18 +238,17 @@ def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_to
     be, bd, warps = tiles or (ROUTER_TILES if T <= 2 else ROUTER_TILES_BATCHED)
     w = weight.float().contiguous()
     pdl = pdl_enabled(x) and w is weight  # a converted copy is the predecessor's output: not before the wait
-    _router_kernel[(T, E // be)](x.contiguous(), w, bias if bias is not None else w, logits,
+    x = x.contiguous()
+    normed = torch.empty_like(x) if norm_weight is not None else None
+    _router_kernel[(T, E // be)](x, w, bias if bias is not None else w,
+                                 norm_weight.contiguous() if norm_weight is not None else w,
+                                 normed if normed is not None else x, eps, logits,
                                  arrivals, gates, ids, scale, D=D, E=E, G=n_group,
                                  TOPK_GROUP=topk_group, K=k, K_POW2=triton.next_power_of_2(k), SIGMOID=sigmoid,
-                                 HAS_BIAS=bias is not None, GROUP_TOP2=group_top2, NORMALIZE=normalize, BE=be,
-                                 BD=pow2_divisor(D, bd), PDL=pdl, num_warps=warps, launch_pdl=pdl)
-    return gates, ids
-
-
-@router.register_fake
-def _(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_top2, normalize, scale):
-    T = x.shape[0]
-    return x.new_empty(T, k, dtype=torch.float32), x.new_empty(T, k, dtype=torch.int64)
+                                 HAS_BIAS=bias is not None, GROUP_TOP2=group_top2, NORMALIZE=normalize,
+                                 NORM=normed is not None, BE=be, BD=pow2_divisor(D, bd), PDL=pdl, num_warps=warps,
+                                 launch_pdl=pdl)
+    return gates, ids, normed
 
 
 # ---------------------------------------------------------------------------------------- experts

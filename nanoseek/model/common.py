@@ -23,17 +23,33 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def foldable(norm: RMSNorm | None, x: torch.Tensor) -> bool:
+    """Whether a kernel can apply `norm` to x itself (no norm, or a weight of x's dtype and width)."""
+    return norm is None or (norm.weight.dtype == x.dtype and norm.weight.shape == x.shape[-1:])
+
+
+def norm_args(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
+    """(weight, eps) of a norm for the kernels that fold it in; (None, 0.0) for none."""
+    return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose inference on a few rows (a decode step) runs `nanoseek.kernels.skinny`, a
     Triton matmul that streams the weight with many more thread blocks than cuBLAS picks for such
-    shapes. Reference: F.linear, the path everywhere else (training, prefill, CPU)."""
+    shapes. Reference: F.linear, the path everywhere else (training, prefill, CPU).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and not self.training and skinny_available(x, self.weight):
+    `norm` (an RMSNorm to apply to x first) and `residual` (added to the output) let a pre-norm
+    block's norm and residual add run inside that kernel instead of as launches of their own."""
+
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.bias is None and not self.training and skinny_available(x, self.weight) and foldable(norm, x)
+                and (residual is None or residual.dtype == x.dtype)):
             from nanoseek.kernels import skinny
 
-            return skinny.linear(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+            return skinny.linear(x, self.weight, *norm_args(norm), residual)
+        y = F.linear(norm(x) if norm is not None else x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
 
 class MLP(nn.Module):
@@ -45,10 +61,13 @@ class MLP(nn.Module):
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """x (..., D) -> (..., D); norm: an RMSNorm to apply to x first (folded into the decode kernel)."""
         w_gate, w_up = self.gate_proj.weight, self.up_proj.weight
-        if not self.training and skinny_available(x, w_gate, w_up):  # decode: gate, up and SwiGLU in one kernel
-            from nanoseek.kernels import skinny
+        if not self.training and skinny_available(x, w_gate, w_up) and foldable(norm, x):
+            from nanoseek.kernels import skinny  # decode: norm, gate, up and SwiGLU in one kernel
 
-            return self.down_proj(skinny.swiglu(x, w_gate, w_up))
+            return self.down_proj(skinny.swiglu(x, w_gate, w_up, *norm_args(norm)))
+        if norm is not None:
+            x = norm(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

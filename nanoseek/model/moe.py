@@ -28,7 +28,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.kernels import triton_available
-from nanoseek.model.common import MLP
+from nanoseek.model.common import MLP, RMSNorm, foldable
 
 DECODE_KERNEL_MAX_TOKENS = 64  # above this the grouped GEMM path is faster (and the kernels' pair lists grow)
 PAIR_MAJOR_MAX_BATCH = 2  # decode batches of at most this many rows run the pair-major expert mat-vecs
@@ -178,12 +178,13 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, S, D) -> (B, S, D)."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """x (B, S, D) -> moe(norm(x)) (B, S, D); the decode router kernel applies the norm itself."""
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         if self.use_route_kernel(flat):  # inference on a GPU: routing in one kernel
-            gates, ids = self.route_kernel(flat)
+            gates, ids, flat = self.route_kernel(flat, norm)
+            x = flat.view(B, S, D)
             if flat.shape[0] <= DECODE_KERNEL_MAX_TOKENS:
                 from nanoseek.kernels import moe_decode
 
@@ -198,6 +199,9 @@ class MoE(nn.Module):
             else:
                 out = self.experts(flat, ids, gates).view(B, S, D)
         else:
+            if norm is not None:
+                x = norm(x)
+                flat = x.reshape(B * S, D)
             gates, ids, scores = self.gate(flat)
             out = self.experts(flat, ids, gates).view(B, S, D)
             if self.training:  # balance statistics are for the trainer only
@@ -229,12 +233,13 @@ class MoE(nn.Module):
             return ()
         return weights
 
-    def route_kernel(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """flat (T, D) -> gates (T, K) fp32, ids (T, K): `Router.forward` in Triton. Decode steps run
-        matmul and selection in one kernel (`moe_decode.router`: programs over blocks of router rows,
-        the last one of each token routes it). Prefills keep cuBLAS's fp32 matmul and select in one
-        kernel (`moe_decode.route`), replacing torch.topk and sort kernels that took 4.9 ms over 11
-        layers of a batch-32, 512-token prefill."""
+    def route_kernel(self, flat: torch.Tensor, norm: RMSNorm | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """flat (T, D) -> gates (T, K) fp32, ids (T, K), norm(flat): `Router.forward` of norm(flat) in
+        Triton. Decode steps run norm, matmul and selection in one kernel (`moe_decode.normed_router`:
+        programs over blocks of router rows, the last one of each token routes it). Prefills keep
+        cuBLAS's fp32 matmul and select in one kernel (`moe_decode.route`), replacing torch.topk and
+        sort kernels that took 4.9 ms over 11 layers of a batch-32, 512-token prefill."""
         from nanoseek.kernels import moe_decode
 
         cfg, gate = self.cfg, self.gate
@@ -242,10 +247,14 @@ class MoE(nn.Module):
                 cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc", cfg.norm_topk_prob,
                 cfg.routed_scaling_factor)
         if moe_decode.router_ok(flat, gate.weight) and flat.shape[0] <= self.router_arrivals.numel():
-            return moe_decode.router(flat, gate.weight, self.router_arrivals, *args)
+            if norm is not None and foldable(norm, flat):
+                return moe_decode.normed_router(flat, norm.weight, norm.eps, gate.weight, self.router_arrivals, *args)
+            flat = norm(flat) if norm is not None else flat
+            return (*moe_decode.router(flat, gate.weight, self.router_arrivals, *args), flat)
+        flat = norm(flat) if norm is not None else flat
         with torch.autocast(flat.device.type, enabled=False):
             logits = F.linear(flat.float(), gate.weight.float())  # (T, E) fp32
-        return moe_decode.route(logits, *args)
+        return (*moe_decode.route(logits, *args), flat)
 
 
 @torch.library.custom_op("nanoseek::stable_argsort", mutates_args=())
