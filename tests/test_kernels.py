@@ -217,10 +217,13 @@ def test_model_decode_step_with_skinny_kernels_matches_cublas(monkeypatch):
     (4, 16, [[9]]),  # one row, one chunk
     (4, 64, [[5, 6], [40, 63]]),  # a 2-token step on 2 rows: chunks past a row's position are skipped
     (20, 4096, [[3000]]),  # two head groups; 64 chunks of two 32-key steps each
+    # 18 rows x 2 tokens (a larger batch): 14 chunks of 3 steps, the latent merge and the W_uv kernel
+    (4, 1300, [[(37 * b) % 1300, (37 * b + 1) % 1300] for b in range(18)]),
 ])
 def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions):
-    """The three-launch absorbed attention (W_uk product, split-key partials, merge with W_uv)
-    against `MLA.absorbed`'s matmul path."""
+    """The absorbed attention kernels (W_uk product, split-key partials, merge with W_uv; in larger
+    batches a latent merge and a W_uv kernel), and `latent_attention` from a given q_lat, against
+    `MLA.absorbed`'s matmul path."""
     from nanoseek.kernels import mla_decode
     from nanoseek.model import mla as mla_module
 
@@ -241,8 +244,13 @@ def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions):
         out = attn.o_proj(mla_decode.attention(q_nope, q_pe, latent, pos, attn.kv_b_proj.weight, attn.scale,
                                                cfg.v_head_dim))
         ref = attn.absorbed(q_nope, q_pe, latent, pos)  # the matmul path
+        w_uk = attn.kv_b_proj.weight.view(heads, -1, cfg.kv_lora_rank)[:, : cfg.qk_nope_head_dim]
+        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk).reshape(B * S, heads, -1)
+        out_lat = attn.o_proj(mla_decode.latent_attention(q_lat, q_pe, latent, pos, attn.kv_b_proj.weight,
+                                                          attn.scale, cfg.v_head_dim))
     tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out_lat, ref, **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -271,11 +279,14 @@ def test_mla_decode_step_with_kernels_matches_reference(device, interleaved):
     inv_freq, factor = rope_frequencies(cfg)
     cos, sin = rope_cos_sin(inv_freq.to(device), positions, factor, dtype)
     x = torch.randn(2, 2, cfg.hidden_size, device=device, dtype=dtype)
+    norm = mla_module.RMSNorm(cfg.hidden_size).to(device, dtype)  # a block's pre-norm and residual, passed in
+    norm.weight.data.uniform_(0.5, 1.5)
+    residual = torch.randn_like(x)
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(mla_module.MLA, "decode_kernels_ok", lambda self, q, cache: False)
-        ref = attn(x, cos, sin, caches[0], positions, kv_len=64)
+        ref = attn(norm(x), cos, sin, caches[0], positions, kv_len=64) + residual
         mp.setattr(mla_module.MLA, "decode_kernels_ok", lambda self, q, cache: True)
-        out = attn(x, cos, sin, caches[1], positions, kv_len=64)
+        out = attn(x, cos, sin, caches[1], positions, kv_len=64, norm=norm, residual=residual)
     tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(caches[1].data, caches[0].data, **tol)

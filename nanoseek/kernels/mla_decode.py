@@ -20,7 +20,8 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
 Before them, `rope_latent` (one program per token) does what a step does to the new token's q and
 latent between the projections and the attention: kv_a_layernorm of c, RoPE of k_pe and of every
 head's q_pe, and the cache entry [c ; k_pe] (written by the caller's `index_put_`), in one launch
-instead of three.
+instead of three. More programs of the same launch do step 1, which needs only q_nope, so a decode
+step runs `rope_latent`, the cache write, and `latent_attention` (steps 2 and 3).
 The matmul path it replaces takes six launches (two einsums with W, two over the cache, a softmax,
 a concatenation). References: `nanoseek.model.mla.MLA.absorbed` for the attention, the PyTorch path
 of `MLA.forward` for `rope_latent`; tests in `tests/test_kernels.py`.
@@ -34,11 +35,13 @@ import triton.language as tl
 
 from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
 
-# Batches of at most MAX_BATCH rows and MAX_QUERIES tokens per row (plain and speculative steps alike,
-# so both take the same arithmetic); larger batches keep the matmuls, which read each row's cache anyway.
-MAX_BATCH = 4
+# Batches of at most MAX_BATCH rows and MAX_QUERIES tokens per row (plain and speculative steps alike:
+# every choice below goes by batch rows B, so both take the same arithmetic).
+MAX_BATCH = 64
 MAX_QUERIES = 4
 MAX_CHUNKS = 64  # beyond 64 steps of keys (TILES[0] each) a chunk takes several steps
+CHUNK_PROGRAMS = 256  # larger batches split keys into fewer chunks: about this many (row, chunk) programs
+FUSED_MERGE_MAX_BATCH = 4  # up to here the merge applies W_uv per row; above, `_value_kernel` does, per 16 rows
 HEADS_PER_PROGRAM = 16  # tl.dot's minimum rows; fewer heads are masked
 
 
@@ -47,21 +50,42 @@ def _dot_dim(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _row_block(rows: int) -> int:
+    """Rows per step of the W_uk product: all of them up to 64 (tl.dot's 16 at least)."""
+    return min(_dot_dim(rows), 64)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot's input precision: fp32 stays exact ("ieee"); "tf32" is unused for bf16."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _q_latent_block(q_ptr, w_ptr, out_ptr, rows, stride_qt, stride_qh, h, r_block, H: tl.constexpr,
+                    N: tl.constexpr, NV: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BR: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """q_lat[t, h, r] = sum_n q_nope[t, h, n] W[h, n, r] for one head, one block of R and every row t
+    (BM at a time): the weight tile is read once."""
+    r = r_block * BR + tl.arange(0, BR)
+    n = tl.arange(0, BN)
+    w = tl.load(w_ptr + (h * NV + n[:, None]).to(tl.int64) * R + r[None, :], mask=n[:, None] < N, other=0.0)
+    inputs_ready(PDL)  # the weight tile above loads before the wait (nanoseek.kernels.pdl)
+    for m0 in tl.range(0, rows, BM):
+        t = m0 + tl.arange(0, BM)
+        q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + n[None, :],
+                    mask=(t[:, None] < rows) & (n[None, :] < N), other=0.0)  # (BM, BN)
+        acc = tl.dot(q, w, input_precision=PRECISION)  # (BM, BR)
+        tl.store(out_ptr + (t[:, None] * H + h) * R + r[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=t[:, None] < rows)
+
+
 @triton.jit
 def _q_latent_kernel(q_ptr, w_ptr, out_ptr, rows, stride_qt, stride_qh, H: tl.constexpr, N: tl.constexpr,
                      NV: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                      PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Program (h, r-block): q_lat[t, h, r] = sum_n q_nope[t, h, n] W[h, n, r] for all rows t (<= BM)."""
-    h = tl.program_id(0)
-    r = tl.program_id(1) * BR + tl.arange(0, BR)
-    t = tl.arange(0, BM)
-    n = tl.arange(0, BN)
-    w = tl.load(w_ptr + (h * NV + n[:, None]).to(tl.int64) * R + r[None, :], mask=n[:, None] < N, other=0.0)
-    inputs_ready(PDL)  # the weight tile above loads before the wait (nanoseek.kernels.pdl)
-    q = tl.load(q_ptr + t[:, None] * stride_qt + h * stride_qh + n[None, :],
-                mask=(t[:, None] < rows) & (n[None, :] < N), other=0.0)  # (BM, BN)
-    acc = tl.dot(q, w, input_precision=PRECISION)  # (BM, BR)
-    tl.store(out_ptr + (t[:, None] * H + h) * R + r[None, :], acc.to(out_ptr.dtype.element_ty), mask=t[:, None] < rows)
+    """Program (h, r-block): `_q_latent_block`."""
+    _q_latent_block(q_ptr, w_ptr, out_ptr, rows, stride_qt, stride_qh, tl.program_id(0), tl.program_id(1), H, N, NV,
+                    R, BM, BN, BR, PRECISION, PDL)
 
 
 @triton.jit
@@ -117,15 +141,22 @@ def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.constexpr, CHUNKS: tl.constexpr,
                   H: tl.constexpr, N: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BV: tl.constexpr,
-                  BC: tl.constexpr, PDL: tl.constexpr):
+                  BC: tl.constexpr, LATENT_OUT: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr):
     """Program (row, h, v-block): o_lat = sum_c exp(m_c - max) o_c / sum_c exp(m_c - max) l_c over the
-    row's visible chunks (BC at a time, rescaled online), then out[row, h, v] = W_uv[h, v] . o_lat."""
+    row's visible chunks (BC at a time, rescaled online), then out[row, h, v] = W_uv[h, v] . o_lat.
+    LATENT_OUT (larger batches, where each row re-reading W_uv would cost more than the merge):
+    program (row, h, block of BR latent dims) stores o_lat (rows, H, R) in out's dtype instead, for
+    `_value_kernel`."""
     row = tl.program_id(0)
     h = tl.program_id(1)
-    r = tl.arange(0, R)
-    v = tl.program_id(2) * BV + tl.arange(0, BV)
-    # the weight tile and the position load before the wait for the partials (nanoseek.kernels.pdl)
-    w = tl.load(w_ptr + (h * (N + V) + N + v[:, None]).to(tl.int64) * R + r[None, :], mask=v[:, None] < V, other=0.0)
+    if LATENT_OUT:
+        r = tl.program_id(2) * BR + tl.arange(0, BR)
+    else:
+        r = tl.arange(0, R)
+        v = tl.program_id(2) * BV + tl.arange(0, BV)
+        # the weight tile and the position load before the wait for the partials (nanoseek.kernels.pdl)
+        w = tl.load(w_ptr + (h * (N + V) + N + v[:, None]).to(tl.int64) * R + r[None, :], mask=v[:, None] < V,
+                    other=0.0)
     visible = tl.load(pos_ptr + row, cache_modifier=".cg") // CHUNK_KEYS + 1  # chunks that hold a visible key
     inputs_ready(PDL)
     c = tl.arange(0, BC)
@@ -145,8 +176,36 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.c
         denom = denom * alpha + tl.sum(weight * l_c, 0)
         o_lat = o_lat * alpha + tl.sum(o_c * weight[:, None], 0)
         m_run = m_new
-    out = tl.sum(w.to(tl.float32) * (o_lat / denom)[None, :], 1)  # (BV,)
-    tl.store(out_ptr + (row * H + h) * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
+    if LATENT_OUT:
+        tl.store(out_ptr + (row * H + h) * R + r, (o_lat / denom).to(out_ptr.dtype.element_ty))
+    else:
+        out = tl.sum(w.to(tl.float32) * (o_lat / denom)[None, :], 1)  # (BV,)
+        tl.store(out_ptr + (row * H + h) * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
+
+
+@triton.jit
+def _value_kernel(o_lat_ptr, w_ptr, out_ptr, rows, H: tl.constexpr, N: tl.constexpr, V: tl.constexpr,
+                  R: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+                  PDL: tl.constexpr):
+    """Program (h, v-block, block of BM rows): out[t, h, v] = W_uv[h, v] . o_lat[t, h] as a tl.dot over
+    BR-wide steps of R, so W_uv is read once per BM rows rather than once per row."""
+    h = tl.program_id(0)
+    v = tl.program_id(1) * BV + tl.arange(0, BV)
+    t = tl.program_id(2) * BM + tl.arange(0, BM)
+    t_ok = t < rows
+    w_rows = w_ptr + (h * (N + V) + N + v[None, :]).to(tl.int64) * R  # (1, BV)
+    k = tl.arange(0, BR)
+    w_first = tl.load(w_rows + k[:, None], mask=v[None, :] < V, other=0.0)  # before the wait (nanoseek.kernels.pdl)
+    inputs_ready(PDL)
+    o = tl.load(o_lat_ptr + (t[:, None] * H + h) * R + k[None, :], mask=t_ok[:, None], other=0.0)
+    acc = tl.dot(o, w_first, input_precision=PRECISION)  # (BM, BV)
+    for r0 in tl.range(BR, R, BR):
+        k = r0 + tl.arange(0, BR)
+        o = tl.load(o_lat_ptr + (t[:, None] * H + h) * R + k[None, :], mask=t_ok[:, None], other=0.0)
+        w = tl.load(w_rows + k[:, None], mask=v[None, :] < V, other=0.0)
+        acc = tl.dot(o, w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + (t[:, None] * H + h) * V + v[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & (v[None, :] < V))
 
 
 def supported(q_nope: torch.Tensor, latent_dtype: torch.dtype, rank: int, rope_dim: int) -> bool:
@@ -159,12 +218,11 @@ def supported(q_nope: torch.Tensor, latent_dtype: torch.dtype, rank: int, rope_d
 
 
 @triton.jit
-def _rope_latent_kernel(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, eps, stride_qt, stride_kvt,
-                        H: tl.constexpr, HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
-                        INTERLEAVED: tl.constexpr, PDL: tl.constexpr):
-    """Program t (a token): entry[t] = [w * norm(c_t) ; rope(k_pe_t)], q_pe_out[t, h] = rope(q_pe[t, h]).
+def _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, eps, stride_qt, stride_kvt, t,
+                       H: tl.constexpr, HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
+                       INTERLEAVED: tl.constexpr, PDL: tl.constexpr):
+    """Token t: entry[t] = [w * norm(c_t) ; rope(k_pe_t)], q_pe_out[t, h] = rope(q_pe[t, h]).
     Products are rounded to the input dtype where the PyTorch reference rounds them (eager bf16)."""
-    t = tl.program_id(0).to(tl.int64)
     dt = entry_ptr.dtype.element_ty
     HALF: tl.constexpr = P // 2
     r = tl.arange(0, R)
@@ -197,12 +255,31 @@ def _rope_latent_kernel(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, ent
              mask=h_ok)
 
 
+@triton.jit
+def _rope_latent_kernel(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, w_ptr, q_lat_ptr, eps, tokens,
+                        stride_qt, stride_kvt, H: tl.constexpr, HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+                        R: tl.constexpr, NV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                        INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Programs [0, tokens): `_rope_latent_token`, one token each; the H * R / BR programs after them:
+    the W_uk product (`_q_latent_block`), which needs only q_nope. One launch for both."""
+    pid = tl.program_id(0)
+    if pid < tokens:
+        _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, eps, stride_qt, stride_kvt,
+                           pid.to(tl.int64), H, HB, N, P, R, INTERLEAVED, PDL)
+    else:
+        block = pid - tokens
+        _q_latent_block(q_ptr, w_ptr, q_lat_ptr, tokens, stride_qt, N + P, block // (R // BR), block % (R // BR), H,
+                        N, NV, R, BM, BN, BR, PRECISION, PDL)
+
+
 @torch.library.custom_op("nanoseek::mla_rope_latent", mutates_args=())
 def rope_latent(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                sin: torch.Tensor, interleaved: bool, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, S, H, N + P) from q_b, kv (B, S, R + P) from kv_a, cos/sin (B, S, P / 2) ->
-    (roped q_pe (B, S, H, P), cache entry [kv_a_layernorm(c) ; roped k_pe] (B, S, R + P)), in q's dtype;
-    RoPE output in the half-split layout, as `nanoseek.model.rope.apply_rope` gives."""
+                sin: torch.Tensor, interleaved: bool, nope_dim: int,
+                w_kv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, S, H, N + P) from q_b, kv (B, S, R + P) from kv_a, cos/sin (B, S, P / 2), w_kv_b =
+    kv_b_proj.weight (H * (N + V), R) -> (q_lat = W_uk^T q_nope (B * S, H, R), roped q_pe (B, S, H, P),
+    cache entry [kv_a_layernorm(c) ; roped k_pe] (B, S, R + P)), in q's dtype; RoPE output in the
+    half-split layout, as `nanoseek.model.rope.apply_rope` gives. q_lat feeds `latent_attention`."""
     B, S, H, width = q.shape
     P = width - nope_dim
     R = kv.shape[-1] - P
@@ -213,19 +290,24 @@ def rope_latent(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, ep
         kv2 = kv2.contiguous()
     q_pe = torch.empty(B, S, H, P, dtype=q.dtype, device=q.device)
     entry = torch.empty(B, S, R + P, dtype=q.dtype, device=q.device)
-    norm = norm_weight.contiguous()
-    pdl = pdl_enabled(q) and norm is norm_weight  # a copy made here is not read before the wait
-    _rope_latent_kernel[(B * S,)](q2, kv2, norm, cos.contiguous(), sin.contiguous(), q_pe, entry,
-                                  eps, q2.stride(0), kv2.stride(0), H=H, HB=triton.next_power_of_2(H), N=nope_dim,
-                                  P=P, R=R, INTERLEAVED=interleaved, PDL=pdl, launch_pdl=pdl)
-    return q_pe, entry
+    q_lat = torch.empty(B * S, H, R, dtype=q.dtype, device=q.device)
+    norm, w = norm_weight.contiguous(), w_kv_b.contiguous()
+    pdl = pdl_enabled(q) and norm is norm_weight and w is w_kv_b  # copies made here are not read before the wait
+    block_r = min(R, 64)
+    _rope_latent_kernel[(B * S + H * (R // block_r),)](
+        q2, kv2, norm, cos.contiguous(), sin.contiguous(), q_pe, entry, w, q_lat, eps, B * S, q2.stride(0),
+        kv2.stride(0), H=H, HB=triton.next_power_of_2(H), N=nope_dim, P=P, R=R, NV=w.shape[0] // H,
+        BM=_row_block(B * S), BN=_dot_dim(nope_dim), BR=block_r, INTERLEAVED=interleaved,
+        PRECISION=_precision(q), PDL=pdl, launch_pdl=pdl)
+    return q_lat, q_pe, entry
 
 
 @rope_latent.register_fake
-def _(q, kv, norm_weight, eps, cos, sin, interleaved, nope_dim):
+def _(q, kv, norm_weight, eps, cos, sin, interleaved, nope_dim, w_kv_b):
     B, S, H, width = q.shape
     P = width - nope_dim
-    return q.new_empty(B, S, H, P), q.new_empty(B, S, kv.shape[-1])
+    R = w_kv_b.shape[1]
+    return q.new_empty(B * S, H, R), q.new_empty(B, S, H, P), q.new_empty(B, S, kv.shape[-1])
 
 
 @torch.library.custom_op("nanoseek::mla_decode", mutates_args=())
@@ -236,31 +318,50 @@ def attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, po
     return _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim)
 
 
+@torch.library.custom_op("nanoseek::mla_latent_decode", mutates_args=())
+def latent_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor,
+                     w_kv_b: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
+    """`attention` from the query already in latent space, q_lat (B * S, H, R) as `rope_latent` gives
+    it: the partials and merge launches only."""
+    return _attention(None, q_pe, latent, positions, w_kv_b, scale, v_dim, q_lat=q_lat)
+
+
+@latent_attention.register_fake
+def _(q_lat, q_pe, latent, positions, w_kv_b, scale, v_dim):
+    B, S, H, _ = q_pe.shape
+    return q_pe.new_empty(B, S, H * v_dim)
+
+
 TILES = (32, 4, 16, 8)  # (keys per step, partials' warps, V block, merge's warps); bench/mla_decode_kernels.py
 
 
-def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None):
-    """`attention`; tiles overrides TILES (for the benchmark)."""
+def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None, q_lat=None):
+    """`attention` (`latent_attention` with q_lat instead of q_nope); tiles overrides TILES (for the benchmark)."""
     block_keys, partial_warps, block_v, merge_warps = tiles or TILES
-    B, S, H, N = q_nope.shape
-    P, T, R = q_pe.shape[-1], latent.shape[1], w_kv_b.shape[1]
-    rows, dev = B * S, q_nope.device
-    precision = "ieee" if q_nope.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
-    q_nope, q_pe = q_nope.reshape(rows, H, N), q_pe.reshape(rows, H, P)
+    B, S, H, P = q_pe.shape
+    T, R = latent.shape[1], w_kv_b.shape[1]
+    N = w_kv_b.shape[0] // H - v_dim
+    rows, dev = B * S, q_pe.device
+    precision = _precision(q_pe)
+    q_pe = q_pe.reshape(rows, H, P)
     if latent.stride(-1) != 1:
         latent = latent.contiguous()
     w = w_kv_b.contiguous()
     positions = positions.reshape(rows).contiguous()
     # the W_uk product reads w before its wait (nanoseek.kernels.pdl): not if w is a copy made just before it
-    pdl = pdl_enabled(q_nope) and w is w_kv_b
+    pdl = pdl_enabled(q_pe) and w is w_kv_b
 
-    q_lat = torch.empty(rows, H, R, dtype=q_nope.dtype, device=dev)
-    block_r = min(R, 64)
-    _q_latent_kernel[(H, R // block_r)](q_nope, w, q_lat, rows, q_nope.stride(0), q_nope.stride(1), H=H, N=N,
-                                        NV=N + v_dim, R=R, BM=_dot_dim(rows), BN=_dot_dim(N), BR=block_r,
-                                        PRECISION=precision, PDL=pdl, launch_pdl=pdl)
+    if q_lat is not None:
+        q_lat = q_lat.reshape(rows, H, R).contiguous()
+    else:
+        q_nope = q_nope.reshape(rows, H, N)
+        q_lat = torch.empty(rows, H, R, dtype=q_nope.dtype, device=dev)
+        block_r = min(R, 64)
+        _q_latent_kernel[(H, R // block_r)](q_nope, w, q_lat, rows, q_nope.stride(0), q_nope.stride(1), H=H, N=N,
+                                            NV=N + v_dim, R=R, BM=_row_block(rows), BN=_dot_dim(N), BR=block_r,
+                                            PRECISION=precision, PDL=pdl, launch_pdl=pdl)
 
-    chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS)
+    chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS, max(1, CHUNK_PROGRAMS // B))
     steps = triton.cdiv(T, chunks * block_keys)
     o = torch.empty(rows, chunks, H, R, dtype=torch.float32, device=dev)
     m = torch.empty(rows, chunks, H, dtype=torch.float32, device=dev)
@@ -270,11 +371,22 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
         latent.stride(1), S=S, H=H, R=R, P=P, BP=_dot_dim(P), HG=HEADS_PER_PROGRAM, BT=block_keys, STEPS=steps,
         PRECISION=precision, PDL=pdl, num_warps=partial_warps, launch_pdl=pdl)
 
-    out = torch.empty(rows, H, v_dim, dtype=q_nope.dtype, device=dev)
-    block_v = min(triton.next_power_of_2(v_dim), block_v)
-    _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](
-        o, m, l_sum, positions, w, out, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
-        BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
+    out = torch.empty(rows, H, v_dim, dtype=q_pe.dtype, device=dev)
+    merge = dict(CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
+                 BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
+    if B <= FUSED_MERGE_MAX_BATCH:
+        block_v = min(triton.next_power_of_2(v_dim), block_v)
+        _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](o, m, l_sum, positions, w, out, BV=block_v,
+                                                               LATENT_OUT=False, BR=R, **merge)
+    else:
+        o_lat = torch.empty(rows, H, R, dtype=q_pe.dtype, device=dev)
+        block_r = min(R, 128)
+        _merge_kernel[(rows, H, R // block_r)](o, m, l_sum, positions, w, o_lat, BV=16, LATENT_OUT=True, BR=block_r,
+                                               **merge)
+        block_m, block_v = 16, min(triton.next_power_of_2(v_dim), 32)
+        _value_kernel[(H, triton.cdiv(v_dim, block_v), triton.cdiv(rows, block_m))](
+            o_lat, w, out, rows, H=H, N=N, V=v_dim, R=R, BM=block_m, BV=block_v, BR=min(R, 128),
+            PRECISION=precision, PDL=pdl, launch_pdl=pdl)
     return out.view(B, S, H * v_dim)
 
 

@@ -183,6 +183,9 @@ class MoE(nn.Module):
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         if self.use_route_kernel(flat):  # inference on a GPU: routing in one kernel
+            if not foldable(norm, x):  # the router kernel normalises only mat-vec batches
+                x, norm = norm(x), None
+                flat = x.reshape(B * S, D)
             gates, ids, flat = self.route_kernel(flat, norm)
             x = flat.view(B, S, D)
             if flat.shape[0] <= DECODE_KERNEL_MAX_TOKENS:
@@ -247,9 +250,8 @@ class MoE(nn.Module):
                 cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc", cfg.norm_topk_prob,
                 cfg.routed_scaling_factor)
         if moe_decode.router_ok(flat, gate.weight) and flat.shape[0] <= self.router_arrivals.numel():
-            if norm is not None and foldable(norm, flat):
+            if norm is not None:
                 return moe_decode.normed_router(flat, norm.weight, norm.eps, gate.weight, self.router_arrivals, *args)
-            flat = norm(flat) if norm is not None else flat
             return (*moe_decode.router(flat, gate.weight, self.router_arrivals, *args), flat)
         flat = norm(flat) if norm is not None else flat
         with torch.autocast(flat.device.type, enabled=False):
