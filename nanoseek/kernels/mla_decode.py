@@ -163,7 +163,7 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.c
     base = row * CHUNKS * H + h
     m_run = tl.max(tl.full((BC,), float("-inf"), tl.float32), 0)
     denom = tl.sum(tl.zeros((BC,), tl.float32), 0)
-    o_lat = tl.zeros((R,), tl.float32)
+    o_lat = tl.zeros((BR,), tl.float32)  # BR == R unless LATENT_OUT
     for c0 in tl.range(0, CHUNKS, BC):  # one step unless the context is long
         ok = c0 + c < visible
         m_c = tl.load(m_ptr + base + (c0 + c) * H, mask=ok, other=float("-inf"))  # (BC,)
