@@ -213,24 +213,19 @@ def test_model_decode_step_with_skinny_kernels_matches_cublas(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads,kv_len,positions,rank", [
-    (4, 16, [[9]], None),  # one row, one chunk
-    (4, 64, [[5, 6], [40, 63]], None),  # a 2-token step on 2 rows: chunks past a row's position are skipped
-    (20, 4096, [[3000]], None),  # two head groups; 64 chunks of two 32-key steps each
-    # 18 rows x 2 tokens (a larger batch): 14 chunks of 3 steps, the latent merge (in 128-wide blocks of a
-    # 256 rank) and the W_uv kernel
-    (4, 1300, [[(37 * b) % 1300, (37 * b + 1) % 1300] for b in range(18)], 256),
+@pytest.mark.parametrize("heads,kv_len,positions", [
+    (4, 16, [[9]]),  # one row, one chunk
+    (4, 64, [[5, 6], [40, 63]]),  # a 2-token step on 2 rows: chunks past a row's position are skipped
+    (20, 4096, [[3000]]),  # two head groups; 64 chunks of two 32-key steps each
 ])
-def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions, rank):
-    """The absorbed attention kernels (W_uk product, split-key partials, merge with W_uv; in larger
-    batches a latent merge and a W_uv kernel), and `latent_attention` from a given q_lat, against
-    `MLA.absorbed`'s matmul path."""
+def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions):
+    """The absorbed attention kernels (W_uk product, split-key partials, merge with W_uv), and
+    `latent_attention` from a given q_lat, against `MLA.absorbed`'s matmul path."""
     from nanoseek.kernels import mla_decode
     from nanoseek.model import mla as mla_module
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = preset("debug", num_attention_heads=heads, num_key_value_heads=heads,
-                 **({"kv_lora_rank": rank} if rank else {}))
+    cfg = preset("debug", num_attention_heads=heads, num_key_value_heads=heads)
     torch.manual_seed(3)
     attn = mla_module.MLA(cfg, 0).to(device, dtype).eval()
     for p in attn.parameters():
@@ -250,7 +245,7 @@ def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions, ran
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk).reshape(B * S, heads, -1)
         out_lat = attn.o_proj(mla_decode.latent_attention(q_lat, q_pe, latent, pos, attn.kv_b_proj.weight,
                                                           attn.scale, cfg.v_head_dim))
-    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=3e-5)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(out_lat, ref, **tol)
 

@@ -35,13 +35,13 @@ import triton.language as tl
 
 from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
 
-# Batches of at most MAX_BATCH rows and MAX_QUERIES tokens per row (plain and speculative steps alike:
-# every choice below goes by batch rows B, so both take the same arithmetic).
-MAX_BATCH = 64
+# Batches of at most MAX_BATCH rows and MAX_QUERIES tokens per row (plain and speculative steps alike,
+# so both take the same arithmetic); larger batches keep the matmuls. (Kernels for batch 32 with a latent
+# merge and a W_uv tl.dot kernel per 16 rows measured slower: 1,637 against 1,511 us per bench-1b step,
+# bench/results/decode_profile-2026-11-30-b32-mla-kernels.json.)
+MAX_BATCH = 4
 MAX_QUERIES = 4
 MAX_CHUNKS = 64  # beyond 64 steps of keys (TILES[0] each) a chunk takes several steps
-CHUNK_PROGRAMS = 256  # larger batches split keys into fewer chunks: about this many (row, chunk) programs
-FUSED_MERGE_MAX_BATCH = 4  # up to here the merge applies W_uv per row; above, `_value_kernel` does, per 16 rows
 HEADS_PER_PROGRAM = 16  # tl.dot's minimum rows; fewer heads are masked
 
 
@@ -141,29 +141,22 @@ def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.constexpr, CHUNKS: tl.constexpr,
                   H: tl.constexpr, N: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BV: tl.constexpr,
-                  BC: tl.constexpr, LATENT_OUT: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr):
+                  BC: tl.constexpr, PDL: tl.constexpr):
     """Program (row, h, v-block): o_lat = sum_c exp(m_c - max) o_c / sum_c exp(m_c - max) l_c over the
-    row's visible chunks (BC at a time, rescaled online), then out[row, h, v] = W_uv[h, v] . o_lat.
-    LATENT_OUT (larger batches, where each row re-reading W_uv would cost more than the merge):
-    program (row, h, block of BR latent dims) stores o_lat (rows, H, R) in out's dtype instead, for
-    `_value_kernel`."""
+    row's visible chunks (BC at a time, rescaled online), then out[row, h, v] = W_uv[h, v] . o_lat."""
     row = tl.program_id(0)
     h = tl.program_id(1)
-    if LATENT_OUT:
-        r = tl.program_id(2) * BR + tl.arange(0, BR)
-    else:
-        r = tl.arange(0, R)
-        v = tl.program_id(2) * BV + tl.arange(0, BV)
-        # the weight tile and the position load before the wait for the partials (nanoseek.kernels.pdl)
-        w = tl.load(w_ptr + (h * (N + V) + N + v[:, None]).to(tl.int64) * R + r[None, :], mask=v[:, None] < V,
-                    other=0.0)
+    r = tl.arange(0, R)
+    v = tl.program_id(2) * BV + tl.arange(0, BV)
+    # the weight tile and the position load before the wait for the partials (nanoseek.kernels.pdl)
+    w = tl.load(w_ptr + (h * (N + V) + N + v[:, None]).to(tl.int64) * R + r[None, :], mask=v[:, None] < V, other=0.0)
     visible = tl.load(pos_ptr + row, cache_modifier=".cg") // CHUNK_KEYS + 1  # chunks that hold a visible key
     inputs_ready(PDL)
     c = tl.arange(0, BC)
     base = row * CHUNKS * H + h
     m_run = tl.max(tl.full((BC,), float("-inf"), tl.float32), 0)
     denom = tl.sum(tl.zeros((BC,), tl.float32), 0)
-    o_lat = tl.zeros((BR,), tl.float32)  # BR == R unless LATENT_OUT
+    o_lat = tl.zeros((R,), tl.float32)
     for c0 in tl.range(0, CHUNKS, BC):  # one step unless the context is long
         ok = c0 + c < visible
         m_c = tl.load(m_ptr + base + (c0 + c) * H, mask=ok, other=float("-inf"))  # (BC,)
@@ -176,36 +169,8 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.c
         denom = denom * alpha + tl.sum(weight * l_c, 0)
         o_lat = o_lat * alpha + tl.sum(o_c * weight[:, None], 0)
         m_run = m_new
-    if LATENT_OUT:
-        tl.store(out_ptr + (row * H + h) * R + r, (o_lat / denom).to(out_ptr.dtype.element_ty))
-    else:
-        out = tl.sum(w.to(tl.float32) * (o_lat / denom)[None, :], 1)  # (BV,)
-        tl.store(out_ptr + (row * H + h) * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
-
-
-@triton.jit
-def _value_kernel(o_lat_ptr, w_ptr, out_ptr, rows, H: tl.constexpr, N: tl.constexpr, V: tl.constexpr,
-                  R: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
-                  PDL: tl.constexpr):
-    """Program (h, v-block, block of BM rows): out[t, h, v] = W_uv[h, v] . o_lat[t, h] as a tl.dot over
-    BR-wide steps of R, so W_uv is read once per BM rows rather than once per row."""
-    h = tl.program_id(0)
-    v = tl.program_id(1) * BV + tl.arange(0, BV)
-    t = tl.program_id(2) * BM + tl.arange(0, BM)
-    t_ok = t < rows
-    w_rows = w_ptr + (h * (N + V) + N + v[None, :]).to(tl.int64) * R  # (1, BV)
-    k = tl.arange(0, BR)
-    w_first = tl.load(w_rows + k[:, None], mask=v[None, :] < V, other=0.0)  # before the wait (nanoseek.kernels.pdl)
-    inputs_ready(PDL)
-    o = tl.load(o_lat_ptr + (t[:, None] * H + h) * R + k[None, :], mask=t_ok[:, None], other=0.0)
-    acc = tl.dot(o, w_first, input_precision=PRECISION)  # (BM, BV)
-    for r0 in tl.range(BR, R, BR):
-        k = r0 + tl.arange(0, BR)
-        o = tl.load(o_lat_ptr + (t[:, None] * H + h) * R + k[None, :], mask=t_ok[:, None], other=0.0)
-        w = tl.load(w_rows + k[:, None], mask=v[None, :] < V, other=0.0)
-        acc = tl.dot(o, w, acc, input_precision=PRECISION)
-    tl.store(out_ptr + (t[:, None] * H + h) * V + v[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & (v[None, :] < V))
+    out = tl.sum(w.to(tl.float32) * (o_lat / denom)[None, :], 1)  # (BV,)
+    tl.store(out_ptr + (row * H + h) * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
 
 
 def supported(q_nope: torch.Tensor, latent_dtype: torch.dtype, rank: int, rope_dim: int) -> bool:
@@ -361,7 +326,7 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
                                             NV=N + v_dim, R=R, BM=_row_block(rows), BN=_dot_dim(N), BR=block_r,
                                             PRECISION=precision, PDL=pdl, launch_pdl=pdl)
 
-    chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS, max(1, CHUNK_PROGRAMS // B))
+    chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS)
     steps = triton.cdiv(T, chunks * block_keys)
     o = torch.empty(rows, chunks, H, R, dtype=torch.float32, device=dev)
     m = torch.empty(rows, chunks, H, dtype=torch.float32, device=dev)
@@ -372,21 +337,10 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
         PRECISION=precision, PDL=pdl, num_warps=partial_warps, launch_pdl=pdl)
 
     out = torch.empty(rows, H, v_dim, dtype=q_pe.dtype, device=dev)
-    merge = dict(CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
-                 BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
-    if B <= FUSED_MERGE_MAX_BATCH:
-        block_v = min(triton.next_power_of_2(v_dim), block_v)
-        _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](o, m, l_sum, positions, w, out, BV=block_v,
-                                                               LATENT_OUT=False, BR=R, **merge)
-    else:
-        o_lat = torch.empty(rows, H, R, dtype=q_pe.dtype, device=dev)
-        block_r = min(R, 128)
-        _merge_kernel[(rows, H, R // block_r)](o, m, l_sum, positions, w, o_lat, BV=16, LATENT_OUT=True, BR=block_r,
-                                               **merge)
-        block_m, block_v = 16, min(triton.next_power_of_2(v_dim), 32)
-        _value_kernel[(H, triton.cdiv(v_dim, block_v), triton.cdiv(rows, block_m))](
-            o_lat, w, out, rows, H=H, N=N, V=v_dim, R=R, BM=block_m, BV=block_v, BR=min(R, 128),
-            PRECISION=precision, PDL=pdl, launch_pdl=pdl)
+    block_v = min(triton.next_power_of_2(v_dim), block_v)
+    _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](
+        o, m, l_sum, positions, w, out, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
+        BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
     return out.view(B, S, H * v_dim)
 
 
