@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -179,14 +181,25 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "config": vars(args),
+        "env": {"NANOSEEK_PDL": os.environ.get("NANOSEEK_PDL", "1")},
         "results": {},
     }
-    for b in [int(x) for x in args.batches.split(",")]:
-        record["results"][f"batch{b}"] = profile_batch(model, b, args)
     out = Path(args.out or Path(__file__).parent / "results" / f"decode_profile-{record['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    failed = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        try:
+            record["results"][f"batch{b}"] = profile_batch(model, b, args)
+        except Exception as e:  # keep the other batches' results; this one's error goes in the record
+            traceback.print_exc()
+            record["results"][f"batch{b}"] = {"error": f"{type(e).__name__}: {e}"[:4000]}
+            failed.append(b)
+        tmp = out.with_suffix(".tmp")  # written after every batch, replaced atomically
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(out)
     print(f"wrote {out}")
+    if failed:
+        sys.exit(f"decode_profile: batch {', '.join(map(str, failed))} failed (see the traceback above)")
 
 
 if __name__ == "__main__":

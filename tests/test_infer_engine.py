@@ -152,3 +152,10 @@ def test_stream_with_tokenizer(tiny_ckpt):
 def test_speculative_needs_an_mtp_module():
     with pytest.raises(ValueError, match="no MTP module"):
         Engine(tiny_model(num_nextn_predict_layers=0), speculative=1)
+
+
+def test_engine_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="max_batch_size=0: an engine needs room"):
+        Engine(tiny_model(), max_batch_size=0)
+    with pytest.raises(ValueError, match="speculative=-1: the number of draft tokens"):
+        Engine(tiny_model(), speculative=-1)

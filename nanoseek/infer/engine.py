@@ -592,8 +592,11 @@ class Engine:
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError(f"speculative={speculative}: the model has no MTP module "
                              "(num_nextn_predict_layers=0); use speculative=0")
-        if speculative < 0 or max_batch_size < 1:
-            raise ValueError(f"speculative={speculative} must be >= 0 and max_batch_size={max_batch_size} >= 1")
+        if speculative < 0:
+            raise ValueError(f"speculative={speculative}: the number of draft tokens must be >= 0 (0 turns "
+                             "speculation off)")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}: an engine needs room for at least one sequence")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = getattr(tokenizer, "eos_id", cfg.eos_token_id)
