@@ -287,3 +287,18 @@ def test_mla_decode_step_with_kernels_matches_reference(device, interleaved):
     tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(caches[1].data, caches[0].data, **tol)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+def test_pdl_only_on_hopper_class_gpus(monkeypatch):
+    """Programmatic dependent launch: off on the CPU and with NANOSEEK_PDL=0; on for an NVIDIA GPU of
+    compute capability 9.0 or later."""
+    from nanoseek.kernels.pdl import pdl_enabled
+
+    assert not pdl_enabled(torch.zeros(1))
+    if torch.cuda.is_available():
+        x = torch.zeros(1, device="cuda")
+        hopper = torch.cuda.get_device_capability()[0] >= 9 and torch.version.hip is None
+        assert pdl_enabled(x) == hopper
+        monkeypatch.setenv("NANOSEEK_PDL", "0")
+        assert not pdl_enabled(x)

@@ -32,10 +32,15 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+# griddepcontrol through Triton (3.3 and later); NVIDIA only (ROCm builds also report x.is_cuda)
+_SUPPORTED = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait") and torch.version.hip is None
+
+
 def pdl_enabled(x: torch.Tensor) -> bool:
-    """True when kernels on x's device launch with PDL: a CUDA device of compute capability >= 9.0
-    and NANOSEEK_PDL not set to 0."""
-    return x.is_cuda and os.environ.get("NANOSEEK_PDL", "1") != "0" and _capability_major(x.device.index or 0) >= 9
+    """True when kernels on x's device launch with PDL: an NVIDIA device of compute capability >= 9.0,
+    a Triton with griddepcontrol, and NANOSEEK_PDL not set to 0."""
+    return (_SUPPORTED and x.is_cuda and os.environ.get("NANOSEEK_PDL", "1") != "0"
+            and _capability_major(x.device.index or 0) >= 9)
 
 
 @triton.jit
