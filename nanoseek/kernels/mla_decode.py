@@ -1,5 +1,6 @@
 """Triton kernels for MLA decode steps of a few rows: the absorbed attention of `MLA.absorbed`, from
-the query's nope part to the per-head values, in three launches.
+the query's nope part to the per-head values, in three launches (`attention`), or two from a query
+already in latent space (`latent_attention`, after `rope_latent`).
 
 Shapes: rows = B * S query tokens, H heads, N nope dim, P rope dim, V value dim, R kv_lora_rank,
 T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R) = [W_uk ; W_uv].
@@ -9,7 +10,7 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
     o_lat[t, h]   = sum_k softmax(scores[t, h])_k c[k]                       (rows, H, R)
     out[t, h]     = W_uv[h] o_lat[t, h]                                      (rows, H * V)
 
-1. `_q_latent_kernel`, program (head, block of R): the W_uk product for every row at once.
+1. `_q_latent_kernel`, program (head, block of R): the W_uk product for every row (16-64 at a time).
 2. `_partials_kernel`, program (row, key chunk, group of 16 heads): scores, a softmax over its chunk
    and the weighted sum of the chunk's latents (split-key "flash decoding"): partial o (unnormalised),
    max m and sum l. Chunks that start past the row's position exit at once, so a CUDA graph
