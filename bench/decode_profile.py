@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernel_timing import source_revision  # noqa: E402
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.engine import Engine, GenerationStats  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
@@ -180,6 +181,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "revision": source_revision(),
         "config": vars(args),
         "env": {"NANOSEEK_PDL": os.environ.get("NANOSEEK_PDL", "1")},
         "results": {},

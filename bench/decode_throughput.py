@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernel_timing import source_revision  # noqa: E402
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.engine import Engine, cache_bytes_per_token  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
@@ -186,6 +188,7 @@ def main() -> None:
     record = {"benchmark": "decode_throughput", "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+              "revision": source_revision(), "env": {"NANOSEEK_PDL": os.environ.get("NANOSEEK_PDL", "1")},
               "config": {"preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new,
                          "repeats": args.repeats, "dtype": str(dtype), "greedy": True},
               "kv_cache_bytes_per_token_bf16": {"latent": latent, "expanded_per_head_kv": expanded,

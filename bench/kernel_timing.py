@@ -1,10 +1,12 @@
 """Shared by the kernel benchmarks (`skinny_linear`, `moe_decode_kernels`, `mla_decode_kernels`):
-time calls inside a CUDA graph, sweep tile configs, write the result record."""
+time calls inside a CUDA graph, sweep tile configs, write the result record (and, for every
+benchmark, the source revision it measured)."""
 
 from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,13 +51,26 @@ def sweep(fn: Callable[[int, tuple], object], configs: list[tuple], calls: int) 
     return sorted(timings)
 
 
+def source_revision() -> str | None:
+    """The git commit of this checkout ("+changes" when the tree differs from it), None without git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
 def write_record(name: str, config: dict, out: str | None, **results) -> Path:
     """Write {benchmark, date, device, versions, config, **results} to out (default
     bench/results/NAME-DATE.json) and return the path."""
     record = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "triton": __import__("triton").__version__},
-              "config": config, **results}
+              "revision": source_revision(), "config": config, **results}
     path = Path(out or Path(__file__).parent / "results" / f"{name}-{record['date']}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
