@@ -43,7 +43,7 @@ import triton.language as tl
 
 from nanoseek.kernels import pow2_divisor
 from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
-from nanoseek.kernels.skinny import _inverse_rms, _rms_normed
+from nanoseek.kernels.skinny import _inverse_rms, _row_tile
 
 # ---------------------------------------------------------------------------------------- routing
 
@@ -108,9 +108,8 @@ def _route_kernel(logits_ptr, bias_ptr, gates_ptr, ids_ptr, scale,
 def _router_input(x_ptr, g_ptr, xn_ptr, t, d, inv_rms, D: tl.constexpr, NORM: tl.constexpr):
     """x[t, d] (1, BD) in fp32; with NORM the RMS-normalised row, which the token's first program
     also stores in xn for the experts."""
-    xt = tl.load(x_ptr + t * D + d)[None, :]
+    xt = _row_tile(x_ptr + t * D, d, inv_rms, g_ptr, NORM)
     if NORM:
-        xt = _rms_normed(xt, inv_rms, tl.load(g_ptr + d)[None, :])
         if tl.program_id(1) == 0:
             tl.store(xn_ptr + t * D + d[None, :], xt)
     return xt.to(tl.float32)

@@ -55,6 +55,15 @@ def _rms_normed(xt, inv_rms, g):
 
 
 @triton.jit
+def _row_tile(row_ptr, k, inv_rms, g_ptr, NORM: tl.constexpr):
+    """x[row, k] (1, BK) in x's dtype; RMS-normalised (weight g, the row's inv_rms) when NORM."""
+    xt = tl.load(row_ptr + k)[None, :]
+    if NORM:
+        xt = _rms_normed(xt, inv_rms, tl.load(g_ptr + k)[None, :])
+    return xt
+
+
+@triton.jit
 def _plus_residual(y, r_ptr, offsets, mask):
     """residual + y with the reference's roundings: y is rounded to the output dtype first."""
     dt = r_ptr.dtype.element_ty
@@ -125,24 +134,18 @@ def _gemv_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, g_ptr, r_ptr, eps, strid
     if MODE == 2:
         w_up_first = tl.load(wb_ptr + w_rows + k[None, :])
     inputs_ready(PDL)
+    inv_rms = 1.0
     if NORM:
         row = m + tl.arange(0, 1)
         inv_rms = _inverse_rms(x_ptr, row, row >= 0, stride_x, eps, K, 1, BK)[:, None]  # (1, 1)
-        xv = _rms_normed(tl.load(x_ptr + m * stride_x + k)[None, :], inv_rms, tl.load(g_ptr + k)[None, :])
-        xv = xv.to(tl.float32)
-    else:
-        xv = tl.load(x_ptr + m * stride_x + k).to(tl.float32)[None, :]
+    xv = _row_tile(x_ptr + m * stride_x, k, inv_rms, g_ptr, NORM).to(tl.float32)
     acc = w_first.to(tl.float32) * xv
     acc_up = tl.zeros((BN, BK), tl.float32)
     if MODE == 2:
         acc_up = w_up_first.to(tl.float32) * xv
     for k0 in tl.range(BK, K, BK):
         k = k0 + tl.arange(0, BK)
-        if NORM:
-            xv = _rms_normed(tl.load(x_ptr + m * stride_x + k)[None, :], inv_rms, tl.load(g_ptr + k)[None, :])
-            xv = xv.to(tl.float32)
-        else:
-            xv = tl.load(x_ptr + m * stride_x + k).to(tl.float32)[None, :]
+        xv = _row_tile(x_ptr + m * stride_x, k, inv_rms, g_ptr, NORM).to(tl.float32)
         acc += tl.load(w_ptr + w_rows + k[None, :]).to(tl.float32) * xv
         if MODE == 2:
             acc_up += tl.load(wb_ptr + w_rows + k[None, :]).to(tl.float32) * xv
