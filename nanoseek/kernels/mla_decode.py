@@ -20,9 +20,9 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
    normalises, and applies W_uv.
 Before them, `rope_latent` (one program per token) does what a step does to the new token's q and
 latent between the projections and the attention: kv_a_layernorm of c, RoPE of k_pe and of every
-head's q_pe, and the cache entry [c ; k_pe] (written by the caller's `index_put_`), in one launch
-instead of three. More programs of the same launch do step 1, which needs only q_nope, so a decode
-step runs `rope_latent`, the cache write, and `latent_attention` (steps 2 and 3).
+head's q_pe, and the cache entry [c ; k_pe] written into the cache at its position, in one launch
+instead of four. More programs of the same launch do step 1, which needs only q_nope, so a decode
+step runs `rope_latent` and `latent_attention` (steps 2 and 3).
 The matmul path it replaces takes six launches (two einsums with W, two over the cache, a softmax,
 a concatenation). References: `nanoseek.model.mla.MLA.absorbed` for the attention, the PyTorch path
 of `MLA.forward` for `rope_latent`; tests in `tests/test_kernels.py`.
@@ -95,14 +95,18 @@ def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
                      BP: tl.constexpr, HG: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
                      PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (row, chunk, head group): keys [chunk * STEPS * BT, ...) up to the row's position.
-    Positions and the cache (written before the W_uk product, the kernel just before) load before
-    the wait for q_lat (nanoseek.kernels.pdl), through L2."""
+    Positions and the chunk's cached keys load before the wait for q_lat (nanoseek.kernels.pdl),
+    through L2, unless the chunk holds one of the step's new keys, which the kernel just before
+    (`rope_latent`) writes."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
     start = chunk * (STEPS * BT)
     position = tl.load(pos_ptr + row, cache_modifier=".cg")
+    first_new = tl.load(pos_ptr + (row // S) * S, cache_modifier=".cg")  # the step's first new key in this row
     if start <= position:  # later chunks hold no visible key: the merge never reads them
+        if start + STEPS * BT > first_new:  # new keys in this chunk: wait before reading them
+            inputs_ready(PDL)
         h = tl.program_id(2) * HG + tl.arange(0, HG)
         h_ok = h < H
         r = tl.arange(0, R)
@@ -187,8 +191,9 @@ def supported(q_nope: torch.Tensor, latent_dtype: torch.dtype, rank: int, rope_d
 def _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, eps, stride_qt, stride_kvt, t,
                        H: tl.constexpr, HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
                        INTERLEAVED: tl.constexpr, PDL: tl.constexpr):
-    """Token t: entry[t] = [w * norm(c_t) ; rope(k_pe_t)], q_pe_out[t, h] = rope(q_pe[t, h]).
-    Products are rounded to the input dtype where the PyTorch reference rounds them (eager bf16)."""
+    """Token t: entry = [w * norm(c_t) ; rope(k_pe_t)] (entry_ptr: where it goes, the token's cache
+    slot), q_pe_out[t, h] = rope(q_pe[t, h]). Products are rounded to the input dtype where the
+    PyTorch reference rounds them (eager bf16)."""
     dt = entry_ptr.dtype.element_ty
     HALF: tl.constexpr = P // 2
     r = tl.arange(0, R)
@@ -196,7 +201,7 @@ def _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entr
     inputs_ready(PDL)
     c = tl.load(kv_ptr + t * stride_kvt + r).to(tl.float32)
     normed = (c * tl.rsqrt(tl.sum(c * c, 0) / R + eps)).to(dt).to(tl.float32)
-    tl.store(entry_ptr + t * (R + P) + r, (normed * norm_w).to(dt))
+    tl.store(entry_ptr + r, (normed * norm_w).to(dt))
     j = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + t * HALF + j).to(tl.float32)
     sin = tl.load(sin_ptr + t * HALF + j).to(tl.float32)
@@ -206,7 +211,7 @@ def _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entr
         first, second = j, j + HALF
     k1 = tl.load(kv_ptr + t * stride_kvt + R + first).to(tl.float32)
     k2 = tl.load(kv_ptr + t * stride_kvt + R + second).to(tl.float32)
-    out = entry_ptr + t * (R + P) + R
+    out = entry_ptr + R
     tl.store(out + j, ((k1 * cos).to(dt).to(tl.float32) - (k2 * sin).to(dt).to(tl.float32)).to(dt))
     tl.store(out + HALF + j, ((k2 * cos).to(dt).to(tl.float32) + (k1 * sin).to(dt).to(tl.float32)).to(dt))
     h = tl.arange(0, HB)[:, None]
@@ -222,30 +227,37 @@ def _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entr
 
 
 @triton.jit
-def _rope_latent_kernel(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, w_ptr, q_lat_ptr, eps, tokens,
-                        stride_qt, stride_kvt, H: tl.constexpr, HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-                        R: tl.constexpr, NV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-                        INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Programs [0, tokens): `_rope_latent_token`, one token each; the H * R / BR programs after them:
-    the W_uk product (`_q_latent_block`), which needs only q_nope. One launch for both."""
+def _rope_latent_kernel(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, cache_ptr, pos_ptr, w_ptr, q_lat_ptr, eps,
+                        tokens, stride_qt, stride_kvt, stride_cb, stride_ct, S: tl.constexpr, H: tl.constexpr,
+                        HB: tl.constexpr, N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, NV: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, INTERLEAVED: tl.constexpr,
+                        PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Programs [0, tokens): `_rope_latent_token`, one token each, writing its entry into the layer's
+    cache (cache_ptr: the layer, rows b at stride_cb, positions at stride_ct) at its position; the
+    H * R / BR programs after them: the W_uk product (`_q_latent_block`), which needs only q_nope.
+    One launch for all of it."""
     pid = tl.program_id(0)
     if pid < tokens:
-        _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, entry_ptr, eps, stride_qt, stride_kvt,
-                           pid.to(tl.int64), H, HB, N, P, R, INTERLEAVED, PDL)
+        t = pid.to(tl.int64)
+        slot = cache_ptr + (t // S) * stride_cb + tl.load(pos_ptr + t) * stride_ct
+        _rope_latent_token(q_ptr, kv_ptr, norm_ptr, cos_ptr, sin_ptr, q_pe_ptr, slot, eps, stride_qt, stride_kvt,
+                           t, H, HB, N, P, R, INTERLEAVED, PDL)
     else:
         block = pid - tokens
         _q_latent_block(q_ptr, w_ptr, q_lat_ptr, tokens, stride_qt, N + P, block // (R // BR), block % (R // BR), H,
                         N, NV, R, BM, BN, BR, PRECISION, PDL)
 
 
-@torch.library.custom_op("nanoseek::mla_rope_latent", mutates_args=())
+@torch.library.custom_op("nanoseek::mla_rope_latent", mutates_args=("cache",))
 def rope_latent(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                sin: torch.Tensor, interleaved: bool, nope_dim: int,
-                w_kv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                sin: torch.Tensor, interleaved: bool, nope_dim: int, w_kv_b: torch.Tensor, cache: torch.Tensor,
+                layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, S, H, N + P) from q_b, kv (B, S, R + P) from kv_a, cos/sin (B, S, P / 2), w_kv_b =
-    kv_b_proj.weight (H * (N + V), R) -> (q_lat = W_uk^T q_nope (B * S, H, R), roped q_pe (B, S, H, P),
-    cache entry [kv_a_layernorm(c) ; roped k_pe] (B, S, R + P)), in q's dtype; RoPE output in the
-    half-split layout, as `nanoseek.model.rope.apply_rope` gives. q_lat feeds `latent_attention`."""
+    kv_b_proj.weight (H * (N + V), R), cache (L, B, T_max, R + P) (`LatentCache.data`), positions
+    (B, S) -> (q_lat = W_uk^T q_nope (B * S, H, R), roped q_pe (B, S, H, P)) in q's dtype; the entries
+    [kv_a_layernorm(c) ; roped k_pe] go to cache[layer, b, positions[b, s]] (`LatentCache.write_entry`).
+    RoPE output in the half-split layout, as `nanoseek.model.rope.apply_rope` gives. q_lat feeds
+    `latent_attention`."""
     B, S, H, width = q.shape
     P = width - nope_dim
     R = kv.shape[-1] - P
@@ -254,26 +266,28 @@ def rope_latent(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, ep
         q2 = q2.contiguous()
     if kv2.stride(-1) != 1:
         kv2 = kv2.contiguous()
+    if cache.dtype != q.dtype or cache.shape[-1] != R + P or cache.stride(-1) != 1 or cache.shape[1] < B:
+        raise ValueError(f"mla_rope_latent: the cache must be (L, >= {B}, T, {R + P}) of q's dtype {q.dtype} with "
+                         f"contiguous entries, got {tuple(cache.shape)} {cache.dtype}")
     q_pe = torch.empty(B, S, H, P, dtype=q.dtype, device=q.device)
-    entry = torch.empty(B, S, R + P, dtype=q.dtype, device=q.device)
     q_lat = torch.empty(B * S, H, R, dtype=q.dtype, device=q.device)
     norm, w = norm_weight.contiguous(), w_kv_b.contiguous()
     pdl = pdl_enabled(q) and norm is norm_weight and w is w_kv_b  # copies made here are not read before the wait
     block_r = min(R, 64)
     _rope_latent_kernel[(B * S + H * (R // block_r),)](
-        q2, kv2, norm, cos.contiguous(), sin.contiguous(), q_pe, entry, w, q_lat, eps, B * S, q2.stride(0),
-        kv2.stride(0), H=H, HB=triton.next_power_of_2(H), N=nope_dim, P=P, R=R, NV=w.shape[0] // H,
-        BM=_row_block(B * S), BN=_dot_dim(nope_dim), BR=block_r, INTERLEAVED=interleaved,
-        PRECISION=_precision(q), PDL=pdl, launch_pdl=pdl)
-    return q_lat, q_pe, entry
+        q2, kv2, norm, cos.contiguous(), sin.contiguous(), q_pe, cache[layer], positions.reshape(B * S).contiguous(),
+        w, q_lat, eps, B * S, q2.stride(0), kv2.stride(0), cache.stride(1), cache.stride(2), S=S, H=H,
+        HB=triton.next_power_of_2(H), N=nope_dim, P=P, R=R, NV=w.shape[0] // H, BM=_row_block(B * S),
+        BN=_dot_dim(nope_dim), BR=block_r, INTERLEAVED=interleaved, PRECISION=_precision(q), PDL=pdl, launch_pdl=pdl)
+    return q_lat, q_pe
 
 
 @rope_latent.register_fake
-def _(q, kv, norm_weight, eps, cos, sin, interleaved, nope_dim, w_kv_b):
+def _(q, kv, norm_weight, eps, cos, sin, interleaved, nope_dim, w_kv_b, cache, layer, positions):
     B, S, H, width = q.shape
     P = width - nope_dim
     R = w_kv_b.shape[1]
-    return q.new_empty(B * S, H, R), q.new_empty(B, S, H, P), q.new_empty(B, S, kv.shape[-1])
+    return q.new_empty(B * S, H, R), q.new_empty(B, S, H, P)
 
 
 @torch.library.custom_op("nanoseek::mla_decode", mutates_args=())

@@ -109,14 +109,13 @@ class MLA(nn.Module):
                             cache: LatentCache, positions: torch.Tensor, kv_len: int | None,
                             residual: torch.Tensor | None = None) -> torch.Tensor:
         """The absorbed path in Triton kernels (`nanoseek.kernels.mla_decode`): RoPE, the latent entry
-        and the W_uk product in one launch, the cache write, attention in two. Reference: the rest of
-        `forward`."""
+        and its cache write, and the W_uk product in one launch, attention in two. Reference: the rest
+        of `forward`."""
         from nanoseek.kernels import mla_decode
 
         norm, w_kv_b = self.kv_a_layernorm, self.kv_b_proj.weight
-        q_lat, q_pe, entry = mla_decode.rope_latent(q, kv, norm.weight, norm.eps, cos, sin, self.interleaved,
-                                                    self.nope, w_kv_b)
-        cache.write_entry(self.layer_idx, positions, entry)
+        q_lat, q_pe = mla_decode.rope_latent(q, kv, norm.weight, norm.eps, cos, sin, self.interleaved, self.nope,
+                                             w_kv_b, cache.data, self.layer_idx, positions)
         latent = cache.read(self.layer_idx, kv_len or cache.max_len)
         out = mla_decode.latent_attention(q_lat, q_pe, latent, positions, w_kv_b, self.scale, self.v_dim)
         return self.o_proj(out, residual=residual)
