@@ -5,6 +5,7 @@ benchmark, the source revision it measured)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -52,7 +53,10 @@ def sweep(fn: Callable[[int, tuple], object], configs: list[tuple], calls: int) 
 
 
 def source_revision() -> str | None:
-    """The git commit of this checkout ("+changes" when the tree differs from it), None without git."""
+    """The git commit of this checkout ("+changes" when the tree differs from it), None without git.
+    NANOSEEK_REVISION overrides it, for a copied tree whose .git is not the source's."""
+    if os.environ.get("NANOSEEK_REVISION"):
+        return os.environ["NANOSEEK_REVISION"]
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
