@@ -159,3 +159,30 @@ def test_engine_rejects_bad_sizes():
         Engine(tiny_model(), max_batch_size=0)
     with pytest.raises(ValueError, match="speculative=-1: the number of draft tokens"):
         Engine(tiny_model(), speculative=-1)
+
+
+def test_compiled_engine_gives_the_eager_engines_tokens():
+    """compile=True (Inductor on each block, the output norm, RoPE's cos/sin and greedy's argmax) changes
+    fusions, not results: fp32 greedy tokens equal the eager engine's."""
+    model = tiny_model(mtp_agree=1.0)
+    prompts = random_prompts([3, 11], model.config.vocab_size)
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    eager = [c.token_ids for c in Engine(model, max_batch_size=2, max_len=32).generate(prompts, params)]
+    compiled = Engine(model, max_batch_size=2, max_len=32, compile=True)
+    assert [c.token_ids for c in compiled.generate(prompts, params)] == eager
+
+
+@pytest.mark.parametrize("vocab", [1000, 1024 + 256, 32000, 32003])
+def test_greedy_tokens_equal_argmax_with_ties(vocab):
+    """The two-stage argmax picks argmax's token, the first maximum, also for ties across and within
+    chunks and a vocabulary that is not a multiple of the chunk."""
+    from nanoseek.infer.engine import GREEDY_CHUNK, greedy_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, vocab).to(torch.bfloat16)
+    logits[1, [5, vocab - 1]] = 9.0  # tie across chunks: the first wins
+    logits[2, [GREEDY_CHUNK + 3, GREEDY_CHUNK + 7]] = 9.0  # tie inside a chunk
+    logits[3, vocab - 1] = 9.0  # the last token, in the padded chunk
+    logits[4] = 0.0  # all equal: token 0
+    assert torch.equal(greedy_tokens(logits), logits.float().argmax(dim=-1))
+    assert greedy_tokens(logits)[4] == 0
