@@ -64,6 +64,17 @@ def _row_tile(row_ptr, k, inv_rms, g_ptr, NORM: tl.constexpr):
 
 
 @triton.jit
+def _rows_tile(x_ptr, m, m_ok, stride_x, k, K: tl.constexpr, inv_rms, g_ptr, NORM: tl.constexpr):
+    """x[m, k] (BM, BK) in x's dtype, zero outside the rows and K; RMS-normalised (weight g, the rows'
+    inv_rms (BM, 1)) when NORM."""
+    k_ok = k < K
+    xt = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if NORM:
+        xt = _rms_normed(xt, inv_rms, tl.load(g_ptr + k, mask=k_ok, other=0.0)[None, :])
+    return xt
+
+
+@triton.jit
 def _plus_residual(y, r_ptr, offsets, mask):
     """residual + y with the reference's roundings: y is rounded to the output dtype first."""
     dt = r_ptr.dtype.element_ty
@@ -88,18 +99,25 @@ def _skinny_kernel(x_ptr, wa_ptr, wb_ptr, ya_ptr, yb_ptr, g_ptr, r_ptr, eps, M, 
     n = pid * BN + tl.arange(0, BN)
     n_ok = n < N
     w_rows = n[None, :].to(tl.int64) * K  # (1, BN)
+    k = tl.arange(0, BK)  # the first step's weights load before the wait for x (nanoseek.kernels.pdl)
+    w_ok = (k[:, None] < K) & n_ok[None, :]
+    w_first = tl.load(w_ptr + w_rows + k[:, None], mask=w_ok, other=0.0)
+    w_up_first = w_first
+    if MODE == 2:
+        w_up_first = tl.load(wb_ptr + w_rows + k[:, None], mask=w_ok, other=0.0)
     inputs_ready(PDL)
+    inv_rms = tl.full((BM, 1), 1.0, tl.float32)
     if NORM:
         inv_rms = _inverse_rms(x_ptr, m, m_ok, stride_x, eps, K, BM, BK)[:, None]
-    acc = tl.zeros((BM, BN), tl.float32)
+    xt = _rows_tile(x_ptr, m, m_ok, stride_x, k, K, inv_rms, g_ptr, NORM)
+    acc = tl.dot(xt, w_first, tl.zeros((BM, BN), tl.float32), input_precision=PRECISION)
     acc_up = tl.zeros((BM, BN), tl.float32)
-    for k0 in tl.range(0, K, BK):
+    if MODE == 2:
+        acc_up = tl.dot(xt, w_up_first, acc_up, input_precision=PRECISION)
+    for k0 in tl.range(BK, K, BK):
         k = k0 + tl.arange(0, BK)
-        k_ok = k < K
-        xt = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:
-            xt = _rms_normed(xt, inv_rms, tl.load(g_ptr + k, mask=k_ok, other=0.0)[None, :])
-        w_ok = k_ok[:, None] & n_ok[None, :]
+        xt = _rows_tile(x_ptr, m, m_ok, stride_x, k, K, inv_rms, g_ptr, NORM)
+        w_ok = (k[:, None] < K) & n_ok[None, :]
         acc = tl.dot(xt, tl.load(w_ptr + w_rows + k[:, None], mask=w_ok, other=0.0), acc,
                      input_precision=PRECISION)
         if MODE == 2:
