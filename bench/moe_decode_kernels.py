@@ -1,7 +1,8 @@
-"""Decode-step MoE kernels (1-2 tokens): nanoseek's pair-major expert mat-vecs against PyTorch.
+"""Decode-step MoE kernels: nanoseek's expert kernels against PyTorch.
 
-    python bench/moe_decode_kernels.py            # bench-1b's expert shapes, 1 and 2 tokens
+    python bench/moe_decode_kernels.py            # bench-1b's expert shapes, 1 and 2 tokens; 32 expert-major
     python bench/moe_decode_kernels.py --sweep    # also time every tile config in CONFIGS
+    python bench/moe_decode_kernels.py --expert-major-sweep   # the expert-major kernels' tiles at 32 tokens
 
 Times one MoE layer's experts (K routed + the shared one) inside a CUDA graph of many layers, each
 with its own weights (more than the L2 cache holds), as a decode step replays them:
@@ -10,6 +11,9 @@ with its own weights (more than the L2 cache holds), as a decode step replays th
   linear kernels (four kernels; the layout before the shared expert was folded in);
 - `peer`: PyTorch on the same layer, gathered expert weights and batched mat-vecs
   (`RoutedExperts.forward_gathered`) plus the shared `MLP` on cuBLAS.
+The routed experts of a larger step (`--batched-tokens`, default 32) on the expert-major kernels
+(pair lists, up, down), against the same gathered PyTorch peer; `--expert-major-sweep` times the
+up kernel's tile configs (EXPERT_CONFIGS, down at its default), then the down kernel's.
 And the router (fp32 64 x 1024 matmul, sigmoid, 8 groups keep 4, top-6) at 1 and 32 tokens:
 - `fused`: `moe_decode.router`, matmul and selection in one kernel;
 - `split`: cuBLAS's fp32 matmul, then the selection kernel `moe_decode.route` (the prefill path);
@@ -38,6 +42,8 @@ from nanoseek.model.moe import Router  # noqa: E402
 D, I, E, K = 1024, 512, 64, 6
 CONFIGS = [(bn, bk, w, s) for bn in (2, 4, 8) for bk in (128, 256, 512)
            for w, s in ((1, 3), (2, 3), (4, 3), (4, 4), (8, 3))]
+EXPERT_CONFIGS = [(16, bn, bk, w, s) for bn in (32, 64, 128) for bk in (64, 128, 256)
+                  for w, s in ((4, 3), (4, 4), (8, 3), (2, 3))]
 ROUTER_CONFIGS = [(be, bd, w) for be in (1, 2, 4, 8) for bd in (128, 256, 512) for w in (1, 2, 4)]
 
 
@@ -77,10 +83,43 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
     return result
 
 
+def bench_expert_major(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: bool) -> dict:
+    """The routed experts of `tokens` tokens on the expert-major kernels (three launches)."""
+    w13, w2 = weights[:2]
+    layers, dev, dt = len(w13), w13[0].device, w13[0].dtype
+    x = torch.randn(tokens, D, device=dev, dtype=dt)
+    ids = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(tokens)])
+    gates = torch.rand(tokens, K, device=dev)
+
+    def ours(i, up=None, down=None):
+        return moe_decode._experts(x, ids, gates, w13[i], w2[i], False, up_tiles=up, down_tiles=down).sum(1)
+
+    def peer(i):
+        flat = ids.flatten()
+        xs = x.repeat_interleave(K, dim=0)[:, :, None]
+        gate, up = torch.bmm(w13[i][flat], xs)[..., 0].split(I, dim=-1)
+        y = torch.bmm(w2[i][flat], (F.silu(gate) * up)[:, :, None])[..., 0].view(tokens, K, D)
+        return (y.float() * gates[..., None]).sum(1)
+
+    err = (ours(0) - peer(0)).abs().max().item()
+    used = ids.unique().numel()
+    result = dict(tokens=tokens, experts_used=used, peer_us=round(kernel_timing.graph_time_us(peer, layers), 2),
+                  ours_us=round(kernel_timing.graph_time_us(ours, layers), 2),
+                  up_tiles=list(moe_decode.EXPERT_UP_TILES), down_tiles=list(moe_decode.EXPERT_DOWN_TILES),
+                  bandwidth_bound_us=round(used * 3 * I * D * 2 / 4.3e6, 2), max_abs_err=err)
+    if sweep:
+        result["best_up_configs"] = kernel_timing.sweep(lambda i, c: ours(i, up=c), EXPERT_CONFIGS, layers)[:6]
+        result["best_down_configs"] = kernel_timing.sweep(lambda i, c: ours(i, down=c), EXPERT_CONFIGS, layers)[:6]
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,2")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--batched-tokens", type=int, default=32)
+    ap.add_argument("--expert-major-sweep", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -94,9 +133,11 @@ def main() -> None:
 
     weights = (stack(E, 2 * I, D), stack(E, D, I), stack(I, D), stack(I, D), stack(D, I))
     results = [bench_experts(int(t), weights, args.sweep) for t in args.tokens.split(",")]
+    expert_major = bench_expert_major(args.batched_tokens, weights, args.expert_major_sweep)
     router_results = [bench_router(t, args.sweep) for t in (1, 32)]
     kernel_timing.write_record("moe_decode_kernels", dict(vars(args), D=D, I=I, E=E, K=K, shared=1), args.out,
-                               results=results, router=router_results)
+                               results=results, expert_major=expert_major,
+                               router=router_results)
 
 def bench_router(tokens: int, sweep: bool) -> dict:
     cfg = preset("bench-1b")

@@ -421,11 +421,12 @@ def _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl):
     return y.view(T, K + NS, D)
 
 
-def _tiles(tokens: int) -> tuple[int, int, int]:
-    """(pairs, output columns, reduction) per tile. 16 pairs is tl.dot's minimum. On the H200,
-    (16, 32, 128) streams the weights at ~4 TB/s at batch 32; at batch 1, (16, 16, 256) measured
-    slower (11.6 vs 9.1 us per up-projection), so one size serves both."""
-    return 16, 32, 128
+# (pairs, output columns, reduction, warps, stages) per program of the expert-major kernels; 16 pairs
+# is tl.dot's minimum. bench/moe_decode_kernels.py --expert-major-sweep (bench-1b, 32 tokens, 63 experts
+# used, H200): pairs + up + down 55.5 us per layer (57.0 with the down kernel at the up kernel's tiles)
+# against 46.1 us to read the used experts at 4.3 TB/s and 408 us for PyTorch's gathered batched mat-vecs.
+EXPERT_UP_TILES = (16, 32, 128, 4, 3)
+EXPERT_DOWN_TILES = (16, 64, 128, 2, 3)
 
 
 @torch.library.custom_op("nanoseek::moe_experts", mutates_args=())
@@ -441,8 +442,10 @@ def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.
     return _experts(x, ids, gates, w13, w2, pair_major, shared_gate, shared_up, shared_down)
 
 
-def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None, tiles=None):
-    """`experts`; tiles (BN, BK, warps, stages) overrides PAIR_TILES (for the benchmark)."""
+def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None, tiles=None,
+             up_tiles=None, down_tiles=None):
+    """`experts`; for the benchmark, tiles (BN, BK, warps, stages) overrides PAIR_TILES, up_tiles and
+    down_tiles (BM, BN, BK, warps, stages) EXPERT_UP_TILES and EXPERT_DOWN_TILES."""
     T, D = x.shape
     K = ids.shape[1]
     E, I = w13.shape[0], w13.shape[1] // 2
@@ -469,13 +472,15 @@ def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=Non
     _pairs_kernel[(E,)](ids.contiguous().view(-1), slots, counts, P, T, BLOCK_P=triton.next_power_of_2(max(P, 16)),
                         PDL=pdl, launch_pdl=pdl)
     act = torch.empty(P, I, dtype=x.dtype, device=dev)
-    BM, BN, BK = _tiles(T)
-    _experts_up_kernel[(E, triton.cdiv(I, BN))](x, w13, slots, counts, act, T, D, I, K=K, BM=BM, BN=BN, BK=BK,
-                                                PRECISION=precision, PDL=pdl, launch_pdl=pdl)
+    bm, bn, bk, warps, stages = up_tiles or EXPERT_UP_TILES
+    _experts_up_kernel[(E, triton.cdiv(I, bn))](x, w13, slots, counts, act, T, D, I, K=K, BM=bm, BN=bn, BK=bk,
+                                                PRECISION=precision, PDL=pdl, num_warps=warps, num_stages=stages,
+                                                launch_pdl=pdl)
     y = torch.empty(P, D, dtype=torch.float32, device=dev)
-    _experts_down_kernel[(E, triton.cdiv(D, BN))](act, w2, gates.contiguous().view(-1), slots, counts, y, T, D, I,
-                                                  BM=BM, BN=BN, BK=BK, PRECISION=precision, PDL=pdl,
-                                                  launch_pdl=pdl)
+    bm, bn, bk, warps, stages = down_tiles or EXPERT_DOWN_TILES
+    _experts_down_kernel[(E, triton.cdiv(D, bn))](act, w2, gates.contiguous().view(-1), slots, counts, y, T, D, I,
+                                                  BM=bm, BN=bn, BK=bk, PRECISION=precision, PDL=pdl,
+                                                  num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return y.view(T, K, D)
 
 
