@@ -86,7 +86,7 @@ def test_route_kernel_matches_router(device, name):
 def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
     """Routed experts (and, on the pair-major path, the shared experts riding along) against the
     looped reference plus the shared MLP."""
-    from nanoseek.kernels.moe_decode import experts
+    from nanoseek.kernels.moe_decode import experts, experts_sum
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # D = 160 and I = 48 are not multiples of the default strips: the kernels' divisor tiles are exercised
@@ -109,8 +109,17 @@ def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
         y = experts(x, ids, gates, moe.w13, moe.w2, pair_major, *weights)
         assert y.shape == (tokens, 4 + n_shared, cfg.hidden_size)
         out = y.sum(1).to(dtype)
+        if pair_major:  # the same products summed over each token's slots in the down kernel, +- a residual
+            residual = torch.randn_like(x)
+            summed = experts_sum(x, ids, gates, moe.w13, moe.w2, *weights)
+            with_residual = experts_sum(x, ids, gates, moe.w13, moe.w2, *weights, residual=residual)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
+    if pair_major:
+        torch.testing.assert_close(summed, ref, **tol)
+        torch.testing.assert_close(with_residual, residual + ref, **tol)
+        # one rounding of the same fp32 sum: at most one unit in the last place from the summed-then-cast y
+        torch.testing.assert_close(summed, out, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,11 +27,14 @@ PAIR_MAJOR_MAX_TOKENS tokens (`pair_major=True`) two mat-vec kernels do without 
 programs of an (E, n-block) grid exiting at once): programs (n-block, pair) stream ids[p]'s rows
 directly, and the shared experts ride along as more pairs of gate 1, so a batch-1 MoE layer is
 two launches (bench-1b: 12.5 us against 23.2 for routed and shared experts apart,
-`bench/results/moe_decode_kernels-*.json`).
+`bench/results/moe_decode_kernels-*.json`). `experts_sum` runs the same pairs but its down kernel
+has one program per (token, strip of outputs) that adds the token's slots and the block's residual:
+    out[t] = residual[t] + sum_k y[t * (K + NS) + k]                  out (T, D) in x's dtype
+so a batch-1 MoE layer ends in the hidden state without a summing launch.
 Reference: `nanoseek.model.moe.RoutedExperts.forward_looped` (plus the shared `MLP`).
 
 All are registered as torch custom ops (`nanoseek::moe_route`, `nanoseek::moe_router`,
-`nanoseek::moe_experts`) so `torch.compile` treats them as opaque calls and CUDA graphs capture
+`nanoseek::moe_experts`, `nanoseek::moe_experts_sum`) so `torch.compile` treats them as opaque calls and CUDA graphs capture
 them.
 """
 
@@ -43,7 +46,7 @@ import triton.language as tl
 
 from nanoseek.kernels import pow2_divisor
 from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
-from nanoseek.kernels.skinny import _inverse_rms, _row_tile
+from nanoseek.kernels.skinny import _inverse_rms, _plus_residual, _row_tile
 
 # ---------------------------------------------------------------------------------------- routing
 
@@ -389,8 +392,52 @@ def _pair_down_kernel(act_ptr, ids_ptr, w2_ptr, sd_ptr, gates_ptr, y_ptr, D: tl.
     tl.store(y_ptr + p * D + n, tl.sum(acc, 1) * gate)
 
 
+@triton.jit
+def _slot_weights(w2_ptr, sd_ptr, routed_rows, shared_rows, k, is_routed, is_shared):
+    """(S, BN, BK) fp32 weights of each slot: a routed expert's w2 rows or the shared down weight's
+    columns (two masked loads, each lane reads one of them; padding slots read nothing, 0)."""
+    return (tl.load(w2_ptr + routed_rows + k, mask=is_routed, other=0.0).to(tl.float32)
+            + tl.load(sd_ptr + shared_rows + k, mask=is_shared, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _pair_down_sum_kernel(act_ptr, ids_ptr, w2_ptr, sd_ptr, gates_ptr, r_ptr, out_ptr, D: tl.constexpr,
+                          I: tl.constexpr, K: tl.constexpr, NS: tl.constexpr, S_POW2: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    """Program (n-block, token t): out[t, n] = [residual[t, n] +] sum over t's K + NS slots of
+    gate_slot * (act[pair] . W2_slot[n]), `_pair_down_kernel`'s per-pair products (a (slot, BN, BK)
+    tile, slots padded to S_POW2) added in fp32 and rounded once to out's dtype, the residual added
+    after that rounding (as `y.sum(1).to(dtype)` and `residual + out` round)."""
+    t = tl.program_id(1)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    slot = tl.arange(0, S_POW2)
+    routed = slot < K
+    used = slot < K + NS
+    # ids and gates are the router's (two kernels back), the weights constant: all before the wait
+    e = tl.load(ids_ptr + t * K + slot, mask=routed, other=0, cache_modifier=".cg").to(tl.int64)
+    gate = tl.where(routed, tl.load(gates_ptr + t * K + slot, mask=routed, other=0.0, cache_modifier=".cg"), 1.0)
+    routed_rows = (e[:, None] * (D * I) + n[None, :] * I)[:, :, None]  # (S, BN, 1) row starts in w2
+    shared_rows = (n[None, :].to(tl.int64) * (NS * I) + tl.maximum(slot - K, 0)[:, None] * I)[:, :, None]  # in sd
+    is_routed, is_shared = routed[:, None, None], (used & ~routed)[:, None, None]
+    k = tl.arange(0, BK)[None, None, :]
+    w_first = _slot_weights(w2_ptr, sd_ptr, routed_rows, shared_rows, k, is_routed, is_shared)
+    inputs_ready(PDL)
+    pair_act = act_ptr + (t * (K + NS) + slot)[:, None, None] * I  # (S, 1, 1)
+    w_ok = used[:, None, None]
+    acc = w_first * tl.load(pair_act + k, mask=w_ok, other=0.0).to(tl.float32)
+    for k0 in tl.range(BK, I, BK):
+        kk = k0 + k
+        acc += (_slot_weights(w2_ptr, sd_ptr, routed_rows, shared_rows, kk, is_routed, is_shared)
+                * tl.load(pair_act + kk, mask=w_ok, other=0.0).to(tl.float32))
+    y = tl.sum(tl.sum(acc, 2) * gate[:, None], 0)  # (BN,)
+    if RESIDUAL:
+        y = _plus_residual(y, r_ptr, t * D + n, n >= 0)
+    tl.store(out_ptr + t * D + n, y.to(out_ptr.dtype.element_ty))
+
+
 PAIR_MAJOR_MAX_TOKENS = 8  # batch rows x tokens per row that may take the pair-major mat-vecs
 PAIR_TILES = (4, 256, 4, 3)  # (BN, BK, warps, stages) of the pair-major mat-vecs; bench/moe_decode_kernels.py
+PAIR_SUM_TILES = (4, 128, 4, 3)  # the summing down kernel's: one program holds a (slots, BN, BK) tile
 
 
 def pair_major_ok(x: torch.Tensor, w13: torch.Tensor) -> bool:
@@ -401,7 +448,9 @@ def pair_major_ok(x: torch.Tensor, w13: torch.Tensor) -> bool:
     return x.shape[0] <= PAIR_MAJOR_MAX_TOKENS and D % 16 == 0 and I % 16 == 0
 
 
-def _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl):
+def _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl, summed=False, residual=None):
+    """Pair-major up and down launches -> y (T, K + NS, D) fp32, or with `summed` (T, D) of x's dtype:
+    [residual +] the sum over each token's slots (`_pair_down_sum_kernel`)."""
     T, D = x.shape
     K = ids.shape[1]
     I = w13.shape[1] // 2
@@ -414,6 +463,14 @@ def _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl):
     _pair_up_kernel[(I // pow2_divisor(I, bn), P)](x, flat_ids, w13, sg, su, act, D, I, K, NS,
                                                     BN=pow2_divisor(I, bn), BK=pow2_divisor(D, bk), PDL=pdl,
                                                     num_warps=warps, num_stages=stages, launch_pdl=pdl)
+    if summed:
+        out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+        bn, bk, warps, stages = PAIR_SUM_TILES
+        _pair_down_sum_kernel[(D // pow2_divisor(D, bn), T)](
+            act, flat_ids, w2, sd, flat_gates, residual if residual is not None else out, out, D, I, K, NS,
+            S_POW2=triton.next_power_of_2(K + NS), BN=pow2_divisor(D, bn), BK=pow2_divisor(I, bk),
+            RESIDUAL=residual is not None, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+        return out
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     _pair_down_kernel[(D // pow2_divisor(D, bn), P)](act, flat_ids, w2, sd, flat_gates, y, D, I, K, NS,
                                                       BN=pow2_divisor(D, bn), BK=pow2_divisor(I, bk), PDL=pdl,
@@ -443,7 +500,7 @@ def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.
 
 
 def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None, tiles=None,
-             up_tiles=None, down_tiles=None):
+             up_tiles=None, down_tiles=None, summed=False, residual=None):
     """`experts`; for the benchmark, tiles (BN, BK, warps, stages) overrides PAIR_TILES, up_tiles and
     down_tiles (BM, BN, BK, warps, stages) EXPERT_UP_TILES and EXPERT_DOWN_TILES."""
     T, D = x.shape
@@ -463,7 +520,11 @@ def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=Non
         if not pair_major_ok(x, w13):
             raise ValueError(f"moe_experts: {T} tokens of width {D}, experts of width {I} do not fit the pair-major "
                              "kernels (see pair_major_ok); pass pair_major=False")
-        return _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl)
+        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+            raise ValueError(f"moe_experts_sum: the residual must be x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                             f"got {tuple(residual.shape)} {residual.dtype}")
+        return _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl, summed,
+                           residual.contiguous() if residual is not None else None)
     if shared is not None:
         raise ValueError("moe_experts: shared experts ride along only on the pair-major path (pair_major=True)")
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
@@ -488,3 +549,19 @@ def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=Non
 def _(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None):
     slots = ids.shape[1] + (shared_gate.shape[0] // (w13.shape[1] // 2) if shared_gate is not None else 0)
     return x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("nanoseek::moe_experts_sum", mutates_args=())
+def experts_sum(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                shared_gate: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
+                shared_down: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The pair-major `experts` summed over each token's slots in the down kernel: -> (T, D) of x's
+    dtype, `experts(...).sum(1).to(x.dtype)` [+ residual (T, D) of x's dtype] without the (T, slots, D)
+    fp32 intermediate and the launch that sums it."""
+    return _experts(x, ids, gates, w13, w2, True, shared_gate, shared_up, shared_down, summed=True,
+                    residual=residual)
+
+
+@experts_sum.register_fake
+def _(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_down=None, residual=None):
+    return torch.empty_like(x)

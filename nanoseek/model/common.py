@@ -66,13 +66,15 @@ class MLP(nn.Module):
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        """x (..., D) -> (..., D); norm: an RMSNorm to apply to x first (folded into the decode kernel)."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., D) -> [residual +] mlp(norm(x)) (..., D); norm: an RMSNorm to apply to x first, folded
+        into the decode kernel like the residual (`Linear.forward`)."""
         w_gate, w_up = self.gate_proj.weight, self.up_proj.weight
         if not self.training and skinny_available(x, w_gate, w_up) and foldable(norm, x):
             from nanoseek.kernels import skinny  # decode: norm, gate, up and SwiGLU in one kernel
 
-            return self.down_proj(skinny.swiglu(x, w_gate, w_up, *norm_args(norm)))
+            return self.down_proj(skinny.swiglu(x, w_gate, w_up, *norm_args(norm)), residual=residual)
         if norm is not None:
             x = norm(x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x), residual=residual)

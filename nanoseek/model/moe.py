@@ -178,10 +178,13 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        """x (B, S, D) -> moe(norm(x)) (B, S, D); the decode router kernel applies the norm itself."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, D) -> [residual +] moe(norm(x)) (B, S, D); the decode router kernel applies the norm
+        itself, the mat-vec experts kernel the sum over experts and the residual."""
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
+        shared = ()  # the shared experts' weights when they ride along in the experts kernel
         if self.use_route_kernel(flat):  # inference on a GPU: routing in one kernel
             if not foldable(norm, x):  # the router kernel normalises only mat-vec batches
                 x, norm = norm(x), None
@@ -195,10 +198,13 @@ class MoE(nn.Module):
                 # by batch rows (PAIR_MAJOR_MAX_BATCH), so a speculative step takes a plain step's path
                 pair_major = B <= PAIR_MAJOR_MAX_BATCH and moe_decode.pair_major_ok(x_in, self.experts.w13)
                 shared = self.shared_weights_for_kernel(x_in) if pair_major else ()
+                if shared:  # the shared experts ride along as more pairs, summed with the residual in the kernel
+                    flat_residual = residual.reshape(B * S, D) if residual is not None else None
+                    if flat_residual is None or flat_residual.dtype == x_in.dtype:
+                        return moe_decode.experts_sum(x_in, ids, gates, self.experts.w13, self.experts.w2, *shared,
+                                                      flat_residual).view(B, S, D)
                 y = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2, pair_major, *shared)
                 out = y.sum(1).to(x_in.dtype).view(B, S, D)
-                if shared:  # the shared experts rode along as more pairs
-                    return out
             else:
                 out = self.experts(flat, ids, gates).view(B, S, D)
         else:
@@ -212,9 +218,9 @@ class MoE(nn.Module):
                     self.last_load = expert_counts(ids.flatten(), self.cfg.n_routed_experts).float()
                 if torch.is_grad_enabled():
                     self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not shared:  # not already in the kernel's output
             out = out + self.shared_experts(x)
-        return out
+        return out if residual is None else residual + out
 
     def use_route_kernel(self, flat: torch.Tensor) -> bool:
         """Inference on a GPU with Triton and a router shape the routing kernel takes. Then steps of at

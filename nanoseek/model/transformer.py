@@ -51,10 +51,10 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 positions: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
-        # h + attn(norm(h)), then h + ffn(norm(h)): the norms and the first residual add are passed in, so
-        # that decode kernels fold them into the projections around them
+        # h + attn(norm(h)), then h + ffn(norm(h)): the norms and the residual adds are passed in, so that
+        # decode kernels fold them into the kernels around them
         h = self.self_attn(h, cos, sin, cache, positions, kv_len, norm=self.input_layernorm, residual=h)
-        return h + self.mlp(h, norm=self.post_attention_layernorm)
+        return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
 
 
 class SharedHead(nn.Module):
