@@ -34,8 +34,8 @@ so a batch-1 MoE layer ends in the hidden state without a summing launch.
 Reference: `nanoseek.model.moe.RoutedExperts.forward_looped` (plus the shared `MLP`).
 
 All are registered as torch custom ops (`nanoseek::moe_route`, `nanoseek::moe_router`,
-`nanoseek::moe_experts`, `nanoseek::moe_experts_sum`) so `torch.compile` treats them as opaque calls and CUDA graphs capture
-them.
+`nanoseek::moe_experts`, `nanoseek::moe_experts_sum`) so `torch.compile` treats them as opaque
+calls and CUDA graphs capture them.
 """
 
 from __future__ import annotations
