@@ -6,7 +6,10 @@
 
 Times one MoE layer's experts (K routed + the shared one) inside a CUDA graph of many layers, each
 with its own weights (more than the L2 cache holds), as a decode step replays them:
-- `fused`: `moe_decode.experts` with the shared expert riding along (two kernels);
+- `fused`: `moe_decode.experts` with the shared expert riding along (two kernels), summed over
+  the slots by PyTorch (a third launch);
+- `summed`: `moe_decode.experts_sum`, the same with the slots and a residual added in the down
+  kernel (two launches, the output in x's dtype);
 - `split`: routed experts by `moe_decode.experts`, the shared expert by the skinny SwiGLU and
   linear kernels (four kernels; the layout before the shared expert was folded in);
 - `peer`: PyTorch on the same layer, gathered expert weights and batched mat-vecs
@@ -57,6 +60,9 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
     def fused(i, tiles=None):
         return moe_decode._experts(x, ids, gates, w13[i], w2[i], True, sg[i], su[i], sd[i], tiles=tiles).sum(1)
 
+    def summed(i):  # `experts_sum`: the down kernel adds the slots and a residual (x here)
+        return moe_decode._experts(x, ids, gates, w13[i], w2[i], True, sg[i], su[i], sd[i], summed=True, residual=x)
+
     def split(i):
         routed = moe_decode._experts(x, ids, gates, w13[i], w2[i], True).sum(1)
         return routed + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
@@ -69,10 +75,11 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
         shared = F.linear(F.silu(F.linear(x, sg[i])) * F.linear(x, su[i]), sd[i])
         return (y.float() * gates[..., None]).sum(1) + shared.float()
 
-    err = max((fused(0) - peer(0)).abs().max().item(), (split(0) - peer(0)).abs().max().item())
+    err = max((fused(0) - peer(0)).abs().max().item(), (split(0) - peer(0)).abs().max().item(),
+              (summed(0).float() - x.float() - peer(0)).abs().max().item())
     expert_bytes = (K + 1) * 3 * I * D * 2
     time_us = {name: round(kernel_timing.graph_time_us(fn, layers), 2)
-               for name, fn in (("peer_us", peer), ("split_us", split), ("fused_us", fused))}
+               for name, fn in (("peer_us", peer), ("split_us", split), ("fused_us", fused), ("summed_us", summed))}
     result = dict(tokens=tokens, **time_us, tiles=list(moe_decode.PAIR_TILES),
                   bandwidth_bound_us=round(expert_bytes / 4.3e6, 2), max_abs_err=err)
     if sweep:
