@@ -15,7 +15,8 @@ with its own weights (more than the L2 cache holds), as a decode step replays th
 - `peer`: PyTorch on the same layer, gathered expert weights and batched mat-vecs
   (`RoutedExperts.forward_gathered`) plus the shared `MLP` on cuBLAS.
 The routed experts of a larger step (`--batched-tokens`, default 32) on the expert-major kernels
-(pair lists, up, down), against the same gathered PyTorch peer; `--expert-major-sweep` times the
+(pair lists, up, down), against the same gathered PyTorch peer, and with the shared expert as one
+more expert program (`with_shared`) against it on the skinny kernels (`shared_apart`); `--expert-major-sweep` times the
 up kernel's tile configs (EXPERT_CONFIGS, down at its default), then the down kernel's.
 And the router (fp32 64 x 1024 matmul, sigmoid, 8 groups keep 4, top-6) at 1 and 32 tokens:
 - `fused`: `moe_decode.router`, matmul and selection in one kernel;
@@ -92,7 +93,7 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
 
 def bench_expert_major(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: bool) -> dict:
     """The routed experts of `tokens` tokens on the expert-major kernels (three launches)."""
-    w13, w2 = weights[:2]
+    w13, w2, sg, su, sd = weights
     layers, dev, dt = len(w13), w13[0].device, w13[0].dtype
     x = torch.randn(tokens, D, device=dev, dtype=dt)
     ids = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(tokens)])
@@ -108,12 +109,22 @@ def bench_expert_major(tokens: int, weights: tuple[list[torch.Tensor], ...], swe
         y = torch.bmm(w2[i][flat], (F.silu(gate) * up)[:, :, None])[..., 0].view(tokens, K, D)
         return (y.float() * gates[..., None]).sum(1)
 
+    def with_shared(i):  # the shared expert as one more expert program
+        return moe_decode._experts(x, ids, gates, w13[i], w2[i], False, sg[i], su[i], sd[i]).sum(1)
+
+    def shared_apart(i):  # the shared expert on the skinny SwiGLU and linear kernels
+        return ours(i) + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
+
     err = (ours(0) - peer(0)).abs().max().item()
+    shared_err = (with_shared(0) - shared_apart(0)).abs().max().item()
     used = ids.unique().numel()
     result = dict(tokens=tokens, experts_used=used, peer_us=round(kernel_timing.graph_time_us(peer, layers), 2),
                   ours_us=round(kernel_timing.graph_time_us(ours, layers), 2),
                   up_tiles=list(moe_decode.EXPERT_UP_TILES), down_tiles=list(moe_decode.EXPERT_DOWN_TILES),
-                  bandwidth_bound_us=round(used * 3 * I * D * 2 / 4.3e6, 2), max_abs_err=err)
+                  bandwidth_bound_us=round(used * 3 * I * D * 2 / 4.3e6, 2), max_abs_err=err,
+                  with_shared_us=round(kernel_timing.graph_time_us(with_shared, layers), 2),
+                  shared_apart_us=round(kernel_timing.graph_time_us(shared_apart, layers), 2),
+                  shared_max_abs_diff=shared_err)
     if sweep:
         result["best_up_configs"] = kernel_timing.sweep(lambda i, c: ours(i, up=c), EXPERT_CONFIGS, layers)[:6]
         result["best_down_configs"] = kernel_timing.sweep(lambda i, c: ours(i, down=c), EXPERT_CONFIGS, layers)[:6]

@@ -82,10 +82,11 @@ def test_route_kernel_matches_router(device, name):
 @pytest.mark.parametrize("tokens,pair_major,n_shared", [
     (1, True, 0), (2, True, 0), (1, True, 1), (2, True, 2), (5, True, 1),  # pair-major, shared experts riding along
     (1, False, 0), (3, False, 0), (5, False, 0), (33, False, 0),  # expert-major
+    (3, False, 1), (33, False, 2),  # expert-major, shared experts as extra expert programs
 ])
 def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
-    """Routed experts (and, on the pair-major path, the shared experts riding along) against the
-    looped reference plus the shared MLP."""
+    """Routed experts (and the shared experts riding along) against the looped reference plus the
+    shared MLP."""
     from nanoseek.kernels.moe_decode import experts, experts_sum
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

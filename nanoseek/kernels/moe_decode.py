@@ -19,10 +19,11 @@ Reference: `nanoseek.model.moe.Router.forward`.
 stacked as w13 (E, 2I, D) = [gate ; up] and w2 (E, D, I), in three kernels:
     pairs:  for each expert, the list of pairs routed to it            slots (E, T), counts (E,)
     up:     program (e, n-block): act[p, n] = silu(x W_gate^T) * (x W_up^T) for e's pairs
-    down:   program (e, n-block): y[p, n] = gates[p] * act[p] W2_e^T       y (P, D) fp32
-    out[t] = sum_k y[t * K + k]                                          (by the caller)
+    down:   program (e, n-block): y[p, n] = gates[p] * act[p] W2_e^T       y (T * (K + NS), D) fp32
+    out[t] = sum_s y[t * (K + NS) + s]                                   (by the caller)
 Each program reads its expert's weight tile once per 16 pairs, so a batch-1 step reads only the
-K selected experts and a batch-32 step reads each used expert once. For at most
+K selected experts and a batch-32 step reads each used expert once. NS shared experts ride along
+as programs e = E .. E + NS - 1 whose pairs are every token's slots K .. K + NS - 1 (gate 1). For at most
 PAIR_MAJOR_MAX_TOKENS tokens (`pair_major=True`) two mat-vec kernels do without the pair lists (and without most
 programs of an (E, n-block) grid exiting at once): programs (n-block, pair) stream ids[p]'s rows
 directly, and the shared experts ride along as more pairs of gate 1, so a batch-1 MoE layer is
@@ -257,37 +258,53 @@ def _router(x, weight, arrivals, bias, k, n_group, topk_group, sigmoid, group_to
 
 
 @triton.jit
-def _pairs_kernel(ids_ptr, slots_ptr, counts_ptr, P: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr,
-                  PDL: tl.constexpr):
-    """Program e: slots[e, :counts[e]] = the pairs routed to expert e, in pair order."""
+def _pairs_kernel(ids_ptr, slots_ptr, counts_ptr, P: tl.constexpr, T: tl.constexpr, K: tl.constexpr,
+                  NS: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    """Program e: slots[e, :counts[e]] = the pairs routed to expert e, in pair order; routed slot k of
+    token t is pair t * (K + NS) + k (the shared experts' NS slots follow each token's K)."""
     e = tl.program_id(0)
     inputs_ready(PDL)
     offs = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
     hit = (ids == e).to(tl.int32)
     pos = tl.cumsum(hit, 0) - 1
-    tl.store(slots_ptr + e * T + pos, offs, mask=hit > 0)
+    tl.store(slots_ptr + e * T + pos, (offs // K) * (K + NS) + offs % K, mask=hit > 0)
     tl.store(counts_ptr + e, tl.sum(hit, 0))
 
 
 @triton.jit
-def _experts_up_kernel(x_ptr, w13_ptr, slots_ptr, counts_ptr, act_ptr, T: tl.constexpr, D: tl.constexpr,
-                       I: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Program (e, n-block): act[p, n] = silu(x_t . W_gate[e, n]) * (x_t . W_up[e, n]) for e's pairs p."""
+def _expert_pairs(slots_ptr, e, m, count, T: tl.constexpr, K: tl.constexpr, NS: tl.constexpr, E: tl.constexpr):
+    """Program e's pairs m (BM,) of its count -> (pair ids, valid). Routed experts (e < E) read their
+    pair list; the shared expert j = e - E takes every token's slot K + j."""
+    routed = (m * 0 + e) < E  # (BM,): the same for all
+    m_ok = m < count
+    listed = tl.load(slots_ptr + tl.minimum(e, E - 1) * T + m, mask=m_ok & routed, other=0)
+    return tl.where(routed, listed, m * (K + NS) + K + (e - E)), m_ok
+
+
+@triton.jit
+def _experts_up_kernel(x_ptr, w13_ptr, sg_ptr, su_ptr, slots_ptr, counts_ptr, act_ptr, T: tl.constexpr,
+                       D: tl.constexpr, I: tl.constexpr, K: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                       PDL: tl.constexpr):
+    """Program (e, n-block): act[p, n] = silu(x_t . W_gate[e, n]) * (x_t . W_up[e, n]) for e's pairs p;
+    programs e >= E are the shared experts (sg, su: (NS * I, D)), every token's pair."""
     e = tl.program_id(0)
-    inputs_ready(PDL)
-    count = tl.load(counts_ptr + e)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < I
-    gate_rows = w13_ptr + e.to(tl.int64) * 2 * I * D + n[None, :] * D  # (1, BN) row starts
-    up_rows = gate_rows + I * D
+    if e < E:
+        gate_rows = w13_ptr + e.to(tl.int64) * 2 * I * D + n[None, :] * D  # (1, BN) row starts
+        up_rows = gate_rows + I * D
+    else:
+        rows = ((e - E) * I + n[None, :]).to(tl.int64) * D
+        gate_rows = sg_ptr + rows
+        up_rows = su_ptr + rows
+    inputs_ready(PDL)
+    count = tl.where(e < E, tl.load(counts_ptr + tl.minimum(e, E - 1)), T)
     for m0 in tl.range(0, T, BM):  # an expert has at most T pairs; most have fewer
         if m0 < count:
-            m = m0 + tl.arange(0, BM)
-            m_ok = m < count
-            pair = tl.load(slots_ptr + e * T + m, mask=m_ok, other=0)
-            token = pair // K
+            pair, m_ok = _expert_pairs(slots_ptr, e, m0 + tl.arange(0, BM), count, T, K, NS, E)
+            token = pair // (K + NS)
             acc_gate = tl.zeros((BM, BN), tl.float32)
             acc_up = tl.zeros((BM, BN), tl.float32)
             for d0 in tl.range(0, D, BK):
@@ -296,7 +313,7 @@ def _experts_up_kernel(x_ptr, w13_ptr, slots_ptr, counts_ptr, act_ptr, T: tl.con
                 xt = tl.load(x_ptr + token[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
                 w_ok = d_ok[:, None] & n_ok[None, :]
                 acc_gate = tl.dot(xt, tl.load(gate_rows + d[:, None], mask=w_ok, other=0.0), acc_gate,
-                                      input_precision=PRECISION)
+                                  input_precision=PRECISION)
                 acc_up = tl.dot(xt, tl.load(up_rows + d[:, None], mask=w_ok, other=0.0), acc_up,
                                 input_precision=PRECISION)
             act = acc_gate * tl.sigmoid(acc_gate) * acc_up
@@ -305,21 +322,25 @@ def _experts_up_kernel(x_ptr, w13_ptr, slots_ptr, counts_ptr, act_ptr, T: tl.con
 
 
 @triton.jit
-def _experts_down_kernel(act_ptr, w2_ptr, gates_ptr, slots_ptr, counts_ptr, y_ptr, T: tl.constexpr,
-                         D: tl.constexpr, I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Program (e, n-block): y[p, n] = gates[p] * (act[p] . W2[e, n]) for e's pairs p."""
+def _experts_down_kernel(act_ptr, w2_ptr, sd_ptr, gates_ptr, slots_ptr, counts_ptr, y_ptr, T: tl.constexpr,
+                         D: tl.constexpr, I: tl.constexpr, K: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                         PDL: tl.constexpr):
+    """Program (e, n-block): y[p, n] = gates[p] * (act[p] . W2[e, n]) for e's pairs p; programs e >= E
+    use the shared experts' down weight sd (D, NS * I), columns [j I, (j + 1) I) for j = e - E, and
+    gate 1."""
     e = tl.program_id(0)
-    inputs_ready(PDL)
-    count = tl.load(counts_ptr + e)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < D
-    w_rows = w2_ptr + e.to(tl.int64) * D * I + n[None, :] * I  # (1, BN)
+    if e < E:
+        w_rows = w2_ptr + e.to(tl.int64) * D * I + n[None, :] * I  # (1, BN)
+    else:
+        w_rows = sd_ptr + n[None, :].to(tl.int64) * (NS * I) + (e - E) * I
+    inputs_ready(PDL)
+    count = tl.where(e < E, tl.load(counts_ptr + tl.minimum(e, E - 1)), T)
     for m0 in tl.range(0, T, BM):  # an expert has at most T pairs; most have fewer
         if m0 < count:
-            m = m0 + tl.arange(0, BM)
-            m_ok = m < count
-            pair = tl.load(slots_ptr + e * T + m, mask=m_ok, other=0)
+            pair, m_ok = _expert_pairs(slots_ptr, e, m0 + tl.arange(0, BM), count, T, K, NS, E)
             acc = tl.zeros((BM, BN), tl.float32)
             for k0 in tl.range(0, I, BK):
                 k = k0 + tl.arange(0, BK)
@@ -327,7 +348,9 @@ def _experts_down_kernel(act_ptr, w2_ptr, gates_ptr, slots_ptr, counts_ptr, y_pt
                 a = tl.load(act_ptr + pair[:, None] * I + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            gate = tl.load(gates_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)
+            slot = pair % (K + NS)
+            routed = m_ok & (slot < K)
+            gate = tl.load(gates_ptr + (pair // (K + NS)) * K + slot, mask=routed, other=1.0).to(tl.float32)
             tl.store(y_ptr + pair[:, None] * D + n[None, :], acc * gate[:, None], mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -494,8 +517,7 @@ def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.
     of each (token, expert) pair; the caller sums over K (where torch.compile fuses the sum into the
     next additions). pair_major: run the pair-major mat-vecs (needs `pair_major_ok`), else the
     expert-major kernels. With the shared experts' SwiGLU weights (gate/up (NS*I, D), down
-    (D, NS*I); pair-major only) y is (T, K + NS, D): the shared experts ride along as NS more I-wide
-    pairs of gate 1."""
+    (D, NS*I)) y is (T, K + NS, D): the shared experts ride along as NS more I-wide pairs of gate 1."""
     return _experts(x, ids, gates, w13, w2, pair_major, shared_gate, shared_up, shared_down)
 
 
@@ -525,24 +547,25 @@ def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=Non
                              f"got {tuple(residual.shape)} {residual.dtype}")
         return _pair_major(x, ids, gates, w13, w2, shared, tiles, pdl, summed,
                            residual.contiguous() if residual is not None else None)
-    if shared is not None:
-        raise ValueError("moe_experts: shared experts ride along only on the pair-major path (pair_major=True)")
+    NS = shared[0].shape[0] // I if shared is not None else 0
+    sg, su, sd = shared if shared is not None else (w13, w13, w2)  # unused stand-ins when NS == 0
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for bf16
     slots = torch.empty(E, max(T, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
-    _pairs_kernel[(E,)](ids.contiguous().view(-1), slots, counts, P, T, BLOCK_P=triton.next_power_of_2(max(P, 16)),
-                        PDL=pdl, launch_pdl=pdl)
-    act = torch.empty(P, I, dtype=x.dtype, device=dev)
+    _pairs_kernel[(E,)](ids.contiguous().view(-1), slots, counts, P, T, K, NS,
+                        BLOCK_P=triton.next_power_of_2(max(P, 16)), PDL=pdl, launch_pdl=pdl)
+    pairs = T * (K + NS)
+    act = torch.empty(pairs, I, dtype=x.dtype, device=dev)
     bm, bn, bk, warps, stages = up_tiles or EXPERT_UP_TILES
-    _experts_up_kernel[(E, triton.cdiv(I, bn))](x, w13, slots, counts, act, T, D, I, K=K, BM=bm, BN=bn, BK=bk,
-                                                PRECISION=precision, PDL=pdl, num_warps=warps, num_stages=stages,
-                                                launch_pdl=pdl)
-    y = torch.empty(P, D, dtype=torch.float32, device=dev)
+    _experts_up_kernel[(E + NS, triton.cdiv(I, bn))](x, w13, sg, su, slots, counts, act, T, D, I, K, NS, E, BM=bm,
+                                                     BN=bn, BK=bk, PRECISION=precision, PDL=pdl, num_warps=warps,
+                                                     num_stages=stages, launch_pdl=pdl)
+    y = torch.empty(pairs, D, dtype=torch.float32, device=dev)
     bm, bn, bk, warps, stages = down_tiles or EXPERT_DOWN_TILES
-    _experts_down_kernel[(E, triton.cdiv(D, bn))](act, w2, gates.contiguous().view(-1), slots, counts, y, T, D, I,
-                                                  BM=bm, BN=bn, BK=bk, PRECISION=precision, PDL=pdl,
-                                                  num_warps=warps, num_stages=stages, launch_pdl=pdl)
-    return y.view(T, K, D)
+    _experts_down_kernel[(E + NS, triton.cdiv(D, bn))](act, w2, sd, gates.contiguous().view(-1), slots, counts, y,
+                                                       T, D, I, K, NS, E, BM=bm, BN=bn, BK=bk, PRECISION=precision,
+                                                       PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+    return y.view(T, K + NS, D)
 
 
 @experts.register_fake

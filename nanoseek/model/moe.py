@@ -197,8 +197,8 @@ class MoE(nn.Module):
                 x_in = autocast_input(flat)
                 # by batch rows (PAIR_MAJOR_MAX_BATCH), so a speculative step takes a plain step's path
                 pair_major = B <= PAIR_MAJOR_MAX_BATCH and moe_decode.pair_major_ok(x_in, self.experts.w13)
-                shared = self.shared_weights_for_kernel(x_in) if pair_major else ()
-                if shared:  # the shared experts ride along as more pairs, summed with the residual in the kernel
+                shared = self.shared_weights_for_kernel(x_in)  # riding along as more pairs
+                if shared and pair_major:  # the mat-vec down kernel adds the slots and the residual
                     flat_residual = residual.reshape(B * S, D) if residual is not None else None
                     if flat_residual is None or flat_residual.dtype == x_in.dtype:
                         return moe_decode.experts_sum(x_in, ids, gates, self.experts.w13, self.experts.w2, *shared,
@@ -231,8 +231,8 @@ class MoE(nn.Module):
                 and route_shape_supported(cfg.n_routed_experts, self.gate.groups))
 
     def shared_weights_for_kernel(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The shared experts' (gate, up, down) weights when the pair-major experts kernel can run them
-        as extra pairs (their width a multiple of the routed experts', weights of x's dtype); ()
+        """The shared experts' (gate, up, down) weights when the experts kernels can run them as extra
+        pairs (their width a multiple of the routed experts', weights of x's dtype); ()
         otherwise, and the shared MLP runs on its own."""
         mlp = self.shared_experts
         if mlp is None:
