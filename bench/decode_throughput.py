@@ -6,8 +6,10 @@
 
 Workload (per batch size B): B random prompts of `--prompt-len` tokens, greedy, exactly `--new`
 new tokens each (EOS ignored); tokens/s = B * new / wall time of the whole call, prefill included,
-median of `--repeats` calls after one warm-up call (which captures CUDA graphs / compiles).
-Both sides use the same bf16 random weights (`bench-1b`, saved once and loaded by transformers).
+median of `--repeats` calls after one warm-up call (which captures CUDA graphs / compiles);
+transformers the median of `--peer-repeats` calls after its own warm-up. Both sides use the same
+bf16 random weights (`bench-1b`, saved once and loaded by transformers). The record names the
+host's CPU: the peer is bound by host Python here, so its speed follows the lent machine.
 Also reported: the latent cache's bytes per token against an expanded per-head K/V cache, and at
 batch 1 the share of the memory-bandwidth bound (weights + cache bytes read per token at the
 measured ~4.3 TB/s). With `--spec-ckpt` (a checkpoint from `nanoseek train`, with its MTP module):
@@ -99,7 +101,7 @@ def run_transformers(ckpt: Path, prompts, args, device) -> tuple[dict, object]:
             out["ids"] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                         min_new_tokens=args.new, do_sample=False)
 
-    times = time_calls(call, max(1, args.repeats - 2), device)
+    times = time_calls(call, args.peer_repeats, device)
     median = statistics.median(times)
     result = {"seconds": times, "tokens_per_s": len(prompts) * args.new / median,
               "experts_implementation": getattr(model.config, "_experts_implementation", None),
@@ -167,6 +169,20 @@ def save(record: dict, out: Path) -> None:
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def host_cpu() -> dict:
+    """The host's CPU model and core count: transformers `generate` is bound by host Python at these
+    sizes, so its speed (the ratio's denominator) follows the host."""
+    model = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench-1b")
@@ -175,6 +191,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="eager,graph,compile+graph", help="comma list: eager, graph, compile+graph")
+    p.add_argument("--peer-repeats", type=int, default=3, help="timed transformers calls (median)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--spec-ckpt", default=None, help="a nanoseek-trained checkpoint (with MTP) for speculation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,9 +205,11 @@ def main() -> None:
     record = {"benchmark": "decode_throughput", "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+              "host_cpu": host_cpu(),
               "revision": source_revision(), "env": {"NANOSEEK_PDL": os.environ.get("NANOSEEK_PDL", "1")},
               "config": {"preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new,
-                         "repeats": args.repeats, "dtype": str(dtype), "greedy": True},
+                         "repeats": args.repeats, "peer_repeats": args.peer_repeats, "dtype": str(dtype),
+                         "greedy": True},
               "kv_cache_bytes_per_token_bf16": {"latent": latent, "expanded_per_head_kv": expanded,
                                                 "ratio": expanded / latent},
               "results": {}}
