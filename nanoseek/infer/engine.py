@@ -598,7 +598,8 @@ class Engine:
     max_batch_size: rows decoded together; max_len: the context (prompt + new tokens), default
     the model's max_position_embeddings; speculative: draft tokens per step from the MTP module
     (0 = off); cuda_graph: replay plain decode steps and prefills as CUDA graphs on a GPU; compile:
-    torch.compile each block (fewer, fused kernels per decode step); pipeline: launch each plain
+    torch.compile each block, the output norms and RoPE's cos/sin (in place, on the model itself) and
+    the greedy argmax (fewer, fused kernels per decode step); pipeline: launch each plain
     decode step before handling the previous step's tokens on the host (default: on CUDA).
     The tokenizer needs `encode`, `decode` and `eos_id` (see `nanoseek.data.tokenizer`); it may
     be None when prompts are given as token ids (the text fields then stay empty).
