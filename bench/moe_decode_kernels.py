@@ -51,12 +51,26 @@ EXPERT_CONFIGS = [(16, bn, bk, w, s) for bn in (32, 64, 128) for bk in (64, 128,
 ROUTER_CONFIGS = [(be, bd, w) for be in (1, 2, 4, 8) for bd in (128, 256, 512) for w in (1, 2, 4)]
 
 
+def routed_step(tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's inputs: x (tokens, D) of like's dtype, K distinct random experts per token, gates."""
+    x = torch.randn(tokens, D, device=like.device, dtype=like.dtype)
+    ids = torch.stack([torch.randperm(E, device=like.device)[:K] for _ in range(tokens)])
+    return x, ids, torch.rand(tokens, K, device=like.device)
+
+
+def gathered_experts(x, ids, gates, w13, w2) -> torch.Tensor:
+    """The PyTorch peer for the routed experts: gathered expert weights, batched mat-vecs -> (T, D) fp32."""
+    flat = ids.flatten()
+    xs = x.repeat_interleave(K, dim=0)[:, :, None]
+    gate, up = torch.bmm(w13[flat], xs)[..., 0].split(I, dim=-1)
+    y = torch.bmm(w2[flat], (F.silu(gate) * up)[:, :, None])[..., 0].view(x.shape[0], K, D)
+    return (y.float() * gates[..., None]).sum(1)
+
+
 def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: bool) -> dict:
     w13, w2, sg, su, sd = weights
-    layers, dev, dt = len(w13), w13[0].device, w13[0].dtype
-    x = torch.randn(tokens, D, device=dev, dtype=dt)
-    ids = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(tokens)])
-    gates = torch.rand(tokens, K, device=dev)
+    layers = len(w13)
+    x, ids, gates = routed_step(tokens, w13[0])
 
     def fused(i, tiles=None):
         return moe_decode._experts(x, ids, gates, w13[i], w2[i], True, sg[i], su[i], sd[i], tiles=tiles).sum(1)
@@ -69,12 +83,8 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
         return routed + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
 
     def peer(i):
-        flat = ids.flatten()
-        xs = x.repeat_interleave(K, dim=0)[:, :, None]
-        gate, up = torch.bmm(w13[i][flat], xs)[..., 0].split(I, dim=-1)
-        y = torch.bmm(w2[i][flat], (F.silu(gate) * up)[:, :, None])[..., 0].view(tokens, K, D)
         shared = F.linear(F.silu(F.linear(x, sg[i])) * F.linear(x, su[i]), sd[i])
-        return (y.float() * gates[..., None]).sum(1) + shared.float()
+        return gathered_experts(x, ids, gates, w13[i], w2[i]) + shared.float()
 
     err = max((fused(0) - peer(0)).abs().max().item(), (split(0) - peer(0)).abs().max().item(),
               (summed(0).float() - x.float() - peer(0)).abs().max().item())
@@ -94,20 +104,14 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
 def bench_expert_major(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: bool) -> dict:
     """The routed experts of `tokens` tokens on the expert-major kernels (three launches)."""
     w13, w2, sg, su, sd = weights
-    layers, dev, dt = len(w13), w13[0].device, w13[0].dtype
-    x = torch.randn(tokens, D, device=dev, dtype=dt)
-    ids = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(tokens)])
-    gates = torch.rand(tokens, K, device=dev)
+    layers = len(w13)
+    x, ids, gates = routed_step(tokens, w13[0])
 
     def ours(i, up=None, down=None):
         return moe_decode._experts(x, ids, gates, w13[i], w2[i], False, up_tiles=up, down_tiles=down).sum(1)
 
     def peer(i):
-        flat = ids.flatten()
-        xs = x.repeat_interleave(K, dim=0)[:, :, None]
-        gate, up = torch.bmm(w13[i][flat], xs)[..., 0].split(I, dim=-1)
-        y = torch.bmm(w2[i][flat], (F.silu(gate) * up)[:, :, None])[..., 0].view(tokens, K, D)
-        return (y.float() * gates[..., None]).sum(1)
+        return gathered_experts(x, ids, gates, w13[i], w2[i])
 
     def with_shared(i):  # the shared expert as one more expert program
         return moe_decode._experts(x, ids, gates, w13[i], w2[i], False, sg[i], su[i], sd[i]).sum(1)
