@@ -459,6 +459,25 @@ class Batch:
         return a, tokens
 
 
+def warm_up_for_capture(run: Callable[[], object]) -> None:
+    """Run `run` twice on a side stream before a CUDA graph captures it. The first run may compile
+    (compiling syncs); the second must not sync with the host, and runs with sync debugging set to
+    raise, so a step that syncs (e.g. `nonzero` in the looped expert path) fails here. Capture would
+    fail on it too, but a capture that fails part-way leaves PyTorch's CUDA generator in capture
+    mode, and every later CUDA random op (the compiler's own included) raises."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 class CudaGraphStep:
     """The plain decode step of all B rows, captured as CUDA graphs, one per kv_len bucket.
 
@@ -466,9 +485,9 @@ class CudaGraphStep:
     Inputs are copied into static buffers (positions, uniforms) before each replay; the cache,
     pending tokens and sampling settings are the batch's own persistent tensors. Capturing runs
     the step twice for warm-up, which rewrites the same cache entries with the same values; the
-    pending tokens are restored afterwards. If capture fails (an op that syncs with the host,
-    e.g. `nonzero` in the looped expert path, which fp32 MoE takes on CUDA when Triton is missing),
-    it warns and the batch decodes eagerly.
+    pending tokens are restored afterwards. If the warm-up syncs with the host (e.g. `nonzero` in
+    the looped expert path, which fp32 MoE prefills take on CUDA) or capture fails, it warns and
+    the batch decodes eagerly.
     """
 
     def __init__(self, batch: Batch):
@@ -496,21 +515,20 @@ class CudaGraphStep:
     def _capture(self, kv_len: int, mode: str) -> None:
         b = self.batch
         saved = b.pending.clone()
+
+        def run() -> None:
+            b.pending.copy_(saved)
+            b.decode_at(b.rows, self.positions, kv_len, self.u, mode)
+
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    b.pending.copy_(saved)
-                    b.decode_at(b.rows, self.positions, kv_len, self.u, mode)
-            torch.cuda.current_stream().wait_stream(stream)
+            warm_up_for_capture(run)
             b.pending.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 out = b.decode_at(b.rows, self.positions, kv_len, self.u, mode)
             self.pool = graph.pool()
             self.graphs[kv_len, mode] = (graph, out)
-        except RuntimeError as e:
+        except Exception as e:  # CUDA errors, or the compiler's own when a capture triggers a compile
             warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly", stacklevel=2)
             self.failed = True
         b.pending.copy_(saved)
@@ -564,7 +582,7 @@ class CudaGraphPrefill:
         return first
 
     def _capture(self, key: tuple[int, int, str], inputs: tuple) -> bool:
-        """Warm up twice (the real prefill: same writes each time) and capture; False on failure."""
+        """Warm up (the real prefill: same writes each time) and capture; False on failure."""
         b = self.batch
         ids, lengths, index, t, k, p, u = inputs
         step_graphs = b.graph
@@ -573,12 +591,7 @@ class CudaGraphPrefill:
             return b.prefill_at(ids, lengths, index, (t, k, p), u, key[2])
 
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(stream)
+            warm_up_for_capture(run)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=step_graphs.pool if step_graphs is not None else None):
                 first = run()
@@ -586,7 +599,7 @@ class CudaGraphPrefill:
                 step_graphs.pool = graph.pool()
             self.graphs[key] = (graph, inputs, first)
             return True
-        except RuntimeError as e:
+        except Exception as e:  # as in CudaGraphStep._capture; the eager prefill re-raises real errors
             warnings.warn(f"CUDA graph capture of the prefill failed ({e}); prefilling eagerly", stacklevel=2)
             self.failed = True
             return False
