@@ -1,7 +1,7 @@
-"""Absorbed MLA attention for small decode batches: nanoseek's three Triton kernels against the matmul path.
+"""Absorbed MLA attention for decode batches: nanoseek's three Triton kernels against the matmul path.
 
-    python bench/mla_decode_kernels.py            # bench-1b's attention shapes
-    python bench/mla_decode_kernels.py --sweep    # also time the tile configs in CONFIGS
+    python bench/mla_decode_kernels.py            # bench-1b's attention shapes, batches 1, 4 and 32
+    python bench/mla_decode_kernels.py --sweep    # also time the tile configs in CONFIGS and BATCH_CONFIGS
 
 One layer's attention from q (nope and rope parts) to the per-head values (before o_proj), over a
 latent cache bucket of 1,024 positions with rows at position 600 (a 512-token prompt, some tokens
@@ -28,11 +28,16 @@ from nanoseek.model.mla import latent_attention  # noqa: E402
 
 H, N, P, V, R = 8, 128, 64, 128, 512  # bench-1b
 BUCKET, POSITION = 1024, 600
-CONFIGS = ([(bt, w, 32, 8) for bt in (16, 32, 64) for w in (2, 4, 8)]
-           + [(32, 4, bv, w) for bv in (16, 64) for w in (4, 8)] + [(32, 4, 32, 4)])
+# (keys per step, partials' warps, V block, merge's warps, partials programs aimed at): mla_decode.TILES
+CONFIGS = ([(bt, w, 32, 8, 512) for bt in (16, 32, 64) for w in (2, 4, 8)]
+           + [(32, 4, bv, w, 512) for bv in (16, 64) for w in (4, 8)] + [(32, 4, 32, 4, 512)])
+# batch 32 (mla_decode.BATCH_TILES): how many programs the partials aim at (so how long a chunk is), then
+# the row-blocked merge's tiles
+BATCH_CONFIGS = ([(bt, w, 32, 4, n) for n in (128, 256, 512) for bt in (32, 64) for w in (4, 8)]
+                 + [(32, 4, bv, w, 256) for bv in (16, 32, 64) for w in (2, 4, 8)])
 
 
-def bench(batch: int, queries: int, sweep: bool) -> dict:
+def bench(batch: int, queries: int, configs: list[tuple] | None) -> dict:
     dev, dt = "cuda", torch.bfloat16
     layers = 48  # 48 x (2 MiB of kv_b weight + 1.2 MiB of cache per row): past the 50 MiB L2
     torch.manual_seed(0)
@@ -52,13 +57,14 @@ def bench(batch: int, queries: int, sweep: bool) -> dict:
         o_lat = latent_attention(torch.cat((q_lat, q_pe), dim=-1), cache[i], positions, scale, R)
         return torch.einsum("bshr,hvr->bshv", o_lat, wv[:, N:]).reshape(batch, queries, H * V)
 
+    tiles = mla_decode.BATCH_TILES if batch * queries >= mla_decode.BATCH_ROWS else mla_decode.TILES
     err = (ours(0).float() - peer(0).float()).abs().max().item()
     peer_us, ours_us = kernel_timing.graph_time_us(peer, layers), kernel_timing.graph_time_us(ours, layers)
     result = dict(batch=batch, queries=queries, kv_bucket=BUCKET, position=POSITION, peer_us=round(peer_us, 2),
-                  kernels_us=round(ours_us, 2), speedup=round(peer_us / ours_us, 2), tiles=list(mla_decode.TILES),
+                  kernels_us=round(ours_us, 2), speedup=round(peer_us / ours_us, 2), tiles=list(tiles),
                   max_abs_err=err)
-    if sweep:
-        result["configs"] = kernel_timing.sweep(ours, CONFIGS, layers)
+    if configs:
+        result["configs"] = kernel_timing.sweep(ours, configs, layers)
     print(json.dumps(result), flush=True)
     return result
 
@@ -70,7 +76,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/mla_decode_kernels.py needs a CUDA GPU")
-    results = [bench(1, 1, args.sweep), bench(1, 2, args.sweep), bench(4, 1, False)]
+    sweep = CONFIGS if args.sweep else None
+    results = [bench(1, 1, sweep), bench(1, 2, sweep), bench(4, 1, None),
+               bench(32, 1, BATCH_CONFIGS if args.sweep else None)]
     kernel_timing.write_record("mla_decode_kernels", dict(vars(args), H=H, N=N, P=P, V=V, R=R), args.out,
                                results=results)
 

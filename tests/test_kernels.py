@@ -223,16 +223,23 @@ def test_model_decode_step_with_skinny_kernels_matches_cublas(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads,kv_len,positions", [
-    (4, 16, [[9]]),  # one row, one chunk
-    (4, 64, [[5, 6], [40, 63]]),  # a 2-token step on 2 rows: chunks past a row's position are skipped
-    (20, 4096, [[3000]]),  # two head groups; 64 chunks of two 32-key steps each
+@pytest.mark.parametrize("heads,kv_len,positions,programs", [
+    (4, 16, [[9]], None),  # one row, one chunk
+    (4, 64, [[5, 6], [40, 63]], None),  # a 2-token step on 2 rows: chunks past a row's position are skipped
+    (20, 4096, [[3000]], None),  # two head groups; 64 chunks of two 32-key steps each
+    (4, 256, [[200], [17], [255], [90], [3], [128]], 12),  # a batch: 2 chunks of four 32-key steps per row
+    (4, 128, [[(7 * b) % 128] for b in range(17)], 34),  # the row-blocked merge: a full block of 16, then 1
 ])
-def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions):
+def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions, programs, monkeypatch):
     """The absorbed attention kernels (W_uk product, split-key partials, merge with W_uv), and
-    `latent_attention` from a given q_lat, against `MLA.absorbed`'s matmul path."""
+    `latent_attention` from a given q_lat, against `MLA.absorbed`'s matmul path. `programs` sets
+    the partials' program target (TILES[4]), so a batch's rows take few, multi-step chunks."""
     from nanoseek.kernels import mla_decode
     from nanoseek.model import mla as mla_module
+
+    if programs is not None:
+        for name in ("TILES", "BATCH_TILES"):
+            monkeypatch.setattr(mla_decode, name, (*getattr(mla_decode, name)[:4], programs))
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = preset("debug", num_attention_heads=heads, num_key_value_heads=heads)

@@ -15,7 +15,9 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
    and the weighted sum of the chunk's latents (split-key "flash decoding"): partial o (unnormalised),
    max m and sum l. Chunks that start past the row's position exit at once, so a CUDA graph
    captured for a kv_len bucket reads only the positions each row has (the matmul path reads the
-   whole bucket, twice).
+   whole bucket, twice). The rows times the chunks aim at TILES[4] programs: a row alone splits its
+   keys into many short chunks, a batch of 32 into a few long ones, since every chunk writes an fp32
+   partial o per head (H * R * 4 bytes, as much as 14 keys of bf16 latent at bench-1b's shapes).
 3. `_merge_kernel`, program (row, head, block of V): rescales the chunks' partials by exp(m - max),
    normalises, and applies W_uv.
 Before them, `rope_latent` (one program per token) does what a step does to the new token's q and
@@ -37,10 +39,8 @@ import triton.language as tl
 from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
 
 # Batches of at most MAX_BATCH rows and MAX_QUERIES tokens per row (plain and speculative steps alike,
-# so both take the same arithmetic); larger batches keep the matmuls. (Kernels for batch 32 with a latent
-# merge and a W_uv tl.dot kernel per 16 rows measured slower: 1,637 against 1,511 us per bench-1b step,
-# bench/results/decode_profile-2026-11-30-b32-mla-kernels.json.)
-MAX_BATCH = 4
+# so both take the same arithmetic); larger batches keep the matmuls.
+MAX_BATCH = 64
 MAX_QUERIES = 4
 MAX_CHUNKS = 64  # beyond 64 steps of keys (TILES[0] each) a chunk takes several steps
 HEADS_PER_PROGRAM = 16  # tl.dot's minimum rows; fewer heads are masked
@@ -178,6 +178,43 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.c
     tl.store(out_ptr + (row * H + h) * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
 
 
+@triton.jit
+def _merge_rows_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, rows, CHUNK_KEYS: tl.constexpr,
+                       CHUNKS: tl.constexpr, H: tl.constexpr, N: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
+                       BM: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                       PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """`_merge_kernel` for batches, program (block of BM rows, h, v-block): the rows' chunk weights
+    exp(m_c - max) / sum_c exp(m_c - max) l_c first, then BR latent columns at a time o_lat (BM, BR),
+    rounded to the weight's dtype as the matmul path rounds it, times W_uv's tile with tl.dot. Each
+    weight tile is read once for BM rows, where `_merge_kernel` reads it once per row."""
+    t = tl.program_id(0) * BM + tl.arange(0, BM)
+    t_ok = t < rows
+    h = tl.program_id(1)
+    v = tl.program_id(2) * BV + tl.arange(0, BV)
+    v_ok = v < V
+    visible = tl.load(pos_ptr + t, mask=t_ok, other=0, cache_modifier=".cg") // CHUNK_KEYS + 1  # (BM,)
+    inputs_ready(PDL)
+    c = tl.arange(0, BC)
+    ok = t_ok[:, None] & (c[None, :] < visible[:, None]) & (c[None, :] < CHUNKS)  # (BM, BC)
+    part = (t[:, None] * CHUNKS + c[None, :]) * H + h  # (BM, BC) into the (rows, chunks, H) partials
+    m_c = tl.load(m_ptr + part, mask=ok, other=float("-inf"))
+    l_c = tl.load(l_ptr + part, mask=ok, other=0.0)
+    m_max = tl.where(t_ok, tl.max(m_c, 1), 0.0)  # finite for real rows: chunk 0 is always visible
+    weight = tl.exp(m_c - m_max[:, None])  # 0 where masked
+    weight = weight / tl.where(t_ok, tl.sum(weight * l_c, 1), 1.0)[:, None]
+    acc = tl.zeros((BM, BV), tl.float32)
+    w_rows = w_ptr + (h * (N + V) + N + v[None, :]).to(tl.int64) * R  # (1, BV)
+    for r0 in tl.static_range(0, R, BR):
+        r = r0 + tl.arange(0, BR)
+        o_c = tl.load(o_ptr + part[:, :, None].to(tl.int64) * R + r[None, None, :], mask=ok[:, :, None],
+                      other=0.0)  # (BM, BC, BR)
+        o_lat = tl.sum(o_c * weight[:, :, None], 1)  # (BM, BR)
+        w = tl.load(w_rows + r[:, None], mask=v_ok[None, :], other=0.0)  # (BR, BV)
+        acc = tl.dot(o_lat.to(w.dtype), w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + (t[:, None] * H + h) * V + v[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & v_ok[None, :])
+
+
 def supported(q_nope: torch.Tensor, latent_dtype: torch.dtype, rank: int, rope_dim: int) -> bool:
     """The kernels take q_nope (B, S, H, N) with B <= MAX_BATCH and S <= MAX_QUERIES, a power-of-two
     kv_lora_rank (>= 16) and rope dim (>= 2), and latents of the query's dtype."""
@@ -312,16 +349,21 @@ def _(q_lat, q_pe, latent, positions, w_kv_b, scale, v_dim):
     return q_pe.new_empty(B, S, H * v_dim)
 
 
-TILES = (32, 4, 16, 8)  # (keys per step, partials' warps, V block, merge's warps); bench/mla_decode_kernels.py
+# (keys per step, partials' warps, V block, merge's warps, partials programs aimed at); bench/mla_decode_kernels.py.
+# Batches of BATCH_ROWS query rows or more take BATCH_TILES and the row-blocked merge (`_merge_rows_kernel`).
+TILES = (32, 4, 16, 8, 512)
+BATCH_TILES = (64, 4, 32, 4, 256)
+BATCH_ROWS = 16  # tl.dot's minimum rows: the row-blocked merge's block
 
 
 def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None, q_lat=None):
     """`attention` (`latent_attention` with q_lat instead of q_nope); tiles overrides TILES (for the benchmark)."""
-    block_keys, partial_warps, block_v, merge_warps = tiles or TILES
     B, S, H, P = q_pe.shape
     T, R = latent.shape[1], w_kv_b.shape[1]
     N = w_kv_b.shape[0] // H - v_dim
     rows, dev = B * S, q_pe.device
+    batched = rows >= BATCH_ROWS
+    block_keys, partial_warps, block_v, merge_warps, programs = tiles or (BATCH_TILES if batched else TILES)
     precision = _precision(q_pe)
     q_pe = q_pe.reshape(rows, H, P)
     if latent.stride(-1) != 1:
@@ -341,7 +383,7 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
                                             NV=N + v_dim, R=R, BM=_row_block(rows), BN=_dot_dim(N), BR=block_r,
                                             PRECISION=precision, PDL=pdl, launch_pdl=pdl)
 
-    chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS)
+    chunks = min(triton.cdiv(T, block_keys), MAX_CHUNKS, triton.cdiv(programs, rows))
     steps = triton.cdiv(T, chunks * block_keys)
     o = torch.empty(rows, chunks, H, R, dtype=torch.float32, device=dev)
     m = torch.empty(rows, chunks, H, dtype=torch.float32, device=dev)
@@ -353,6 +395,13 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
 
     out = torch.empty(rows, H, v_dim, dtype=q_pe.dtype, device=dev)
     block_v = min(triton.next_power_of_2(v_dim), block_v)
+    if batched:
+        block_c = triton.next_power_of_2(chunks)
+        _merge_rows_kernel[(triton.cdiv(rows, BATCH_ROWS), H, triton.cdiv(v_dim, block_v))](
+            o, m, l_sum, positions, w, out, rows, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim,
+            R=R, BM=BATCH_ROWS, BV=max(block_v, 16), BR=min(R, max(16, 512 // block_c)), BC=block_c,
+            PRECISION=precision, PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
+        return out.view(B, S, H * v_dim)
     _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](
         o, m, l_sum, positions, w, out, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
         BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
