@@ -100,6 +100,9 @@ def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
     shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared).to(device, dtype) if n_shared else None
     x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
     ids = torch.stack([torch.randperm(16, device=device)[:4] for _ in range(tokens)])
+    if tokens > 16:  # expert 0 in every token: more pairs than one 16-pair block of the expert-major kernels
+        others = torch.stack([torch.randperm(15, device=device)[:3] + 1 for _ in range(tokens)])
+        ids = torch.cat((torch.zeros(tokens, 1, dtype=torch.long, device=device), others), dim=1)
     gates = torch.rand(tokens, 4, device=device)
     with torch.no_grad():
         ref = moe.forward_looped(x, ids, gates)
