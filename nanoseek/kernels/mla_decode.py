@@ -15,11 +15,13 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
    and the weighted sum of the chunk's latents (split-key "flash decoding"): partial o (unnormalised),
    max m and sum l. Chunks that start past the row's position exit at once, so a CUDA graph
    captured for a kv_len bucket reads only the positions each row has (the matmul path reads the
-   whole bucket, twice). The rows times the chunks aim at TILES[4] programs: a row alone splits its
-   keys into many short chunks, a batch of 32 into a few long ones, since every chunk writes an fp32
-   partial o per head (H * R * 4 bytes, as much as 14 keys of bf16 latent at bench-1b's shapes).
+   whole bucket, twice). The rows times the chunks aim at a program count (TILES[4], BATCH_TILES[4]
+   from BATCH_ROWS rows): a row alone splits its keys into many short chunks, a batch of 32 into a
+   few long ones, since every chunk writes an fp32 partial o per head (H * R * 4 bytes, as much as
+   14 keys of bf16 latent at bench-1b's shapes).
 3. `_merge_kernel`, program (row, head, block of V): rescales the chunks' partials by exp(m - max),
-   normalises, and applies W_uv.
+   normalises, and applies W_uv. From BATCH_ROWS rows `_merge_rows_kernel` does the same for a
+   block of rows (row block, head, block of V), W_uv as a tl.dot: each weight tile read once per block.
 Before them, `rope_latent` (one program per token) does what a step does to the new token's q and
 latent between the projections and the attention: kv_a_layernorm of c, RoPE of k_pe and of every
 head's q_pe, and the cache entry [c ; k_pe] written into the cache at its position, in one launch
