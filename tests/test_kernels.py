@@ -126,16 +126,22 @@ def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
         torch.testing.assert_close(summed, out, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
 
 
+def skinny_inputs(device: str, rows: int, seed: int) -> tuple[torch.dtype, dict, int, torch.Tensor]:
+    """(dtype, tolerances, K, x (rows, K)) for the skinny kernel tests: K = 160 is not a multiple of the
+    256-wide K step (the masked tail is exercised), x is a view with a row stride."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.manual_seed(seed)
+    K = 160
+    return dtype, tol, K, torch.randn(2, rows, K, device=device, dtype=dtype)[1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows", [1, 3, 33])
 def test_skinny_kernels_match_linear(device, rows):
     from nanoseek.kernels import skinny
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    torch.manual_seed(2)
-    K = 160  # not a multiple of the 256-wide K step: the masked tail is exercised
-    x = torch.randn(2, rows, K, device=device, dtype=dtype)[1]  # a view with a row stride
+    dtype, tol, K, x = skinny_inputs(device, rows, seed=2)
     w_a = (torch.randn(100, K, device=device) * 0.1).to(dtype)  # 100: not a multiple of the 16-wide strips
     w_b = (torch.randn(37, K, device=device) * 0.1).to(dtype)
     w_up = (torch.randn(100, K, device=device) * 0.1).to(dtype)
@@ -168,11 +174,8 @@ def test_skinny_kernels_fold_norm_and_residual(device, rows):
     from nanoseek.kernels import skinny
     from nanoseek.model.common import RMSNorm
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    torch.manual_seed(3)
-    K = 160
-    x = torch.randn(2, rows, K, device=device, dtype=dtype)[1] * 3
+    dtype, tol, K, x = skinny_inputs(device, rows, seed=3)
+    x = x * 3
     norm = RMSNorm(K, eps=1e-5).to(device=device, dtype=dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(K) + 0.5)
