@@ -126,6 +126,47 @@ def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
         torch.testing.assert_close(summed, out, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,width", [(1, 160), (3, 1024), (33, 512)])
+def test_rms_norm_kernel_matches_rmsnorm(device, rows, width):
+    """The decode RMSNorm kernel against `RMSNorm.forward` (its training-mode path is the reference's
+    arithmetic on every device); bf16 agrees to one unit in the last place (another reduction order)."""
+    from nanoseek.kernels import norm as norm_kernel
+    from nanoseek.model.common import RMSNorm
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(5)
+    x = torch.randn(2, rows, width, device=device, dtype=dtype)[1] * 3  # a view with a row stride
+    norm = RMSNorm(width, eps=1e-5).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(width) + 0.5)
+        ref = norm.train()(x)
+        y = norm_kernel.rms_norm(x, norm.weight, norm.eps)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+        if device == "cuda":  # inference on a GPU: RMSNorm.forward itself takes the kernel
+            torch.testing.assert_close(norm.eval()(x), y, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="weight"):
+            norm_kernel.rms_norm(x, norm.weight[:-1], norm.eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sum_slots_kernel_matches_sum(device):
+    """The expert-major MoE's end, residual + (sum of a token's slots in the residual's dtype)."""
+    from nanoseek.kernels.moe_decode import sum_slots
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(6)
+    y = torch.randn(33, 7, 300, device=device)  # 300: one full 256-wide strip and a masked one
+    residual = torch.randn(33, 300, device=device, dtype=dtype)
+    with torch.no_grad():
+        out = sum_slots(y, residual)
+    torch.testing.assert_close(out, residual + y.sum(1).to(dtype), rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        sum_slots(y, residual[:, :-1])
+
+
 def skinny_inputs(device: str, rows: int, seed: int) -> tuple[torch.dtype, dict, int, torch.Tensor]:
     """(dtype, tolerances, K, x (rows, K)) for the skinny kernel tests: K = 160 is not a multiple of the
     256-wide K step (the masked tail is exercised), x is a view with a row stride."""

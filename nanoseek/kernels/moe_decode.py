@@ -568,6 +568,47 @@ def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=Non
     return y.view(T, K + NS, D)
 
 
+@triton.jit
+def _sum_slots_kernel(y_ptr, r_ptr, out_ptr, S: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Program (token t, strip of BD outputs): out[t] = residual[t] + (sum_s y[t, s] in out's dtype), the
+    sum in fp32. The residual (the MoE's input, several kernels back) loads before the wait."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = d < D
+    r = tl.load(r_ptr + t * D + d, mask=d_ok, other=0.0, cache_modifier=".cg")
+    inputs_ready(PDL)
+    slot = tl.arange(0, BS)
+    y = tl.load(y_ptr + (t * S + slot[:, None]) * D + d[None, :], mask=(slot[:, None] < S) & d_ok[None, :],
+                other=0.0)  # (BS, BD) fp32
+    dt = out_ptr.dtype.element_ty
+    total = r.to(tl.float32) + tl.sum(y, 0).to(dt).to(tl.float32)  # `_plus_residual`'s roundings
+    tl.store(out_ptr + t * D + d, total.to(dt), mask=d_ok)
+
+
+@torch.library.custom_op("nanoseek::moe_sum_slots", mutates_args=())
+def sum_slots(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """y (T, S, D) fp32 (`experts`' output) and residual (T, D) -> residual + y.sum(1) in residual's
+    dtype, with the reference's roundings (`y.sum(1).to(dtype)`, then the addition in that dtype):
+    the expert-major path's end of a MoE layer in a PDL launch instead of Inductor's."""
+    T, S, D = y.shape
+    if residual.shape != (T, D) or y.dtype != torch.float32:
+        raise ValueError(f"moe_sum_slots: y must be (T, S, D) fp32 and the residual (T, D), got y {tuple(y.shape)} "
+                         f"{y.dtype} and residual {tuple(residual.shape)}")
+    r = residual.contiguous()
+    out = torch.empty_like(r)
+    block = min(256, triton.next_power_of_2(D))
+    pdl = pdl_enabled(y) and r is residual  # a copy made here is the predecessor: not read before the wait
+    _sum_slots_kernel[(T, triton.cdiv(D, block))](y.contiguous(), r, out, S=S, D=D,
+                                                  BS=triton.next_power_of_2(S), BD=block, PDL=pdl, launch_pdl=pdl)
+    return out
+
+
+@sum_slots.register_fake
+def _(y, residual):
+    return torch.empty_like(residual)
+
+
 @experts.register_fake
 def _(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None):
     slots = ids.shape[1] + (shared_gate.shape[0] // (w13.shape[1] // 2) if shared_gate is not None else 0)

@@ -6,11 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.kernels import GEMV_MAX_BATCH, skinny_available
+from nanoseek.kernels import GEMV_MAX_BATCH, skinny_available, triton_available
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back to the input dtype."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back to the input dtype.
+
+    In inference on a GPU, the few rows of a decode step take `nanoseek.kernels.norm` (the same
+    arithmetic in a kernel that keeps the step's chain of PDL launches going); this is the reference."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -18,6 +21,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.training and triton_available(x) and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type)):
+            from nanoseek.kernels import norm
+
+            if norm.supported(x, self.weight):
+                return norm.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -48,10 +57,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.bias is None and not self.training and skinny_available(x, self.weight) and foldable(norm, x)
+        if (self.bias is None and not self.training and skinny_available(x, self.weight)
                 and (residual is None or residual.dtype == x.dtype)):
             from nanoseek.kernels import skinny
 
+            if not foldable(norm, x):  # the norm runs first, on its own
+                x, norm = norm(x), None
             return skinny.linear(x, self.weight, *norm_args(norm), residual)
         y = F.linear(norm(x) if norm is not None else x, self.weight, self.bias)
         return y if residual is None else residual + y
@@ -71,9 +82,11 @@ class MLP(nn.Module):
         """x (..., D) -> [residual +] mlp(norm(x)) (..., D); norm: an RMSNorm to apply to x first, folded
         into the decode kernel like the residual (`Linear.forward`)."""
         w_gate, w_up = self.gate_proj.weight, self.up_proj.weight
-        if not self.training and skinny_available(x, w_gate, w_up) and foldable(norm, x):
-            from nanoseek.kernels import skinny  # decode: norm, gate, up and SwiGLU in one kernel
+        if not self.training and skinny_available(x, w_gate, w_up):
+            from nanoseek.kernels import skinny  # decode: [norm,] gate, up and SwiGLU in one kernel
 
+            if not foldable(norm, x):
+                x, norm = norm(x), None
             return self.down_proj(skinny.swiglu(x, w_gate, w_up, *norm_args(norm)), residual=residual)
         if norm is not None:
             x = norm(x)

@@ -124,9 +124,11 @@ class MLA(nn.Module):
         """x (B, S, D) -> (q_a(x') (B, S, Q), kv_a(x') (B, S, R + P)) with x' = norm(x) (x without a
         norm); in decode one skinny launch does the norm and both projections."""
         w_q, w_kv = self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight
-        if not self.training and skinny_available(x, w_q, w_kv) and foldable(norm, x):
+        if not self.training and skinny_available(x, w_q, w_kv):
             from nanoseek.kernels import skinny
 
+            if not foldable(norm, x):  # the norm runs first, then both projections in one launch
+                x, norm = norm(x), None
             return skinny.pair(x, w_q, w_kv, *norm_args(norm))
         x = norm(x) if norm is not None else x
         return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)

@@ -204,6 +204,9 @@ class MoE(nn.Module):
                         return moe_decode.experts_sum(x_in, ids, gates, self.experts.w13, self.experts.w2, *shared,
                                                       flat_residual).view(B, S, D)
                 y = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2, pair_major, *shared)
+                no_more = shared or self.shared_experts is None  # nothing else to add before the residual
+                if no_more and residual is not None and residual.dtype == x_in.dtype:  # sum and residual, one launch
+                    return moe_decode.sum_slots(y, residual.reshape(B * S, D)).view(B, S, D)
                 out = y.sum(1).to(x_in.dtype).view(B, S, D)
             else:
                 out = self.experts(flat, ids, gates).view(B, S, D)
