@@ -2,6 +2,7 @@
 
     python bench/mla_decode_kernels.py            # bench-1b's attention shapes, batches 1, 4 and 32
     python bench/mla_decode_kernels.py --sweep    # also time the tile configs in CONFIGS and BATCH_CONFIGS
+    python bench/mla_decode_kernels.py --sweep-batch   # only batch 32, with BATCH_CONFIGS
 
 One layer's attention from q (nope and rope parts) to the per-head values (before o_proj), over a
 latent cache bucket of 1,024 positions with rows at position 600 (a 512-token prompt, some tokens
@@ -29,12 +30,13 @@ from nanoseek.model.mla import latent_attention  # noqa: E402
 H, N, P, V, R = 8, 128, 64, 128, 512  # bench-1b
 BUCKET, POSITION = 1024, 600
 # (keys per step, partials' warps, V block, merge's warps, partials programs aimed at): mla_decode.TILES
-CONFIGS = ([(bt, w, 32, 8, 512) for bt in (16, 32, 64) for w in (2, 4, 8)]
-           + [(32, 4, bv, w, 512) for bv in (16, 64) for w in (4, 8)] + [(32, 4, 32, 4, 512)])
-# batch 32 (mla_decode.BATCH_TILES): how many programs the partials aim at (so how long a chunk is), then
-# the row-blocked merge's tiles
-BATCH_CONFIGS = ([(bt, w, 32, 4, n) for n in (128, 256, 512) for bt in (32, 64) for w in (4, 8)]
-                 + [(32, 4, bv, w, 256) for bv in (16, 32, 64) for w in (2, 4, 8)])
+CONFIGS = ([(bt, w, 32, 8, 512, False) for bt in (16, 32, 64) for w in (2, 4, 8)]
+           + [(32, 4, bv, w, 512, False) for bv in (16, 64) for w in (4, 8)] + [(32, 4, 32, 4, 512, False)])
+# batch 32 (mla_decode.BATCH_TILES): how many programs the partials aim at (so how long a chunk is), fixed or
+# balanced chunks (each row's keys split evenly over its chunks), then the row-blocked merge's tiles
+BATCH_CONFIGS = ([(bt, w, 32, 4, n, bal) for n in (128, 256, 512) for bt in (32, 64) for w in (4, 8)
+                  for bal in (False, True)]
+                 + [(64, 4, bv, w, 256, True) for bv in (16, 32, 64) for w in (2, 4, 8)])
 
 
 def bench(batch: int, queries: int, configs: list[tuple] | None) -> dict:
@@ -72,13 +74,15 @@ def bench(batch: int, queries: int, configs: list[tuple] | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-batch", action="store_true", help="time batch 32 alone, sweeping BATCH_CONFIGS")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/mla_decode_kernels.py needs a CUDA GPU")
     sweep = CONFIGS if args.sweep else None
-    results = [bench(1, 1, sweep), bench(1, 2, sweep), bench(4, 1, None),
-               bench(32, 1, BATCH_CONFIGS if args.sweep else None)]
+    batch_sweep = BATCH_CONFIGS if args.sweep or args.sweep_batch else None
+    results = [] if args.sweep_batch else [bench(1, 1, sweep), bench(1, 2, sweep), bench(4, 1, None)]
+    results.append(bench(32, 1, batch_sweep))
     kernel_timing.write_record("mla_decode_kernels", dict(vars(args), H=H, N=N, P=P, V=V, R=R), args.out,
                                results=results)
 

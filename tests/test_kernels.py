@@ -270,23 +270,27 @@ def test_model_decode_step_with_skinny_kernels_matches_cublas(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads,kv_len,positions,programs", [
-    (4, 16, [[9]], None),  # one row, one chunk
-    (4, 64, [[5, 6], [40, 63]], None),  # a 2-token step on 2 rows: chunks past a row's position are skipped
-    (20, 4096, [[3000]], None),  # two head groups; 64 chunks of two 32-key steps each
-    (4, 256, [[200], [17], [255], [90], [3], [128]], 12),  # a batch: 2 chunks of four 32-key steps per row
-    (4, 128, [[(7 * b) % 128] for b in range(17)], 34),  # the row-blocked merge: a full block of 16, then 1
+@pytest.mark.parametrize("heads,kv_len,positions,programs,balanced", [
+    (4, 16, [[9]], None, False),  # one row, one chunk
+    (4, 64, [[5, 6], [40, 63]], None, False),  # a 2-token step on 2 rows: chunks past a row's position are skipped
+    (4, 64, [[5, 6], [40, 63]], None, True),  # the same with each row's keys split evenly over its chunks
+    (20, 4096, [[3000]], None, False),  # two head groups; 64 chunks of two 32-key steps each
+    (4, 256, [[200], [17], [255], [90], [3], [128]], 12, False),  # a batch: 2 chunks of four 32-key steps per row
+    (4, 256, [[200], [17], [255], [90], [3], [128]], 12, True),  # balanced: chunks of 32-128 keys, partial steps
+    (4, 128, [[(7 * b) % 128] for b in range(17)], 34, False),  # the row-blocked merge: a full block of 16, then 1
+    (4, 128, [[(7 * b) % 128] for b in range(17)], 34, True),
 ])
-def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions, programs, monkeypatch):
+def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions, programs, balanced, monkeypatch):
     """The absorbed attention kernels (W_uk product, split-key partials, merge with W_uv), and
     `latent_attention` from a given q_lat, against `MLA.absorbed`'s matmul path. `programs` sets
-    the partials' program target (TILES[4]), so a batch's rows take few, multi-step chunks."""
+    the partials' program target (TILES[4]), so a batch's rows take few, multi-step chunks; `balanced`
+    (TILES[5]) splits each row's visible keys evenly over its chunks instead of fixed-length chunks."""
     from nanoseek.kernels import mla_decode
     from nanoseek.model import mla as mla_module
 
-    if programs is not None:
-        for name in ("TILES", "BATCH_TILES"):
-            monkeypatch.setattr(mla_decode, name, (*getattr(mla_decode, name)[:4], programs))
+    for name in ("TILES", "BATCH_TILES"):
+        tiles = getattr(mla_decode, name)
+        monkeypatch.setattr(mla_decode, name, (*tiles[:4], programs or tiles[4], balanced))
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = preset("debug", num_attention_heads=heads, num_key_value_heads=heads)

@@ -92,53 +92,65 @@ def _q_latent_kernel(q_ptr, w_ptr, out_ptr, rows, stride_qt, stride_qh, H: tl.co
 
 
 @triton.jit
+def _chunk_span(position, chunks, BT: tl.constexpr, STEPS: tl.constexpr, BALANCED: tl.constexpr):
+    """Keys per chunk of a row at `position`: STEPS * BT fixed, or with BALANCED the row's visible keys
+    split evenly over the chunks (at least BT each), so that every chunk of a long row works."""
+    if BALANCED:
+        return tl.maximum(tl.cdiv(position + 1, chunks), BT)
+    return position * 0 + STEPS * BT
+
+
+@triton.jit
 def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale, T, stride_pt, stride_ph,
                      stride_lb, stride_lt, S: tl.constexpr, H: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
                      BP: tl.constexpr, HG: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
-                     PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, chunk, head group): keys [chunk * STEPS * BT, ...) up to the row's position.
-    Positions and the chunk's cached keys load before the wait for q_lat (nanoseek.kernels.pdl),
-    through L2, unless the chunk holds one of the step's new keys, which the kernel just before
-    (`rope_latent`) writes."""
+                     BALANCED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Program (row, chunk, head group): keys [chunk * span, (chunk + 1) * span) up to the row's
+    position (`_chunk_span`), in steps of BT keys. Positions and the chunk's first cached keys load
+    before the wait for q_lat (nanoseek.kernels.pdl), through L2, unless the chunk holds one of the
+    step's new keys, which the kernel just before (`rope_latent`) writes."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    start = chunk * (STEPS * BT)
     position = tl.load(pos_ptr + row, cache_modifier=".cg")
+    span = _chunk_span(position, chunks, BT, STEPS, BALANCED)
+    start = chunk * span
     first_new = tl.load(pos_ptr + (row // S) * S, cache_modifier=".cg")  # the step's first new key in this row
     if start <= position:  # later chunks hold no visible key: the merge never reads them
-        if start + STEPS * BT > first_new:  # new keys in this chunk: wait before reading them
+        if start + span > first_new:  # new keys in this chunk: wait before reading them
             inputs_ready(PDL)
         h = tl.program_id(2) * HG + tl.arange(0, HG)
         h_ok = h < H
         r = tl.arange(0, R)
         p = tl.arange(0, BP)
         lat = lat_ptr + (row // S).to(tl.int64) * stride_lb
-        end = tl.minimum(position + 1, T)  # keys [start, end) are visible
+        end = tl.minimum(tl.minimum(position + 1, T), start + span)  # keys [start, end) are this chunk's
         m = tl.full((HG,), float("-inf"), tl.float32)
         l_sum = tl.zeros((HG,), tl.float32)
         acc = tl.zeros((HG, R), tl.float32)
         for step in tl.static_range(STEPS):
-            t = start + step * BT + tl.arange(0, BT)
-            t_ok = t < end
-            keys = lat + t[:, None].to(tl.int64) * stride_lt
-            c = tl.load(keys + r[None, :], mask=t_ok[:, None], other=0.0, cache_modifier=".cg")  # (BT, R)
-            pe = tl.load(keys + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0,
-                         cache_modifier=".cg")  # (BT, BP)
-            if step == 0:
-                inputs_ready(PDL)
-                q_c = tl.load(q_lat_ptr + (row * H + h[:, None]) * R + r[None, :], mask=h_ok[:, None], other=0.0)
-                q_p = tl.load(q_pe_ptr + row * stride_pt + h[:, None] * stride_ph + p[None, :],
-                              mask=h_ok[:, None] & (p[None, :] < P), other=0.0)
-            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
-            s = tl.dot(q_p, tl.trans(pe), s, input_precision=PRECISION) * scale  # (HG, BT)
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))  # finite: the first step holds key `start`
-            alpha = tl.exp(m - m_new)
-            weights = tl.exp(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(weights, 1)
-            acc = tl.dot(weights.to(c.dtype), c, acc * alpha[:, None], input_precision=PRECISION)
-            m = m_new
+            if step == 0 or start + step * BT < end:  # a balanced chunk may take fewer than STEPS steps
+                t = start + step * BT + tl.arange(0, BT)
+                t_ok = t < end
+                keys = lat + t[:, None].to(tl.int64) * stride_lt
+                c = tl.load(keys + r[None, :], mask=t_ok[:, None], other=0.0, cache_modifier=".cg")  # (BT, R)
+                pe = tl.load(keys + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0,
+                             cache_modifier=".cg")  # (BT, BP)
+                if step == 0:
+                    inputs_ready(PDL)
+                    q_c = tl.load(q_lat_ptr + (row * H + h[:, None]) * R + r[None, :], mask=h_ok[:, None],
+                                  other=0.0)
+                    q_p = tl.load(q_pe_ptr + row * stride_pt + h[:, None] * stride_ph + p[None, :],
+                                  mask=h_ok[:, None] & (p[None, :] < P), other=0.0)
+                s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+                s = tl.dot(q_p, tl.trans(pe), s, input_precision=PRECISION) * scale  # (HG, BT)
+                s = tl.where(t_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))  # finite: the first step holds key `start`
+                alpha = tl.exp(m - m_new)
+                weights = tl.exp(s - m_new[:, None])
+                l_sum = l_sum * alpha + tl.sum(weights, 1)
+                acc = tl.dot(weights.to(c.dtype), c, acc * alpha[:, None], input_precision=PRECISION)
+                m = m_new
         part = (row * chunks + chunk) * H + h  # (HG,) into the (rows, chunks, H) partials
         tl.store(o_ptr + part[:, None].to(tl.int64) * R + r[None, :], acc, mask=h_ok[:, None])
         tl.store(m_ptr + part, m, mask=h_ok)
@@ -146,9 +158,9 @@ def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.constexpr, CHUNKS: tl.constexpr,
-                  H: tl.constexpr, N: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BV: tl.constexpr,
-                  BC: tl.constexpr, PDL: tl.constexpr):
+def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, BT: tl.constexpr, STEPS: tl.constexpr,
+                  BALANCED: tl.constexpr, CHUNKS: tl.constexpr, H: tl.constexpr, N: tl.constexpr, V: tl.constexpr,
+                  R: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr):
     """Program (row, h, v-block): o_lat = sum_c exp(m_c - max) o_c / sum_c exp(m_c - max) l_c over the
     row's visible chunks (BC at a time, rescaled online), then out[row, h, v] = W_uv[h, v] . o_lat."""
     row = tl.program_id(0)
@@ -157,7 +169,8 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.c
     v = tl.program_id(2) * BV + tl.arange(0, BV)
     # the weight tile and the position load before the wait for the partials (nanoseek.kernels.pdl)
     w = tl.load(w_ptr + (h * (N + V) + N + v[:, None]).to(tl.int64) * R + r[None, :], mask=v[:, None] < V, other=0.0)
-    visible = tl.load(pos_ptr + row, cache_modifier=".cg") // CHUNK_KEYS + 1  # chunks that hold a visible key
+    position = tl.load(pos_ptr + row, cache_modifier=".cg")
+    visible = position // _chunk_span(position, CHUNKS, BT, STEPS, BALANCED) + 1  # chunks with a visible key
     inputs_ready(PDL)
     c = tl.arange(0, BC)
     base = row * CHUNKS * H + h
@@ -181,10 +194,10 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, CHUNK_KEYS: tl.c
 
 
 @triton.jit
-def _merge_rows_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, rows, CHUNK_KEYS: tl.constexpr,
-                       CHUNKS: tl.constexpr, H: tl.constexpr, N: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
-                       BM: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                       PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _merge_rows_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, rows, BT: tl.constexpr, STEPS: tl.constexpr,
+                       BALANCED: tl.constexpr, CHUNKS: tl.constexpr, H: tl.constexpr, N: tl.constexpr,
+                       V: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr,
+                       BC: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """`_merge_kernel` for batches, program (block of BM rows, h, v-block): the rows' chunk weights
     exp(m_c - max) / sum_c exp(m_c - max) l_c first, then BR latent columns at a time o_lat (BM, BR),
     rounded to the weight's dtype as the matmul path rounds it, times W_uv's tile with tl.dot. Each
@@ -194,7 +207,8 @@ def _merge_rows_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, w_ptr, out_ptr, rows, CHUNK
     h = tl.program_id(1)
     v = tl.program_id(2) * BV + tl.arange(0, BV)
     v_ok = v < V
-    visible = tl.load(pos_ptr + t, mask=t_ok, other=0, cache_modifier=".cg") // CHUNK_KEYS + 1  # (BM,)
+    position = tl.load(pos_ptr + t, mask=t_ok, other=0, cache_modifier=".cg")  # (BM,)
+    visible = position // _chunk_span(position, CHUNKS, BT, STEPS, BALANCED) + 1
     inputs_ready(PDL)
     c = tl.arange(0, BC)
     ok = t_ok[:, None] & (c[None, :] < visible[:, None]) & (c[None, :] < CHUNKS)  # (BM, BC)
@@ -351,10 +365,12 @@ def _(q_lat, q_pe, latent, positions, w_kv_b, scale, v_dim):
     return q_pe.new_empty(B, S, H * v_dim)
 
 
-# (keys per step, partials' warps, V block, merge's warps, partials programs aimed at); bench/mla_decode_kernels.py.
-# Batches of BATCH_ROWS query rows or more take BATCH_TILES and the row-blocked merge (`_merge_rows_kernel`).
-TILES = (32, 4, 16, 8, 512)
-BATCH_TILES = (64, 4, 32, 4, 256)
+# (keys per step, partials' warps, V block, merge's warps, partials programs aimed at, balanced chunks);
+# bench/mla_decode_kernels.py. Batches of BATCH_ROWS query rows or more take BATCH_TILES and the row-blocked
+# merge (`_merge_rows_kernel`). Balanced chunks matter only where a row's keys outnumber its chunks' BT-key
+# steps (batches): a 1,024-position bucket in 8 fixed chunks of 128 keys leaves 3 idle for rows at 600.
+TILES = (32, 4, 16, 8, 512, False)
+BATCH_TILES = (64, 8, 32, 4, 128, True)
 BATCH_ROWS = 16  # tl.dot's minimum rows: the row-blocked merge's block
 
 
@@ -365,7 +381,8 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
     N = w_kv_b.shape[0] // H - v_dim
     rows, dev = B * S, q_pe.device
     batched = rows >= BATCH_ROWS
-    block_keys, partial_warps, block_v, merge_warps, programs = tiles or (BATCH_TILES if batched else TILES)
+    block_keys, partial_warps, block_v, merge_warps, programs, balanced = tiles or (BATCH_TILES if batched
+                                                                                    else TILES)
     precision = _precision(q_pe)
     q_pe = q_pe.reshape(rows, H, P)
     if latent.stride(-1) != 1:
@@ -393,20 +410,21 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
     _partials_kernel[(rows, chunks, triton.cdiv(H, HEADS_PER_PROGRAM))](
         q_lat, q_pe, latent, positions, o, m, l_sum, scale, T, q_pe.stride(0), q_pe.stride(1), latent.stride(0),
         latent.stride(1), S=S, H=H, R=R, P=P, BP=_dot_dim(P), HG=HEADS_PER_PROGRAM, BT=block_keys, STEPS=steps,
-        PRECISION=precision, PDL=pdl, num_warps=partial_warps, launch_pdl=pdl)
+        BALANCED=balanced, PRECISION=precision, PDL=pdl, num_warps=partial_warps, launch_pdl=pdl)
 
     out = torch.empty(rows, H, v_dim, dtype=q_pe.dtype, device=dev)
     block_v = min(triton.next_power_of_2(v_dim), block_v)
     if batched:
         block_c = triton.next_power_of_2(chunks)
         _merge_rows_kernel[(triton.cdiv(rows, BATCH_ROWS), H, triton.cdiv(v_dim, block_v))](
-            o, m, l_sum, positions, w, out, rows, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim,
-            R=R, BM=BATCH_ROWS, BV=max(block_v, 16), BR=min(R, max(16, 512 // block_c)), BC=block_c,
+            o, m, l_sum, positions, w, out, rows, BT=block_keys, STEPS=steps, BALANCED=balanced, CHUNKS=chunks, H=H,
+            N=N, V=v_dim, R=R, BM=BATCH_ROWS, BV=max(block_v, 16), BR=min(R, max(16, 512 // block_c)), BC=block_c,
             PRECISION=precision, PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
         return out.view(B, S, H * v_dim)
     _merge_kernel[(rows, H, triton.cdiv(v_dim, block_v))](
-        o, m, l_sum, positions, w, out, CHUNK_KEYS=steps * block_keys, CHUNKS=chunks, H=H, N=N, V=v_dim, R=R,
-        BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps, launch_pdl=pdl)
+        o, m, l_sum, positions, w, out, BT=block_keys, STEPS=steps, BALANCED=balanced, CHUNKS=chunks, H=H, N=N,
+        V=v_dim, R=R, BV=block_v, BC=min(32, triton.next_power_of_2(chunks)), PDL=pdl, num_warps=merge_warps,
+        launch_pdl=pdl)
     return out.view(B, S, H * v_dim)
 
 
