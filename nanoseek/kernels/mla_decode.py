@@ -18,7 +18,9 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
    whole bucket, twice). The rows times the chunks aim at a program count (TILES[4], BATCH_TILES[4]
    from BATCH_ROWS rows): a row alone splits its keys into many short chunks, a batch of 32 into a
    few long ones, since every chunk writes an fp32 partial o per head (H * R * 4 bytes, as much as
-   14 keys of bf16 latent at bench-1b's shapes).
+   14 keys of bf16 latent at bench-1b's shapes). A chunk is a fixed share of the bucket, or with
+   balanced chunks (TILES[5], BATCH_TILES[5]) an even share of the row's own visible keys, so no
+   program of a batch's long rows sits idle past the row's position (`_chunk_span`).
 3. `_merge_kernel`, program (row, head, block of V): rescales the chunks' partials by exp(m - max),
    normalises, and applies W_uv. From BATCH_ROWS rows `_merge_rows_kernel` does the same for a
    block of rows (row block, head, block of V), W_uv as a tl.dot: each weight tile read once per block.
