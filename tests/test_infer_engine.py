@@ -73,6 +73,23 @@ def test_cache_bytes_per_token(model):
     assert "latent 640 B vs expanded per-head K/V 2,560 B" in Engine(model).cache_report()
 
 
+@pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 12), (torch.bfloat16, 6), (torch.float32, 12)])
+def test_latent_cache_write_rows(dtype, width):
+    """A prefill's small cache lands in the batch's rows (in any order), as 8-byte words where the
+    entry width allows (bf16 x 12 = 24 bytes) and element by element where it does not (bf16 x 6)."""
+    from nanoseek.model.cache import LatentCache
+
+    big = LatentCache(3, 6, 40, width - 4, 4, dtype=dtype)
+    big.data.normal_()
+    small = LatentCache(3, 2, 20, width - 4, 4, dtype=dtype)
+    small.data.normal_()
+    rows = torch.tensor([4, 1])
+    expected = big.data.clone()
+    expected[:, rows, :20] = small.data
+    big.write_rows(rows, small)
+    assert torch.equal(big.data, expected)
+
+
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_eos_and_context_errors(model, pipeline):
     prompts = random_prompts([6, 7], model.config.vocab_size, seed=3)

@@ -81,6 +81,17 @@ def test_grouped_experts_match_looped():
     assert (x1.grad - x2.grad).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("bound", [64, 256, 3000, 40000])
+def test_stable_argsort_narrow_keys_match_int64(bound):
+    """The MoE's sort of expert ids in a narrower key type (uint8 below 256, int16 below 2^15) gives
+    int64's stable order, ties (repeated ids) included."""
+    from nanoseek.model.moe import stable_argsort
+
+    x = torch.randint(0, bound, (5000,), generator=torch.Generator().manual_seed(bound))
+    x[:50] = bound - 1  # the largest id, repeated: a tie run at the top of the range
+    assert torch.equal(stable_argsort(x, bound), x.argsort(stable=True))
+
+
 def test_router_groups_mask_to_minus_inf():
     model = tiny(n_group=4, topk_group=1, num_experts_per_tok=2)
     router = model.moe_layers[0].gate

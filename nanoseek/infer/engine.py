@@ -339,7 +339,7 @@ class Batch:
             drafts, q = spec.prefill_drafts(self.model, small, out.hidden, ids, first, lengths, self.k,
                                             (t, k, p, mode == "filters"), draft_u)
             self.drafts[index], self.draft_probs[index] = drafts, q
-        self.cache.data[:, index, : small.max_len] = small.data
+        self.cache.write_rows(index, small)
         self.pending[index] = first
         return first
 
