@@ -29,15 +29,17 @@ from nanoseek.model.mla import latent_attention  # noqa: E402
 
 H, N, P, V, R = 8, 128, 64, 128, 512  # bench-1b
 BUCKET, POSITION = 1024, 600
-# (keys per step, partials' warps, V block, merge's warps, partials programs aimed at): mla_decode.TILES
+# mla_decode.Tiles: (keys per step, partials' warps, V block, merge's warps, partials programs aimed at,
+# balanced chunks, partials' pipeline stages); batch 1 and 2 (mla_decode.TILES)
 CONFIGS = ([(bt, w, 32, 8, 512, False) for bt in (16, 32, 64) for w in (2, 4, 8)]
            + [(32, 4, bv, w, 512, False) for bv in (16, 64) for w in (4, 8)] + [(32, 4, 32, 4, 512, False)])
-# batch 32 (mla_decode.BATCH_TILES): how many programs the partials aim at (so how long a chunk is), fixed or
-# balanced chunks (each row's keys split evenly over its chunks), then the row-blocked merge's tiles
-BATCH_CONFIGS = ([(bt, w, 32, 4, n, bal) for n in (128, 256, 512) for bt in (32, 64) for w in (4, 8)
-                  for bal in (False, True)]
-                 + [(64, 4, bv, w, 256, True) for bv in (16, 32, 64) for w in (2, 4, 8)])
-
+# batch 32 (mla_decode.BATCH_TILES): around the pipelined partials (32-key steps, 3-4 stages) and the
+# 8-warp merge that led a first sweep (mla_decode_kernels-2026-12-01-pipelined-sweep1.json, which also
+# tried a pipelined merge, slower everywhere), the chunk
+# length (programs aimed at), and the unpipelined tiles before them for reference
+BATCH_CONFIGS = ([(32, 4, 32, mw, n, True, st) for n in (64, 96, 128, 192) for mw in (4, 8) for st in (3, 4)]
+                 + [(16, 4, 32, 8, 128, True, 4), (32, 2, 32, 8, 128, True, 3), (64, 4, 32, 8, 128, True, 3)]
+                 + [(32, 4, bv, 8, 128, True, 3) for bv in (16, 64)] + [(64, 8, 32, 4, 128, True, 0)])
 
 def bench(batch: int, queries: int, configs: list[tuple] | None) -> dict:
     dev, dt = "cuda", torch.bfloat16

@@ -270,27 +270,32 @@ def test_model_decode_step_with_skinny_kernels_matches_cublas(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads,kv_len,positions,programs,balanced", [
-    (4, 16, [[9]], None, False),  # one row, one chunk
-    (4, 64, [[5, 6], [40, 63]], None, False),  # a 2-token step on 2 rows: chunks past a row's position are skipped
-    (4, 64, [[5, 6], [40, 63]], None, True),  # the same with each row's keys split evenly over its chunks
-    (20, 4096, [[3000]], None, False),  # two head groups; 64 chunks of two 32-key steps each
-    (4, 256, [[200], [17], [255], [90], [3], [128]], 12, False),  # a batch: 2 chunks of four 32-key steps per row
-    (4, 256, [[200], [17], [255], [90], [3], [128]], 12, True),  # balanced: chunks of 32-128 keys, partial steps
-    (4, 128, [[(7 * b) % 128] for b in range(17)], 34, False),  # the row-blocked merge: a full block of 16, then 1
-    (4, 128, [[(7 * b) % 128] for b in range(17)], 34, True),
+@pytest.mark.parametrize("heads,kv_len,positions,programs,balanced,stages", [
+    (4, 16, [[9]], None, False, 0),  # one row, one chunk
+    (4, 64, [[5, 6], [40, 63]], None, False, 0),  # a 2-token step on 2 rows: chunks past a row's position skipped
+    (4, 64, [[5, 6], [40, 63]], None, True, 0),  # the same with each row's keys split evenly over its chunks
+    (20, 4096, [[3000]], None, False, 0),  # two head groups; 64 chunks of two 32-key steps each
+    (4, 256, [[200], [17], [255], [90], [3], [128]], 12, False, 0),  # a batch: 2 chunks of four 32-key steps a row
+    (4, 256, [[200], [17], [255], [90], [3], [128]], 12, True, 0),  # balanced: chunks of 32-128 keys, partial steps
+    (4, 256, [[200], [17], [255], [90], [3], [128]], 12, True, 2),  # the same steps as pipelined loops
+    (4, 128, [[(7 * b) % 128] for b in range(17)], 34, False, 0),  # the row-blocked merge: a block of 16, then 1
+    (4, 128, [[(7 * b) % 128] for b in range(17)], 34, True, 0),
+    (4, 128, [[(7 * b) % 128] for b in range(17)], 34, True, 3),
 ])
-def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions, programs, balanced, monkeypatch):
+def test_mla_decode_kernels_match_absorbed(device, heads, kv_len, positions, programs, balanced, stages,
+                                           monkeypatch):
     """The absorbed attention kernels (W_uk product, split-key partials, merge with W_uv), and
     `latent_attention` from a given q_lat, against `MLA.absorbed`'s matmul path. `programs` sets
-    the partials' program target (TILES[4]), so a batch's rows take few, multi-step chunks; `balanced`
-    (TILES[5]) splits each row's visible keys evenly over its chunks instead of fixed-length chunks."""
+    the partials' program target (`Tiles.programs`), so a batch's rows take few, multi-step chunks;
+    `balanced` splits each row's visible keys evenly over its chunks instead of fixed-length chunks;
+    `stages` runs the partials' steps after the first as a pipelined loop."""
     from nanoseek.kernels import mla_decode
     from nanoseek.model import mla as mla_module
 
     for name in ("TILES", "BATCH_TILES"):
         tiles = getattr(mla_decode, name)
-        monkeypatch.setattr(mla_decode, name, (*tiles[:4], programs or tiles[4], balanced))
+        monkeypatch.setattr(mla_decode, name, tiles._replace(programs=programs or tiles.programs, balanced=balanced,
+                                                             stages=stages))
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = preset("debug", num_attention_heads=heads, num_key_value_heads=heads)

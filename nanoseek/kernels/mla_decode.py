@@ -15,12 +15,15 @@ T cached positions (the kv_len bucket); W = kv_b_proj.weight viewed (H, N + V, R
    and the weighted sum of the chunk's latents (split-key "flash decoding"): partial o (unnormalised),
    max m and sum l. Chunks that start past the row's position exit at once, so a CUDA graph
    captured for a kv_len bucket reads only the positions each row has (the matmul path reads the
-   whole bucket, twice). The rows times the chunks aim at a program count (TILES[4], BATCH_TILES[4]
-   from BATCH_ROWS rows): a row alone splits its keys into many short chunks, a batch of 32 into a
+   whole bucket, twice). The rows times the chunks aim at a program count (`Tiles.programs` of TILES,
+   or of BATCH_TILES from BATCH_ROWS rows): a row alone splits its keys into many short chunks, a batch of 32 into a
    few long ones, since every chunk writes an fp32 partial o per head (H * R * 4 bytes, as much as
    14 keys of bf16 latent at bench-1b's shapes). A chunk is a fixed share of the bucket, or with
-   balanced chunks (TILES[5], BATCH_TILES[5]) an even share of the row's own visible keys, so no
-   program of a batch's long rows sits idle past the row's position (`_chunk_span`).
+   balanced chunks (`Tiles.balanced`) an even share of the row's own visible keys, so no program of
+   a batch's long rows sits idle past the row's position (`_chunk_span`). A batch's chunks take
+   several steps each; with `Tiles.stages` they run as a software-pipelined loop (the next steps'
+   keys load while one computes) after a first step whose keys load before the PDL wait: at batch
+   32, 20.8 against 27.2 us a layer in the kernel bench (`bench/results/mla_decode_kernels-*.json`).
 3. `_merge_kernel`, program (row, head, block of V): rescales the chunks' partials by exp(m - max),
    normalises, and applies W_uv. From BATCH_ROWS rows `_merge_rows_kernel` does the same for a
    block of rows (row block, head, block of V), W_uv as a tl.dot: each weight tile read once per block.
@@ -36,6 +39,8 @@ of `MLA.forward` for `rope_latent`; tests in `tests/test_kernels.py`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +51,7 @@ from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
 # so both take the same arithmetic); larger batches keep the matmuls.
 MAX_BATCH = 64
 MAX_QUERIES = 4
-MAX_CHUNKS = 64  # beyond 64 steps of keys (TILES[0] each) a chunk takes several steps
+MAX_CHUNKS = 64  # beyond 64 steps of keys (`Tiles.block_keys` each) a chunk takes several steps
 HEADS_PER_PROGRAM = 16  # tl.dot's minimum rows; fewer heads are masked
 
 
@@ -103,14 +108,42 @@ def _chunk_span(position, chunks, BT: tl.constexpr, STEPS: tl.constexpr, BALANCE
 
 
 @triton.jit
+def _chunk_keys(lat, t, end, stride_lt, R: tl.constexpr, P: tl.constexpr, BP: tl.constexpr):
+    """Cached entries t (BT,) of a row, zero from `end` on -> (c (BT, R), k_pe (BT, BP)), through L2."""
+    t_ok = t < end
+    keys = lat + t[:, None].to(tl.int64) * stride_lt
+    c = tl.load(keys + tl.arange(0, R)[None, :], mask=t_ok[:, None], other=0.0, cache_modifier=".cg")
+    p = tl.arange(0, BP)
+    pe = tl.load(keys + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0, cache_modifier=".cg")
+    return c, pe
+
+
+@triton.jit
+def _attend(q_c, q_p, c, pe, t_ok, m, l_sum, acc, scale, PRECISION: tl.constexpr):
+    """One step of online softmax over BT keys: scores of the head group's queries (q_c, q_p) against
+    the keys (c, pe), the running max m, sum l_sum and unnormalised output acc (HG, R) updated."""
+    s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+    s = tl.dot(q_p, tl.trans(pe), s, input_precision=PRECISION) * scale  # (HG, BT)
+    s = tl.where(t_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))  # finite: every step holds a visible key
+    alpha = tl.exp(m - m_new)
+    weights = tl.exp(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(weights, 1)
+    acc = tl.dot(weights.to(c.dtype), c, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale, T, stride_pt, stride_ph,
                      stride_lb, stride_lt, S: tl.constexpr, H: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
                      BP: tl.constexpr, HG: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
-                     BALANCED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                     BALANCED: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (row, chunk, head group): keys [chunk * span, (chunk + 1) * span) up to the row's
     position (`_chunk_span`), in steps of BT keys. Positions and the chunk's first cached keys load
     before the wait for q_lat (nanoseek.kernels.pdl), through L2, unless the chunk holds one of the
-    step's new keys, which the kernel just before (`rope_latent`) writes."""
+    step's new keys, which the kernel just before (`rope_latent`) writes. The steps after the first
+    run unrolled (STAGES 0: at most STEPS of them, each waiting for its own loads) or as a software-
+    pipelined loop (STAGES >= 2: the next steps' keys load while this one computes)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
@@ -127,32 +160,25 @@ def _partials_kernel(q_lat_ptr, q_pe_ptr, lat_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
         p = tl.arange(0, BP)
         lat = lat_ptr + (row // S).to(tl.int64) * stride_lb
         end = tl.minimum(tl.minimum(position + 1, T), start + span)  # keys [start, end) are this chunk's
-        m = tl.full((HG,), float("-inf"), tl.float32)
-        l_sum = tl.zeros((HG,), tl.float32)
-        acc = tl.zeros((HG, R), tl.float32)
-        for step in tl.static_range(STEPS):
-            if step == 0 or start + step * BT < end:  # a balanced chunk may take fewer than STEPS steps
-                t = start + step * BT + tl.arange(0, BT)
-                t_ok = t < end
-                keys = lat + t[:, None].to(tl.int64) * stride_lt
-                c = tl.load(keys + r[None, :], mask=t_ok[:, None], other=0.0, cache_modifier=".cg")  # (BT, R)
-                pe = tl.load(keys + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0,
-                             cache_modifier=".cg")  # (BT, BP)
-                if step == 0:
-                    inputs_ready(PDL)
-                    q_c = tl.load(q_lat_ptr + (row * H + h[:, None]) * R + r[None, :], mask=h_ok[:, None],
-                                  other=0.0)
-                    q_p = tl.load(q_pe_ptr + row * stride_pt + h[:, None] * stride_ph + p[None, :],
-                                  mask=h_ok[:, None] & (p[None, :] < P), other=0.0)
-                s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
-                s = tl.dot(q_p, tl.trans(pe), s, input_precision=PRECISION) * scale  # (HG, BT)
-                s = tl.where(t_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))  # finite: the first step holds key `start`
-                alpha = tl.exp(m - m_new)
-                weights = tl.exp(s - m_new[:, None])
-                l_sum = l_sum * alpha + tl.sum(weights, 1)
-                acc = tl.dot(weights.to(c.dtype), c, acc * alpha[:, None], input_precision=PRECISION)
-                m = m_new
+        t = start + tl.arange(0, BT)
+        c, pe = _chunk_keys(lat, t, end, stride_lt, R, P, BP)  # the first step's keys (it holds key `start`)
+        inputs_ready(PDL)
+        q_c = tl.load(q_lat_ptr + (row * H + h[:, None]) * R + r[None, :], mask=h_ok[:, None], other=0.0)
+        q_p = tl.load(q_pe_ptr + row * stride_pt + h[:, None] * stride_ph + p[None, :],
+                      mask=h_ok[:, None] & (p[None, :] < P), other=0.0)
+        m, l_sum, acc = _attend(q_c, q_p, c, pe, t < end, tl.full((HG,), float("-inf"), tl.float32),
+                                tl.zeros((HG,), tl.float32), tl.zeros((HG, R), tl.float32), scale, PRECISION)
+        if STAGES > 0:
+            for t0 in tl.range(start + BT, end, BT, num_stages=STAGES):
+                t = t0 + tl.arange(0, BT)
+                c, pe = _chunk_keys(lat, t, end, stride_lt, R, P, BP)
+                m, l_sum, acc = _attend(q_c, q_p, c, pe, t < end, m, l_sum, acc, scale, PRECISION)
+        else:
+            for step in tl.static_range(1, STEPS):
+                if start + step * BT < end:  # a balanced chunk may take fewer than STEPS steps
+                    t = start + step * BT + tl.arange(0, BT)
+                    c, pe = _chunk_keys(lat, t, end, stride_lt, R, P, BP)
+                    m, l_sum, acc = _attend(q_c, q_p, c, pe, t < end, m, l_sum, acc, scale, PRECISION)
         part = (row * chunks + chunk) * H + h  # (HG,) into the (rows, chunks, H) partials
         tl.store(o_ptr + part[:, None].to(tl.int64) * R + r[None, :], acc, mask=h_ok[:, None])
         tl.store(m_ptr + part, m, mask=h_ok)
@@ -367,12 +393,24 @@ def _(q_lat, q_pe, latent, positions, w_kv_b, scale, v_dim):
     return q_pe.new_empty(B, S, H * v_dim)
 
 
-# (keys per step, partials' warps, V block, merge's warps, partials programs aimed at, balanced chunks);
-# bench/mla_decode_kernels.py. Batches of BATCH_ROWS query rows or more take BATCH_TILES and the row-blocked
-# merge (`_merge_rows_kernel`). Balanced chunks matter only where a row's keys outnumber its chunks' BT-key
-# steps (batches): a 1,024-position bucket in 8 fixed chunks of 128 keys leaves 3 idle for rows at 600.
-TILES = (32, 4, 16, 8, 512, False)
-BATCH_TILES = (64, 8, 32, 4, 128, True)
+class Tiles(NamedTuple):
+    """Launch settings of the attention kernels (bench/mla_decode_kernels.py sweeps them)."""
+
+    block_keys: int  # BT, keys per step of the partials
+    partial_warps: int
+    block_v: int  # BV, values per merge program
+    merge_warps: int
+    programs: int  # partials programs aimed at: sets how many chunks a row's keys take
+    balanced: bool  # each row's visible keys split evenly over its chunks (else fixed shares of the bucket)
+    stages: int = 0  # partials: 0 unrolled steps, >= 2 a software-pipelined loop of that many stages
+
+
+# Batches of BATCH_ROWS query rows or more take BATCH_TILES and the row-blocked merge (`_merge_rows_kernel`).
+# Balanced chunks matter only where a row's keys outnumber its chunks' BT-key steps (batches): a 1,024-position
+# bucket in 8 fixed chunks of 128 keys leaves 3 idle for rows at 600.
+TILES = Tiles(32, 4, 16, 8, 512, False)
+# Pipelining the merge's latent blocks as well was slower in every config tried (30-33 against 25-27 us).
+BATCH_TILES = Tiles(32, 4, 32, 8, 128, True, 3)
 BATCH_ROWS = 16  # tl.dot's minimum rows: the row-blocked merge's block
 
 
@@ -383,8 +421,8 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
     N = w_kv_b.shape[0] // H - v_dim
     rows, dev = B * S, q_pe.device
     batched = rows >= BATCH_ROWS
-    block_keys, partial_warps, block_v, merge_warps, programs, balanced = tiles or (BATCH_TILES if batched
-                                                                                    else TILES)
+    block_keys, partial_warps, block_v, merge_warps, programs, balanced, stages = Tiles(
+        *(tiles or (BATCH_TILES if batched else TILES)))
     precision = _precision(q_pe)
     q_pe = q_pe.reshape(rows, H, P)
     if latent.stride(-1) != 1:
@@ -412,7 +450,7 @@ def _attention(q_nope, q_pe, latent, positions, w_kv_b, scale, v_dim, tiles=None
     _partials_kernel[(rows, chunks, triton.cdiv(H, HEADS_PER_PROGRAM))](
         q_lat, q_pe, latent, positions, o, m, l_sum, scale, T, q_pe.stride(0), q_pe.stride(1), latent.stride(0),
         latent.stride(1), S=S, H=H, R=R, P=P, BP=_dot_dim(P), HG=HEADS_PER_PROGRAM, BT=block_keys, STEPS=steps,
-        BALANCED=balanced, PRECISION=precision, PDL=pdl, num_warps=partial_warps, launch_pdl=pdl)
+        BALANCED=balanced, STAGES=stages, PRECISION=precision, PDL=pdl, num_warps=partial_warps, launch_pdl=pdl)
 
     out = torch.empty(rows, H, v_dim, dtype=q_pe.dtype, device=dev)
     block_v = min(triton.next_power_of_2(v_dim), block_v)
