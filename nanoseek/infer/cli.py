@@ -41,7 +41,7 @@ def _parser(prog: str, description: str, temperature: float | None) -> argparse.
     m.add_argument("--speculative", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="MTP speculative decoding with K draft tokens per step (bare flag: K=1; 0: off)")
     m.add_argument("--cuda-graph", action="store_true",
-                   help="replay decode steps and prefills as CUDA graphs (GPU only, without --speculative)")
+                   help="replay decode steps (plain or speculative) and prefills as CUDA graphs (GPU only)")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile each block: fewer, fused kernels per decode step (GPU; first call is slow)")
     if temperature is None:

@@ -9,16 +9,16 @@ row's pending token at its own position (absorbed MLA over the cache). Rows join
 between steps, which is all continuous batching needs (`nanoseek.infer.scheduler`):
 
     admit:  logits = model(prompts (n, S), cache=small, logits_at=len-1);  first token per row
-            big.data[:, rows, :S] = small.data
+            big.data[:, rows, :S] = small.data   (`LatentCache.write_rows`)
     step:   logits = model(pending (B, 1), positions=length (B, 1), cache=big, kv_len=max(length)+1)
             pending = sample(logits); length += 1   (speculative: `nanoseek.infer.speculative`)
 
 Host syncs: one per step, to read the new tokens (needed for streaming, EOS and stop strings).
 Lengths live on the host (they follow from the tokens), sampling settings and uniforms are
 (B,) tensors, so the step itself never syncs; on CUDA it can be replayed as a CUDA graph
-(`cuda_graph=True`: static batch, kv_len bucketed to powers of two; prefills too, prompts padded
-to power-of-two lengths), and plain steps are pipelined: step n is launched before the host
-handles step n-1's tokens.
+(`cuda_graph=True`: static batch, kv_len bucketed to powers of two; speculative steps and prefills
+too, prompts padded to power-of-two lengths), and plain steps are pipelined: step n is launched
+before the host handles step n-1's tokens.
 
 `Engine.generate_reference` recomputes the whole sequence without a cache for every token:
 the slow reference that the cached (and speculative) paths must match.
@@ -237,8 +237,10 @@ class Batch:
         self.draft_probs = torch.zeros(rows, self.k, V, device=dev)  # (B, K, V)
         self._zeros: torch.Tensor | None = None  # the uniforms of an all-greedy step
         self._in_flight: tuple | None = None  # a launched plain step: ([(row, seq)], host ids, event)
-        graphs = engine.cuda_graph and dev.type == "cuda" and not self.k
-        self.graph = CudaGraphStep(self) if graphs else None
+        graphs = engine.cuda_graph and dev.type == "cuda"
+        self.graph: CudaGraphStep | CudaGraphSpeculativeStep | None = None
+        if graphs:
+            self.graph = CudaGraphSpeculativeStep(self) if self.k else CudaGraphStep(self)
         self.prefill_graphs = CudaGraphPrefill(self) if graphs else None
 
     @property
@@ -310,7 +312,7 @@ class Batch:
         draft_u = self._uniforms(seqs, self.k) if self.k else None
         first = None
         if self.prefill_graphs is not None and not self.prefill_graphs.failed:
-            first = self.prefill_graphs(seqs, rows, (t, k, p), u, mode)
+            first = self.prefill_graphs(seqs, rows, (t, k, p), u, mode, draft_u)
         if first is None:  # eager: no graphs, or their capture failed
             ids = self._to_device(padded([s.prompt_ids for s in seqs], max(lens)))
             first = self.prefill_at(ids, self._to_device(torch.tensor(lens)), self._to_device(torch.tensor(rows)),
@@ -449,11 +451,20 @@ class Batch:
         return tokens
 
     def _speculative_step(self, hi: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor(self.length[:hi], device=self.device)
-        u = self._uniforms(self.seqs[:hi], 2 * self.k + 1)
+        """Enqueue a speculative step of rows [0, hi) (all rows when graphed) -> (a, tokens) on the device."""
+        if self.graph is not None:
+            return self.graph(max_length, self._uniforms(self.seqs, 2 * self.k + 1))
+        lengths = self._to_device(torch.tensor(self.length[:hi]))
+        return self.speculative_at(hi, lengths, max_length, self._uniforms(self.seqs[:hi], 2 * self.k + 1))
+
+    def speculative_at(self, hi: int, lengths: torch.Tensor, max_length: int, u: torch.Tensor,
+                       filters: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A speculative step of rows [0, hi) at lengths (hi,) (`spec.speculative_step`, max_length at
+        least the longest row's), uniforms u (hi, 2K+1); updates pending, drafts and draft_probs ->
+        (a (hi,), tokens (hi, K+1)). No host syncs: this is what a CUDA graph captures."""
         a, tokens, drafts, q = spec.speculative_step(
             self.model, self.rows_view(hi), self.pending[:hi], self.drafts[:hi], self.draft_probs[:hi], lengths,
-            max_length, self._settings(slice(0, hi)), u)
+            max_length, self._settings(slice(0, hi), filters), u)
         self.pending[:hi] = tokens.gather(1, a[:, None])[:, 0]
         self.drafts[:hi], self.draft_probs[:hi] = drafts, q
         return a, tokens
@@ -534,6 +545,68 @@ class CudaGraphStep:
         b.pending.copy_(saved)
 
 
+class CudaGraphSpeculativeStep:
+    """The speculative step of all B rows (verify K drafts, accept, draft K more), captured as CUDA
+    graphs, one per (kv_len bucket, top-k/top-p filters on or off).
+
+    As `CudaGraphStep`: buckets are powers of two (at least 64, at most the cache length) that
+    cover the step's furthest cache write (the longest row's length + 2K), captured on first use;
+    lengths and uniforms are copied into static buffers before each replay; pending tokens, drafts
+    and their distributions are the batch's persistent tensors, saved before the warm-up runs and
+    restored after them (which rewrite the same cache entries with the same values). A failed
+    capture warns and the batch steps eagerly.
+    """
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+        self.lengths = torch.zeros(batch.rows, dtype=torch.long, device=batch.device)
+        self.u = torch.zeros(batch.rows, 2 * batch.k + 1, device=batch.device)
+        # (bucket, filters) -> (graph, (a, tokens))
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.pool = None
+        self.failed = False
+
+    def __call__(self, max_length: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch
+        self.lengths.copy_(b._to_device(torch.tensor(b.length)), non_blocking=True)
+        self.u.copy_(u, non_blocking=True)
+        bucket = min(max(64, 1 << (max_length + 2 * b.k - 1).bit_length()), b.cache.max_len)
+        key = (bucket, any(s.params.filters for s in b.seqs if s is not None))
+        if not self.failed and key not in self.graphs:
+            self._capture(key)
+        if self.failed:
+            return b.speculative_at(b.rows, self.lengths, max_length, self.u, key[1])
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _capture(self, key: tuple[int, bool]) -> None:
+        b = self.batch
+        bucket, filters = key
+        saved = (b.pending.clone(), b.drafts.clone(), b.draft_probs.clone())
+
+        def restore() -> None:
+            for state, value in zip((b.pending, b.drafts, b.draft_probs), saved):
+                state.copy_(value)
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            # max_length such that the draft's kv_len (max_length + 2K) is the bucket
+            return b.speculative_at(b.rows, self.lengths, bucket - 2 * b.k, self.u, filters)
+
+        try:
+            warm_up_for_capture(lambda: (restore(), run()))
+            restore()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = run()
+            self.pool = graph.pool()
+            self.graphs[key] = (graph, out)
+        except Exception as e:  # as in CudaGraphStep._capture
+            warnings.warn(f"CUDA graph capture of the speculative step failed ({e}); decoding eagerly", stacklevel=2)
+            self.failed = True
+        restore()
+
+
 class CudaGraphPrefill:
     """Admission prefills captured as CUDA graphs, one per (prompts, padded length, sampling mode).
 
@@ -553,12 +626,14 @@ class CudaGraphPrefill:
         self.failed = False
 
     def __call__(self, seqs: list[Sequence], rows: list[int], settings: tuple[torch.Tensor, ...],
-                 u: torch.Tensor, mode: str) -> torch.Tensor | None:
-        """Prefill `seqs` into `rows`; returns their first tokens (n,), or None if capture failed."""
+                 u: torch.Tensor, mode: str, draft_u: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Prefill `seqs` into `rows` (speculative batches: and draft, with uniforms draft_u (n, K));
+        returns their first tokens (n,), or None if capture failed."""
         b = self.batch
         lens = [len(s.prompt_ids) for s in seqs]
         n = len(seqs)
-        bucket = min(max(16, 1 << (max(lens) - 1).bit_length()), b.cache.max_len)
+        # a speculative prefill's small cache holds K - 1 positions beyond the padded prompts
+        bucket = min(max(16, 1 << (max(lens) - 1).bit_length()), b.cache.max_len - max(b.k - 1, 0))
         key = (n, bucket, mode)
         captured = key in self.graphs
         if captured:
@@ -567,14 +642,17 @@ class CudaGraphPrefill:
             dev = b.device
             inputs = (torch.zeros(n, bucket, dtype=torch.long, device=dev),
                       *(torch.zeros(n, dtype=torch.long, device=dev) for _ in range(2)),
-                      *(torch.zeros_like(x) for x in settings), torch.zeros(n, device=dev))
-        ids, lengths, index, *static_settings, static_u = inputs
+                      *(torch.zeros_like(x) for x in settings), torch.zeros(n, device=dev),
+                      torch.zeros(n, b.k, device=dev) if b.k else None)
+        ids, lengths, index, *static_settings, static_u, static_draft_u = inputs
         ids.copy_(padded([s.prompt_ids for s in seqs], bucket).pin_memory(), non_blocking=True)
         lengths.copy_(torch.tensor(lens).pin_memory(), non_blocking=True)
         index.copy_(torch.tensor(rows).pin_memory(), non_blocking=True)
         for static, x in zip(static_settings, settings):
             static.copy_(x)
         static_u.copy_(u)
+        if static_draft_u is not None:
+            static_draft_u.copy_(draft_u)
         if not captured and not self._capture(key, inputs):
             return None
         graph, _, first = self.graphs[key]
@@ -584,11 +662,11 @@ class CudaGraphPrefill:
     def _capture(self, key: tuple[int, int, str], inputs: tuple) -> bool:
         """Warm up (the real prefill: same writes each time) and capture; False on failure."""
         b = self.batch
-        ids, lengths, index, t, k, p, u = inputs
+        ids, lengths, index, t, k, p, u, draft_u = inputs
         step_graphs = b.graph
 
         def run() -> torch.Tensor:
-            return b.prefill_at(ids, lengths, index, (t, k, p), u, key[2])
+            return b.prefill_at(ids, lengths, index, (t, k, p), u, key[2], draft_u)
 
         try:
             warm_up_for_capture(run)
