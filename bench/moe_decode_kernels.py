@@ -16,7 +16,9 @@ with its own weights (more than the L2 cache holds), as a decode step replays th
   (`RoutedExperts.forward_gathered`) plus the shared `MLP` on cuBLAS.
 The routed experts of a larger step (`--batched-tokens`, default 32) on the expert-major kernels
 (pair lists, up, down), against the same gathered PyTorch peer, and with the shared expert as one
-more expert program (`with_shared`) against it on the skinny kernels (`shared_apart`); `--expert-major-sweep` times the
+more expert program (`with_shared`) against it on the skinny kernels (`shared_apart`); the model's
+path with the shared expert and a residual, four launches (`separate`: pairs, up, down, `sum_slots`) against
+one (`one_launch`: `experts_layer`); `--expert-major-sweep` times the
 up kernel's tile configs (EXPERT_CONFIGS, down at its default), then the down kernel's.
 And the router (fp32 64 x 1024 matmul, sigmoid, 8 groups keep 4, top-6) at 1 and 32 tokens:
 - `fused`: `moe_decode.router`, matmul and selection in one kernel;
@@ -56,6 +58,11 @@ def routed_step(tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     x = torch.randn(tokens, D, device=like.device, dtype=like.dtype)
     ids = torch.stack([torch.randperm(E, device=like.device)[:K] for _ in range(tokens)])
     return x, ids, torch.rand(tokens, K, device=like.device)
+
+
+def layer_flags(layers: int) -> list[torch.Tensor]:
+    """Each layer's zeroed counters for `moe_decode.experts_layer` (bench-1b: one shared expert)."""
+    return [torch.zeros(moe_decode.layer_flags_size(E, 1, D), dtype=torch.int32, device="cuda") for _ in range(layers)]
 
 
 def gathered_experts(x, ids, gates, w13, w2) -> torch.Tensor:
@@ -119,6 +126,15 @@ def bench_expert_major(tokens: int, weights: tuple[list[torch.Tensor], ...], swe
     def shared_apart(i):  # the shared expert on the skinny SwiGLU and linear kernels
         return ours(i) + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
 
+    flags = layer_flags(layers)
+
+    def separate(i):  # the model's path before one launch: pairs, up, down, then the sum and residual
+        return moe_decode.sum_slots(moe_decode._experts(x, ids, gates, w13[i], w2[i], False, sg[i], su[i], sd[i]), x)
+
+    def one_launch(i, up=None, down=None):
+        return moe_decode._experts_layer(x, ids, gates, w13[i], w2[i], flags[i], sg[i], su[i], sd[i], x,
+                                         up_tiles=up, down_tiles=down)
+
     err = (ours(0) - peer(0)).abs().max().item()
     shared_err = (with_shared(0) - shared_apart(0)).abs().max().item()
     used = ids.unique().numel()
@@ -128,10 +144,16 @@ def bench_expert_major(tokens: int, weights: tuple[list[torch.Tensor], ...], swe
                   bandwidth_bound_us=round(used * 3 * I * D * 2 / 4.3e6, 2), max_abs_err=err,
                   with_shared_us=round(kernel_timing.graph_time_us(with_shared, layers), 2),
                   shared_apart_us=round(kernel_timing.graph_time_us(shared_apart, layers), 2),
-                  shared_max_abs_diff=shared_err)
+                  shared_max_abs_diff=shared_err, separate_us=round(kernel_timing.graph_time_us(separate, layers), 2),
+                  one_launch_us=round(kernel_timing.graph_time_us(one_launch, layers), 2),
+                  one_launch_max_abs_diff=(one_launch(0).float() - separate(0).float()).abs().max().item())
     if sweep:
         result["best_up_configs"] = kernel_timing.sweep(lambda i, c: ours(i, up=c), EXPERT_CONFIGS, layers)[:6]
         result["best_down_configs"] = kernel_timing.sweep(lambda i, c: ours(i, down=c), EXPERT_CONFIGS, layers)[:6]
+        result["best_one_launch_up_configs"] = kernel_timing.sweep(lambda i, c: one_launch(i, up=c), EXPERT_CONFIGS,
+                                                                   layers)[:6]
+        result["best_one_launch_down_configs"] = kernel_timing.sweep(lambda i, c: one_launch(i, down=c),
+                                                                     EXPERT_CONFIGS, layers)[:6]
     print(json.dumps(result), flush=True)
     return result
 

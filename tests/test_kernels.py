@@ -151,6 +151,46 @@ def test_rms_norm_kernel_matches_rmsnorm(device, rows, width):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens,n_shared", [(3, 0), (33, 2)])
+def test_experts_layer_one_launch_matches_separate_kernels(device, tokens, n_shared):
+    """A MoE layer's expert-major kernels in one launch (work items in ticket order, counters between
+    them) against the separate launches it replaces (`experts` + `sum_slots`): the same products and
+    roundings, so equal, and the counters back at zero after every launch. On a GPU the items run
+    concurrently: 20 launches with fresh routes each, where a missing wait would show as a race."""
+    from nanoseek.kernels.moe_decode import experts, experts_layer, layer_flags_size, sum_slots
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = preset("debug", hidden_size=160, moe_intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4)
+    moe = RoutedExperts(cfg).to(device)
+    torch.manual_seed(2)
+    moe.w13.data.normal_(0, 0.1)
+    moe.w2.data.normal_(0, 0.1)
+    moe.to(dtype)
+    shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared).to(device, dtype) if n_shared else None
+    weights = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight) if shared else ()
+    flags = torch.zeros(layer_flags_size(16, n_shared, cfg.hidden_size), dtype=torch.int32, device=device)
+    for _ in range(20 if device == "cuda" else 1):
+        x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
+        residual = torch.randn_like(x)
+        ids = torch.stack([torch.randperm(16, device=device)[:4] for _ in range(tokens)])
+        if tokens > 16:  # expert 0 in every token: more pairs than one 16-pair block
+            ids[:, 0] = 0
+            ids[:, 1:] = torch.stack([torch.randperm(15, device=device)[:3] + 1 for _ in range(tokens)])
+        gates = torch.rand(tokens, 4, device=device)
+        with torch.no_grad():
+            one = experts_layer(x, ids, gates, moe.w13, moe.w2, flags, *weights, residual=residual)
+            assert not flags.any(), "the counters must be zero again after a launch"
+            apart = sum_slots(experts(x, ids, gates, moe.w13, moe.w2, False, *weights), residual)
+        torch.testing.assert_close(one, apart, rtol=0, atol=0)
+    with torch.no_grad():  # without a residual: the slots' sum alone
+        alone = experts_layer(x, ids, gates, moe.w13, moe.w2, flags, *weights)
+        reference = experts(x, ids, gates, moe.w13, moe.w2, False, *weights).sum(1).to(dtype)
+    torch.testing.assert_close(alone, reference, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="flags"):
+        experts_layer(x, ids, gates, moe.w13, moe.w2, flags[:4], *weights)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sum_slots_kernel_matches_sum(device):
     """The expert-major MoE's end, residual + (sum of a token's slots in the residual's dtype)."""
     from nanoseek.kernels.moe_decode import sum_slots

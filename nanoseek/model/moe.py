@@ -20,6 +20,7 @@ the counts across data-parallel ranks). The complementary sequence-wise balance 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -27,11 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import triton_available
+from nanoseek.kernels import moe_layer_flags_size, triton_available
 from nanoseek.model.common import MLP, RMSNorm, foldable
 
 DECODE_KERNEL_MAX_TOKENS = 64  # above this the grouped GEMM path is faster (and the kernels' pair lists grow)
 PAIR_MAJOR_MAX_BATCH = 2  # decode batches of at most this many rows run the pair-major expert mat-vecs
+# expert-major decode steps (3+ rows) run a layer's expert kernels as one launch (`moe_decode.experts_layer`);
+# NANOSEEK_MOE_ONE_LAUNCH=0 keeps them apart (pairs, up, down, sum), for timing one against the other
+ONE_LAUNCH_MOE = os.environ.get("NANOSEEK_MOE_ONE_LAUNCH", "1") != "0"
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +182,9 @@ class MoE(nn.Module):
         # the decode router kernel's per-token counters (`nanoseek.kernels.moe_decode.router`); always zero
         # between calls
         self.register_buffer("router_arrivals", torch.zeros(64, dtype=torch.int32), persistent=False)
+        # the one-launch expert kernel's counters (`moe_decode.experts_layer`); always zero between calls
+        flags = moe_layer_flags_size(cfg.n_routed_experts, cfg.n_shared_experts or 0, cfg.hidden_size)
+        self.register_buffer("experts_flags", torch.zeros(flags, dtype=torch.int32), persistent=False)
         self.last_load: torch.Tensor | None = None
         self.balance_loss: torch.Tensor | None = None
 
@@ -201,15 +208,19 @@ class MoE(nn.Module):
                 # by batch rows (PAIR_MAJOR_MAX_BATCH), so a speculative step takes a plain step's path
                 pair_major = B <= PAIR_MAJOR_MAX_BATCH and moe_decode.pair_major_ok(x_in, self.experts.w13)
                 shared = self.shared_weights_for_kernel(x_in)  # riding along as more pairs
-                if shared and pair_major:  # the mat-vec down kernel adds the slots and the residual
-                    flat_residual = residual.reshape(B * S, D) if residual is not None else None
-                    if flat_residual is None or flat_residual.dtype == x_in.dtype:
+                no_more = shared or self.shared_experts is None  # nothing else to add before the residual
+                flat_residual = residual.reshape(B * S, D) if residual is not None else None
+                if no_more and (flat_residual is None or flat_residual.dtype == x_in.dtype):
+                    if shared and pair_major:  # the mat-vec down kernel adds the slots and the residual
                         return moe_decode.experts_sum(x_in, ids, gates, self.experts.w13, self.experts.w2, *shared,
                                                       flat_residual).view(B, S, D)
+                    if not pair_major and ONE_LAUNCH_MOE:  # pair lists, experts, sum and residual in one launch
+                        return moe_decode.experts_layer(x_in, ids, gates, self.experts.w13, self.experts.w2,
+                                                        self.experts_flags, *shared,
+                                                        residual=flat_residual).view(B, S, D)
                 y = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2, pair_major, *shared)
-                no_more = shared or self.shared_experts is None  # nothing else to add before the residual
-                if no_more and residual is not None and residual.dtype == x_in.dtype:  # sum and residual, one launch
-                    return moe_decode.sum_slots(y, residual.reshape(B * S, D)).view(B, S, D)
+                if no_more and flat_residual is not None and flat_residual.dtype == x_in.dtype:
+                    return moe_decode.sum_slots(y, flat_residual).view(B, S, D)  # sum and residual, one launch
                 out = y.sum(1).to(x_in.dtype).view(B, S, D)
             else:
                 out = self.experts(flat, ids, gates).view(B, S, D)

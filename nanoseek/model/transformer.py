@@ -118,6 +118,7 @@ class Transformer(nn.Module):
             elif isinstance(module, MoE):
                 module.load_since_update.zero_()
                 module.router_arrivals.zero_()
+                module.experts_flags.zero_()
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq, _ = rope_frequencies(self.config)
