@@ -78,6 +78,20 @@ def test_route_kernel_matches_router(device, name):
         torch.testing.assert_close(g.gather(1, i.argsort(-1)), gates_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
 
 
+def expert_weights(device: str, n_shared: int, seed: int) -> tuple[torch.dtype, object, RoutedExperts, MLP | None]:
+    """(dtype, cfg, routed experts, shared MLP or None) for the expert kernel tests: 16 experts, 4 per
+    token; D = 160 and I = 48 are not multiples of the default strips, so the divisor tiles are exercised."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = preset("debug", hidden_size=160, moe_intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4)
+    moe = RoutedExperts(cfg).to(device)
+    torch.manual_seed(seed)
+    moe.w13.data.normal_(0, 0.1)
+    moe.w2.data.normal_(0, 0.1)
+    moe.to(dtype)
+    shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared).to(device, dtype) if n_shared else None
+    return dtype, cfg, moe, shared
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens,pair_major,n_shared", [
     (1, True, 0), (2, True, 0), (1, True, 1), (2, True, 2), (5, True, 1),  # pair-major, shared experts riding along
@@ -89,15 +103,7 @@ def test_experts_kernel_matches_looped(device, tokens, pair_major, n_shared):
     shared MLP."""
     from nanoseek.kernels.moe_decode import experts, experts_sum
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # D = 160 and I = 48 are not multiples of the default strips: the kernels' divisor tiles are exercised
-    cfg = preset("debug", hidden_size=160, moe_intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4)
-    moe = RoutedExperts(cfg).to(device)
-    torch.manual_seed(1)
-    moe.w13.data.normal_(0, 0.1)
-    moe.w2.data.normal_(0, 0.1)
-    moe.to(dtype)
-    shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared).to(device, dtype) if n_shared else None
+    dtype, cfg, moe, shared = expert_weights(device, n_shared, seed=1)
     x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
     ids = torch.stack([torch.randperm(16, device=device)[:4] for _ in range(tokens)])
     if tokens > 16:  # expert 0 in every token: more pairs than one 16-pair block of the expert-major kernels
@@ -159,14 +165,7 @@ def test_experts_layer_one_launch_matches_separate_kernels(device, tokens, n_sha
     concurrently: 20 launches with fresh routes each, where a missing wait would show as a race."""
     from nanoseek.kernels.moe_decode import experts, experts_layer, layer_flags_size, sum_slots
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = preset("debug", hidden_size=160, moe_intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4)
-    moe = RoutedExperts(cfg).to(device)
-    torch.manual_seed(2)
-    moe.w13.data.normal_(0, 0.1)
-    moe.w2.data.normal_(0, 0.1)
-    moe.to(dtype)
-    shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared).to(device, dtype) if n_shared else None
+    dtype, cfg, moe, shared = expert_weights(device, n_shared, seed=2)
     weights = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight) if shared else ()
     flags = torch.zeros(layer_flags_size(16, n_shared, cfg.hidden_size), dtype=torch.int32, device=device)
     for _ in range(20 if device == "cuda" else 1):
