@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import kernel_timing  # noqa: E402
 from nanoseek import preset  # noqa: E402
-from nanoseek.kernels import moe_decode, skinny  # noqa: E402
+from nanoseek.kernels import moe_decode, moe_layer_flags_size, skinny  # noqa: E402
 from nanoseek.model.moe import Router  # noqa: E402
 
 # bench-1b: hidden 1024, 64 routed experts of width 512, 6 per token, one shared expert
@@ -62,7 +62,7 @@ def routed_step(tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def layer_flags(layers: int) -> list[torch.Tensor]:
     """Each layer's zeroed counters for `moe_decode.experts_layer` (bench-1b: one shared expert)."""
-    return [torch.zeros(moe_decode.layer_flags_size(E, 1, D), dtype=torch.int32, device="cuda") for _ in range(layers)]
+    return [torch.zeros(moe_layer_flags_size(E, 1, D), dtype=torch.int32, device="cuda") for _ in range(layers)]
 
 
 def gathered_experts(x, ids, gates, w13, w2) -> torch.Tensor:

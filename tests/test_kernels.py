@@ -163,11 +163,12 @@ def test_experts_layer_one_launch_matches_separate_kernels(device, tokens, n_sha
     them) against the separate launches it replaces (`experts` + `sum_slots`): the same products and
     roundings, so equal, and the counters back at zero after every launch. On a GPU the items run
     concurrently: 20 launches with fresh routes each, where a missing wait would show as a race."""
-    from nanoseek.kernels.moe_decode import experts, experts_layer, layer_flags_size, sum_slots
+    from nanoseek.kernels import moe_layer_flags_size
+    from nanoseek.kernels.moe_decode import experts, experts_layer, sum_slots
 
     dtype, cfg, moe, shared = expert_weights(device, n_shared, seed=2)
     weights = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight) if shared else ()
-    flags = torch.zeros(layer_flags_size(16, n_shared, cfg.hidden_size), dtype=torch.int32, device=device)
+    flags = torch.zeros(moe_layer_flags_size(16, n_shared, cfg.hidden_size), dtype=torch.int32, device=device)
     for _ in range(20 if device == "cuda" else 1):
         x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
         residual = torch.randn_like(x)

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoseek.kernels import moe_layer_flags_size, pow2_divisor
+from nanoseek.kernels import pow2_divisor
 from nanoseek.kernels.pdl import inputs_ready, pdl_enabled
 from nanoseek.kernels.skinny import _inverse_rms, _plus_residual, _row_tile
 
@@ -547,6 +547,15 @@ def experts(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.
     return _experts(x, ids, gates, w13, w2, pair_major, shared_gate, shared_up, shared_down)
 
 
+def _kernel_inputs(x, w13, w2, shared_gate, shared_up, shared_down):
+    """x and the expert weights contiguous in x's dtype (the given tensors where they already are)
+    -> (x, w13, w2, shared (gate, up, down) or None)."""
+    shared = None
+    if shared_gate is not None:
+        shared = tuple(w.to(x.dtype).contiguous() for w in (shared_gate, shared_up, shared_down))
+    return x.contiguous(), w13.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous(), shared
+
+
 def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=None, shared_down=None, tiles=None,
              up_tiles=None, down_tiles=None, summed=False, residual=None):
     """`experts`; for the benchmark, tiles (BN, BK, warps, stages) overrides PAIR_TILES, up_tiles and
@@ -557,10 +566,7 @@ def _experts(x, ids, gates, w13, w2, pair_major, shared_gate=None, shared_up=Non
     P = T * K
     dev = x.device
     given = (w13, w2, shared_gate, shared_up, shared_down)
-    x, w13, w2 = x.contiguous(), w13.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous()
-    shared = None
-    if shared_gate is not None:
-        shared = tuple(w.to(x.dtype).contiguous() for w in (shared_gate, shared_up, shared_down))
+    x, w13, w2, shared = _kernel_inputs(x, w13, w2, shared_gate, shared_up, shared_down)
     used = (w13, w2, *(shared or (None,) * 3))
     # weights load before a kernel's wait (nanoseek.kernels.pdl) unless they are converted copies made here
     pdl = pdl_enabled(x) and all(a is b for a, b in zip(given, used))
@@ -768,19 +774,13 @@ def _(x, ids, gates, w13, w2, shared_gate=None, shared_up=None, shared_down=None
 SUM_STRIPS = 4  # down-block strips per sum item of the one-launch expert-major layer (4 x 64 = 256 outputs)
 
 
-def layer_flags_size(n_experts: int, n_shared: int, hidden: int) -> int:
-    """int32 counters `experts_layer` needs for a layer of n_experts routed experts, n_shared shared
-    ones (in units of the expert width) and hidden width."""
-    return moe_layer_flags_size(n_experts, n_shared, hidden)
-
-
 @torch.library.custom_op("nanoseek::moe_experts_layer", mutates_args=())
 def experts_layer(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   flags: torch.Tensor, shared_gate: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
                   shared_down: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """[residual +] the expert-major `experts(...)` summed over each token's slots -> (T, D) of x's
     dtype, in one launch (see "one launch per MoE layer" above): the products and roundings of
-    `experts` + `sum_slots`. flags: int32 counters, at least `layer_flags_size` of them, all zero;
+    `experts` + `sum_slots`. flags: int32 counters, at least `nanoseek.kernels.moe_layer_flags_size` of them, all zero;
     the kernel counts in them and leaves them at zero. Launches on the same flags may follow each
     other directly: a launch takes its first ticket only after its predecessor has finished."""
     return _experts_layer(x, ids, gates, w13, w2, flags, shared_gate, shared_up, shared_down, residual)
@@ -799,10 +799,7 @@ def _experts_layer(x, ids, gates, w13, w2, flags, shared_gate=None, shared_up=No
     K = ids.shape[1]
     E, I = w13.shape[0], w13.shape[1] // 2
     dev = x.device
-    x, w13, w2 = x.contiguous(), w13.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous()
-    shared = None
-    if shared_gate is not None:
-        shared = tuple(w.to(x.dtype).contiguous() for w in (shared_gate, shared_up, shared_down))
+    x, w13, w2, shared = _kernel_inputs(x, w13, w2, shared_gate, shared_up, shared_down)
     NS = shared[0].shape[0] // I if shared is not None else 0
     sg, su, sd = shared if shared is not None else (w13, w13, w2)  # unused stand-ins when NS == 0
     if residual is not None:
@@ -815,8 +812,9 @@ def _experts_layer(x, ids, gates, w13, w2, flags, shared_gate=None, shared_up=No
     strips = triton.cdiv(D, down[1])
     n_flags = 2 + 2 * E + NS + strips
     if flags.dtype != torch.int32 or flags.device != x.device or flags.numel() < n_flags:
-        raise ValueError(f"moe_experts_layer: flags must hold >= {n_flags} int32 counters on {x.device} (see "
-                         f"layer_flags_size), got {tuple(flags.shape)} {flags.dtype} on {flags.device}")
+        raise ValueError(f"moe_experts_layer: flags must hold >= {n_flags} int32 counters on {x.device} (size them "
+                         f"with nanoseek.kernels.moe_layer_flags_size), got {tuple(flags.shape)} {flags.dtype} on "
+                         f"{flags.device}")
     out = torch.empty_like(x)
     if T == 0:
         return out
