@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import nanoseek
 from bench.kernel_timing import source_revision  # noqa: E402
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.engine import Engine, cache_bytes_per_token  # noqa: E402
@@ -146,7 +147,7 @@ def speculative(ckpt: str, args, device) -> dict:
 
     fast = device.type == "cuda"
     tok = load_tokenizer(ckpt)
-    model = Transformer.from_pretrained(ckpt, dtype=torch.bfloat16 if fast else torch.float32, device=device)
+    model = nanoseek.load_pretrained(ckpt, dtype=torch.bfloat16 if fast else torch.float32, device=device)
     prompts = [r1_prompt(p.prompt) for p in sample_problems(8, 7, difficulty_range=(1, 3), split="heldout")]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new)
     result = {"checkpoint": ckpt, "prompts": len(prompts), "dtype": str(model.embed_tokens.weight.dtype),
@@ -213,7 +214,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
               "host_cpu": host_cpu(),
-              "revision": source_revision(), "env": {"NANOSEEK_PDL": os.environ.get("NANOSEEK_PDL", "1")},
+              "revision": source_revision(),
               "config": {"preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new,
                          "repeats": args.repeats, "peer_repeats": args.peer_repeats, "dtype": str(dtype),
                          "greedy": True},
@@ -222,7 +223,7 @@ def main() -> None:
               "results": {}}
     tmp = Path(tempfile.mkdtemp())
     if not args.no_peer:
-        model.save_pretrained(tmp / "ckpt")
+        nanoseek.save_pretrained(model, tmp / "ckpt")
         import transformers
 
         record["versions"]["transformers"] = transformers.__version__

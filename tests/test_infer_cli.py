@@ -7,11 +7,11 @@ import io
 import pytest
 from test_infer_fixtures import single_thread, write_tiny_ckpt
 
+import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.cli import chat_main, generate_main
-from nanoseek.model.transformer import Transformer
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -23,7 +23,7 @@ def tiny_ckpt(tmp_path_factory) -> str:
 
 def expected(ckpt: str, prompts: list[str], max_new: int) -> list[str]:
     """Greedy texts from the engine directly."""
-    engine = Engine(Transformer.from_pretrained(ckpt), load_tokenizer(ckpt))
+    engine = Engine(nanoseek.load_pretrained(ckpt), load_tokenizer(ckpt))
     return [c.text for c in engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=max_new))]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import nanoseek
 from nanoseek.config import preset
 from nanoseek.model.transformer import Transformer
 
@@ -72,5 +73,5 @@ def write_tiny_ckpt(path: Path) -> str:
 
     path = path / "tiny-model"
     tok = train_tokenizer(TEXTS, vocab_size=320, out_dir=path)
-    tiny_model(vocab_size=tok.vocab_size).save_pretrained(path)
+    nanoseek.save_pretrained(tiny_model(vocab_size=tok.vocab_size), path)
     return str(path)

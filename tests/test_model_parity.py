@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import nanoseek
 from nanoseek import Transformer, preset
 from nanoseek.hf import CheckpointError, checkpoint_files
 
@@ -67,7 +68,7 @@ def test_v3_logits_match_transformers(tmp_path, case):
     ref.save_pretrained(tmp_path, max_shard_size="20KB" if sharded else "1GB")
     if sharded:
         assert len(checkpoint_files(tmp_path)) > 1
-    ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = nanoseek.load_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert max_diff(ours(ids).logits, ref(ids).logits) <= 1e-4
@@ -83,7 +84,7 @@ def test_v2_logits_match_transformers(tmp_path, overrides):
     rope_scaling = overrides.pop("rope_scaling", None)
     ref = hf_model("deepseek_v2", {**overrides, "rope_scaling": rope_scaling} if rope_scaling else overrides)
     ref.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = nanoseek.load_pretrained(tmp_path, dtype=torch.float32).eval()
     assert ours.config.model_type == "deepseek_v2" and ours.config.scoring_func == "softmax"
     ids = torch.randint(0, TINY["vocab_size"], (2, 33), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -93,7 +94,7 @@ def test_v2_logits_match_transformers(tmp_path, overrides):
 def test_bf16_checkpoint_loads_as_fp32(tmp_path):
     ref = hf_model("deepseek_v3", V3_CASES["q_lora-groups-4-2"]).to(torch.bfloat16)
     ref.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = nanoseek.load_pretrained(tmp_path, dtype=torch.float32).eval()
     assert ours.embed_tokens.weight.dtype == torch.float32
     # the same bf16-rounded weights, computed in fp32 (rope buffers rebuilt by from_pretrained)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -107,7 +108,7 @@ def test_round_trip_through_transformers(tmp_path, case):
     overrides = {k: v for k, v in V3_CASES[case].items()}
     ours = Transformer.from_config(preset("debug", **{**TINY, **overrides}), seed=0)
     randomize_(ours, 5)
-    ours.eval().save_pretrained(tmp_path / "ckpt", max_shard_size="30KB")
+    nanoseek.save_pretrained(ours.eval(), tmp_path / "ckpt", max_shard_size="30KB")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     ids = torch.randint(0, TINY["vocab_size"], (2, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -117,14 +118,14 @@ def test_round_trip_through_transformers(tmp_path, case):
 def test_mtp_save_load_is_bit_exact(tmp_path):
     ours = Transformer.from_config(preset("debug", num_nextn_predict_layers=2), seed=0).eval()
     randomize_(ours, 6)
-    ours.save_pretrained(tmp_path / "a", dtype=torch.float32)
+    nanoseek.save_pretrained(ours, tmp_path / "a", dtype=torch.float32)
     keys = {k for ks in checkpoint_files(tmp_path / "a").values() for k in ks}
     L = ours.config.num_hidden_layers
     for k in range(2):
         for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
                      "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.3.up_proj.weight"):
             assert f"model.layers.{L + k}.{name}" in keys
-    back = Transformer.from_pretrained(tmp_path / "a").eval()
+    back = nanoseek.load_pretrained(tmp_path / "a").eval()
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         a, b = ours(ids, mtp_tokens=ids), back(ids, mtp_tokens=ids)
@@ -138,21 +139,21 @@ def test_mtp_save_load_is_bit_exact(tmp_path):
 
 def test_untied_mtp_copies_are_kept(tmp_path):
     ours = Transformer.from_config(preset("debug"), seed=0).eval()
-    ours.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(ours, tmp_path)
     from safetensors.torch import load_file, save_file
 
     state = load_file(tmp_path / "model.safetensors")
     L = ours.config.num_hidden_layers
     state[f"model.layers.{L}.shared_head.head.weight"] += 1.0
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    back = Transformer.from_pretrained(tmp_path)
+    back = nanoseek.load_pretrained(tmp_path)
     assert back.mtp[0].shared_head.head is not None
     assert torch.equal(back.mtp[0].shared_head.head.weight, ours.lm_head.weight + 1.0)
 
 
 def test_fp8_block_scaled_weights_are_dequantised(tmp_path):
     ours = Transformer.from_config(preset("debug", hidden_size=160, q_lora_rank=144), seed=0)
-    ours.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    nanoseek.save_pretrained(ours, tmp_path, dtype=torch.bfloat16)
     from safetensors.torch import load_file, save_file
 
     state = load_file(tmp_path / "model.safetensors")
@@ -163,7 +164,7 @@ def test_fp8_block_scaled_weights_are_dequantised(tmp_path):
     state[name] = (w / full).to(torch.float8_e4m3fn)
     state[name + "_scale_inv"] = scale
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    back = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    back = nanoseek.load_pretrained(tmp_path, dtype=torch.float32)
     expected = state[name].float() * full
     assert torch.equal(back.layers["0"].self_attn.q_a_proj.weight, expected)
     assert (expected - w).abs().max() <= 0.07 * w.abs().max()  # e4m3 rounding only
@@ -171,11 +172,11 @@ def test_fp8_block_scaled_weights_are_dequantised(tmp_path):
 
 def test_bad_checkpoints_name_the_problem(tmp_path):
     ours = Transformer.from_config(preset("debug"), seed=0)
-    ours.save_pretrained(tmp_path / "ok")
+    nanoseek.save_pretrained(ours, tmp_path / "ok")
     from safetensors.torch import load_file, save_file
 
     with pytest.raises(CheckpointError, match="config.json"):
-        Transformer.from_pretrained(tmp_path / "nothing-here")
+        nanoseek.load_pretrained(tmp_path / "nothing-here")
     state = load_file(tmp_path / "ok" / "model.safetensors")
 
     def variant(name: str, change) -> str:
@@ -189,13 +190,13 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
 
     missing = variant("missing", lambda s, d: s.pop("model.layers.1.mlp.experts.2.down_proj.weight"))
     with pytest.raises(CheckpointError, match="lacks weights.*layers.1.mlp.experts.w2"):
-        Transformer.from_pretrained(missing)
+        nanoseek.load_pretrained(missing)
     extra = variant("extra", lambda s, d: s.update({"model.layers.0.self_attn.bogus.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match="unexpected key 'model.layers.0.self_attn.bogus.weight'"):
-        Transformer.from_pretrained(extra)
+        nanoseek.load_pretrained(extra)
     shape = variant("shape", lambda s, d: s.update({"model.norm.weight": torch.ones(3)}))
     with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(3,\)"):
-        Transformer.from_pretrained(shape)
+        nanoseek.load_pretrained(shape)
 
     def bad_config(d, **changes):
         cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
@@ -206,23 +207,23 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     d.mkdir()
     bad_config(d, model_type="llama")
     with pytest.raises(ValueError, match="model_type 'llama' is unsupported"):
-        Transformer.from_pretrained(d)
+        nanoseek.load_pretrained(d)
     bad_config(d, hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act='gelu' is unsupported"):
-        Transformer.from_pretrained(d)
+        nanoseek.load_pretrained(d)
     bad_config(d, frobnicate=3)
     with pytest.raises(ValueError, match="field 'frobnicate'"):
-        Transformer.from_pretrained(d)
+        nanoseek.load_pretrained(d)
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
     (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="safetensors only"):
-        Transformer.from_pretrained(tmp_path / "pickle")
+        nanoseek.load_pretrained(tmp_path / "pickle")
 
 
 def test_save_is_atomic_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
     ours = Transformer.from_config(preset("debug"), seed=0)
-    ours.save_pretrained(tmp_path / "ckpt")
+    nanoseek.save_pretrained(ours, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
 
@@ -233,9 +234,9 @@ def test_save_is_atomic_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "save_file", disk_full)
     with pytest.raises(OSError, match="No space"):
-        ours.save_pretrained(tmp_path / "ckpt")
+        nanoseek.save_pretrained(ours, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
     monkeypatch.undo()
-    ours.save_pretrained(tmp_path / "ckpt")  # overwriting keeps non-weight files
+    nanoseek.save_pretrained(ours, tmp_path / "ckpt")  # overwriting keeps non-weight files
     assert (tmp_path / "ckpt" / "tokenizer.json").is_file()

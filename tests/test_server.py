@@ -13,10 +13,10 @@ import pytest
 import uvicorn
 from test_infer_fixtures import single_thread, write_tiny_ckpt
 
+import nanoseek
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.server import create_app
-from nanoseek.model.transformer import Transformer
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -31,7 +31,7 @@ MAX_LEN = 512
 @pytest.fixture(scope="module")
 def served(tiny_ckpt):
     """(base_url, engine, scheduler): a server on a free port for the module, shut down cleanly afterwards."""
-    engine = Engine(Transformer.from_pretrained(tiny_ckpt), load_tokenizer(tiny_ckpt), max_batch_size=4,
+    engine = Engine(nanoseek.load_pretrained(tiny_ckpt), load_tokenizer(tiny_ckpt), max_batch_size=4,
                     max_len=MAX_LEN)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -5,7 +5,7 @@
     nanoseek chat --ckpt runs/demo
     nanoseek serve --ckpt runs/demo --host 127.0.0.1 --port 8000
 
-A checkpoint directory holds config.json + safetensors (`Transformer.save_pretrained`) and
+A checkpoint directory holds config.json + safetensors (`nanoseek.save_pretrained`) and
 tokenizer.json + tokenizer_config.json (`nanoseek.data.tokenizer`); a Hugging Face
 DeepSeek-V2/V3 model directory works too.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import nanoseek
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 
@@ -67,7 +68,6 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def load_engine(args: argparse.Namespace) -> Engine:
     """Model, tokenizer and Engine from the parsed --ckpt/--device/--dtype/... options."""
     from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.model.transformer import Transformer
 
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
@@ -78,7 +78,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     try:
         tokenizer = load_tokenizer(ckpt)
-        model = Transformer.from_pretrained(str(ckpt), dtype=dtype, device=args.device)
+        model = nanoseek.load_pretrained(str(ckpt), dtype=dtype, device=args.device)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"vocab_size={model.config.vocab_size}; pair the checkpoint with its own tokenizer")

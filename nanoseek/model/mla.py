@@ -26,9 +26,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import skinny_available, triton_available
 from nanoseek.model.cache import LatentCache
-from nanoseek.model.common import Linear, RMSNorm, foldable, norm_args
+from nanoseek.model.common import Linear, RMSNorm
 from nanoseek.model.rope import apply_rope
 
 
@@ -61,81 +60,47 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, positions: torch.Tensor | None = None,
-                kv_len: int | None = None, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, S, D) -> [residual +] attention(norm(x)) (B, S, D). The block's pre-norm and residual
-        add are arguments so that decode kernels can fold them into the first and last projections.
+                kv_len: int | None = None) -> torch.Tensor:
+        """x (B, S, D) -> attention output (B, S, D).
 
         Without a cache: causal attention over x (expanded path). With a cache: the new latents
         are written at `positions` (B, S); if `positions` is None the call is a prefill from
         position 0 (expanded path), else the queries attend over the cache's first `kv_len`
         positions through the absorbed path.
         """
+        q, kv = self.project(x)
+        return self.o_proj(self.attention(q, kv, cos, sin, cache, positions, kv_len))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> queries q (B, S, H, N + P) and kv_a(x) = [c_kv ; k_pe] (B, S, R + P), unnormed."""
         B, S, _ = x.shape
         if hasattr(self, "q_proj"):
-            x = norm(x) if norm is not None else x
-            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+            q = self.q_proj(x)
         else:
-            q_lat, kv = self.down_projections(x, norm)
-            q = self.q_b_proj(q_lat, norm=self.q_a_layernorm)
-        q = q.view(B, S, self.n_heads, self.nope + self.rope)
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(B, S, self.n_heads, self.nope + self.rope), self.kv_a_proj_with_mqa(x)
+
+    def attention(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: LatentCache | None = None, positions: torch.Tensor | None = None,
+                  kv_len: int | None = None) -> torch.Tensor:
+        """q (B, S, H, N + P) and kv (B, S, R + P) from `project` -> per-head outputs (B, S, H * V), before o_proj."""
+        B, S = q.shape[:2]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, S, H, N), (B, S, H, P)
-        if cache is not None and positions is not None and self.decode_kernels_ok(q_nope, cache):
-            return self.decode_with_kernels(q, kv, cos, sin, cache, positions, kv_len, residual)
         c_kv, k_pe = kv.split([self.kv_rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, S, R)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]  # (B, S, P)
-
         if cache is None:
-            return self.expanded(q_nope, q_pe, c_kv, k_pe, residual)
-        if positions is None:
-            positions = torch.arange(S, device=x.device).expand(B, S)
-            cache.write(self.layer_idx, positions, c_kv, k_pe)
-            return self.expanded(q_nope, q_pe, c_kv, k_pe, residual)
+            return self.expanded(q_nope, q_pe, c_kv, k_pe)
+        if positions is None:  # prefill from position 0
+            cache.write(self.layer_idx, torch.arange(S, device=q.device).expand(B, S), c_kv, k_pe)
+            return self.expanded(q_nope, q_pe, c_kv, k_pe)
         cache.write(self.layer_idx, positions, c_kv, k_pe)
-        return self.absorbed(q_nope, q_pe, cache.read(self.layer_idx, kv_len or cache.max_len).to(q.dtype),
-                             positions, residual)
+        return self.absorbed(q_nope, q_pe, cache.read(self.layer_idx, kv_len or cache.max_len).to(q.dtype), positions)
 
-    def decode_kernels_ok(self, q_nope: torch.Tensor, cache: LatentCache) -> bool:
-        """Inference on a GPU with Triton, for the batches `nanoseek.kernels.mla_decode` takes."""
-        if self.training or not triton_available(q_nope) or torch.is_grad_enabled():
-            return False
-        from nanoseek.kernels import mla_decode
-
-        return mla_decode.supported(q_nope, cache.data.dtype, self.kv_rank, self.rope)
-
-    def decode_with_kernels(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            cache: LatentCache, positions: torch.Tensor, kv_len: int | None,
-                            residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The absorbed path in Triton kernels (`nanoseek.kernels.mla_decode`): RoPE, the latent entry
-        and its cache write, and the W_uk product in one launch, attention in two. Reference: the rest
-        of `forward`."""
-        from nanoseek.kernels import mla_decode
-
-        norm, w_kv_b = self.kv_a_layernorm, self.kv_b_proj.weight
-        q_lat, q_pe = mla_decode.rope_latent(q, kv, norm.weight, norm.eps, cos, sin, self.interleaved, self.nope,
-                                             w_kv_b, cache.data, self.layer_idx, positions)
-        latent = cache.read(self.layer_idx, kv_len or cache.max_len)
-        out = mla_decode.latent_attention(q_lat, q_pe, latent, positions, w_kv_b, self.scale, self.v_dim)
-        return self.o_proj(out, residual=residual)
-
-    def down_projections(self, x: torch.Tensor, norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, S, D) -> (q_a(x') (B, S, Q), kv_a(x') (B, S, R + P)) with x' = norm(x) (x without a
-        norm); in decode one skinny launch does the norm and both projections."""
-        w_q, w_kv = self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight
-        if not self.training and skinny_available(x, w_q, w_kv):
-            from nanoseek.kernels import skinny
-
-            if not foldable(norm, x):  # the norm runs first, then both projections in one launch
-                x, norm = norm(x), None
-            return skinny.pair(x, w_q, w_kv, *norm_args(norm))
-        x = norm(x) if norm is not None else x
-        return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
-
-    def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal attention with per-head K/V materialised from the latent (SDPA)."""
+    def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                 k_pe: torch.Tensor) -> torch.Tensor:
+        """Causal attention with per-head K/V materialised from the latent (SDPA) -> (B, S, H * V)."""
         B, S, H, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -143,11 +108,12 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)), dim=-1).transpose(1, 2)
         with _sdpa_backends(q.device):
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim), residual=residual)
+        return out.transpose(1, 2).reshape(B, S, H * self.v_dim)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-                 positions: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over cached latents [c_kv ; k_pe] (B, T, R + P) for queries at positions (B, S)."""
+                 positions: torch.Tensor) -> torch.Tensor:
+        """Attention over cached latents [c_kv ; k_pe] (B, T, R + P) for queries at positions (B, S)
+        -> (B, S, H * V)."""
         B, S, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, R), (H, V, R)
@@ -155,7 +121,7 @@ class MLA(nn.Module):
         q_all = torch.cat((q_lat, q_pe), dim=-1)  # (B, S, H, R + P): one product scores both parts
         o_lat = latent_attention(q_all, latent, positions, self.scale, self.kv_rank)  # (B, S, H, R)
         out = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # (B, S, H, V)
-        return self.o_proj(out.reshape(B, S, H * self.v_dim), residual=residual)
+        return out.reshape(B, S, H * self.v_dim)
 
 
 def latent_attention(q_all: torch.Tensor, latent: torch.Tensor, positions: torch.Tensor, scale: float,

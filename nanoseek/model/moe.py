@@ -20,7 +20,6 @@ the counts across data-parallel ranks). The complementary sequence-wise balance 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -28,14 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import moe_layer_flags_size, triton_available
-from nanoseek.model.common import MLP, RMSNorm, foldable
-
-DECODE_KERNEL_MAX_TOKENS = 64  # above this the grouped GEMM path is faster (and the kernels' pair lists grow)
-PAIR_MAJOR_MAX_BATCH = 2  # decode batches of at most this many rows run the pair-major expert mat-vecs
-# expert-major decode steps (3+ rows) run a layer's expert kernels as one launch (`moe_decode.experts_layer`);
-# NANOSEEK_MOE_ONE_LAUNCH=0 keeps them apart (pairs, up, down, sum), for timing one against the other
-ONE_LAUNCH_MOE = os.environ.get("NANOSEEK_MOE_ONE_LAUNCH", "1") != "0"
+from nanoseek.model.common import MLP
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -43,12 +35,6 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
-
-
-def route_shape_supported(n_experts: int, n_group: int) -> bool:
-    """The routing kernel views scores as (groups, experts per group): both must be powers of two."""
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    return pow2(n_experts) and pow2(n_group) and n_group <= n_experts
 
 
 class Router(nn.Module):
@@ -179,107 +165,23 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         # tokens per expert since the last bias update (training only), and in the last forward
         self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts), persistent=False)
-        # the decode router kernel's per-token counters (`nanoseek.kernels.moe_decode.router`); always zero
-        # between calls
-        self.register_buffer("router_arrivals", torch.zeros(64, dtype=torch.int32), persistent=False)
-        # the one-launch expert kernel's counters (`moe_decode.experts_layer`); always zero between calls
-        flags = moe_layer_flags_size(cfg.n_routed_experts, cfg.n_shared_experts or 0, cfg.hidden_size)
-        self.register_buffer("experts_flags", torch.zeros(flags, dtype=torch.int32), persistent=False)
         self.last_load: torch.Tensor | None = None
         self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, S, D) -> [residual +] moe(norm(x)) (B, S, D); the decode router kernel applies the norm
-        itself, the mat-vec experts kernel the sum over experts and the residual."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, D) -> routed experts + shared experts (B, S, D)."""
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
-        shared = ()  # the shared experts' weights when they ride along in the experts kernel
-        if self.use_route_kernel(flat):  # inference on a GPU: routing in one kernel
-            if not foldable(norm, x):  # the router kernel normalises only mat-vec batches
-                x, norm = norm(x), None
-                flat = x.reshape(B * S, D)
-            gates, ids, flat = self.route_kernel(flat, norm)
-            x = flat.view(B, S, D)
-            if flat.shape[0] <= DECODE_KERNEL_MAX_TOKENS:
-                from nanoseek.kernels import moe_decode
-
-                x_in = autocast_input(flat)
-                # by batch rows (PAIR_MAJOR_MAX_BATCH), so a speculative step takes a plain step's path
-                pair_major = B <= PAIR_MAJOR_MAX_BATCH and moe_decode.pair_major_ok(x_in, self.experts.w13)
-                shared = self.shared_weights_for_kernel(x_in)  # riding along as more pairs
-                no_more = shared or self.shared_experts is None  # nothing else to add before the residual
-                flat_residual = residual.reshape(B * S, D) if residual is not None else None
-                if no_more and (flat_residual is None or flat_residual.dtype == x_in.dtype):
-                    if shared and pair_major:  # the mat-vec down kernel adds the slots and the residual
-                        return moe_decode.experts_sum(x_in, ids, gates, self.experts.w13, self.experts.w2, *shared,
-                                                      flat_residual).view(B, S, D)
-                    if not pair_major and ONE_LAUNCH_MOE:  # pair lists, experts, sum and residual in one launch
-                        return moe_decode.experts_layer(x_in, ids, gates, self.experts.w13, self.experts.w2,
-                                                        self.experts_flags, *shared,
-                                                        residual=flat_residual).view(B, S, D)
-                y = moe_decode.experts(x_in, ids, gates, self.experts.w13, self.experts.w2, pair_major, *shared)
-                if no_more and flat_residual is not None and flat_residual.dtype == x_in.dtype:
-                    return moe_decode.sum_slots(y, flat_residual).view(B, S, D)  # sum and residual, one launch
-                out = y.sum(1).to(x_in.dtype).view(B, S, D)
-            else:
-                out = self.experts(flat, ids, gates).view(B, S, D)
-        else:
-            if norm is not None:
-                x = norm(x)
-                flat = x.reshape(B * S, D)
-            gates, ids, scores = self.gate(flat)
-            out = self.experts(flat, ids, gates).view(B, S, D)
-            if self.training:  # balance statistics are for the trainer only
-                with torch.no_grad():  # recomputation (activation checkpointing) rewrites the same counts
-                    self.last_load = expert_counts(ids.flatten(), self.cfg.n_routed_experts).float()
-                if torch.is_grad_enabled():
-                    self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
-        if self.shared_experts is not None and not shared:  # not already in the kernel's output
+        gates, ids, scores = self.gate(flat)
+        out = self.experts(flat, ids, gates).view(B, S, D)
+        if self.training:  # balance statistics are for the trainer only
+            with torch.no_grad():  # recomputation (activation checkpointing) rewrites the same counts
+                self.last_load = expert_counts(ids.flatten(), self.cfg.n_routed_experts).float()
+            if torch.is_grad_enabled():
+                self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
+        if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out if residual is None else residual + out
-
-    def use_route_kernel(self, flat: torch.Tensor) -> bool:
-        """Inference on a GPU with Triton and a router shape the routing kernel takes. Then steps of at
-        most DECODE_KERNEL_MAX_TOKENS tokens also run the routed experts as Triton kernels, larger
-        ones (prefill) as grouped GEMMs."""
-        cfg = self.cfg
-        return (not self.training and not torch.is_grad_enabled() and triton_available(flat)
-                and route_shape_supported(cfg.n_routed_experts, self.gate.groups))
-
-    def shared_weights_for_kernel(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The shared experts' (gate, up, down) weights when the experts kernels can run them as extra
-        pairs (their width a multiple of the routed experts', weights of x's dtype); ()
-        otherwise, and the shared MLP runs on its own."""
-        mlp = self.shared_experts
-        if mlp is None:
-            return ()
-        weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-        if mlp.gate_proj.weight.shape[0] % self.experts.width or any(w.dtype != x.dtype for w in weights):
-            return ()
-        return weights
-
-    def route_kernel(self, flat: torch.Tensor, norm: RMSNorm | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """flat (T, D) -> gates (T, K) fp32, ids (T, K), norm(flat): `Router.forward` of norm(flat) in
-        Triton. Decode steps run norm, matmul and selection in one kernel (`moe_decode.normed_router`:
-        programs over blocks of router rows, the last one of each token routes it). Prefills keep
-        cuBLAS's fp32 matmul and select in one kernel (`moe_decode.route`), replacing torch.topk and
-        sort kernels that took 4.9 ms over 11 layers of a batch-32, 512-token prefill."""
-        from nanoseek.kernels import moe_decode
-
-        cfg, gate = self.cfg, self.gate
-        args = (gate.e_score_correction_bias, cfg.num_experts_per_tok, gate.groups, cfg.topk_group,
-                cfg.scoring_func == "sigmoid", cfg.topk_method == "noaux_tc", cfg.norm_topk_prob,
-                cfg.routed_scaling_factor)
-        if moe_decode.router_ok(flat, gate.weight) and flat.shape[0] <= self.router_arrivals.numel():
-            if norm is not None:
-                return moe_decode.normed_router(flat, norm.weight, norm.eps, gate.weight, self.router_arrivals, *args)
-            return (*moe_decode.router(flat, gate.weight, self.router_arrivals, *args), flat)
-        flat = norm(flat) if norm is not None else flat
-        with torch.autocast(flat.device.type, enabled=False):
-            logits = F.linear(flat.float(), gate.weight.float())  # (T, E) fp32
-        return (*moe_decode.route(logits, *args), flat)
+        return out
 
 
 @torch.library.custom_op("nanoseek::stable_argsort", mutates_args=())

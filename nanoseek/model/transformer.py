@@ -12,9 +12,11 @@ Multi-token prediction module k (1..num_nextn_predict_layers) predicts token i+k
 Embedding and output head are shared with the main model.
 
 Parameter names mirror the Hugging Face layout (`layers.{i}.self_attn.q_a_proj`, ...), so the
-checkpoint mapping in `nanoseek/hf.py` is a rename of the `model.` prefix, the stacked experts and
+checkpoint mapping in `nanoseek/hf.py` (`nanoseek.load_pretrained`, `nanoseek.save_pretrained`) is a
+rename of the `model.` prefix, the stacked experts and
 the MTP layers (`mtp.{k}` <-> `model.layers.{num_hidden_layers + k}`). Layers live in a
-`ModuleDict` so a pipeline stage is cut by deleting entries; the model holds no distributed code.
+`ModuleDict` so a pipeline stage is cut by deleting entries; the model holds no distributed code,
+no kernels and no checkpoint format: fast paths are swapped in from outside (`nanoseek.kernels.install`).
 """
 
 from __future__ import annotations
@@ -51,10 +53,8 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 positions: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
-        # h + attn(norm(h)), then h + ffn(norm(h)): the norms and the residual adds are passed in, so that
-        # decode kernels fold them into the kernels around them
-        h = self.self_attn(h, cos, sin, cache, positions, kv_len, norm=self.input_layernorm, residual=h)
-        return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, positions, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class SharedHead(nn.Module):
@@ -117,8 +117,6 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.w2, 0.0, std)
             elif isinstance(module, MoE):
                 module.load_since_update.zero_()
-                module.router_arrivals.zero_()
-                module.experts_flags.zero_()
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq, _ = rope_frequencies(self.config)
@@ -202,22 +200,7 @@ class Transformer(nn.Module):
         h = layer(layer.merge(h_prev, embed(next_ids)), cos, sin, cache, positions, kv_len)
         return h, head(layer.shared_head.norm(h))
 
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> Transformer:
-        """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (see `nanoseek.hf`)."""
-        from nanoseek.hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB",
-                        dtype: torch.dtype | None = None) -> None:
-        """Write a Hugging Face checkpoint directory, atomically (see `nanoseek.hf`)."""
-        from nanoseek.hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
-
+    # ------------------------------------------------------------------ training statistics
     @torch.no_grad()
     def record_load(self) -> None:
         """Add each MoE layer's tokens-per-expert of the last forward to its `load_since_update`."""
