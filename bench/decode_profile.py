@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -183,7 +182,6 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "revision": source_revision(),
         "config": vars(args),
-        "env": {"NANOSEEK_PDL": os.environ.get("NANOSEEK_PDL", "1")},
         "results": {},
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"decode_profile-{record['date']}.json")

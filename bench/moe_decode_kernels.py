@@ -1,28 +1,28 @@
-"""Decode-step MoE kernels: nanoseek's expert kernels against PyTorch.
+"""Decode-step MoE kernels: nanoseek's expert and routing kernels against PyTorch.
 
     python bench/moe_decode_kernels.py            # bench-1b's expert shapes, 1 and 2 tokens; 32 expert-major
     python bench/moe_decode_kernels.py --sweep    # also time every tile config in CONFIGS
-    python bench/moe_decode_kernels.py --expert-major-sweep   # the expert-major kernels' tiles at 32 tokens
+    python bench/moe_decode_kernels.py --expert-major-sweep   # the one-launch layer's tiles at 32 tokens
 
 Times one MoE layer's experts (K routed + the shared one) inside a CUDA graph of many layers, each
-with its own weights (more than the L2 cache holds), as a decode step replays them:
-- `fused`: `moe_decode.experts` with the shared expert riding along (two kernels), summed over
+with its own weights (more than the L2 cache holds), as a decode step replays them. The pair-major
+mat-vecs (`nanoseek.kernels.moe_experts`) at 1-2 tokens:
+- `fused`: `moe_experts.experts` with the shared expert riding along (two kernels), summed over
   the slots by PyTorch (a third launch);
-- `summed`: `moe_decode.experts_sum`, the same with the slots and a residual added in the down
+- `summed`: `moe_experts.experts_sum`, the same with the slots and a residual added in the down
   kernel (two launches, the output in x's dtype);
-- `split`: routed experts by `moe_decode.experts`, the shared expert by the skinny SwiGLU and
+- `split`: routed experts by `moe_experts.experts`, the shared expert by the skinny SwiGLU and
   linear kernels (four kernels; the layout before the shared expert was folded in);
 - `peer`: PyTorch on the same layer, gathered expert weights and batched mat-vecs
   (`RoutedExperts.forward_gathered`) plus the shared `MLP` on cuBLAS.
-The routed experts of a larger step (`--batched-tokens`, default 32) on the expert-major kernels
-(pair lists, up, down), against the same gathered PyTorch peer, and with the shared expert as one
-more expert program (`with_shared`) against it on the skinny kernels (`shared_apart`); the model's
-path with the shared expert and a residual, four launches (`separate`: pairs, up, down, `sum_slots`) against
-one (`one_launch`: `experts_layer`); `--expert-major-sweep` times the
-up kernel's tile configs (EXPERT_CONFIGS, down at its default), then the down kernel's.
+The expert-major layer of a larger step (`--batched-tokens`, default 32) in one launch
+(`moe_experts.experts_layer`): `routed` (routed experts alone) against the same gathered PyTorch
+peer (`peer`), and `one_launch` (the model's path: the shared expert and a residual too) against
+`layer_peer` (the gathered peer, the shared `MLP` on cuBLAS, the residual); `--expert-major-sweep`
+times the layer's up tile configs (EXPERT_CONFIGS, down at its default), then its down ones.
 And the router (fp32 64 x 1024 matmul, sigmoid, 8 groups keep 4, top-6) at 1 and 32 tokens:
-- `fused`: `moe_decode.router`, matmul and selection in one kernel;
-- `split`: cuBLAS's fp32 matmul, then the selection kernel `moe_decode.route` (the prefill path);
+- `fused`: `moe_routing.router`, matmul and selection in one kernel;
+- `split`: cuBLAS's fp32 matmul, then the selection kernel `moe_routing.route` (the prefill path);
 - `peer`: `Router.forward` in PyTorch.
 Writes bench/results/moe_decode_kernels-DATE.json.
 """
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import kernel_timing  # noqa: E402
 from nanoseek import preset  # noqa: E402
-from nanoseek.kernels import moe_decode, moe_layer_flags_size, skinny  # noqa: E402
+from nanoseek.kernels import moe_experts, moe_routing, skinny  # noqa: E402
 from nanoseek.model.moe import Router  # noqa: E402
 
 # bench-1b: hidden 1024, 64 routed experts of width 512, 6 per token, one shared expert
@@ -61,8 +61,9 @@ def routed_step(tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def layer_flags(layers: int) -> list[torch.Tensor]:
-    """Each layer's zeroed counters for `moe_decode.experts_layer` (bench-1b: one shared expert)."""
-    return [torch.zeros(moe_layer_flags_size(E, 1, D), dtype=torch.int32, device="cuda") for _ in range(layers)]
+    """Each layer's zeroed counters for `moe_experts.experts_layer` (bench-1b: one shared expert)."""
+    return [torch.zeros(moe_experts.moe_layer_flags_size(E, 1, D), dtype=torch.int32, device="cuda")
+            for _ in range(layers)]
 
 
 def gathered_experts(x, ids, gates, w13, w2) -> torch.Tensor:
@@ -80,13 +81,13 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
     x, ids, gates = routed_step(tokens, w13[0])
 
     def fused(i, tiles=None):
-        return moe_decode._experts(x, ids, gates, w13[i], w2[i], True, sg[i], su[i], sd[i], tiles=tiles).sum(1)
+        return moe_experts._experts(x, ids, gates, w13[i], w2[i], sg[i], su[i], sd[i], tiles=tiles).sum(1)
 
     def summed(i):  # `experts_sum`: the down kernel adds the slots and a residual (x here)
-        return moe_decode._experts(x, ids, gates, w13[i], w2[i], True, sg[i], su[i], sd[i], summed=True, residual=x)
+        return moe_experts._experts(x, ids, gates, w13[i], w2[i], sg[i], su[i], sd[i], summed=True, residual=x)
 
     def split(i):
-        routed = moe_decode._experts(x, ids, gates, w13[i], w2[i], True).sum(1)
+        routed = moe_experts._experts(x, ids, gates, w13[i], w2[i]).sum(1)
         return routed + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
 
     def peer(i):
@@ -98,7 +99,7 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
     expert_bytes = (K + 1) * 3 * I * D * 2
     time_us = {name: round(kernel_timing.graph_time_us(fn, layers), 2)
                for name, fn in (("peer_us", peer), ("split_us", split), ("fused_us", fused), ("summed_us", summed))}
-    result = dict(tokens=tokens, **time_us, tiles=list(moe_decode.PAIR_TILES),
+    result = dict(tokens=tokens, **time_us, tiles=list(moe_experts.PAIR_TILES),
                   bandwidth_bound_us=round(expert_bytes / 4.3e6, 2), max_abs_err=err)
     if sweep:
         timings = kernel_timing.sweep(fused, CONFIGS, layers)
@@ -109,47 +110,37 @@ def bench_experts(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: b
 
 
 def bench_expert_major(tokens: int, weights: tuple[list[torch.Tensor], ...], sweep: bool) -> dict:
-    """The routed experts of `tokens` tokens on the expert-major kernels (three launches)."""
+    """The expert-major layer of `tokens` tokens in one launch, routed experts alone and the model's
+    path (the shared expert and a residual too), each against PyTorch."""
     w13, w2, sg, su, sd = weights
     layers = len(w13)
     x, ids, gates = routed_step(tokens, w13[0])
+    flags = layer_flags(layers)
 
-    def ours(i, up=None, down=None):
-        return moe_decode._experts(x, ids, gates, w13[i], w2[i], False, up_tiles=up, down_tiles=down).sum(1)
+    def routed(i, up=None, down=None):
+        return moe_experts._experts_layer(x, ids, gates, w13[i], w2[i], flags[i], up_tiles=up, down_tiles=down)
 
     def peer(i):
         return gathered_experts(x, ids, gates, w13[i], w2[i])
 
-    def with_shared(i):  # the shared expert as one more expert program
-        return moe_decode._experts(x, ids, gates, w13[i], w2[i], False, sg[i], su[i], sd[i]).sum(1)
-
-    def shared_apart(i):  # the shared expert on the skinny SwiGLU and linear kernels
-        return ours(i) + skinny.linear(skinny.swiglu(x, sg[i], su[i]), sd[i]).float()
-
-    flags = layer_flags(layers)
-
-    def separate(i):  # the model's path before one launch: pairs, up, down, then the sum and residual
-        return moe_decode.sum_slots(moe_decode._experts(x, ids, gates, w13[i], w2[i], False, sg[i], su[i], sd[i]), x)
-
     def one_launch(i, up=None, down=None):
-        return moe_decode._experts_layer(x, ids, gates, w13[i], w2[i], flags[i], sg[i], su[i], sd[i], x,
-                                         up_tiles=up, down_tiles=down)
+        return moe_experts._experts_layer(x, ids, gates, w13[i], w2[i], flags[i], sg[i], su[i], sd[i], x,
+                                          up_tiles=up, down_tiles=down)
 
-    err = (ours(0) - peer(0)).abs().max().item()
-    shared_err = (with_shared(0) - shared_apart(0)).abs().max().item()
+    def layer_peer(i):
+        shared = F.linear(F.silu(F.linear(x, sg[i])) * F.linear(x, su[i]), sd[i])
+        return x + (peer(i) + shared.float()).to(x.dtype)
+
     used = ids.unique().numel()
-    result = dict(tokens=tokens, experts_used=used, peer_us=round(kernel_timing.graph_time_us(peer, layers), 2),
-                  ours_us=round(kernel_timing.graph_time_us(ours, layers), 2),
-                  up_tiles=list(moe_decode.EXPERT_UP_TILES), down_tiles=list(moe_decode.EXPERT_DOWN_TILES),
-                  bandwidth_bound_us=round(used * 3 * I * D * 2 / 4.3e6, 2), max_abs_err=err,
-                  with_shared_us=round(kernel_timing.graph_time_us(with_shared, layers), 2),
-                  shared_apart_us=round(kernel_timing.graph_time_us(shared_apart, layers), 2),
-                  shared_max_abs_diff=shared_err, separate_us=round(kernel_timing.graph_time_us(separate, layers), 2),
-                  one_launch_us=round(kernel_timing.graph_time_us(one_launch, layers), 2),
-                  one_launch_max_abs_diff=(one_launch(0).float() - separate(0).float()).abs().max().item())
+    time_us = {name: round(kernel_timing.graph_time_us(fn, layers), 2)
+               for name, fn in (("peer_us", peer), ("routed_us", routed), ("layer_peer_us", layer_peer),
+                                ("one_launch_us", one_launch))}
+    result = dict(tokens=tokens, experts_used=used, **time_us, up_tiles=list(moe_experts.EXPERT_UP_TILES),
+                  down_tiles=list(moe_experts.EXPERT_DOWN_TILES), sum_strips=moe_experts.SUM_STRIPS,
+                  bandwidth_bound_us=round(used * 3 * I * D * 2 / 4.3e6, 2),  # the routed experts used, 4.3 TB/s
+                  max_abs_err=(routed(0).float() - peer(0)).abs().max().item(),
+                  one_launch_max_abs_err=(one_launch(0).float() - layer_peer(0).float()).abs().max().item())
     if sweep:
-        result["best_up_configs"] = kernel_timing.sweep(lambda i, c: ours(i, up=c), EXPERT_CONFIGS, layers)[:6]
-        result["best_down_configs"] = kernel_timing.sweep(lambda i, c: ours(i, down=c), EXPERT_CONFIGS, layers)[:6]
         result["best_one_launch_up_configs"] = kernel_timing.sweep(lambda i, c: one_launch(i, up=c), EXPERT_CONFIGS,
                                                                    layers)[:6]
         result["best_one_launch_down_configs"] = kernel_timing.sweep(lambda i, c: one_launch(i, down=c),
@@ -199,10 +190,10 @@ def bench_router(tokens: int, sweep: bool) -> dict:
                 cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
     def fused(i, tiles=None):
-        return moe_decode._router(x, routers[i].weight, arrivals, *args(i), tiles=tiles)
+        return moe_routing._router(x, routers[i].weight, arrivals, *args(i), tiles=tiles)
 
     def split(i):
-        return moe_decode.route(F.linear(x.float(), routers[i].weight), *args(i))
+        return moe_routing.route(F.linear(x.float(), routers[i].weight), *args(i))
 
     def peer(i):
         return routers[i](x)[:2]
@@ -212,8 +203,8 @@ def bench_router(tokens: int, sweep: bool) -> dict:
         result = dict(tokens=tokens, peer_us=round(kernel_timing.graph_time_us(peer, layers), 2),
                       split_us=round(kernel_timing.graph_time_us(split, layers), 2),
                       fused_us=round(kernel_timing.graph_time_us(fused, layers), 2),
-                      tiles=list(moe_decode.ROUTER_TILES if tokens <= 2 else moe_decode.ROUTER_TILES_BATCHED),
-                      route_warps=moe_decode.ROUTE_WARPS, same_experts_as_peer=same)
+                      tiles=list(moe_routing.ROUTER_TILES if tokens <= 2 else moe_routing.ROUTER_TILES_BATCHED),
+                      route_warps=moe_routing.ROUTE_WARPS, same_experts_as_peer=same)
         if sweep:
             timings = kernel_timing.sweep(fused, ROUTER_CONFIGS, layers)
             result["best_configs"] = timings[:6]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
-from nanoseek.train.trainer import compiled_cross_entropy, cross_entropy, train_step  # noqa: E402
+from nanoseek.train.step import compiled_cross_entropy, cross_entropy, train_step  # noqa: E402
 
 GEMM_CEILING = 812e12  # measured bf16 GEMM ceiling of the lent H200 (REFERENCE.md section 8)
 

@@ -24,7 +24,7 @@ def golden_run() -> dict[str, list[float]]:
     """Loss, MTP loss, balance loss and grad norm of each of STEPS steps (fp32, CPU, one thread)."""
     from nanoseek import Transformer, preset
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.trainer import train_step
+    from nanoseek.train.step import train_step
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reductions in one fixed order

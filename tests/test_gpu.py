@@ -7,7 +7,7 @@ import torch
 
 from nanoseek import Transformer, preset
 from nanoseek.train.optim import build_optimizer
-from nanoseek.train.trainer import train_step
+from nanoseek.train.step import train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

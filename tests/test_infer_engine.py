@@ -193,7 +193,7 @@ def test_compiled_engine_gives_the_eager_engines_tokens():
 def test_greedy_tokens_equal_argmax_with_ties(vocab):
     """The two-stage argmax picks argmax's token, the first maximum, also for ties across and within
     chunks and a vocabulary that is not a multiple of the chunk."""
-    from nanoseek.infer.engine import GREEDY_CHUNK, greedy_tokens
+    from nanoseek.infer.batch import GREEDY_CHUNK, greedy_tokens
 
     torch.manual_seed(0)
     logits = torch.randn(6, vocab).to(torch.bfloat16)

@@ -10,8 +10,9 @@ from test_infer_fixtures import random_prompts, tiny_model
 
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer import speculative as spec
-from nanoseek.infer.engine import Batch, GenerationStats
+from nanoseek.infer.batch import Batch
 from nanoseek.infer.sampling import settings_tensors
+from nanoseek.infer.sequence import GenerationStats
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -91,3 +92,22 @@ def test_decode_steps_do_not_sync_with_the_host(k):
             batch.decode_at(2, lengths[:, None], max(batch.length) + 1, u[:, 0], mode="filters")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graphs_follow_an_optimizer_step():
+    """Graphs captured before an optimizer step replay with the new weights: the graphed engine, built once
+    on a model in training mode, then gives a fresh eager engine's tokens, without capturing again."""
+    model = tiny_model().cuda().to_dtype(torch.bfloat16).train()
+    prompts = random_prompts([5, 16], model.config.vocab_size)
+    engine = Engine(model, max_batch_size=2, max_len=96, cuda_graph=True)
+    before = [c.token_ids for c in engine.generate(prompts, GREEDY)]
+    captured = set(engine._batch.graphs.graphs)
+    assert captured and not engine._batch.graphs.eager
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor(prompts[1], device="cuda")[None]
+    (-model(ids).logits.float().log_softmax(-1)[..., 7].mean()).backward()
+    optimizer.step()
+    after = [c.token_ids for c in engine.generate(prompts, GREEDY)]
+    assert set(engine._batch.graphs.graphs) == captured  # replayed, not recaptured
+    assert after == [c.token_ids for c in Engine(model, max_batch_size=2, max_len=96).generate(prompts, GREEDY)]
+    assert after != before and model.training

@@ -7,8 +7,8 @@ import torch
 from test_infer_fixtures import single_thread, tiny_model, write_tiny_ckpt
 
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.engine import Sequence
 from nanoseek.infer.sampling import sample, sampling_probs, settings_tensors
+from nanoseek.infer.sequence import Sequence
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 

@@ -122,7 +122,8 @@ def test_speculative_sampling_matches_target_distribution(k):
 def test_first_draft_equals_mtp_on_full_recompute(k):
     """The MTP cache is right: each step's first draft is what MTP module 1 predicts when the
     whole committed sequence is recomputed without a cache (`forward(mtp_tokens=...)`)."""
-    from nanoseek.infer.engine import Batch, GenerationStats
+    from nanoseek.infer.batch import Batch
+    from nanoseek.infer.sequence import GenerationStats
 
     model = tiny_model(mtp_agree=1.0)
     engine = Engine(model, max_len=64, speculative=k)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nanoseek
 from nanoseek import Transformer
 from nanoseek.train.config import help_text, parse_args
 from nanoseek.train.optim import AdamWBf16Moments, lr_multiplier
@@ -42,8 +43,8 @@ def test_resume_continues_exactly(tmp_path):
     straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 7))
     assert straight == split  # identical losses, MTP losses included
-    a = Transformer.from_pretrained(tmp_path / "straight" / "checkpoints" / "step-000006")
-    b = Transformer.from_pretrained(tmp_path / "split" / "checkpoints" / "step-000006")
+    a = nanoseek.load_pretrained(tmp_path / "straight" / "checkpoints" / "step-000006")
+    b = nanoseek.load_pretrained(tmp_path / "split" / "checkpoints" / "step-000006")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     bias = a.moe_layers[0].gate.e_score_correction_bias
@@ -61,7 +62,7 @@ def test_checkpoint_loads_in_transformers_and_learning_happens(tmp_path):
     losses = train_losses(tmp_path)
     assert losses[25][0] < losses[1][0] - 1.0
     assert summary["val_loss"] < summary["unigram_entropy"]
-    ours = Transformer.from_pretrained(ckpt).eval()
+    ours = nanoseek.load_pretrained(ckpt).eval()
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 20))
     with torch.no_grad():
@@ -182,7 +183,7 @@ def one_debug_step(prepare) -> tuple[dict, dict]:
     """One train_step of a fresh debug model (after `prepare(model)`) on a fixed batch."""
     from nanoseek import preset
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.trainer import train_step
+    from nanoseek.train.step import train_step
 
     x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
     model = Transformer.from_config(preset("debug"), seed=0).train()
@@ -194,7 +195,7 @@ def one_debug_step(prepare) -> tuple[dict, dict]:
 
 
 def test_activation_checkpointing_gives_the_same_step():
-    from nanoseek.train.trainer import enable_activation_checkpointing
+    from nanoseek.train.step import enable_activation_checkpointing
 
     a, sa = one_debug_step(lambda model: None)
     b, sb = one_debug_step(enable_activation_checkpointing)
@@ -204,7 +205,7 @@ def test_activation_checkpointing_gives_the_same_step():
 
 
 def test_compiled_cross_entropy_matches_plain():
-    from nanoseek.train.trainer import compiled_cross_entropy, cross_entropy
+    from nanoseek.train.step import compiled_cross_entropy, cross_entropy
 
     logits = torch.randn(2, 8, 50, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, 50, (2, 8))
@@ -226,6 +227,134 @@ def test_compiled_blocks_trace_on_cpu():
         for block in [*model.layers.values(), *model.mtp]:
             block.compile(backend="aot_eager")
 
+    def checkpoint_and_compile(model):
+        from nanoseek.train.step import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)  # as the trainer does: hooks first, then compile
+        compile_blocks(model)
+
     plain, _ = one_debug_step(lambda model: None)
     compiled, _ = one_debug_step(compile_blocks)
     assert torch.allclose(plain["loss"], compiled["loss"], atol=1e-5)
+    both, _ = one_debug_step(checkpoint_and_compile)
+    assert torch.allclose(plain["loss"], both["loss"], atol=1e-5) and torch.equal(plain["loads"], both["loads"])
+
+
+def debug_model_and_batches(seed: int = 0, optimizer=None):
+    """A fresh debug model, its AdamW (or `optimizer(params)`) and two (4, 32) micro-batches."""
+    from nanoseek import preset
+    from nanoseek.train.optim import build_optimizer
+
+    model = Transformer.from_config(preset("debug"), seed=0).train()
+    opt = optimizer(model.parameters()) if optimizer else build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    x = torch.randint(0, 512, (2, 4, 33), generator=torch.Generator().manual_seed(seed))
+    return model, opt, [(b[:, :-1], b[:, 1:]) for b in x]
+
+
+def test_split_step_equals_train_step():
+    from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss, train_step
+
+    a, opt_a, _ = debug_model_and_batches()
+    b, opt_b, _ = debug_model_and_batches()
+    for step in range(2):
+        _, _, batches = debug_model_and_batches(seed=step)
+        want = train_step(a, opt_a, batches, lr=1e-3, autocast=contextlib.nullcontext(), grad_clip=1.0,
+                          mtp_lambda=0.3, seq_aux_alpha=1e-2, bias_gamma=1e-2)
+        got = accumulate_gradients(b, batches, pretraining_loss(0.3, 1e-2), contextlib.nullcontext())
+        got |= optimizer_step(b, opt_b, lr=1e-3, grad_clip=1.0, bias_gamma=1e-2)
+        assert list(got) == list(want)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_all_reduce_hook_feeds_the_bias_update():
+    from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss
+
+    def step(all_reduce=None):
+        model, opt, batches = debug_model_and_batches()
+        accumulate_gradients(model, batches, pretraining_loss(0.3, 1e-2), contextlib.nullcontext())
+        out = optimizer_step(model, opt, lr=1e-3, grad_clip=1.0, bias_gamma=1e-2, all_reduce=all_reduce)
+        return model, out
+
+    seen = []
+
+    def equalize(loads):  # stands in for a sum over ranks that came out perfectly balanced
+        seen.append(loads.clone())
+        loads.fill_(1.0)
+
+    plain, out = step()
+    assert out["maxvio"] > 0 and any(m.gate.e_score_correction_bias.any() for m in plain.moe_layers)
+    model, out = step(equalize)
+    n_main = sum(hasattr(block.mlp, "gate") for block in model.layers.values())
+    assert len(seen) == 1 and seen[0].shape == (len(model.moe_layers), model.config.n_routed_experts)
+    assert seen[0].sum() > 0  # it was given this step's counts
+    assert out["loads"].shape == (n_main, model.config.n_routed_experts)
+    assert torch.equal(out["loads"], torch.ones_like(out["loads"]))  # the reduced counts are reported
+    assert out["maxvio"] == 0 and not out["maxvio_layers"].any()
+    for m in model.moe_layers:  # equal loads: no bias moves, and the counts start again from zero
+        assert not m.gate.e_score_correction_bias.any() and not m.load_since_update.any()
+
+
+def test_grad_clip_zero_reports_the_norm_without_clipping():
+    from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss
+
+    class Recorder(torch.optim.Optimizer):  # keeps the gradients it is stepped with, moves nothing
+        def __init__(self, params):
+            super().__init__(list(params), {"lr": 0.0})
+
+        def step(self, closure=None):
+            self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    model, opt, batches = debug_model_and_batches(optimizer=Recorder)
+
+    def step(grad_clip):  # lr 0 and gamma 0: the model never changes, so each step has the same gradients
+        accumulate_gradients(model, batches, pretraining_loss(0.3, 1e-2), contextlib.nullcontext())
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        out = optimizer_step(model, opt, lr=0.0, grad_clip=grad_clip, bias_gamma=0.0)
+        assert all(p.grad is None for p in model.parameters())
+        return grads, out["grad_norm"], opt.grads
+
+    grads, norm, stepped = step(0.0)
+    assert torch.allclose(norm, torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert norm > 0.5
+    assert all(torch.equal(a, b) for a, b in zip(stepped, grads, strict=True))  # not clipped
+    _, clipped_norm, stepped = step(0.5)
+    assert torch.equal(clipped_norm, norm)  # the norm before clipping
+    assert all(torch.allclose(a, b * (0.5 / (norm + 1e-6))) for a, b in zip(stepped, grads, strict=True))
+
+
+def test_activation_checkpointing_keeps_names_and_checkpoints(tmp_path):
+    from nanoseek import preset
+    from nanoseek.hf import hf_state_dict
+    from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
+    from nanoseek.train.step import enable_activation_checkpointing
+
+    plain = Transformer.from_config(preset("debug"), seed=0).train()
+    model = Transformer.from_config(preset("debug"), seed=0).train()
+    enable_activation_checkpointing(model)
+    enable_activation_checkpointing(model)  # a second call changes nothing
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(hf_state_dict(model)) == list(hf_state_dict(plain))  # the checkpoint's names
+    for block in [*model.layers.values(), *model.mtp]:
+        assert "forward" not in vars(block)
+    assert callable(model.mtp[0].merge) and model.mtp[0].shared_head.norm is not None
+    assert model.mtp[0].embed_tokens is None
+
+    path = save_checkpoint(tmp_path, 1, model, {"step": 1}, None, {}, keep_last=1)
+    other = Transformer.from_config(preset("debug"), seed=1)
+    assert load_checkpoint(path, other) == {"step": 1}
+    for (name, x), y in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+    ids = torch.randint(0, 512, (2, 16))
+
+    def saved_outside_checkpoints(m) -> int:
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+            m(ids, mtp_tokens=ids)
+        return len(packed)
+
+    assert saved_outside_checkpoints(model) < saved_outside_checkpoints(plain) / 2  # blocks keep no activations

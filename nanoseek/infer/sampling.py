@@ -29,7 +29,8 @@ class SamplingParams:
     most likely tokens whose mass reaches top_p (1 = off). top_k: keep the k most likely tokens
     (0 = off). max_new_tokens: generated tokens at most (EOS included). stop: strings that end the
     generation; the text stops before the first one. seed: makes sampling reproducible.
-    ignore_eos: keep generating after the tokenizer's EOS (benchmarks).
+    ignore_eos: keep generating after the tokenizer's EOS (benchmarks). logprobs: also return log p of
+    each sampled token under the model's own distribution (temperature 1, no top-k/top-p), as RL needs.
     """
 
     temperature: float = 1.0
@@ -39,6 +40,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -5,10 +5,11 @@
     scheduler.cancel(seq)                              # e.g. the client went away
     scheduler.stop()
 
-The loop owns one `Batch` of `engine.max_batch_size` rows. Before each decode step it admits
-waiting requests into free rows (one right-padded prefill for all of them, then a copy into the
-rows of the big cache) and frees the rows of cancelled ones; a request leaves its row as soon as
-it finishes. Rows never share cache entries, so a request's output does not depend on which
+The loop owns one `Batch` of `engine.max_batch_size` rows and turns the batch's admit/step loop
+(`Batch.turn`, the same one `Engine.generate` runs): before each decode step it frees the rows of
+cancelled requests and admits waiting ones into free rows (one right-padded prefill for all of them,
+a prompt shared by n choices prefilled once, then a copy into the rows of the big cache); a request
+leaves its row as soon as it finishes. Rows never share cache entries, so a request's output does not depend on which
 others run beside it. Callbacks run on the loop thread and must be quick (hand the delta to a
 queue). If a step fails, every request in it finishes with reason "error" and the exception in
 `seq.error`; the loop keeps serving.
@@ -21,8 +22,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from nanoseek.infer.engine import Batch, Engine, GenerationStats, Prompt, Sequence
+from nanoseek.infer.batch import Batch
+from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.sequence import GenerationStats, Prompt, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +88,19 @@ class Scheduler:
                     self._waiting.remove(seq)
                     seq.finish("cancelled")
                     events.append((seq, ""))
-                admit = []
-                while self._waiting and len(admit) < len(batch.free_rows()):
-                    admit.append(self._waiting.popleft())
+            admitted: list[Sequence] = []
+
+            def take(free: int, admitted: list[Sequence] = admitted) -> list[Sequence]:
+                with self._cond:
+                    while self._waiting and len(admitted) < free:
+                        admitted.append(self._waiting.popleft())
+                return list(admitted)
+
             try:
-                events += batch.release_cancelled()
-                if admit:
-                    events += batch.admit(admit, self.stats)
-                if batch.busy:
-                    events += batch.step(self.stats)
+                events += batch.turn(take, self.stats)
             except Exception as e:  # a failed step must not take the server down
                 log.exception("decode step failed; failing the requests in it")
-                failed = {id(s): s for s in batch.running() + admit if not s.finished}
+                failed = {id(s): s for s in batch.running() + admitted if not s.finished}
                 batch = Batch(self.engine, self.engine.max_batch_size)
                 for s in failed.values():
                     s.finish("error", e)

@@ -7,9 +7,11 @@ Every request becomes one `Sequence` per choice (n per prompt) in the engine's c
 `Scheduler`, so concurrent requests decode in one batch. `stream: true` answers with server-sent
 events in OpenAI's chunk format, ending with `data: [DONE]`; `stream_options.include_usage` adds
 a usage chunk. Sampling fields: temperature, top_p, top_k (an extension, as in vLLM), seed,
-stop, max_tokens (chat also max_completion_tokens), n. Fields that would change the output but
-are not implemented (logprobs, penalties, logit_bias, tools, ...) are refused with a 400; other
-unknown fields are ignored with a logged warning. Errors use OpenAI's body
+stop, max_tokens (chat also max_completion_tokens), n (the n choices of a prompt share one prefill),
+and the sampled tokens' log-probabilities (completions `logprobs: 0`, chat `logprobs: true`; the
+top alternatives, `logprobs > 0` / `top_logprobs > 0`, are not computed and refused). Fields that would
+change the output but are not implemented (penalties, logit_bias, tools, ...) are refused with a 400;
+other unknown fields are ignored with a logged warning. Errors use OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -29,14 +31,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.infer.engine import Engine, Sequence
+from nanoseek.infer.engine import ContextLengthError, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.scheduler import Scheduler
+from nanoseek.infer.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
 # Fields that would change the output if honoured: refused unless they hold their neutral value.
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+UNSUPPORTED = {"echo": (None, False),
                "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
@@ -78,6 +81,13 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # 0: the sampled tokens' log-probabilities; more: top alternatives (refused)
+
+    def wants_logprobs(self) -> bool:
+        if self.logprobs is not None and self.logprobs != 0:
+            raise APIError(400, f"logprobs={self.logprobs}: the top alternatives are not supported; use logprobs=0 "
+                                "for the sampled tokens' log-probabilities", param="logprobs")
+        return self.logprobs is not None
 
 
 class Message(BaseModel):
@@ -94,6 +104,14 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message]
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def wants_logprobs(self) -> bool:
+        if self.top_logprobs:
+            raise APIError(400, f"top_logprobs={self.top_logprobs}: the top alternatives are not supported; use "
+                                "logprobs=true alone for the sampled tokens' log-probabilities", param="top_logprobs")
+        return self.logprobs
 
 
 # ---------------------------------------------------------------------------- app
@@ -140,23 +158,25 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         prompts = _prompt_list(req.prompt)
         ids = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        seqs = _submit(scheduler, engine, ids, req, max_tokens, param="prompt")
+        logprobs = req.wants_logprobs()
+        seqs = _submit(scheduler, engine, ids, req, max_tokens, param="prompt", logprobs=logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
-        def choice(i: int, text: str, finish: str | None) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        def choice(i: int, text: str, finish: str | None, tokens: slice) -> dict:
+            lp = _completion_logprobs(engine, seqs[i], tokens) if logprobs else None
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
         if req.stream:
             async def chunks() -> AsyncIterator[dict]:
-                async for i, delta, finish in _events(scheduler, seqs):
+                async for i, delta, finish, tokens in _events(scheduler, seqs):
                     if delta or finish:
-                        yield {**head, "choices": [choice(i, delta, finish)]}
+                        yield {**head, "choices": [choice(i, delta, finish, tokens)]}
                 if _include_usage(req):
                     yield {**head, "choices": [], "usage": _usage(seqs, req.n)}
             return _sse(chunks())
         await _drain(scheduler, seqs)
-        return {**head, "choices": [choice(i, s.text, s.finish_reason) for i, s in enumerate(seqs)],
+        return {**head, "choices": [choice(i, s.text, s.finish_reason, slice(None)) for i, s in enumerate(seqs)],
                 "usage": _usage(seqs, req.n)}
 
     @app.post("/v1/chat/completions")
@@ -175,7 +195,12 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = max(engine.max_len - len(ids), 1)
-        seqs = _submit(scheduler, engine, [ids], req, max_tokens, param="messages")
+        logprobs = req.wants_logprobs()
+        seqs = _submit(scheduler, engine, [ids], req, max_tokens, param="messages", logprobs=logprobs)
+
+        def chat_logprobs(i: int, tokens: slice) -> dict | None:
+            return _chat_logprobs(engine, seqs[i], tokens) if logprobs else None
+
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
@@ -184,10 +209,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 for i in range(len(seqs)):
                     delta = {"role": "assistant", "content": ""}
                     yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
-                async for i, text, finish in _events(scheduler, seqs):
+                async for i, text, finish, tokens in _events(scheduler, seqs):
                     if text:
-                        yield {**head, "choices": [{"index": i, "delta": {"content": text}, "logprobs": None,
-                                                    "finish_reason": None}]}
+                        yield {**head, "choices": [{"index": i, "delta": {"content": text},
+                                                    "logprobs": chat_logprobs(i, tokens), "finish_reason": None}]}
                     if finish:
                         yield {**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                                     "finish_reason": finish}]}
@@ -195,8 +220,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     yield {**head, "choices": [], "usage": _usage(seqs, req.n)}
             return _sse(chunks())
         await _drain(scheduler, seqs)
-        choices = [{"index": i, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
-                    "finish_reason": s.finish_reason} for i, s in enumerate(seqs)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
+                    "logprobs": chat_logprobs(i, slice(None)), "finish_reason": s.finish_reason}
+                   for i, s in enumerate(seqs)]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(seqs, req.n)}
 
     return app
@@ -238,21 +264,13 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
 
 
 def _submit(scheduler: Scheduler, engine: Engine, prompts: list[list[int]], req: _Request, max_tokens: int,
-            param: str) -> list[Sequence]:
-    """Check the settings and the token budget, then queue n sequences per prompt (in that order),
-    all reporting to one new `_Bridge`."""
+            param: str, logprobs: bool = False) -> list[Sequence]:
+    """Check the settings, then queue n sequences per prompt (in that order), all reporting to one new
+    `_Bridge`. The engine checks each prompt and the token budget (`Engine.sequence`)."""
     if not 1 <= req.n <= 64:
         raise APIError(400, f"n={req.n}: must lie in 1..64", param="n")
     if max_tokens < 1:
         raise APIError(400, f"max_tokens={max_tokens}: must be >= 1", param="max_tokens")
-    for ids in prompts:
-        if not ids:
-            raise APIError(400, f"the {param} encodes to no tokens; send some text", param=param)
-        if len(ids) + max_tokens > engine.max_len:
-            raise APIError(400, f"max_tokens={max_tokens} plus the {len(ids)} prompt tokens exceeds the context of "
-                                f"{engine.max_len} tokens; lower max_tokens to at most "
-                                f"{max(engine.max_len - len(ids), 0)} or shorten the {param}",
-                           param="max_tokens", code="context_length_exceeded")
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     params = []
     for i in range(req.n):
@@ -260,20 +278,49 @@ def _submit(scheduler: Scheduler, engine: Engine, prompts: list[list[int]], req:
             params.append(SamplingParams(
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, max_new_tokens=max_tokens,
-                stop=tuple(stop), seed=None if req.seed is None else req.seed + i))
+                stop=tuple(stop), seed=None if req.seed is None else req.seed + i, logprobs=logprobs))
         except ValueError as e:
             name = str(e).split("=")[0]
             raise APIError(400, str(e), param=name if name in _Request.model_fields else None) from None
     seqs, bridge = [], _Bridge()
     try:
         for ids in prompts:
+            if not ids:
+                raise APIError(400, f"the {param} encodes to no tokens; send some text", param=param)
             for sp in params:
                 seqs.append(scheduler.submit(ids, sp, bridge))
-    except ValueError as e:
+    except (APIError, ValueError) as e:
         for s in seqs:
             scheduler.cancel(s)
+        if isinstance(e, APIError):
+            raise
+        if isinstance(e, ContextLengthError):
+            raise APIError(400, f"max_tokens={max_tokens}: {e}", param="max_tokens",
+                           code="context_length_exceeded") from None
         raise APIError(400, str(e), param=param) from None
     return seqs
+
+
+def _token_texts(engine: Engine, seq: Sequence, tokens: slice) -> tuple[list[str], list[float]]:
+    ids = seq.token_ids[tokens]
+    return [engine.tokenizer.decode([t]) for t in ids], seq.logprobs[tokens]
+
+
+def _completion_logprobs(engine: Engine, seq: Sequence, tokens: slice) -> dict:
+    """The legacy completions `logprobs` object for the generated tokens in `tokens`."""
+    texts, values = _token_texts(engine, seq, tokens)
+    offsets, at = [], sum(len(engine.tokenizer.decode([t])) for t in seq.token_ids[: tokens.start or 0])
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": texts, "token_logprobs": values, "top_logprobs": None, "text_offset": offsets}
+
+
+def _chat_logprobs(engine: Engine, seq: Sequence, tokens: slice) -> dict:
+    """The chat `logprobs` object (`content`: one entry per generated token in `tokens`)."""
+    texts, values = _token_texts(engine, seq, tokens)
+    return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8", "replace")), "top_logprobs": []}
+                        for t, v in zip(texts, values)]}
 
 
 class _Bridge:
@@ -282,29 +329,34 @@ class _Bridge:
 
     def __init__(self):
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[Sequence, str, str | None]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Sequence, str, str | None, int]] = asyncio.Queue()
 
     def __call__(self, seq: Sequence, delta: str) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (seq, delta, seq.finish_reason))
+        event = (seq, delta, seq.finish_reason, len(seq.token_ids))
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
-async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[tuple[int, str, str | None]]:
-    """(choice index, text delta, finish reason or None) until every sequence finished.
+async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[tuple[int, str, str | None, slice]]:
+    """(choice index, text delta, finish reason or None, the slice of token_ids that arrived with this
+    event) until every sequence finished.
 
     Cancels the unfinished ones when the consumer stops early (client gone). A failed or
     cancelled sequence raises APIError.
     """
     index = {id(s): i for i, s in enumerate(seqs)}
+    seen = [0] * len(seqs)  # tokens handed out per choice
     bridge = seqs[0].on_event
     left = len(seqs)
     try:
         while left:
-            seq, delta, finish = await bridge.queue.get()
+            seq, delta, finish, n_tokens = await bridge.queue.get()
             if finish in ("error", "cancelled"):
                 raise APIError(500, f"generation {finish}: {seq.error or 'the server is shutting down'}",
                                type_="server_error")
             left -= finish is not None
-            yield index[id(seq)], delta, finish
+            i = index[id(seq)]
+            tokens, seen[i] = slice(seen[i], n_tokens), n_tokens
+            yield i, delta, finish, tokens
     finally:
         for s in seqs:
             if not s.finished:

@@ -105,13 +105,15 @@ def prefill_drafts(model: Transformer, cache: LatentCache, hidden: torch.Tensor,
 
 def speculative_step(model: Transformer, cache: LatentCache, pending: torch.Tensor, drafts: torch.Tensor,
                      q: torch.Tensor, lengths: torch.Tensor, max_length: int, settings: Settings,
-                     u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     u: torch.Tensor, logprobs: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Verify K drafts for every row, accept, and draft the next K.
 
     pending (B,) the token at position lengths (B,), drafts (B, K) and q (B, K, V) from the last
     draft, max_length = max(lengths) (host int), u (B, 2K+1) uniforms. Returns a (B,) accepted
-    drafts, tokens (B, K+1) (the first a+1 are emitted; tokens[a] is the new pending token), and
-    the next drafts (B, K) and q (B, K, V).
+    drafts, tokens (B, K+1) (the first a+1 are emitted; tokens[a] is the new pending token), the
+    next drafts (B, K) and q (B, K, V), and with `logprobs` log p(tokens) (B, K+1) under the main
+    model's own distribution at each verified position (else None).
     """
     B, K = drafts.shape
     temperature, top_k, top_p, filters = settings
@@ -128,4 +130,5 @@ def speculative_step(model: Transformer, cache: LatentCache, pending: torch.Tens
     rows = torch.arange(B, device=a.device)
     next_drafts, next_q = draft(model, cache, h[rows, a][:, None], logits[rows, a], lengths + a, K, settings,
                                 u[:, K + 1:], kv_len=max_length + 2 * K)
-    return a, tokens, next_drafts, next_q
+    lp = out.logits.float().log_softmax(dim=-1).gather(-1, tokens[..., None])[..., 0] if logprobs else None
+    return a, tokens, next_drafts, next_q, lp

@@ -44,11 +44,3 @@ def pow2_divisor(n: int, cap: int) -> int:
     while n % b:
         b //= 2
     return b
-
-
-
-def moe_layer_flags_size(n_experts: int, n_shared: int, hidden: int) -> int:
-    """int32 counters `moe_decode.experts_layer` needs for a MoE layer of n_experts routed experts,
-    n_shared shared ones (in units of the expert width) and hidden width: tickets, finished items,
-    pair lists, up blocks per expert, down strips (of >= 16 outputs)."""
-    return 2 + 2 * n_experts + n_shared + -(-hidden // 16)

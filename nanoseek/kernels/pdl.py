@@ -13,14 +13,18 @@ read before its wait: weights, and data written two or more kernels back (read t
 `.cg` loads). Nothing is stored before the wait. A kernel launched without PDL (cuBLAS, Inductor's)
 starts only when its predecessor has finished, as usual.
 
-`NANOSEEK_PDL=0` turns PDL off (kernels are then compiled without the wait), for timing with and
-without it in one process.
+PDL is on wherever it is supported (`pdl_enabled`); there is no switch. It won at both batch sizes
+measured, bench-1b decode steps on an H200 (`bench/decode_profile.py`, wall time per step, the same
+code with PDL and without it, through a since-removed environment switch):
+    batch 1:  568 us against 617 us without PDL     (decode_profile-2026-11-30-pdl.json, -pdl-off.json)
+    batch 32: 1,314 us against 1,418 us              (decode_profile-2026-12-01-3366f60.json, -3366f60-pdl0.json)
+(in `bench/results/`). Under PDL a kernel's profiled time includes its wait for the predecessor, so
+profiles overstate it (their GPU time per step, 1,982 us at batch 32, exceeds the wall time).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -37,10 +41,9 @@ _SUPPORTED = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait") and torch.vers
 
 
 def pdl_enabled(x: torch.Tensor) -> bool:
-    """True when kernels on x's device launch with PDL: an NVIDIA device of compute capability >= 9.0,
-    a Triton with griddepcontrol, and NANOSEEK_PDL not set to 0."""
-    return (_SUPPORTED and x.is_cuda and os.environ.get("NANOSEEK_PDL", "1") != "0"
-            and _capability_major(x.device.index or 0) >= 9)
+    """True when kernels on x's device launch with PDL: an NVIDIA device of compute capability >= 9.0
+    and a Triton with griddepcontrol."""
+    return _SUPPORTED and x.is_cuda and _capability_major(x.device.index or 0) >= 9
 
 
 @triton.jit

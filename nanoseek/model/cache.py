@@ -34,6 +34,13 @@ class LatentCache:
         view.data = self.data[:, :hi]
         return view
 
+    def gather_rows(self, index: torch.Tensor) -> LatentCache:
+        """A new cache whose row i is a copy of row index[i] (n,) of this one."""
+        out = object.__new__(LatentCache)
+        out.kv_lora_rank, out.rope_dim, out.max_len = self.kv_lora_rank, self.rope_dim, self.max_len
+        out.data = self.data[:, index]
+        return out
+
     def bytes_per_token(self) -> int:
         """Bytes one token occupies across all cached layers."""
         return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 
@@ -58,7 +59,9 @@ def shared_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer tensor with `model`.
 
     Modules, their attributes and registries are new objects; tensors registered as parameters or
-    buffers are the same objects. A compiled module's compiled call is not carried over."""
+    buffers are the same objects. Not carried over: a compiled module's compiled call, and tensors held
+    as plain attributes (training statistics such as `MoE.balance_loss`, which may hold an autograd
+    graph): the copy's attributes are None."""
     memo: dict[int, object] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         memo[id(tensor)] = tensor
@@ -66,4 +69,7 @@ def shared_copy(model: nn.Module) -> nn.Module:
         compiled = module.__dict__.get("_compiled_call_impl")
         if compiled is not None:
             memo[id(compiled)] = None
+        for value in module.__dict__.values():
+            if isinstance(value, torch.Tensor) and id(value) not in memo:
+                memo[id(value)] = None
     return copy.deepcopy(model, memo)

@@ -5,7 +5,7 @@
     nanoseek train --resume                           # continue the latest checkpoint in train.out_dir
 
 Reads top to bottom: prepare data, build model and optimizer, (resume), loop, finish.
-Per optimizer step:
+Per optimizer step (`nanoseek/train/step.py`: accumulate_gradients, then optimizer_step):
     loss = CE(main) + lambda/D * sum_k CE(MTP_k) + alpha * sum_layers L_balance   (per micro-batch)
     clip grad norm; AdamW step; router bias b += gamma * sign(mean load - load) (global counts).
 """
@@ -26,20 +26,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoseek.data.corpus import load_user_texts, synthetic_corpus
 from nanoseek.data.loader import PackedLoader
 from nanoseek.data.shards import write_shards
 from nanoseek.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from nanoseek.model.moe import update_router_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, run_record, save_checkpoint
 from nanoseek.train.config import DataConfig, RunConfig
 from nanoseek.train.evaluate import greedy_complete, heldout_accuracy, validation_loss
 from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
 from nanoseek.train.optim import SCHEDULES, build_optimizer, lr_multiplier
+from nanoseek.train.step import (
+    accumulate_gradients,
+    compiled_cross_entropy,
+    cross_entropy,
+    enable_activation_checkpointing,
+    optimizer_step,
+    pretraining_loss,
+)
 
 
 # ---------------------------------------------------------------------------- data
@@ -125,74 +131,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"nanoseek train: --train.device {name} asked for, but CUDA is not available")
     return device
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean CE of logits (B, S, V) against targets (B, S), computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-# fused upcast + log-softmax: never materialises the fp32 logits (used when blocks are compiled)
-compiled_cross_entropy = torch.compile(cross_entropy, dynamic=False)
-
-
-def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor,
-                    loss_fn=cross_entropy) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Main next-token CE and one CE per MTP depth k (position i predicts token i+k+1)."""
-    use_mtp = len(model.mtp) > 0
-    out = model(x, mtp_tokens=y if use_mtp else None)
-    main = loss_fn(out.logits, y)
-    mtp = [loss_fn(logits[:, :-k], y[:, k:]) for k, logits in enumerate(out.mtp_logits, start=1)]
-    return main, mtp
-
-
-def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
-               *, lr: float, autocast: contextlib.AbstractContextManager, grad_clip: float, mtp_lambda: float,
-               seq_aux_alpha: float, bias_gamma: float, loss_fn=cross_entropy) -> dict[str, torch.Tensor]:
-    """One optimizer step over micro-batches [(input_ids, targets) (B, S)]; no host syncs.
-
-    Returns device tensors: loss (main CE), mtp_loss (depth 1), balance, grad_norm, maxvio and the
-    per-layer expert loads (L_moe, E) of the step.
-    """
-    device = model.embed_tokens.weight.device
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    sums = {"loss": torch.zeros((), device=device), "mtp_loss": torch.zeros((), device=device),
-            "balance": torch.zeros((), device=device)}
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            main, mtp = language_losses(model, x, y, loss_fn)
-            balance = model.balance_loss()
-        loss = main + seq_aux_alpha * balance
-        if mtp:
-            loss = loss + mtp_lambda / len(mtp) * torch.stack(mtp).sum()
-            sums["mtp_loss"] += mtp[0].detach() / len(batches)
-        (loss / len(batches)).backward()
-        model.record_load()
-        sums["loss"] += main.detach() / len(batches)
-        sums["balance"] += balance.detach() / len(batches)
-    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    main_moe = [m for m in model.layers.values() if hasattr(m.mlp, "gate")]
-    if main_moe:
-        sums["loads"] = torch.stack([b.mlp.load_since_update.clone() for b in main_moe])
-    maxvio = update_router_bias(model.moe_layers, bias_gamma)
-    sums["maxvio"] = maxvio[: len(main_moe)].max() if main_moe else torch.zeros((), device=device)
-    sums["maxvio_layers"] = maxvio[: len(main_moe)]
-    if not len(model.mtp):
-        del sums["mtp_loss"]
-    return sums
-
-
-def enable_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block's activations in backward (MoE load counts are rewritten, not doubled)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in [*model.layers.values(), *model.mtp]:
-        forward = block.forward
-        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
 def train(run: RunConfig) -> dict[str, Any]:
@@ -281,11 +219,11 @@ def train(run: RunConfig) -> dict[str, Any]:
             lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.decay_frac,
                                        tc.min_lr_ratio)
             batches = [next(loader) for _ in range(tc.grad_accum)]
-            out = train_step(model, optimizer, batches, lr=lr, autocast=autocast, grad_clip=tc.grad_clip,
-                             mtp_lambda=tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final,
-                             seq_aux_alpha=tc.seq_aux_alpha,
-                             bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0,
-                             loss_fn=compiled_cross_entropy if tc.compile else cross_entropy)
+            loss_fn = pretraining_loss(tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final,
+                                       tc.seq_aux_alpha, ce=compiled_cross_entropy if tc.compile else cross_entropy)
+            out = accumulate_gradients(model, batches, loss_fn, autocast)
+            out |= optimizer_step(model, optimizer, lr=lr, grad_clip=tc.grad_clip,
+                                  bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0)
             step += 1
             bar.update(1)
             if step % tc.log_every == 0 or step == 1 or step == tc.max_steps:
@@ -392,7 +330,7 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
         print("-" * 72)
         print(s["prompt"][-160:] + " \u2192" + s["completion"][:400])
     print("-" * 72)
-    print(f"checkpoint  {summary['checkpoint']}  (HF format: Transformer.from_pretrained / transformers)")
+    print(f"checkpoint  {summary['checkpoint']}  (HF format: nanoseek.load_pretrained / transformers)")
     print(f"metrics     {out_dir / 'metrics.jsonl'}  (TensorBoard: {out_dir / 'tensorboard'})")
     print(f"plots       {', '.join(summary['plots'])}")
     print(f"summary     {out_dir / 'summary.json'}")

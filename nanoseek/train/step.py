@@ -1,0 +1,199 @@
+"""One optimizer step, in pieces that pretraining, RL and SFT share.
+
+A step is two calls: what is learned (a loss function) is separate from how the weights move.
+
+    metrics = accumulate_gradients(model, batches, loss_fn, autocast)       # forward + backward
+    metrics |= optimizer_step(model, optimizer, lr=lr, grad_clip=1.0, bias_gamma=1e-3)   # update
+
+A loss function maps one micro-batch to a loss and what to log about it:
+
+    loss_fn(model, batch) -> (loss, metrics)
+        loss     scalar tensor: the micro-batch's mean loss, the one to backpropagate
+        metrics  {name: scalar tensor}: detached figures to log (averaged over micro-batches)
+
+`pretraining_loss` builds the one for next-token prediction with MTP and the balance loss; an RL or
+SFT loss is another function of the same shape (its batch may hold masks or advantages: any tensors
+in a tuple, list or dict travel to the model's device).
+
+accumulate_gradients, per micro-batch b of n: move b to the device; loss, m = loss_fn(model, b) under
+autocast; (loss / n).backward(); model.record_load() adds the micro-batch's tokens per expert to each
+MoE layer's count. Gradients therefore hold the mean over micro-batches.
+
+optimizer_step: set lr; clip the global grad norm; optimizer.step(); zero the gradients; the
+aux-loss-free router update b_i += gamma * sign(mean load - load_i) per MoE layer, on the counts
+since the last update (summed over data-parallel ranks by `all_reduce` first, when given).
+
+Shapes: B micro-batch rows, S sequence, V vocabulary, D MTP depth, E routed experts, L_moe the main
+model's MoE layers (MTP modules' MoE layers come after them in `model.moe_layers`).
+
+    pretraining batch   (input_ids (B, S), targets (B, S))
+    pretraining loss    CE(main) + mtp_lambda / D * sum_k CE(MTP_k) + seq_aux_alpha * sum_layers L_bal
+    metrics             loss (main CE), mtp_loss (depth 1; only with MTP), balance
+    optimizer_step      grad_norm, loads (L_moe, E), maxvio (), maxvio_layers (L_moe,)
+
+Nothing here reads a tensor on the host: every figure is a device tensor, and the caller decides
+when to synchronise (the trainer only at log steps).
+
+`enable_activation_checkpointing` makes each block recompute its activations in backward
+(torch.distributed._composable.checkpoint: forward hooks, so module names, state_dict keys and the
+Hugging Face checkpoint names stay as they are).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model.moe import MoE, update_router_bias
+from nanoseek.model.transformer import Transformer
+
+Metrics = dict[str, torch.Tensor]
+LossFn = Callable[[Transformer, Any], tuple[torch.Tensor, Metrics]]
+
+
+# ---------------------------------------------------------------------------- losses
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of logits (B, S, V) against targets (B, S), computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+# fused upcast + log-softmax: never materialises the fp32 logits (used when blocks are compiled)
+compiled_cross_entropy = torch.compile(cross_entropy, dynamic=False)
+
+
+def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor,
+                    loss_fn=cross_entropy) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Main next-token CE and one CE per MTP depth k (position i predicts token i+k+1)."""
+    use_mtp = len(model.mtp) > 0
+    out = model(x, mtp_tokens=y if use_mtp else None)
+    main = loss_fn(out.logits, y)
+    mtp = [loss_fn(logits[:, :-k], y[:, k:]) for k, logits in enumerate(out.mtp_logits, start=1)]
+    return main, mtp
+
+
+def pretraining_loss(mtp_lambda: float, seq_aux_alpha: float, ce=cross_entropy) -> LossFn:
+    """The pretraining loss of (input_ids, targets) (B, S) micro-batches:
+    CE(main) + mtp_lambda / D * sum_k CE(MTP_k) + seq_aux_alpha * model.balance_loss().
+
+    `ce(logits (B, S, V), targets (B, S))` is the per-token loss (`compiled_cross_entropy` with compiled
+    blocks). Metrics: loss (main CE), mtp_loss (depth 1, only when the model has MTP), balance.
+    """
+
+    def loss_fn(model: Transformer, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        x, y = batch
+        main, mtp = language_losses(model, x, y, ce)
+        balance = model.balance_loss()
+        loss = main + seq_aux_alpha * balance
+        metrics = {"loss": main.detach()}
+        if mtp:
+            loss = loss + mtp_lambda / len(mtp) * torch.stack(mtp).sum()
+            metrics["mtp_loss"] = mtp[0].detach()
+        metrics["balance"] = balance.detach()
+        return loss, metrics
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------- the step
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch's tensors (in tuples, lists and dicts, nested) on device, copied without a sync."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def accumulate_gradients(model: Transformer, batches: Sequence[Any], loss_fn: LossFn,
+                         autocast: contextlib.AbstractContextManager) -> Metrics:
+    """Forward and backward of each micro-batch; gradients add up to the mean over micro-batches.
+
+    Runs `loss_fn(model, batch)` under `autocast`, backpropagates loss / len(batches) and records
+    each MoE layer's expert load. Returns the metrics averaged over the micro-batches (device tensors).
+    """
+    if not batches:
+        raise ValueError("accumulate_gradients: no micro-batches")
+    device = next(model.parameters()).device
+    n = len(batches)
+    sums: Metrics = {}
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast:
+            loss, metrics = loss_fn(model, batch)
+        (loss / n).backward()
+        model.record_load()
+        for name, value in metrics.items():
+            if name not in sums:
+                sums[name] = torch.zeros((), device=device)
+            sums[name] += value.detach() / n
+    return sums
+
+
+def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: float, grad_clip: float,
+                   bias_gamma: float, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Metrics:
+    """Clip, step, zero the gradients, then the router-bias update of every MoE layer.
+
+    grad_clip <= 0: no clipping (grad_norm is still reported). `all_reduce(loads)` (optional) sums the
+    (layers, E) expert counts in place over data-parallel ranks before the bias moves. Returns device
+    tensors: grad_norm (before clipping), loads (L_moe, E) of the main model's MoE layers as the
+    update used them, maxvio (their largest MaxVio) and maxvio_layers (L_moe,).
+    """
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    out = {"grad_norm": grad_norm}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    n_main = sum(isinstance(m, MoE) for m in model.layers.modules())  # first in model.moe_layers
+    counted: list[torch.Tensor] = []
+
+    def reduce(loads: torch.Tensor) -> None:  # (all MoE layers, E), a fresh stack of the counts
+        if all_reduce is not None:
+            all_reduce(loads)
+        counted.append(loads)
+
+    maxvio = update_router_bias(model.moe_layers, bias_gamma, reduce)
+    if n_main:
+        out["loads"] = counted[0][:n_main]
+    out["maxvio"] = maxvio[:n_main].max() if n_main else torch.zeros((), device=device)
+    out["maxvio_layers"] = maxvio[:n_main]
+    return out
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+               *, lr: float, autocast: contextlib.AbstractContextManager, grad_clip: float, mtp_lambda: float,
+               seq_aux_alpha: float, bias_gamma: float, loss_fn=cross_entropy) -> Metrics:
+    """One pretraining step over micro-batches [(input_ids, targets) (B, S)]; no host syncs.
+
+    `loss_fn` is the per-token CE (see `pretraining_loss`). Returns device tensors: loss (main CE),
+    mtp_loss (depth 1), balance, grad_norm, loads (L_moe, E), maxvio and maxvio_layers.
+    """
+    metrics = accumulate_gradients(model, batches, pretraining_loss(mtp_lambda, seq_aux_alpha, loss_fn), autocast)
+    return metrics | optimizer_step(model, optimizer, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma)
+
+
+# ---------------------------------------------------------------------------- memory
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations (main layers and MTP modules) in backward.
+
+    PyTorch's composable checkpoint (non-reentrant) hooks each block's forward: no wrapper module, so
+    names, state_dict keys and checkpoints are unchanged, and `block.compile()` afterwards compiles the
+    hooked call. Recomputation rewrites each MoE layer's `last_load` with the same counts (not added
+    twice). Calling it again leaves checkpointed blocks as they are.
+    """
+    from torch.distributed._composable import checkpoint
+
+    for block in [*model.layers.values(), *model.mtp]:
+        if checkpoint.state(block) is None:
+            checkpoint(block)
