@@ -106,6 +106,48 @@ def test_sampling_fields(client):
     assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_of_the_sampled_tokens(client, served):
+    """completions logprobs=0 and chat logprobs=true return the engine's log p of each generated token
+    (streamed too); the top alternatives are refused with a 400 that names the field."""
+    engine = served[1]
+    prompt = "Pack my box"
+    want = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=10, logprobs=True))[0]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=0)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    # one string per token (a token ending inside a UTF-8 character shows as U+FFFD on its own)
+    assert lp.tokens == [engine.tokenizer.decode([t]) for t in want.token_ids] and lp.text_offset[0] == 0
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
+                                            stream=True))
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(want.logprobs, abs=1e-5)
+    messages = [{"role": "user", "content": "hi"}]
+    chat_want = engine.generate([engine.tokenizer.apply_chat_template(messages)],
+                                SamplingParams(temperature=0, max_new_tokens=6, logprobs=True))[0]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True)
+    assert [t.logprob for t in chat.choices[0].logprobs.content] == pytest.approx(chat_want.logprobs, abs=1e-5)
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    for call, param in [
+        (lambda: client.completions.create(model="tiny", prompt=prompt, max_tokens=4, logprobs=2), "logprobs"),
+        (lambda: client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, logprobs=True,
+                                                top_logprobs=3), "top_logprobs"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.body["param"] == param
+
+
+def test_n_choices_share_one_prefill(client, served):
+    stats = served[2].stats
+    before = stats.prompt_tokens
+    out = client.completions.create(model="tiny", prompt=[1, 2, 3, 4, 5, 6], max_tokens=4, temperature=1.0, seed=1,
+                                    n=4)
+    assert len(out.choices) == 4 and out.usage.prompt_tokens == 6
+    assert stats.prompt_tokens - before == 6  # one prefill for the four rows
+
+
 def test_concurrent_clients_match_solo_outputs(client, served):
     """Six clients at once (more than the 4 rows, half streaming) each get their solo greedy output."""
     engine = served[1]

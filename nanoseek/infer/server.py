@@ -170,7 +170,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if req.stream:
             async def chunks() -> AsyncIterator[dict]:
                 async for i, delta, finish, tokens in _events(scheduler, seqs):
-                    if delta or finish:
+                    if delta or finish or (logprobs and tokens.stop > tokens.start):
                         yield {**head, "choices": [choice(i, delta, finish, tokens)]}
                 if _include_usage(req):
                     yield {**head, "choices": [], "usage": _usage(seqs, req.n)}
@@ -210,7 +210,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     delta = {"role": "assistant", "content": ""}
                     yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
                 async for i, text, finish, tokens in _events(scheduler, seqs):
-                    if text:
+                    if text or (logprobs and tokens.stop > tokens.start):  # held-back text: its tokens' values
                         yield {**head, "choices": [{"index": i, "delta": {"content": text},
                                                     "logprobs": chat_logprobs(i, tokens), "finish_reason": None}]}
                     if finish:
