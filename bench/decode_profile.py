@@ -58,8 +58,9 @@ def time_prefill(engine, prompts, params, batch_size: int, args_host_profile: bo
         admit(seqs)
         times.append((time.perf_counter() - t0) * 1e3)
     replay_ms = None
-    if batch.prefill_graphs is not None and batch.prefill_graphs.graphs:  # the captured prefill alone
-        graph = next(iter(batch.prefill_graphs.graphs.values()))[0]
+    prefills = [entry for key, entry in (batch.graphs.graphs if batch.graphs else {}).items() if key[0] == "prefill"]
+    if prefills:  # the captured prefill alone
+        graph = prefills[0][0]
         sync()
         t0 = time.perf_counter()
         for _ in range(3):
@@ -134,8 +135,10 @@ def profile_batch(model, batch_size: int, args) -> dict:
     ]
     rows.sort(key=lambda r: -r[2])
     replay_us = None
-    if batch.graph is not None and batch.graph.graphs:  # the graph alone, back to back: no host work between
-        graph, _ = max(batch.graph.graphs.items())[1]  # the longest kv bucket: the one in use
+    steps = {key: entry for key, entry in (batch.graphs.graphs if batch.graphs else {}).items()
+             if key[0] in ("decode step", "speculative step")}
+    if steps:  # the graph alone, back to back: no host work between
+        graph = steps[max(steps, key=lambda key: key[1])][0]  # the longest kv bucket: the one in use
         sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):

@@ -4,7 +4,7 @@
     completions = engine.generate(prompts, SamplingParams(temperature=0.7, logprobs=True), n=4)
 
 The engine decodes through its own copy of the model's module tree (`nanoseek.model.swap.shared_copy`),
-in eval mode, with the decode kernels swapped in on a GPU (`nanoseek.kernels.install`) and, with
+in eval mode, with the decode kernels swapped in on a GPU (`nanoseek.kernels.modules.install`) and, with
 `compile=True`, compiled blocks. The copy holds the very parameter tensors of `model`: the caller's
 modules are never replaced, changed or switched to eval, and an optimizer step on `model` is what the
 next generate call decodes with (also through CUDA graphs captured before the step, which read the

@@ -12,7 +12,7 @@ gates[t, s], slot K + j the shared slice j with gate 1. Per pair, and per token:
     out[t] = [residual[t] +] (sum_s y[t * S + s] in x's dtype)               (D,) in x's dtype
 Reference: `nanoseek.model.moe.RoutedExperts.forward_looped` plus the shared experts' SwiGLU
 (`nanoseek.model.common.MLP`) and the residual. The caller picks one of two layouts by batch rows
-(`MoE.forward`), so that a plain and a speculative step of one batch take the same arithmetic.
+(`DecodeMoE.forward`), so that a plain and a speculative step of one batch take the same arithmetic.
 
 Pair-major (1-2 batch rows; at most PAIR_MAJOR_MAX_TOKENS tokens, `pair_major_ok`): mat-vecs whose
 programs stream one pair's expert rows directly, no pair lists:
@@ -169,7 +169,7 @@ PAIR_SUM_TILES = (4, 128, 4, 3)  # the summing down kernel's: one program holds 
 
 def pair_major_ok(x: torch.Tensor, w13: torch.Tensor) -> bool:
     """The pair-major mat-vecs take at most PAIR_MAJOR_MAX_TOKENS tokens, D and I multiples of 16
-    (no masked tails). Callers choose by batch rows, not tokens (`MoE.forward`), so that a plain and
+    (no masked tails). Callers choose by batch rows, not tokens (`DecodeMoE.forward`), so that a plain and
     a speculative step of the same batch take the same path and arithmetic."""
     D, I = x.shape[1], w13.shape[1] // 2
     return x.shape[0] <= PAIR_MAJOR_MAX_TOKENS and D % 16 == 0 and I % 16 == 0

@@ -1,7 +1,7 @@
 """Small building blocks shared by attention, MoE and MTP: RMSNorm, Linear and the SwiGLU MLP.
 
 These are the reference maths. Fast paths (decode kernels, FP8) are installed from outside by
-swapping these modules for subclasses (`nanoseek.model.swap`, `nanoseek.kernels.install`).
+swapping these modules for subclasses (`nanoseek.model.swap`, `nanoseek.kernels.modules.install`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ checkpoint mapping in `nanoseek/hf.py` (`nanoseek.load_pretrained`, `nanoseek.sa
 rename of the `model.` prefix, the stacked experts and
 the MTP layers (`mtp.{k}` <-> `model.layers.{num_hidden_layers + k}`). Layers live in a
 `ModuleDict` so a pipeline stage is cut by deleting entries; the model holds no distributed code,
-no kernels and no checkpoint format: fast paths are swapped in from outside (`nanoseek.kernels.install`).
+no kernels and no checkpoint format: fast paths are swapped in from outside (`nanoseek.kernels.modules.install`).
 """
 
 from __future__ import annotations
