@@ -49,7 +49,7 @@ def test_generate_speculative_via_main(tiny_ckpt, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "/no/such/dir", "--prompt", "x"], "no such directory"),
-    (["--prompt", "x", "--temperature", "-1"], "temperature=-1.0: must be >= 0"),
+    (["--prompt", "x", "--temperature", "-1"], "temperature=-1.0: must be 0 \\(greedy\\)"),
     (["--prompt", "x", "--max-new-tokens", "100000"], "exceeds the context"),
 ])
 def test_generate_errors_name_the_problem(tiny_ckpt, argv, message):

@@ -203,3 +203,34 @@ def test_greedy_tokens_equal_argmax_with_ties(vocab):
     logits[4] = 0.0  # all equal: token 0
     assert torch.equal(greedy_tokens(logits), logits.float().argmax(dim=-1))
     assert greedy_tokens(logits)[4] == 0
+
+
+@pytest.mark.parametrize("speculative,pipeline", [(0, False), (0, True), (2, False)])
+def test_a_poisoned_request_fails_alone(speculative, pipeline):
+    """A request whose distribution turns NaN (a denormal temperature, forced past validation) ends with
+    reason "error"; the three requests decoding beside it give their solo outputs."""
+    import dataclasses
+
+    model = tiny_model(mtp_agree=1.0 if speculative else 0.0)
+    prompts = random_prompts([5, 9, 4, 7], model.config.vocab_size, seed=11)
+    good = [GREEDY, dataclasses.replace(GREEDY, temperature=0.8, seed=3), GREEDY]
+    poisoned = dataclasses.replace(GREEDY, temperature=0.8, seed=4)
+    object.__setattr__(poisoned, "temperature", 1e-45)  # what validation now refuses
+    engine = Engine(model, max_batch_size=4, max_len=64, speculative=speculative, pipeline=pipeline)
+    alone = [engine.generate([prompts[i]], sp)[0].token_ids for i, sp in zip((0, 1, 3), good)]
+    out = engine.generate(prompts, [*good[:2], poisoned, good[2]])
+    assert out[2].finish_reason == "error"
+    assert [out[i].token_ids for i in (0, 1, 3)] == alone
+    assert engine.generate(prompts[:1], GREEDY)[0].token_ids == alone[0]  # the engine keeps serving
+    assert isinstance(out[2].token_ids, list) and all(0 <= t < model.config.vocab_size for t in out[2].token_ids)
+
+
+def test_sampling_settings_are_checked_where_they_enter():
+    with pytest.raises(ValueError, match="temperature=1e-45: must be 0"):
+        SamplingParams(temperature=1e-45)
+    with pytest.raises(ValueError, match="temperature=inf"):
+        SamplingParams(temperature=float("inf"))
+    from nanoseek.infer.sampling import settings_tensors
+
+    _, top_k, top_p = settings_tensors([SamplingParams(top_k=2**63, top_p=1e-46)], "cpu")
+    assert top_k.item() == 2**31 - 1 and top_p.item() > 0  # clamped to values that keep the meaning

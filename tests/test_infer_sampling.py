@@ -19,7 +19,7 @@ def tiny_ckpt(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"temperature": -0.1}, "temperature=-0.1: must be >= 0"),
+    ({"temperature": -0.1}, "temperature=-0.1: must be 0 \\(greedy\\)"),
     ({"temperature": float("nan")}, "temperature=nan"),
     ({"top_p": 0.0}, r"top_p=0.0: must lie in \(0, 1\]"),
     ({"top_k": -1}, "top_k=-1"),

@@ -139,6 +139,16 @@ def test_logprobs_of_the_sampled_tokens(client, served):
         assert info.value.body["param"] == param
 
 
+def test_extreme_filters_are_clamped_not_fatal(client):
+    """top_p of 1e-46 (0 in fp32) and top_k of 2**63 keep their meaning (the top token; every token)."""
+    greedy = client.completions.create(model="tiny", prompt="Pack my", max_tokens=8, temperature=0).choices[0].text
+    tight = client.completions.create(model="tiny", prompt="Pack my", max_tokens=8, temperature=1.0, top_p=1e-46)
+    assert tight.choices[0].text == greedy
+    wide = client.completions.create(model="tiny", prompt="Pack my", max_tokens=8, temperature=1.0, seed=1,
+                                     extra_body={"top_k": 2**63})
+    assert wide.choices[0].finish_reason in ("stop", "length")
+
+
 def test_n_choices_share_one_prefill(client, served):
     stats = served[2].stats
     before = stats.prompt_tokens
@@ -193,6 +203,7 @@ def test_client_disconnect_cancels_the_request(served):
     (lambda c: c.completions.create(model="nope", prompt="hi", max_tokens=4), 404, "model"),
     (lambda c: c.completions.create(model="tiny", prompt="hi", max_tokens=MAX_LEN), 400, "max_tokens"),
     (lambda c: c.completions.create(model="tiny", prompt="hi", temperature=-1), 400, "temperature"),
+    (lambda c: c.completions.create(model="tiny", prompt="hi", temperature=1e-45), 400, "temperature"),
     (lambda c: c.completions.create(model="tiny", prompt="", max_tokens=4), 400, "prompt"),
     (lambda c: c.completions.create(model="tiny", prompt="hi", max_tokens=4, logprobs=2), 400, "logprobs"),
     (lambda c: c.chat.completions.create(model="tiny", messages=[], max_tokens=4), 400, "messages"),

@@ -237,12 +237,12 @@ class Batch:
         else:
             first = sample(sampling_probs(last, t, k, p, mode == "filters"), u)  # (n,)
         if self.k:
-            drafts, q = spec.prefill_drafts(self.model, small, hidden, ids, first, lengths, self.k,
+            drafts, q = spec.prefill_drafts(self.model, small, hidden, ids, first.clamp_min(0), lengths, self.k,
                                             (t, k, p, mode == "filters"), draft_u)
             self.drafts[index], self.draft_probs[index] = drafts, q
         self.cache.write_rows(index, small)
-        self.pending[index] = first
-        return first, token_logprobs(last, first) if logprobs else None
+        self.pending[index] = first.clamp_min(0)  # a failed row (-1) feeds a harmless token until it is freed
+        return first, token_logprobs(last, first.clamp_min(0)) if logprobs else None
 
     # ------------------------------------------------------------------ decode steps
     @torch.no_grad()
@@ -354,8 +354,8 @@ class Batch:
             tokens = self.engine.greedy(logits)
         else:
             tokens = sample(sampling_probs(logits, *self._settings(slice(0, hi), mode == "filters")), u)
-        self.pending[:hi] = tokens
-        return tokens, token_logprobs(logits, tokens) if logprobs else None
+        self.pending[:hi] = tokens.clamp_min(0) if mode != "greedy" else tokens  # -1: a failed row (`sample`)
+        return tokens, token_logprobs(logits, tokens.clamp_min(0)) if logprobs else None
 
     def _launch_speculative(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Enqueue a speculative step (all rows when graphed, else rows up to the last active one) ->
@@ -384,6 +384,6 @@ class Batch:
         a, tokens, drafts, q, lp = spec.speculative_step(
             self.model, self.rows_view(hi), self.pending[:hi], self.drafts[:hi], self.draft_probs[:hi], lengths,
             max_length, self._settings(slice(0, hi), filters), u, logprobs=logprobs)
-        self.pending[:hi] = tokens.gather(1, a[:, None])[:, 0]
+        self.pending[:hi] = tokens.gather(1, a[:, None])[:, 0].clamp_min(0)  # -1: a failed row (`sample`)
         self.drafts[:hi], self.draft_probs[:hi] = drafts, q
         return a, tokens, lp

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e4  # logits / temperature must stay finite in fp32
+MIN_TOP_P = 1e-6  # smaller values (denormal or 0 in fp32) keep the most likely token, as 1e-6 does
+MAX_TOP_K = 2**31 - 1  # larger k keep every token, as this one does (and would overflow int64 tensors)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -46,8 +50,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 means greedy)")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):  # also NaN
+            raise ValueError(f"temperature={self.temperature}: must be 0 (greedy) or lie in [{MIN_TEMPERATURE:g}, "
+                             f"{MAX_TEMPERATURE:g}] (logits / temperature must stay finite in fp32)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must lie in (0, 1] (1 turns nucleus sampling off)")
         if self.top_k < 0:
@@ -80,8 +85,10 @@ def settings_tensors(params: Sequence[SamplingParams],
                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """temperature (B,) fp32, top_k (B,) int64, top_p (B,) fp32 for a list of requests."""
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    # clamped where the clamp keeps the meaning: top-k beyond int range keeps every token, a top_p below
+    # MIN_TOP_P (0 or denormal in fp32) keeps only the most likely one
+    top_k = torch.tensor([min(p.top_k, MAX_TOP_K) for p in params], dtype=torch.int64)
+    top_p = torch.tensor([max(p.top_p, MIN_TOP_P) for p in params], dtype=torch.float32)
     return temperature.to(device), top_k.to(device), top_p.to(device)
 
 
@@ -112,9 +119,12 @@ def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Draw from probs (..., V) (need not sum to 1) with uniforms u (...) in [0, 1) -> ids (...).
 
     Inverse CDF: the first token whose cumulative mass exceeds u * total. Tokens of zero mass are
-    never returned; a one-hot row returns its hot index for every u.
+    never returned; a one-hot row returns its hot index for every u. A row whose mass is not a
+    positive finite number (NaN logits) returns -1, which the engine fails as that request's error
+    (`Sequence.append`) without feeding it to the model.
     """
     cdf = probs.float().cumsum(dim=-1)  # (..., V)
     total = cdf[..., -1]
     x = torch.minimum(u.to(cdf.device, cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x[..., None], right=True)[..., 0]
+    ids = torch.searchsorted(cdf, x[..., None], right=True)[..., 0]
+    return torch.where(torch.isfinite(total) & (total > 0), ids, -1)

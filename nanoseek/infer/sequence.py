@@ -113,6 +113,10 @@ class Sequence:
         for i, t in enumerate(tokens):
             if self.finished:
                 break
+            if t < 0:  # the sampler's mark of a row with no valid distribution (`sampling.sample`)
+                self.finish("error", RuntimeError("the model's next-token distribution was not finite (NaN or "
+                                                  "infinite logits); this request was stopped"))
+                break
             self.token_ids.append(t)
             if self.logprobs is not None:
                 self.logprobs.append(logprobs[i])

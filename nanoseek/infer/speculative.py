@@ -78,7 +78,7 @@ def draft(model: Transformer, cache: LatentCache, h: torch.Tensor, logits: torch
                                        kv_len=kv_len)
             logits = out[:, 0]
         q = sampling_probs(logits, temperature, top_k, top_p, filters)
-        drafts.append(sample(q, u[:, j]))
+        drafts.append(sample(q, u[:, j]).clamp_min(0))  # a failed row (-1) drafts a harmless token
         qs.append(q)
     return torch.stack(drafts, dim=1), torch.stack(qs, dim=1)
 
@@ -125,10 +125,10 @@ def speculative_step(model: Transformer, cache: LatentCache, pending: torch.Tens
     a, tokens = accept(p.view(B, K + 1, -1), q, drafts, u[:, :K], u[:, K])
     # MTP module 1 over m .. m+K: hidden h_0 at i with token i+1 (true up to m+a)
     cos, sin = model.rope(pos, out.hidden.dtype)
-    h, logits = model.mtp_forward(1, out.hidden, tokens, cos, sin, cache=cache, positions=pos,
+    h, logits = model.mtp_forward(1, out.hidden, tokens.clamp_min(0), cos, sin, cache=cache, positions=pos,
                                   kv_len=max_length + K + 1)
     rows = torch.arange(B, device=a.device)
     next_drafts, next_q = draft(model, cache, h[rows, a][:, None], logits[rows, a], lengths + a, K, settings,
                                 u[:, K + 1:], kv_len=max_length + 2 * K)
-    lp = out.logits.float().log_softmax(dim=-1).gather(-1, tokens[..., None])[..., 0] if logprobs else None
+    lp = out.logits.float().log_softmax(dim=-1).gather(-1, tokens.clamp_min(0)[..., None])[..., 0] if logprobs else None
     return a, tokens, next_drafts, next_q, lp
