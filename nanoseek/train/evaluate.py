@@ -50,9 +50,7 @@ def greedy_complete(model: Transformer, tokenizer: Tokenizer, prompts: list[str]
     engine = Engine(model, tokenizer, max_batch_size=32,
                     max_len=min(model.config.max_position_embeddings, longest + max_new_tokens))
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=[stop] if stop else [])
-    was_training = model.training
-    outs = engine.generate(prompts, params)
-    model.train(was_training)
+    outs = engine.generate(prompts, params)  # the engine leaves the model's mode as it was
     ended_by_eos = [bool(o.token_ids) and o.token_ids[-1] == tokenizer.eos_id for o in outs]
     return [o.text + stop if stop and o.finish_reason == "stop" and not eos else o.text
             for o, eos in zip(outs, ended_by_eos)]
