@@ -111,3 +111,24 @@ def test_cuda_graphs_follow_an_optimizer_step():
     assert set(engine._batch.graphs.graphs) == captured  # replayed, not recaptured
     assert after == [c.token_ids for c in Engine(model, max_batch_size=2, max_len=96).generate(prompts, GREEDY)]
     assert after != before and model.training
+
+
+@pytest.mark.parametrize("kw", [{}, {"cuda_graph": True}, {"cuda_graph": True, "speculative": 2}])
+def test_a_poisoned_request_fails_alone_on_the_gpu(kw):
+    """A request whose distribution turns NaN (a denormal temperature forced past validation) ends with
+    reason "error" on CUDA too, without a device-side assert; its three neighbours give their solo tokens,
+    graphed and speculative steps included, and the engine keeps serving."""
+    import dataclasses
+
+    model = tiny_model(mtp_agree=1.0, first_k_dense_replace=3).cuda()  # fp32: batched rows equal solo ones
+    prompts = random_prompts([5, 9, 4, 7], model.config.vocab_size, seed=11)
+    good = [GREEDY, dataclasses.replace(HOT, seed=3), GREEDY]
+    poisoned = dataclasses.replace(HOT, seed=4)
+    object.__setattr__(poisoned, "temperature", 1e-45)  # what validation refuses
+    engine = Engine(model, max_batch_size=4, max_len=96, **kw)
+    alone = [engine.generate([prompts[i]], sp)[0].token_ids for i, sp in zip((0, 1, 3), good)]
+    out = engine.generate(prompts, [*good[:2], poisoned, good[2]])
+    assert out[2].finish_reason == "error"
+    assert [out[i].token_ids for i in (0, 1, 3)] == alone
+    assert engine.generate(prompts[:1], GREEDY)[0].token_ids == alone[0]
+    torch.cuda.synchronize()  # a device-side assert would surface here
