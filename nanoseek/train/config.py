@@ -71,7 +71,7 @@ class TrainConfig:
     bias_gamma: float = doc("router bias update rate gamma (aux-loss-free balancing)", 0.001)
     bias_freeze_frac: float = doc("fraction of steps after which gamma is 0", 1.0)
     seq_aux_alpha: float = doc("complementary sequence-wise balance loss weight alpha", 1e-4)
-    dtype: str = doc("'auto' (bf16 autocast on cuda, fp32 on cpu), 'bf16' or 'fp32'", "auto")
+    dtype: str = doc("'auto' (bf16 autocast on cuda, fp32 on cpu), 'bf16', 'fp32' or 'fp8' (docs/fp8.md)", "auto")
     compile: bool = doc("torch.compile each transformer block", False)
     activation_checkpointing: bool = doc("recompute each block in backward to save memory", False)
     eval_every: int = doc("validation every N steps (0: only at the end)", 100)

@@ -32,6 +32,7 @@ from nanoseek.data.corpus import load_user_texts, synthetic_corpus
 from nanoseek.data.loader import PackedLoader
 from nanoseek.data.shards import write_shards
 from nanoseek.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from nanoseek.fp8 import install_fp8
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, run_record, save_checkpoint
 from nanoseek.train.config import DataConfig, RunConfig
@@ -139,8 +140,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
-    if tc.dtype not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"nanoseek train: --train.dtype {tc.dtype!r} is unknown; use auto, bf16 or fp32")
+    if tc.dtype not in ("auto", "bf16", "fp32", "fp8"):
+        raise SystemExit(f"nanoseek train: --train.dtype {tc.dtype!r} is unknown; use auto, bf16, fp32 or fp8")
     if tc.schedule not in SCHEDULES:
         raise SystemExit(f"nanoseek train: --train.schedule {tc.schedule!r} is unknown; use one of {SCHEDULES}")
     if run.data.seq_len > run.model.max_position_embeddings:
@@ -162,7 +163,9 @@ def train(run: RunConfig) -> dict[str, Any]:
     # ---- model and optimizer
     model = Transformer.from_config(run.model, device=device, seed=tc.seed).train()
     n_params = sum(p.numel() for p in model.parameters())
-    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
+    if tc.dtype == "fp8":  # FP8 linears/experts (emulated on the CPU); the rest as bf16/fp32 would run
+        install_fp8(model)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments)
     if tc.activation_checkpointing:

@@ -1,0 +1,140 @@
+"""`install_fp8(model)`: swap the model's GEMM-heavy linears for blockwise-FP8 ones, from outside.
+
+Swapped (all three GEMMs in e4m3, master weights stay fp32): the attention projections (q/q_a/q_b,
+kv_a, kv_b, o), the dense MLPs, the shared experts and the routed experts. Left alone (BF16 under
+autocast, or FP32): embedding, lm_head, the MoE router, norms, the attention core (SDPA), MTP's
+projection `eh_proj`.
+
+Backends:
+    "emulate"  the CPU/any-device emulation (`reference.py`): every shape, slow; tests and CPU training.
+    "gpu"      Triton quantization + `torch._scaled_mm` (dense) + Triton grouped GEMM (experts); needs
+               a CUDA GPU of compute capability >= 8.9 and in/out features that are multiples of 128.
+               Layers with other shapes stay in BF16; one warning lists them.
+    "auto"     "gpu" when the model's parameters are on a CUDA device, else "emulate".
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.fp8.reference import fp8_grouped_emulated, fp8_linear_emulated
+from nanoseek.model.moe import RoutedExperts, stable_argsort
+from nanoseek.model.swap import adopt, replace_modules
+
+BACKENDS = ("auto", "emulate", "gpu")
+# the linears FP8 takes, by their attribute name in the model (MLA, MLP / shared experts)
+FP8_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+               "gate_proj", "up_proj", "down_proj")
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Linear would return: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear (no bias) whose forward, input-gradient and weight-gradient GEMMs run on blockwise e4m3."""
+
+    backend: str = "emulate"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N)."""
+        out_dtype = _out_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            if self.backend == "gpu":
+                from nanoseek.fp8.gpu import fp8_linear
+                return fp8_linear(x, self.weight, out_dtype)
+            return fp8_linear_emulated(x, self.weight, out_dtype)
+
+
+class FP8RoutedExperts(RoutedExperts):
+    """Routed experts through two FP8 grouped GEMMs (w13 then w2) over rows sorted by expert."""
+
+    backend: str = "emulate"
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x (T, D), ids/gates (T, K) -> sum_k gates[t, k] * expert_{ids[t, k]}(x[t])  (T, D)."""
+        T, K = ids.shape
+        out_dtype = _out_dtype(x)
+        flat = ids.flatten()  # (T*K,)
+        order = stable_argsort(flat, self.num_experts)
+        experts = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
+        ends = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)  # (E,) end row per expert
+        if self.backend == "gpu":
+            from nanoseek.fp8.gpu import fp8_grouped_linear as grouped
+        else:
+            grouped = fp8_grouped_emulated
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x[order // K]  # (T*K, D)
+            h = grouped(xs, self.w13, ends, out_dtype)  # (T*K, 2I)
+            gate, up = h.split(self.width, dim=-1)
+            y = grouped(F.silu(gate) * up, self.w2, ends, out_dtype)  # (T*K, D)
+            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            y = y[unsort].view(T, K, -1)
+            return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (T, D)
+
+
+def gpu_shape_ok(in_features: int, out_features: int) -> bool:
+    """The GPU kernels take whole 128-blocks along both weight dimensions."""
+    return in_features % 128 == 0 and out_features % 128 == 0
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Raise unless `device` is a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)."""
+    if device.type != "cuda":
+        raise ValueError(f"the FP8 'gpu' backend needs a CUDA device, the model is on {device}; "
+                         "move it to CUDA first or use backend='emulate'")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(f"FP8 training needs a GPU of compute capability >= 8.9 (Ada, Hopper or newer); "
+                           f"{device} is {name} (SM {major}.{minor}). Train with --train.dtype bf16 instead")
+
+
+def install_fp8(model: nn.Module, backend: str = "auto") -> dict[str, list[str]]:
+    """Swap the FP8-eligible linears and routed experts of `model` in place (same parameter objects).
+
+    Returns {"fp8": swapped names, "bf16": names left in high precision because of their shape}."""
+    if backend not in BACKENDS:
+        raise ValueError(f"install_fp8: backend {backend!r} is unknown; use one of {BACKENDS}")
+    device = next(model.parameters(), torch.empty(0)).device
+    if backend == "auto":
+        backend = "gpu" if device.type == "cuda" else "emulate"
+    if backend == "gpu":
+        check_fp8_device(device)
+    swapped: list[str] = []
+    fallback: list[str] = []
+
+    def swap(name: str, module: nn.Module) -> nn.Module | None:
+        leaf = name.rsplit(".", 1)[-1]
+        if type(module) is nn.Linear and leaf in FP8_LINEARS:
+            if module.bias is not None:
+                fallback.append(f"{name} (has a bias)")
+                return None
+            if backend == "gpu" and not gpu_shape_ok(module.in_features, module.out_features):
+                fallback.append(f"{name} ({module.in_features}->{module.out_features})")
+                return None
+            new = adopt(FP8Linear, module)
+        elif type(module) is RoutedExperts:
+            D, I = module.w2.shape[1], module.width
+            if backend == "gpu" and not gpu_shape_ok(D, I):
+                fallback.append(f"{name} (experts {D}->{I})")
+                return None
+            new = adopt(FP8RoutedExperts, module)
+        else:
+            return None
+        new.backend = backend
+        swapped.append(name)
+        return new
+
+    replace_modules(model, swap)
+    if fallback:
+        warnings.warn(f"FP8: {len(fallback)} layer(s) stay in BF16, their shapes do not fit the FP8 kernels' "
+                      f"128-blocks: {', '.join(fallback)}", stacklevel=2)
+    return {"fp8": swapped, "bf16": fallback}
