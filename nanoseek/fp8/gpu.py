@@ -1,0 +1,106 @@
+"""The FP8 GPU path: autograd functions over the Triton quantization kernels, `torch._scaled_mm` with
+blockwise scales for dense linears, and the Triton grouped GEMMs for the routed experts.
+
+Dense y = x W^T, x (M, K) -> padded to Mp rows by the quantizer, W (N, K) fp32 master:
+    forward  _scaled_mm(x_q (Mp, K), W_q^T, 1x128 x 128x128)              -> (Mp, N) bf16
+    dgrad    _scaled_mm(dy_q (Mp, N), (W^T)_q^T, 1x128 x 128x128)          -> (Mp, K) bf16
+    wgrad    _scaled_mm(dy^T_q (N, Mp), x^T_q^T, 1x128 x 1x128 over tokens) -> (N, K) bf16 -> fp32 grad
+(_scaled_mm returns bf16 for blockwise scales; the weight gradient is rounded to bf16 once, then
+accumulated into the fp32 .grad by autograd.) Saved for backward: x^T in e4m3 with its 128x1 scales and
+the quantized weight; no bf16/fp32 copy of x.
+
+Grouped (experts): the same three products per expert through `kernels.grouped_gemm` / `grouped_wgrad`;
+the weight gradient is accumulated and returned in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from nanoseek.fp8 import kernels as K
+
+
+@functools.cache
+def _weight_scale_pad(device_index: int) -> int:
+    """Row padding of 128x128 scale tensors this torch's `_scaled_mm` accepts: 1 (row stride = K/128, as
+    in ATen's older check) or 4 (row stride rounded up to 4, the newer check). Probed once per device."""
+    dev = torch.device("cuda", device_index)
+    x = torch.ones(128, 128, device=dev)
+    for pad in (1, 4):
+        qx, sx = K.quantize_act(x, with_t=False)
+        qw, _, sw, _ = K.quantize_weight(x, pad_rows_to=pad)
+        try:
+            torch._scaled_mm(qx, qw.t(), scale_a=sx.t(), scale_b=sw.t(), out_dtype=torch.bfloat16)
+            return pad
+        except RuntimeError:
+            continue
+    raise RuntimeError("torch._scaled_mm on this build takes no 1x128 x 128x128 blockwise scaling "
+                       "(needs CUDA >= 12.9 and an SM 9.0 GPU); use --train.dtype bf16")
+
+
+def _mm(a, b, sa, sb) -> torch.Tensor:
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+
+class FP8LinearGPU(torch.autograd.Function):
+    """x (M, K) @ w (N, K)^T with all three GEMMs blockwise FP8 on the GPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        M = x.shape[0]
+        pad = _weight_scale_pad(x.device.index or 0)
+        qx, sx, qxt, sxt = K.quantize_act(x.contiguous(), with_t=True)  # (Mp, K) (K/128, Mp) (K, Mp) (Mp/128, K)
+        qw, qwt, sw, swt = K.quantize_weight(w, pad_rows_to=pad)  # (N, K) (K, N) (N/128, K/128) (K/128, N/128)
+        y = _mm(qx, qw.t(), sx.t(), sw.t())  # (Mp, N)
+        ctx.save_for_backward(qxt, sxt, qwt, swt)
+        ctx.M, ctx.x_dtype = M, x.dtype
+        return y[:M].to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        qxt, sxt, qwt, swt = ctx.saved_tensors
+        qg, sg, qgt, sgt = K.quantize_act(dy.contiguous(), with_t=True)  # (Mp, N) (N/128, Mp) (N, Mp) (Mp/128, N)
+        dx = _mm(qg, qwt.t(), sg.t(), swt.t())[:ctx.M]  # (M, K)
+        dw = _mm(qgt, qxt.t(), sgt.t(), sxt)  # (N, K): A (N, Mp) 1x128 over tokens, B (Mp, K) likewise
+        return dx.to(ctx.x_dtype), dw.float(), None
+
+
+class FP8GroupedLinearGPU(torch.autograd.Function):
+    """Rows of x (R, K) sorted by expert, ends (E,) end rows; w (E, N, K) fp32 -> (R, N)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        x = x.contiguous()
+        R = x.shape[0]
+        tiles = K.tile_table(ends, R)
+        qx, sx = K.quantize_act(x, with_t=False)  # (Rp, K), (K/128, Rp)
+        qw, qwt, sw, swt = K.quantize_weight(w)  # (E, N, K) (E, K, N) (E, N/128, K/128) (E, K/128, N/128)
+        y = K.grouped_gemm(qx, sx, qw, sw, tiles, ends, R)  # (R, N)
+        qxt, sxt = K.quantize_group_cols(x, tiles)  # (K, R), (T, K)
+        ctx.save_for_backward(qxt, sxt, qwt, swt, ends, *tiles)
+        ctx.x_dtype = x.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        qxt, sxt, qwt, swt, ends, *tiles = ctx.saved_tensors
+        dy = dy.contiguous()
+        R = dy.shape[0]
+        qg, sg = K.quantize_act(dy, with_t=False)  # (Rp, N), (N/128, Rp)
+        dx = K.grouped_gemm(qg, sg, qwt, swt, tiles, ends, R)  # (R, K)
+        qgt, sgt = K.quantize_group_cols(dy, tiles)  # (N, R), (T, N)
+        dw = K.grouped_wgrad(qgt, sgt, qxt, sxt, tiles, qwt.shape[0])  # (E, N, K) fp32
+        return dx.to(ctx.x_dtype), dw, None, None
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T -> (..., N) in out_dtype, through `FP8LinearGPU`."""
+    y = FP8LinearGPU.apply(x.reshape(-1, x.shape[-1]), w, out_dtype)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows x (R, K) sorted by expert, w (E, N, K), ends (E,) -> (R, N), through `FP8GroupedLinearGPU`."""
+    return FP8GroupedLinearGPU.apply(x, w, ends, out_dtype)

@@ -1,0 +1,252 @@
+"""Triton kernels of the FP8 GPU path: fused blockwise quantization and the grouped blockwise-FP8 GEMMs.
+
+Every kernel has a reference in `reference.py` (tests/test_fp8_gpu.py compares them). Layouts are the
+ones `torch._scaled_mm` wants for blockwise scaling (checked in ATen's ScaledBlas.cpp):
+    A (M, K) row-major with 1x128 scales: scale tensor (M, K/128) with strides (1, M), i.e. stored (K/128, M)
+    B given as (K, N) column-major; B^T (N, K) with 128x128 scales: (N/128, K/128) row-major,
+        or with 1x128 scales: (N, K/128) with strides (1, N), i.e. stored (K/128, N).
+Rows (tokens) are padded up to a multiple of 128 with zeros; zero rows change no sum and no amax.
+
+Shapes: M rows (tokens, padded Mp), K/N features, E experts, R routed rows sorted by expert,
+T tiles of 128 rows that never straddle two experts (`tile_table`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 128
+FP8_MAX = 448.0
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@triton.jit
+def _scale_of(amax):
+    """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block."""
+    return tl.where(amax > 0, amax / 448.0, 1.0)
+
+
+@triton.jit
+def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
+                      BLOCK: tl.constexpr, WITH_T: tl.constexpr):
+    """One 128x128 tile of x (M, K): 1x128 row quantization -> q (Mp, K), s (K/128, Mp); with WITH_T also
+    the 128x1 column quantization written transposed -> qt (K, Mp), st (Mp/128, K)."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+    rk = pid_k * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    s_row = _scale_of(tl.max(ax, axis=1))  # (BLOCK,) one per row
+    q = tl.clamp(x / s_row[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q)
+    tl.store(s_ptr + pid_k * Mp + rm, s_row)
+    if WITH_T:
+        s_col = _scale_of(tl.max(ax, axis=0))  # (BLOCK,) one per column over these 128 rows
+        qt = tl.clamp(x / s_col[None, :], -448.0, 448.0).to(qt_ptr.dtype.element_ty)
+        tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt))
+        tl.store(st_ptr + pid_m * K + rk, s_col)
+
+
+def quantize_act(x: torch.Tensor, with_t: bool):
+    """x (M, K) -> q (Mp, K) e4m3, s (K/128, Mp) fp32 [, qt (K, Mp) e4m3, st (Mp/128, K) fp32]; Mp = 128-multiple."""
+    assert x.is_contiguous() and x.shape[1] % BLOCK == 0
+    M, K = x.shape
+    Mp = cdiv(M, BLOCK) * BLOCK
+    q = torch.empty(Mp, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(K // BLOCK, Mp, dtype=torch.float32, device=x.device)
+    qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if with_t else q
+    st = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device) if with_t else s
+    _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](x, q, s, qt, st, M, Mp, K, BLOCK=BLOCK, WITH_T=with_t,
+                                                  num_warps=8)
+    return (q, s, qt, st) if with_t else (q, s)
+
+
+@triton.jit
+def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_row,
+                         BLOCK: tl.constexpr):
+    """One 128x128 block of expert e's w (E, N, K): q (E, N, K), qt (E, K, N), scale into s[e, n, k] (row
+    stride s_row) and st[e, k, n] (row stride st_row)."""
+    e, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    nb, kb = tl.cdiv(N, BLOCK), tl.cdiv(K, BLOCK)
+    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    rk = pid_k * BLOCK + tl.arange(0, BLOCK)
+    base = e.to(tl.int64) * N * K
+    w = tl.load(w_ptr + base + rn[:, None] * K + rk[None, :]).to(tl.float32)
+    scale = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+    q = tl.clamp(w / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + base + rn[:, None] * K + rk[None, :], q)
+    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], tl.trans(q))
+    tl.store(s_ptr + e * nb * s_row + pid_n * s_row + pid_k, scale)
+    tl.store(st_ptr + e * kb * st_row + pid_k * st_row + pid_n, scale)
+
+
+def quantize_weight(w: torch.Tensor, pad_rows_to: int = 1):
+    """w (E, N, K) or (N, K) fp32 -> q (.., N, K), qt (.., K, N) e4m3 and 128x128 scales s (.., N/128, K/128),
+    st (.., K/128, N/128): views whose row stride is padded to a multiple of `pad_rows_to`."""
+    squeeze = w.dim() == 2
+    w3 = w.contiguous().unsqueeze(0) if squeeze else w.contiguous()
+    E, N, K = w3.shape
+    assert N % BLOCK == 0 and K % BLOCK == 0
+    nb, kb = N // BLOCK, K // BLOCK
+    s_row, st_row = cdiv(kb, pad_rows_to) * pad_rows_to, cdiv(nb, pad_rows_to) * pad_rows_to
+    q = torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=w.device)
+    qt = torch.empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.ones(E, nb, s_row, dtype=torch.float32, device=w.device)
+    st = torch.ones(E, kb, st_row, dtype=torch.float32, device=w.device)
+    _quant_weight_kernel[(E, nb, kb)](w3, q, qt, s, st, N, K, s_row, st_row, BLOCK=BLOCK, num_warps=8)
+    out = (q, qt, s[..., :kb], st[..., :nb])
+    return tuple(t[0] for t in out) if squeeze else out
+
+
+# ---- grouped (routed experts): rows sorted by expert, ends (E,) end row of each expert's group
+
+def tile_table(ends: torch.Tensor, R: int):
+    """128-row tiles that stay inside one expert's group, built on the device (no host sync).
+
+    Returns tile_start, tile_end (T,) int32 row bounds (empty tiles past the last: start = end = 0),
+    expert_first_tile, expert_tiles (E,) int32. T = R/128 + E bounds the tile count."""
+    E = ends.numel()
+    ends = ends.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    n_tiles = (ends - starts + BLOCK - 1) // BLOCK  # (E,)
+    cum = n_tiles.cumsum(0)
+    first = cum - n_tiles
+    T = cdiv(R, BLOCK) + E
+    t = torch.arange(T, device=ends.device)
+    expert = torch.searchsorted(cum, t, right=True)  # (T,) E for tiles past the last
+    valid = expert < E
+    ec = expert.clamp(max=E - 1)
+    tile_start = torch.where(valid, starts[ec] + (t - first[ec]) * BLOCK, 0)
+    tile_end = torch.where(valid, torch.minimum(tile_start + BLOCK, ends[ec]), 0)
+    i32 = torch.int32
+    return tile_start.to(i32), tile_end.to(i32), first.to(i32), n_tiles.to(i32)
+
+
+@triton.jit
+def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, R, C, BLOCK: tl.constexpr):
+    """Tile t (<= 128 rows of one expert) x 128 columns of x (R, C): scales per column over the tile's
+    rows -> st (T, C); values written transposed -> qt (C, R)."""
+    t, pid_c = tl.program_id(0), tl.program_id(1)
+    r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
+    if r1 <= r0:
+        return
+    rr = r0 + tl.arange(0, BLOCK)
+    rc = pid_c * BLOCK + tl.arange(0, BLOCK)
+    mask = rr[:, None] < r1
+    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = _scale_of(tl.max(tl.abs(x), axis=0))  # (BLOCK,)
+    q = tl.clamp(x / s[None, :], -448.0, 448.0).to(qt_ptr.dtype.element_ty)
+    tl.store(qt_ptr + rc[:, None].to(tl.int64) * R + rr[None, :], tl.trans(q), mask=(rr < r1)[None, :])
+    tl.store(st_ptr + t * C + rc, s)
+
+
+def quantize_group_cols(x: torch.Tensor, tiles):
+    """x (R, C) -> qt (C, R) e4m3 with 128x1 tiles restarting at each expert's group, st (T, C) fp32."""
+    assert x.is_contiguous() and x.shape[1] % BLOCK == 0
+    R, C = x.shape
+    tile_start, tile_end = tiles[0], tiles[1]
+    T = tile_start.numel()
+    qt = torch.empty(C, R, dtype=torch.float8_e4m3fn, device=x.device)
+    st = torch.ones(T, C, dtype=torch.float32, device=x.device)
+    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt, st, tile_start, tile_end, R, C, BLOCK=BLOCK, num_warps=8)
+    return qt, st
+
+
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
+
+
+def _autotuned(kernel):
+    """Autotune num_warps / num_stages per (N, K) on the GPU; the CPU interpreter has no benchmarker."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return kernel
+    return triton.autotune(configs=_CONFIGS, key=["N", "K"])(kernel)
+
+
+@_autotuned
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_start, tile_end, ends, E, Mp, N, K,
+                         sb_e, sb_n, sb_k, BLOCK: tl.constexpr):
+    """C[rows of tile t, n-block] = sum_k-blocks (A_q B_q) * sa[row] * sb[e, n-block, k-block].
+
+    A (Mp, K) e4m3 row-major with 1x128 scales sa (K/128, Mp); B of expert e as (N, K) e4m3 K-contiguous at
+    b_ptr + e*N*K; its 128x128 block scales at sb_ptr + e*sb_e + n*sb_n + k*sb_k. FP32 accumulation,
+    promoted (scaled and added) once per 128 of K."""
+    t, pid_n = tl.program_id(0), tl.program_id(1)
+    r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
+    if r1 <= r0:
+        return
+    # the expert of this tile: the number of groups ending at or before r0
+    offs_e = tl.arange(0, 256)
+    e = tl.sum((tl.load(ends + offs_e, mask=offs_e < E, other=2**30) <= r0).to(tl.int32))
+    rm = r0 + tl.arange(0, BLOCK)
+    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    rk = tl.arange(0, BLOCK)
+    live = rm < r1  # a tile starts at its group's first row, so it may run past the padded rows
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+    b_ptrs = b_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]  # (BK, BN)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK)):
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        b = tl.load(b_ptrs)
+        sa = tl.load(sa_ptr + kb * Mp + rm, mask=live, other=0.0)  # (BLOCK,)
+        sb = tl.load(sb_ptr + e * sb_e + pid_n * sb_n + kb * sb_k)
+        acc += tl.dot(a, b) * (sa[:, None] * sb)
+        a_ptrs += BLOCK
+        b_ptrs += BLOCK
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=live[:, None])
+
+
+def grouped_gemm(qa, sa, qb, sb, tiles, ends, R: int) -> torch.Tensor:
+    """qa (Mp, K) / sa (K/128, Mp) row-quantized rows; qb (E, N, K) e4m3; sb (E, N/128, K/128) (any strides)
+    -> (R, N) bf16, each row times its expert's B^T."""
+    E, N, K = qb.shape
+    assert E <= 256, "the grouped kernel finds a tile's expert among at most 256 groups"
+    c = torch.empty(R, N, dtype=torch.bfloat16, device=qa.device)
+    T = tiles[0].numel()
+    _grouped_gemm_kernel[(T, N // BLOCK)](qa, sa, qb, sb, c, tiles[0], tiles[1], ends, E, qa.shape[0], N, K,
+                                          sb.stride(0), sb.stride(1), sb.stride(2), BLOCK=BLOCK)
+    return c
+
+
+@_autotuned
+@triton.jit
+def _grouped_wgrad_kernel(gt_ptr, sg_ptr, xt_ptr, sx_ptr, dw_ptr, tile_start, tile_end, first_tile, n_tiles,
+                          R, N, K, BLOCK: tl.constexpr):
+    """dW[e, n-block, k-block] = sum over expert e's tiles of (G^T X) * sg[t, n] * sx[t, k] in fp32.
+
+    gt (N, R) and xt (K, R) e4m3 (token-contiguous), sg (T, N), sx (T, K): 128x1 tile scales."""
+    e, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    rk = pid_k * BLOCK + tl.arange(0, BLOCK)
+    t0 = tl.load(first_tile + e)
+    nt = tl.load(n_tiles + e)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for i in range(0, nt):
+        t = t0 + i
+        r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
+        rr = r0 + tl.arange(0, BLOCK)
+        live = rr < r1
+        g = tl.load(gt_ptr + rn[:, None].to(tl.int64) * R + rr[None, :], mask=live[None, :], other=0.0)
+        x = tl.load(xt_ptr + rk[None, :].to(tl.int64) * R + rr[:, None], mask=live[:, None], other=0.0)
+        sg = tl.load(sg_ptr + t * N + rn)
+        sx = tl.load(sx_ptr + t * K + rk)
+        acc += tl.dot(g, x) * (sg[:, None] * sx[None, :])
+    tl.store(dw_ptr + e.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :], acc)
+
+
+def grouped_wgrad(gt, sg, xt, sx, tiles, E: int) -> torch.Tensor:
+    """gt (N, R), xt (K, R) e4m3 with per-tile scales sg (T, N), sx (T, K) -> dW (E, N, K) fp32."""
+    N, R = gt.shape
+    K = xt.shape[0]
+    dw = torch.empty(E, N, K, dtype=torch.float32, device=gt.device)
+    _grouped_wgrad_kernel[(E, N // BLOCK, K // BLOCK)](gt, sg, xt, sx, dw, tiles[0], tiles[1], tiles[2], tiles[3],
+                                                       R, N, K, BLOCK=BLOCK)
+    return dw
