@@ -1,0 +1,187 @@
+"""FP8 blockwise training throughput per layer: forward + backward against BF16 in the same run.
+
+    python bench/fp8_throughput.py                 # one H200: dense 1024->4096, 2048->5632, 7168->18432 and
+                                                   # routed experts (64, top-6) at M = 16,384 tokens
+    python bench/fp8_throughput.py --quick         # 4,096 tokens, fewer repeats (a smoke run, ~1 min)
+
+Dense peers: BF16 F.linear with bf16 weights (the denominator), nanoseek FP8 (`nanoseek.fp8.gpu.fp8_linear`,
+fp32 master weight quantized on every call, as in training) and torchao's `Float8BlockwiseLinear` where
+torchao imports (skipped with a note otherwise). Routed experts: nanoseek's `RoutedExperts` under bf16
+autocast (sort + two `torch._grouped_mm` + SwiGLU) against `FP8RoutedExperts` (the same routing code, two
+Triton grouped blockwise-FP8 GEMMs). FLOPs count the three GEMMs of each linear (6 M K N per linear).
+Times are medians of CUDA-event timings after warm-up; memory is the peak allocated during one
+forward + backward above what the inputs and weights hold, and what the forward leaves saved for
+backward. The record lands in bench/results/fp8_throughput-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek import preset  # noqa: E402
+from nanoseek.fp8.install import FP8RoutedExperts, check_fp8_device  # noqa: E402
+from nanoseek.model.moe import RoutedExperts  # noqa: E402
+from nanoseek.model.swap import adopt  # noqa: E402
+
+DENSE = [(1024, 4096), (2048, 5632), (7168, 18432)]  # (in, out)
+EXPERTS = [(2048, 1408), (1024, 512)]  # (hidden, expert width)
+
+
+def cuda_time(fn, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def measure(make_step, flops: float, args) -> dict:
+    """make_step() -> (forward, backward) closures; time forward + backward, and its memory."""
+    torch.cuda.synchronize()
+    forward, backward = make_step()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = forward()
+    saved = torch.cuda.memory_allocated() - base
+    backward(out)
+    del out
+    peak = torch.cuda.max_memory_allocated() - base
+    times = cuda_time(lambda: backward(forward()), args.steps, args.warmup)
+    s = statistics.median(times)
+    return {"ms": 1e3 * s, "tflops": flops / s / 1e12, "fwd_saved_mb": saved / 2**20, "peak_extra_mb": peak / 2**20}
+
+
+def dense_steps(M: int, K: int, N: int):
+    """Closures for each dense variant: x (M, K) bf16 -> (M, N), backward with a fixed dy."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    w32 = (torch.randn(N, K, device="cuda") * K ** -0.5).requires_grad_()
+    w16 = w32.detach().to(torch.bfloat16).requires_grad_()
+
+    def bf16():
+        return (lambda: F.linear(x, w16)), (lambda y: y.backward(dy))
+
+    def fp8():
+        from nanoseek.fp8.gpu import fp8_linear
+        return (lambda: fp8_linear(x, w32, torch.bfloat16)), (lambda y: y.backward(dy))
+
+    def torchao():
+        try:
+            from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
+        except ImportError:
+            from torchao.prototype.blockwise_fp8_training import Float8BlockwiseLinear
+        lin = Float8BlockwiseLinear(K, N, bias=False).to(device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(w16)
+        return (lambda: lin(x)), (lambda y: y.backward(dy))
+
+    return {"bf16": bf16, "nanoseek_fp8": fp8, "torchao_blockwise": torchao}
+
+
+def expert_steps(T: int, D: int, I: int, E: int = 64, K: int = 6):
+    cfg = preset("debug", hidden_size=D, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K)
+    ref = RoutedExperts(cfg).cuda()
+    with torch.no_grad():
+        ref.w13.normal_(0, D ** -0.5)
+        ref.w2.normal_(0, I ** -0.5)
+    fp8 = adopt(FP8RoutedExperts, ref)
+    fp8.backend = "gpu"
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.rand(T, E, device="cuda").topk(K, dim=-1).indices  # (T, K) distinct experts per token
+    gates = torch.rand(T, K, device="cuda")
+    dy = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+
+    def run(module):
+        def forward():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return module(x, ids, gates)
+        return forward, (lambda y: y.backward(dy))
+
+    return {"bf16_grouped_mm": lambda: run(ref), "nanoseek_fp8": lambda: run(fp8)}
+
+
+def run_group(name: str, variants: dict, flops: float, args, results: dict) -> None:
+    row = results.setdefault(name, {})
+    for variant, make in variants.items():
+        try:
+            row[variant] = measure(make, flops, args)
+        except (ImportError, ModuleNotFoundError) as e:
+            row[variant] = {"skipped": f"not importable: {e}"}
+        except Exception as e:  # noqa: BLE001 (a peer that fails is recorded, the run goes on)
+            row[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        torch.cuda.empty_cache()
+    base = row.get("bf16") or row.get("bf16_grouped_mm")
+    for r in row.values():
+        if "ms" in r and base and "ms" in base:
+            r["speedup_vs_bf16"] = base["ms"] / r["ms"]
+            r["peak_mem_vs_bf16"] = r["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9)
+    print(f"{name}: " + "  ".join(
+        f"{v} " + (f"{r['ms']:.2f} ms {r['tflops']:.0f} TFLOP/s {r.get('speedup_vs_bf16', 0):.2f}x"
+                   if "ms" in r else str(r)) for v, r in row.items()), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="4,096 tokens, 4 steps, 2 warm-up (smoke)")
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/fp8_throughput-<date>.json)")
+    args = p.parse_args()
+    if args.quick:
+        args.tokens, args.steps, args.warmup = 4096, 4, 2
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_throughput: needs a CUDA GPU (SM >= 8.9); there is none here")
+    device = torch.device("cuda")
+    check_fp8_device(device)
+    M = args.tokens
+    results: dict = {}
+    for K, N in DENSE:
+        run_group(f"dense {K}->{N}", dense_steps(M, K, N), 6.0 * M * K * N, args, results)
+    for D, I in EXPERTS:
+        # three GEMMs (forward, dgrad, wgrad) of w13 (2I x D) and w2 (D x I) over M*6 routed rows
+        run_group(f"experts 64x {D}->{I} top-6", expert_steps(M, D, I), 18.0 * M * 6 * D * I, args, results)
+
+    try:
+        import torchao
+        torchao_version = torchao.__version__
+    except ImportError:
+        torchao_version = None
+    import triton
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    record = {
+        "benchmark": "fp8_throughput", "date": time.strftime("%Y-%m-%d"), "git_commit": commit,
+        "device": torch.cuda.get_device_name(device),
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+                     "torchao": torchao_version, "python": platform.python_version()},
+        "config": {"tokens": M, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
+                   "dense": DENSE, "experts": {"shapes": EXPERTS, "n_experts": 64, "top_k": 6}},
+        "results": results,
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"fp8_throughput-{record['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

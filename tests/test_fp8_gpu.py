@@ -1,0 +1,104 @@
+"""FP8 on the GPU: `torch._scaled_mm` dense path and the installed model against the emulation (needs CUDA).
+
+Tolerances: the GPU quantizers reproduce the emulation's e4m3 values (checked exactly in
+tests/test_fp8_kernels.py), so the dense GEMMs differ from the emulation only by fp32 summation order
+and the bf16 outputs _scaled_mm returns (2^-8 relative): 2% relative error (Frobenius) is the bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.fp8 import FP8Linear, FP8RoutedExperts, install_fp8
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.step import train_step
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("M,K,N", [(300, 256, 384), (2048, 1024, 512), (128, 512, 1536)])
+def test_dense_scaled_mm_matches_emulation(M, K, N):
+    from nanoseek.fp8.gpu import fp8_linear
+    from nanoseek.fp8.reference import fp8_linear_emulated
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    w = torch.randn(N, K, device="cuda") * K ** -0.5
+    dy = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    outs = []
+    for fn in (fp8_linear, fp8_linear_emulated):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xi, wi, torch.bfloat16)
+        y.backward(dy)
+        outs.append((y, xi.grad, wi.grad))
+    names = ("y", "dx", "dw")
+    for name, got, want in zip(names, *outs):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert rel(got, want) < 0.02, (name, rel(got, want))
+    # and within FP8's error of the bf16 product
+    assert rel(outs[0][0], x.float() @ w.t()) < 0.06
+
+
+def test_dense_saves_fp8_for_backward():
+    from nanoseek.fp8.gpu import fp8_linear
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, 512, device="cuda", requires_grad=True)
+    y = fp8_linear(x, w, torch.bfloat16)
+    saved = y.grad_fn.saved_tensors
+    assert all(t.dtype in (torch.float8_e4m3fn, torch.float32) for t in saved)
+    assert sum(t.numel() * t.element_size() for t in saved if t.dtype == torch.float8_e4m3fn) == 2 * 256 * 512
+
+
+def gpu_cfg():
+    # every FP8 layer a multiple of 128 except kv_a (hidden -> kv_lora_rank + rope): it falls back
+    return preset("debug", hidden_size=256, intermediate_size=512, moe_intermediate_size=128, q_lora_rank=256,
+                  kv_lora_rank=128, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=64,
+                  qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                  topk_group=1)
+
+
+def test_installed_model_trains_close_to_bf16():
+    torch.manual_seed(0)
+    cfg = gpu_cfg()
+    tokens = torch.randint(0, cfg.vocab_size, (4, 129), device="cuda")
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    losses = {}
+    for dtype in ("bf16", "fp8"):
+        model = Transformer.from_config(cfg, device="cuda", seed=0).train()
+        if dtype == "fp8":
+            with pytest.warns(UserWarning, match="kv_a_proj_with_mqa"):
+                report = install_fp8(model)
+            kinds = {type(m) for m in model.modules()}
+            assert FP8Linear in kinds and FP8RoutedExperts in kinds and report["bf16"]
+        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.0, False)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        losses[dtype] = [float(train_step(model, opt, batch, lr=1e-3, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
+                                          seq_aux_alpha=1e-4, bias_gamma=1e-3)["loss"]) for _ in range(8)]
+    bf16, fp8 = torch.tensor(losses["bf16"]), torch.tensor(losses["fp8"])
+    assert torch.isfinite(fp8).all() and fp8[-1] < fp8[0]
+    assert ((fp8 - bf16).abs() / bf16).max() < 0.02, (losses)
+
+
+def test_installed_experts_match_emulated_install():
+    """The GPU-installed model's forward/backward against the same model installed with the emulation."""
+    torch.manual_seed(0)
+    cfg = gpu_cfg()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 128), device="cuda")
+    grads = {}
+    for backend in ("gpu", "emulate"):
+        model = Transformer.from_config(cfg, device="cuda", seed=0).train()
+        with pytest.warns(UserWarning) if backend == "gpu" else contextlib.nullcontext():
+            install_fp8(model, backend=backend)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens).logits
+        logits.float().square().mean().backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in grads["gpu"].items():
+        assert rel(g, grads["emulate"][name]) < 0.05, name
