@@ -27,10 +27,11 @@ def _weight_scale_pad(device_index: int) -> int:
     """Row padding of 128x128 scale tensors this torch's `_scaled_mm` accepts: 1 (row stride = K/128, as
     in ATen's older check) or 4 (row stride rounded up to 4, the newer check). Probed once per device."""
     dev = torch.device("cuda", device_index)
-    x = torch.ones(128, 128, device=dev)
+    x = torch.ones(128, 256, device=dev)  # two K blocks and two N blocks: the row stride of the scales matters
+    w = torch.ones(256, 256, device=dev)
     for pad in (1, 4):
         qx, sx = K.quantize_act(x, with_t=False)
-        qw, _, sw, _ = K.quantize_weight(x, pad_rows_to=pad)
+        qw, _, sw, _ = K.quantize_weight(w, pad_rows_to=pad)
         try:
             torch._scaled_mm(qx, qw.t(), scale_a=sx.t(), scale_b=sw.t(), out_dtype=torch.bfloat16)
             return pad
@@ -95,12 +96,14 @@ class FP8GroupedLinearGPU(torch.autograd.Function):
         return dx.to(ctx.x_dtype), dw, None, None
 
 
+@torch.compiler.disable  # Triton launches and the one-time probe stay out of torch.compile's graphs
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T -> (..., N) in out_dtype, through `FP8LinearGPU`."""
     y = FP8LinearGPU.apply(x.reshape(-1, x.shape[-1]), w, out_dtype)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+@torch.compiler.disable
 def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Rows x (R, K) sorted by expert, w (E, N, K), ends (E,) -> (R, N), through `FP8GroupedLinearGPU`."""
     return FP8GroupedLinearGPU.apply(x, w, ends, out_dtype)
