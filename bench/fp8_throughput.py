@@ -5,7 +5,8 @@
     python bench/fp8_throughput.py --quick         # 4,096 tokens, fewer repeats (a smoke run, ~1 min)
 
 Dense peers: BF16 F.linear with bf16 weights (the denominator), nanoseek FP8 (`nanoseek.fp8.gpu.fp8_linear`,
-fp32 master weight quantized on every call, as in training) and torchao's `Float8BlockwiseLinear` where
+fp32 master weight quantized on every call, as in training) through `torch._scaled_mm` and through the
+Triton blockwise GEMM (`nanoseek_fp8_triton`), and torchao's `Float8BlockwiseLinear` where
 torchao imports (skipped with a note otherwise). Routed experts: nanoseek's `RoutedExperts` under bf16
 autocast (sort + two `torch._grouped_mm` + SwiGLU) against `FP8RoutedExperts` (the same routing code, two
 Triton grouped blockwise-FP8 GEMMs). FLOPs count the three GEMMs of each linear (6 M K N per linear).
@@ -79,9 +80,13 @@ def dense_steps(M: int, K: int, N: int):
     def bf16():
         return (lambda: F.linear(x, w16)), (lambda y: y.backward(dy))
 
-    def fp8():
-        from nanoseek.fp8.gpu import fp8_linear
-        return (lambda: fp8_linear(x, w32, torch.bfloat16)), (lambda y: y.backward(dy))
+    def fp8(gemm: str):
+        from nanoseek.fp8 import gpu
+
+        def forward():
+            gpu.DENSE_GEMM = gemm
+            return gpu.fp8_linear(x, w32, torch.bfloat16)
+        return forward, (lambda y: y.backward(dy))
 
     def torchao():
         try:
@@ -93,7 +98,8 @@ def dense_steps(M: int, K: int, N: int):
             lin.weight.copy_(w16)
         return (lambda: lin(x)), (lambda y: y.backward(dy))
 
-    return {"bf16": bf16, "nanoseek_fp8": fp8, "torchao_blockwise": torchao}
+    return {"bf16": bf16, "nanoseek_fp8": lambda: fp8("scaled_mm"), "nanoseek_fp8_triton": lambda: fp8("triton"),
+            "torchao_blockwise": torchao}
 
 
 def expert_steps(T: int, D: int, I: int, E: int = 64, K: int = 6):

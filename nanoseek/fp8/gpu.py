@@ -6,7 +6,9 @@ Dense y = x W^T, x (M, K) -> padded to Mp rows by the quantizer, W (N, K) fp32 m
     dgrad    _scaled_mm(dy_q (Mp, N), (W^T)_q^T, 1x128 x 128x128)          -> (Mp, K) bf16
     wgrad    _scaled_mm(dy^T_q (N, Mp), x^T_q^T, 1x128 x 1x128 over tokens) -> (N, K) bf16 -> fp32 grad
 (_scaled_mm returns bf16 for blockwise scales; the weight gradient is rounded to bf16 once, then
-accumulated into the fp32 .grad by autograd.) Saved for backward: x^T in e4m3 with its 128x1 scales and
+accumulated into the fp32 .grad by autograd.) Where this torch's _scaled_mm takes no blockwise scales,
+or with DENSE_GEMM = "triton", the same three products run through the experts' Triton kernels with
+one group (the weight gradient then stays fp32). Saved for backward: x^T in e4m3 with its 128x1 scales and
 the quantized weight; no bf16/fp32 copy of x.
 
 Grouped (experts): the same three products per expert through `kernels.grouped_gemm` / `grouped_wgrad`;
@@ -16,16 +18,20 @@ the weight gradient is accumulated and returned in fp32.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 from nanoseek.fp8 import kernels as K
 
+DENSE_GEMM = "auto"  # "scaled_mm", "triton", or "auto": _scaled_mm where this torch takes blockwise scales
+
 
 @functools.cache
-def _weight_scale_pad(device_index: int) -> int:
+def _scaled_mm_pad(device_index: int) -> int | None:
     """Row padding of 128x128 scale tensors this torch's `_scaled_mm` accepts: 1 (row stride = K/128, as
-    in ATen's older check) or 4 (row stride rounded up to 4, the newer check). Probed once per device."""
+    in ATen's older check) or 4 (row stride rounded up to 4, the newer check); None if it takes neither
+    (CUDA < 12.9, a GPU below SM 9.0). Probed once per device."""
     dev = torch.device("cuda", device_index)
     x = torch.ones(128, 256, device=dev)  # two K blocks and two N blocks: the row stride of the scales matters
     w = torch.ones(256, 256, device=dev)
@@ -33,39 +39,71 @@ def _weight_scale_pad(device_index: int) -> int:
         qx, sx = K.quantize_act(x, with_t=False)
         qw, _, sw, _ = K.quantize_weight(w, pad_rows_to=pad)
         try:
-            torch._scaled_mm(qx, qw.t(), scale_a=sx.t(), scale_b=sw.t(), out_dtype=torch.bfloat16)
-            return pad
-        except RuntimeError:
+            y = torch._scaled_mm(qx, qw.t(), scale_a=sx.t(), scale_b=sw.t(), out_dtype=torch.bfloat16)
+        except (RuntimeError, ValueError):
             continue
-    raise RuntimeError("torch._scaled_mm on this build takes no 1x128 x 128x128 blockwise scaling "
-                       "(needs CUDA >= 12.9 and an SM 9.0 GPU); use --train.dtype bf16")
+        if torch.equal(y, torch.full_like(y, 256)):
+            return pad
+    return None
+
+
+def dense_backend(device: torch.device) -> tuple[str, int]:
+    """("scaled_mm", scale row padding) or ("triton", 1) for the dense linears on `device`."""
+    if DENSE_GEMM == "triton":
+        return "triton", 1
+    pad = _scaled_mm_pad(device.index if device.index is not None else torch.cuda.current_device())
+    if pad is not None:
+        return "scaled_mm", pad
+    if DENSE_GEMM == "scaled_mm":
+        raise RuntimeError("torch._scaled_mm on this build takes no 1x128 x 128x128 blockwise scaling (it needs "
+                           "CUDA >= 12.9 and an SM 9.0 GPU); set nanoseek.fp8.gpu.DENSE_GEMM = 'triton'")
+    if not getattr(dense_backend, "warned", False):
+        dense_backend.warned = True
+        warnings.warn("FP8: torch._scaled_mm takes no blockwise scales here; dense FP8 linears use the Triton "
+                      "blockwise GEMM instead", stacklevel=2)
+    return "triton", 1
 
 
 def _mm(a, b, sa, sb) -> torch.Tensor:
     return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
 
 
+def _one_group(M: int, device: torch.device):
+    ends = torch.full((1,), M, dtype=torch.int32, device=device)
+    return ends, K.tile_table(ends, M)
+
+
 class FP8LinearGPU(torch.autograd.Function):
-    """x (M, K) @ w (N, K)^T with all three GEMMs blockwise FP8 on the GPU."""
+    """x (M, K) @ w (N, K)^T with all three GEMMs blockwise FP8 on the GPU (_scaled_mm or Triton)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         M = x.shape[0]
-        pad = _weight_scale_pad(x.device.index or 0)
+        backend, pad = dense_backend(x.device)
         qx, sx, qxt, sxt = K.quantize_act(x.contiguous(), with_t=True)  # (Mp, K) (K/128, Mp) (K, Mp) (Mp/128, K)
         qw, qwt, sw, swt = K.quantize_weight(w, pad_rows_to=pad)  # (N, K) (K, N) (N/128, K/128) (K/128, N/128)
-        y = _mm(qx, qw.t(), sx.t(), sw.t())  # (Mp, N)
+        if backend == "scaled_mm":
+            y = _mm(qx, qw.t(), sx.t(), sw.t())[:M]  # (M, N)
+        else:  # the experts' kernel with one group
+            ends, tiles = _one_group(M, x.device)
+            y = K.grouped_gemm(qx, sx, qw[None], sw[None], tiles, ends, M)
         ctx.save_for_backward(qxt, sxt, qwt, swt)
-        ctx.M, ctx.x_dtype = M, x.dtype
-        return y[:M].to(out_dtype)
+        ctx.M, ctx.x_dtype, ctx.backend = M, x.dtype, backend
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         qxt, sxt, qwt, swt = ctx.saved_tensors
+        M = ctx.M
         qg, sg, qgt, sgt = K.quantize_act(dy.contiguous(), with_t=True)  # (Mp, N) (N/128, Mp) (N, Mp) (Mp/128, N)
-        dx = _mm(qg, qwt.t(), sg.t(), swt.t())[:ctx.M]  # (M, K)
-        dw = _mm(qgt, qxt.t(), sgt.t(), sxt)  # (N, K): A (N, Mp) 1x128 over tokens, B (Mp, K) likewise
-        return dx.to(ctx.x_dtype), dw.float(), None
+        if ctx.backend == "scaled_mm":
+            dx = _mm(qg, qwt.t(), sg.t(), swt.t())[:M]  # (M, K)
+            dw = _mm(qgt, qxt.t(), sgt.t(), sxt).float()  # (N, K): A (N, Mp), B (Mp, K), 1x128 along tokens
+        else:
+            ends, tiles = _one_group(M, dy.device)
+            dx = K.grouped_gemm(qg, sg, qwt[None], swt[None], tiles, ends, M)  # (M, K)
+            dw = K.grouped_wgrad(qgt, sgt, qxt, sxt, tiles, 1)[0]  # (N, K) fp32
+        return dx.to(ctx.x_dtype), dw, None
 
 
 class FP8GroupedLinearGPU(torch.autograd.Function):
