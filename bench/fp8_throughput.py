@@ -3,6 +3,7 @@
     python bench/fp8_throughput.py                 # one H200: dense 1024->4096, 2048->5632, 7168->18432 and
                                                    # routed experts (64, top-6) at M = 16,384 tokens
     python bench/fp8_throughput.py --quick         # 4,096 tokens, fewer repeats (a smoke run, ~1 min)
+    python bench/fp8_throughput.py --no-step       # per-layer figures only (no whole bench-1b training step)
 
 Dense peers: BF16 F.linear with bf16 weights (the denominator), nanoseek FP8 (`nanoseek.fp8.gpu.fp8_linear`,
 fp32 master weight quantized on every call, as in training) through `torch._scaled_mm` and through the
@@ -12,7 +13,8 @@ autocast (sort + two `torch._grouped_mm` + SwiGLU) against `FP8RoutedExperts` (t
 Triton grouped blockwise-FP8 GEMMs). FLOPs count the three GEMMs of each linear (6 M K N per linear).
 Times are medians of CUDA-event timings after warm-up; memory is the peak allocated during one
 forward + backward above what the inputs and weights hold, and what the forward leaves saved for
-backward. The record lands in bench/results/fp8_throughput-<date>.json.
+backward. Then one whole bench-1b training step (8 x 2048 tokens), BF16 against FP8 (`install_fp8`),
+tokens/s and peak memory. The record lands in bench/results/fp8_throughput-<date>.json.
 """
 
 from __future__ import annotations
@@ -55,17 +57,18 @@ def cuda_time(fn, steps: int, warmup: int) -> list[float]:
 
 
 def measure(make_step, flops: float, args) -> dict:
-    """make_step() -> (forward, backward) closures; time forward + backward, and its memory."""
-    torch.cuda.synchronize()
+    """make_step() -> (forward, backward) closures; time forward + backward, then its memory (after the
+    warm-up, so Triton's autotuning and the first call's gradient buffers are not counted)."""
     forward, backward = make_step()
+    times = cuda_time(lambda: backward(forward()), args.steps, args.warmup)
+    torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = forward()
-    saved = torch.cuda.memory_allocated() - base
+    saved = torch.cuda.memory_allocated() - base  # output + what autograd keeps for backward
     backward(out)
     del out
     peak = torch.cuda.max_memory_allocated() - base
-    times = cuda_time(lambda: backward(forward()), args.steps, args.warmup)
     s = statistics.median(times)
     return {"ms": 1e3 * s, "tflops": flops / s / 1e12, "fwd_saved_mb": saved / 2**20, "peak_extra_mb": peak / 2**20}
 
@@ -93,7 +96,7 @@ def dense_steps(M: int, K: int, N: int):
             from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
         except ImportError:
             from torchao.prototype.blockwise_fp8_training import Float8BlockwiseLinear
-        lin = Float8BlockwiseLinear(K, N, bias=False).to(device="cuda", dtype=torch.bfloat16)
+        lin = Float8BlockwiseLinear(K, N, bias=False, device="cuda").to(torch.bfloat16)
         with torch.no_grad():
             lin.weight.copy_(w16)
         return (lambda: lin(x)), (lambda y: y.backward(dy))
@@ -144,12 +147,55 @@ def run_group(name: str, variants: dict, flops: float, args, results: dict) -> N
                    if "ms" in r else str(r)) for v, r in row.items()), flush=True)
 
 
+def whole_step(args) -> dict:
+    """bench-1b training step (8 x 2048 tokens, fp32 master weights, bf16 autocast, MTP trained, eager),
+    as bench/train_throughput.py runs it, with and without `install_fp8`."""
+    from nanoseek import Transformer
+    from nanoseek.fp8 import install_fp8
+    from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.step import train_step
+
+    cfg = preset("bench-1b")
+    batch_size, seq = (2, 2048) if args.quick else (8, 2048)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq + 1), device="cuda")
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    out = {}
+    for dtype in ("bf16", "fp8"):
+        model = Transformer.from_config(cfg, device="cuda", seed=0).train()
+        if dtype == "fp8":
+            out["fp8_layers_left_in_bf16"] = install_fp8(model)["bf16"]
+        optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+        def step(model=model, optimizer=optimizer, autocast=autocast):
+            train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
+                       seq_aux_alpha=1e-4, bias_gamma=1e-3)
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            times = cuda_time(step, args.steps, args.warmup)
+            tok_s = batch_size * seq / statistics.median(times)
+            out[dtype] = {"tokens_per_s": tok_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+                          "mfu": tok_s * flops_per_token(cfg, seq, True) / H100_BF16_PEAK}
+        except Exception as e:  # noqa: BLE001
+            out[dtype] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        del model, optimizer, step
+        torch.cuda.empty_cache()
+    if "tokens_per_s" in out.get("fp8", {}) and "tokens_per_s" in out.get("bf16", {}):
+        out["fp8"]["speedup_vs_bf16"] = out["fp8"]["tokens_per_s"] / out["bf16"]["tokens_per_s"]
+        out["fp8"]["peak_mem_vs_bf16"] = out["fp8"]["peak_mem_gb"] / out["bf16"]["peak_mem_gb"]
+    print(f"whole step bench-1b {batch_size}x{seq}: {json.dumps(out)}", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="4,096 tokens, 4 steps, 2 warm-up (smoke)")
+    p.add_argument("--no-step", action="store_true", help="skip the whole bench-1b training step, BF16 vs FP8")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/fp8_throughput-<date>.json)")
     args = p.parse_args()
     if args.quick:
@@ -165,6 +211,8 @@ def main() -> None:
     for D, I in EXPERTS:
         # three GEMMs (forward, dgrad, wgrad) of w13 (2I x D) and w2 (D x I) over M*6 routed rows
         run_group(f"experts 64x {D}->{I} top-6", expert_steps(M, D, I), 18.0 * M * 6 * D * I, args, results)
+    if not args.no_step:
+        results["whole step bench-1b"] = whole_step(args)
 
     try:
         import torchao
