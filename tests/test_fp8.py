@@ -234,3 +234,16 @@ def test_debug_preset_trains_with_train_dtype_fp8(tmp_path):
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2  # it learns
+
+
+def test_without_autograd_the_reference_maths_runs():
+    """Evaluation and generation (no autograd) use the reference modules' maths, exactly."""
+    torch.manual_seed(0)
+    model = Transformer.from_config(preset("debug"), seed=0)
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        want = model(ids).logits
+        install_fp8(model)
+        got = model(ids).logits
+    assert torch.equal(got, want)
+    assert not torch.equal(model(ids).logits.detach(), want)  # with autograd: FP8

@@ -11,6 +11,9 @@ Backends:
                a CUDA GPU of compute capability >= 8.9 and in/out features that are multiples of 128.
                Layers with other shapes stay in BF16; one warning lists them.
     "auto"     "gpu" when the model's parameters are on a CUDA device, else "emulate".
+
+FP8 is a training recipe: without autograd (validation loss, sampling, the inference engine's copy of
+the model) the swapped modules compute their reference maths in BF16/FP32, as a BF16 run would.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class FP8Linear(nn.Linear):
     backend: str = "emulate"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N)."""
+        """x (..., K) -> (..., N); without autograd (evaluation, generation) the reference nn.Linear."""
+        if not torch.is_grad_enabled():
+            return super().forward(x)
         out_dtype = _out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             if self.backend == "gpu":
@@ -59,7 +64,10 @@ class FP8RoutedExperts(RoutedExperts):
     backend: str = "emulate"
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x (T, D), ids/gates (T, K) -> sum_k gates[t, k] * expert_{ids[t, k]}(x[t])  (T, D)."""
+        """x (T, D), ids/gates (T, K) -> sum_k gates[t, k] * expert_{ids[t, k]}(x[t])  (T, D); without autograd
+        (evaluation, generation) the reference experts."""
+        if not torch.is_grad_enabled():
+            return super().forward(x, ids, gates)
         T, K = ids.shape
         out_dtype = _out_dtype(x)
         flat = ids.flatten()  # (T*K,)
