@@ -18,6 +18,7 @@ the model) the swapped modules compute their reference maths in BF16/FP32, as a 
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -98,6 +99,8 @@ def check_fp8_device(device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError(f"the FP8 'gpu' backend needs a CUDA device, the model is on {device}; "
                          "move it to CUDA first or use backend='emulate'")
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("the FP8 'gpu' backend needs Triton (pip install triton); it is not installed")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         name = torch.cuda.get_device_name(device)
