@@ -6,6 +6,8 @@ ones `torch._scaled_mm` wants for blockwise scaling (checked in ATen's ScaledBla
     B given as (K, N) column-major; B^T (N, K) with 128x128 scales: (N/128, K/128) row-major,
         or with 1x128 scales: (N, K/128) with strides (1, N), i.e. stored (K/128, N).
 Rows (tokens) are padded up to a multiple of 128 with zeros; zero rows change no sum and no amax.
+Transposed copies are written as their e4m3 bytes (uint8 views): a register transpose of 8-bit integers
+is the plain case for every Triton backend.
 
 Shapes: M rows (tokens, padded Mp), K/N features, E experts, R routed rows sorted by expert,
 T tiles of 128 rows that never straddle two experts (`tile_table`).
@@ -49,8 +51,8 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
     tl.store(s_ptr + pid_k * Mp + rm, s_row)
     if WITH_T:
         s_col = _scale_of(tl.max(ax, axis=0))  # (BLOCK,) one per column over these 128 rows
-        qt = tl.clamp(x / s_col[None, :], -448.0, 448.0).to(qt_ptr.dtype.element_ty)
-        tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt))
+        qt = tl.clamp(x / s_col[None, :], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+        tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt.to(tl.uint8, bitcast=True)))
         tl.store(st_ptr + pid_m * K + rk, s_col)
 
 
@@ -63,8 +65,8 @@ def quantize_act(x: torch.Tensor, with_t: bool):
     s = torch.empty(K // BLOCK, Mp, dtype=torch.float32, device=x.device)
     qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if with_t else q
     st = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device) if with_t else s
-    _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](x, q, s, qt, st, M, Mp, K, BLOCK=BLOCK, WITH_T=with_t,
-                                                  num_warps=8)
+    _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](x, q, s, qt.view(torch.uint8), st, M, Mp, K, BLOCK=BLOCK,
+                                                  WITH_T=with_t, num_warps=8)
     return (q, s, qt, st) if with_t else (q, s)
 
 
@@ -82,7 +84,7 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_ro
     scale = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
     q = tl.clamp(w / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + base + rn[:, None] * K + rk[None, :], q)
-    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], tl.trans(q))
+    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
     tl.store(s_ptr + e * nb * s_row + pid_n * s_row + pid_k, scale)
     tl.store(st_ptr + e * kb * st_row + pid_k * st_row + pid_n, scale)
 
@@ -100,7 +102,7 @@ def quantize_weight(w: torch.Tensor, pad_rows_to: int = 1):
     qt = torch.empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.ones(E, nb, s_row, dtype=torch.float32, device=w.device)
     st = torch.ones(E, kb, st_row, dtype=torch.float32, device=w.device)
-    _quant_weight_kernel[(E, nb, kb)](w3, q, qt, s, st, N, K, s_row, st_row, BLOCK=BLOCK, num_warps=8)
+    _quant_weight_kernel[(E, nb, kb)](w3, q, qt.view(torch.uint8), s, st, N, K, s_row, st_row, BLOCK=BLOCK, num_warps=8)
     out = (q, qt, s[..., :kb], st[..., :nb])
     return tuple(t[0] for t in out) if squeeze else out
 
@@ -142,8 +144,9 @@ def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, R, C, 
     mask = rr[:, None] < r1
     x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale_of(tl.max(tl.abs(x), axis=0))  # (BLOCK,)
-    q = tl.clamp(x / s[None, :], -448.0, 448.0).to(qt_ptr.dtype.element_ty)
-    tl.store(qt_ptr + rc[:, None].to(tl.int64) * R + rr[None, :], tl.trans(q), mask=(rr < r1)[None, :])
+    q = tl.clamp(x / s[None, :], -448.0, 448.0).to(tl.float8e4nv)
+    tl.store(qt_ptr + rc[:, None].to(tl.int64) * R + rr[None, :], tl.trans(q.to(tl.uint8, bitcast=True)),
+             mask=(rr < r1)[None, :])
     tl.store(st_ptr + t * C + rc, s)
 
 
@@ -155,7 +158,8 @@ def quantize_group_cols(x: torch.Tensor, tiles):
     T = tile_start.numel()
     qt = torch.empty(C, R, dtype=torch.float8_e4m3fn, device=x.device)
     st = torch.ones(T, C, dtype=torch.float32, device=x.device)
-    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt, st, tile_start, tile_end, R, C, BLOCK=BLOCK, num_warps=8)
+    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, tile_start, tile_end, R, C,
+                                              BLOCK=BLOCK, num_warps=8)
     return qt, st
 
 
