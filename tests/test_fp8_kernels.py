@@ -93,7 +93,13 @@ def test_tile_table_and_group_col_quantization(device):
     qt, st = K.quantize_group_cols(x.to(device), K.tile_table(ends, R))
     rq, rs = quantize_grouped_cols(x, ends.cpu())
     torch.testing.assert_close(st[:7].cpu(), torch.cat(rs), rtol=0, atol=0)
-    same_q(qt.t().cpu(), rq, device)
+    T = -(-R // 128) + len(COUNTS)
+    assert qt.shape == (256, T * 128)
+    live_cols = torch.cat([torch.arange(128 * t, 128 * t + n) for t, n in enumerate((end - start)[live].tolist())])
+    same_q(qt.cpu()[:, live_cols].t(), rq, device)  # each tile's rows in its own 128 columns
+    pad = torch.ones(7 * 128, dtype=torch.bool)
+    pad[live_cols] = False
+    assert (qt.cpu()[:, :7 * 128][:, pad].float() == 0).all()  # and zeros past its last row
 
 
 def _reference_quantized(x, w, ends):
@@ -138,6 +144,14 @@ def test_grouped_gemm_forward_and_dgrad(device):
     torch.testing.assert_close(got.float().cpu(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
 
 
+def tile_columns(q: torch.Tensor, tiles, T: int) -> torch.Tensor:
+    """q (R, C) e4m3 -> (C, T*128) in the kernels' tile-column layout (tile t in columns 128 t.., zero-padded)."""
+    out = torch.zeros(q.shape[1], T * 128)
+    for t, (s, e) in enumerate(zip(tiles[0].tolist(), tiles[1].tolist())):
+        out[:, 128 * t:128 * t + e - s] = q[s:e].float().t()
+    return out.to(torch.float8_e4m3fn).to(tiles[0].device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_grouped_wgrad(device):
     from nanoseek.fp8 import kernels as K
@@ -154,8 +168,9 @@ def test_grouped_wgrad(device):
     gd, xd = dequantize_grouped_cols(qg, sg, ends), dequantize_grouped_cols(qx, sx, ends)
     want = torch.stack([gd[s:t].t() @ xd[s:t] for s, t in group_bounds(ends)])
     d = device
-    got = K.grouped_wgrad(qg.t().contiguous().to(d), pad(sg).to(d), qx.t().contiguous().to(d), pad(sx).to(d),
-                          K.tile_table(ends.to(d), R), E)
+    tiles = K.tile_table(ends.to(d), R)
+    got = K.grouped_wgrad(tile_columns(qg, tiles, T), pad(sg).to(d), tile_columns(qx, tiles, T), pad(sx).to(d),
+                          tiles, E)
     assert got.dtype == torch.float32 and (got[1] == 0).all() and (got[5] == 0).all()
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 

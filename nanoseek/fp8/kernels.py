@@ -132,33 +132,35 @@ def tile_table(ends: torch.Tensor, R: int):
 
 
 @triton.jit
-def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, R, C, BLOCK: tl.constexpr):
+def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, C, TC, BLOCK: tl.constexpr):
     """Tile t (<= 128 rows of one expert) x 128 columns of x (R, C): scales per column over the tile's
-    rows -> st (T, C); values written transposed -> qt (C, R)."""
+    rows -> st (T, C); values written transposed into the tile's own 128 columns of qt (C, T*128), rows
+    past the tile's end as zeros (aligned, unmasked loads for the wgrad kernel)."""
     t, pid_c = tl.program_id(0), tl.program_id(1)
     r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
     if r1 <= r0:
         return
     rr = r0 + tl.arange(0, BLOCK)
     rc = pid_c * BLOCK + tl.arange(0, BLOCK)
-    mask = rr[:, None] < r1
-    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=rr[:, None] < r1, other=0.0)
+    x = x.to(tl.float32)
     s = _scale_of(tl.max(tl.abs(x), axis=0))  # (BLOCK,)
     q = tl.clamp(x / s[None, :], -448.0, 448.0).to(tl.float8e4nv)
-    tl.store(qt_ptr + rc[:, None].to(tl.int64) * R + rr[None, :], tl.trans(q.to(tl.uint8, bitcast=True)),
-             mask=(rr < r1)[None, :])
+    cols = t * BLOCK + tl.arange(0, BLOCK)
+    tl.store(qt_ptr + rc[:, None].to(tl.int64) * TC + cols[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
     tl.store(st_ptr + t * C + rc, s)
 
 
 def quantize_group_cols(x: torch.Tensor, tiles):
-    """x (R, C) -> qt (C, R) e4m3 with 128x1 tiles restarting at each expert's group, st (T, C) fp32."""
+    """x (R, C) -> qt (C, T*128) e4m3, tile t's 128x1 quantized rows in columns [128 t, 128 t + 128) (zeros
+    past its last row; tiles restart at each expert's group), and st (T, C) fp32 scales."""
     assert x.is_contiguous() and x.shape[1] % BLOCK == 0
     R, C = x.shape
     tile_start, tile_end = tiles[0], tiles[1]
     T = tile_start.numel()
-    qt = torch.empty(C, R, dtype=torch.float8_e4m3fn, device=x.device)
+    qt = torch.empty(C, T * BLOCK, dtype=torch.float8_e4m3fn, device=x.device)  # unused tiles stay unwritten
     st = torch.ones(T, C, dtype=torch.float32, device=x.device)
-    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, tile_start, tile_end, R, C,
+    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, tile_start, tile_end, C, T * BLOCK,
                                               BLOCK=BLOCK, num_warps=8)
     return qt, st
 
@@ -222,11 +224,12 @@ def grouped_gemm(qa, sa, qb, sb, tiles, ends, R: int) -> torch.Tensor:
 
 @_autotuned
 @triton.jit
-def _grouped_wgrad_kernel(gt_ptr, sg_ptr, xt_ptr, sx_ptr, dw_ptr, tile_start, tile_end, first_tile, n_tiles,
-                          R, N, K, BLOCK: tl.constexpr):
-    """dW[e, n-block, k-block] = sum over expert e's tiles of (G^T X) * sg[t, n] * sx[t, k] in fp32.
+def _grouped_wgrad_kernel(gt_ptr, sg_ptr, xt_ptr, sx_ptr, dw_ptr, first_tile, n_tiles, TC, N, K,
+                          BLOCK: tl.constexpr):
+    """dW[e, n-block, k-block] = sum over expert e's tiles t of (G_t^T X_t) * sg[t, n] * sx[t, k] in fp32.
 
-    gt (N, R) and xt (K, R) e4m3 (token-contiguous), sg (T, N), sx (T, K): 128x1 tile scales."""
+    gt (N, TC) and xt (K, TC) e4m3, tile t in columns [128 t, 128 t + 128) (token-contiguous, zero past
+    the tile's rows); sg (T, N), sx (T, K): the tiles' 128x1 scales."""
     e, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK + tl.arange(0, BLOCK)
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
@@ -235,11 +238,9 @@ def _grouped_wgrad_kernel(gt_ptr, sg_ptr, xt_ptr, sx_ptr, dw_ptr, tile_start, ti
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for i in range(0, nt):
         t = t0 + i
-        r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
-        rr = r0 + tl.arange(0, BLOCK)
-        live = rr < r1
-        g = tl.load(gt_ptr + rn[:, None].to(tl.int64) * R + rr[None, :], mask=live[None, :], other=0.0)
-        x = tl.load(xt_ptr + rk[None, :].to(tl.int64) * R + rr[:, None], mask=live[:, None], other=0.0)
+        cols = tl.multiple_of(t * BLOCK, BLOCK) + tl.arange(0, BLOCK)
+        g = tl.load(gt_ptr + rn[:, None].to(tl.int64) * TC + cols[None, :])  # (BN, 128 tokens)
+        x = tl.load(xt_ptr + rk[None, :].to(tl.int64) * TC + cols[:, None])  # (128 tokens, BK)
         sg = tl.load(sg_ptr + t * N + rn)
         sx = tl.load(sx_ptr + t * K + rk)
         acc += tl.dot(g, x) * (sg[:, None] * sx[None, :])
@@ -247,10 +248,12 @@ def _grouped_wgrad_kernel(gt_ptr, sg_ptr, xt_ptr, sx_ptr, dw_ptr, tile_start, ti
 
 
 def grouped_wgrad(gt, sg, xt, sx, tiles, E: int) -> torch.Tensor:
-    """gt (N, R), xt (K, R) e4m3 with per-tile scales sg (T, N), sx (T, K) -> dW (E, N, K) fp32."""
-    N, R = gt.shape
+    """gt (N, TC), xt (K, TC) e4m3 in tile columns (`quantize_group_cols`, or `quantize_act`'s transposed
+    copy for one group) with per-tile scales sg (T, N), sx (T, K) -> dW (E, N, K) fp32."""
+    N, TC = gt.shape
     K = xt.shape[0]
+    assert xt.shape[1] == TC
     dw = torch.empty(E, N, K, dtype=torch.float32, device=gt.device)
-    _grouped_wgrad_kernel[(E, N // BLOCK, K // BLOCK)](gt, sg, xt, sx, dw, tiles[0], tiles[1], tiles[2], tiles[3],
-                                                       R, N, K, BLOCK=BLOCK)
+    _grouped_wgrad_kernel[(E, N // BLOCK, K // BLOCK)](gt, sg, xt, sx, dw, tiles[2], tiles[3], TC, N, K,
+                                                       BLOCK=BLOCK)
     return dw
