@@ -33,8 +33,12 @@ def _scaled_mm_pad(device_index: int) -> int | None:
     in ATen's older check) or 4 (row stride rounded up to 4, the newer check); None if it takes neither
     (CUDA < 12.9, a GPU below SM 9.0). Probed once per device."""
     dev = torch.device("cuda", device_index)
-    x = torch.ones(128, 256, device=dev)  # two K blocks and two N blocks: the row stride of the scales matters
-    w = torch.ones(256, 256, device=dev)
+    # two K blocks and two N blocks with different scales: a misread scale layout changes the product
+    x = torch.ones(128, 256, device=dev)
+    x[:, 128:] = 2
+    c = torch.tensor([[1.0, 2.0], [4.0, 8.0]], device=dev)  # w's 128x128 block values
+    w = c.repeat_interleave(128, 0).repeat_interleave(128, 1)  # (256, 256)
+    want = (x @ w.t())  # (128, 256): 128 * (c[n, 0] + 2 c[n, 1]) per N block
     for pad in (1, 4):
         qx, sx = K.quantize_act(x, with_t=False)
         qw, _, sw, _ = K.quantize_weight(w, pad_rows_to=pad)
@@ -42,7 +46,7 @@ def _scaled_mm_pad(device_index: int) -> int | None:
             y = torch._scaled_mm(qx, qw.t(), scale_a=sx.t(), scale_b=sw.t(), out_dtype=torch.bfloat16)
         except (RuntimeError, ValueError):
             continue
-        if torch.equal(y, torch.full_like(y, 256)):
+        if torch.allclose(y.float(), want, rtol=1e-2):
             return pad
     return None
 
