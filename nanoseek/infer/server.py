@@ -76,7 +76,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
     unknown_fields: set[str] = set()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nanoseek-prep")
     tokenizer = engine.tokenizer
-    encode_raw = getattr(tokenizer, "encode_prompt", None) or getattr(tokenizer, "encode", None)
+
+    def encode_raw(text: str) -> list[int]:  # a raw prompt as transformers tokenizes it (e.g. with BOS)
+        encode = getattr(tokenizer, "encode_prompt", None)
+        return encode(text) if encode is not None else tokenizer.encode(text)
 
     async def off_loop(fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -150,7 +153,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
         for p in prompts:
             if isinstance(p, str):
                 check_prompt_chars(p, limits, "prompt")
-        if any(isinstance(p, str) for p in prompts) and encode_raw is None:
+        if any(isinstance(p, str) for p in prompts) and tokenizer is None:
             raise APIError(400, "this server has no tokenizer; send the prompt as token ids", param="prompt")
         ids = await off_loop(lambda: [encode_raw(p) if isinstance(p, str) else p for p in prompts])
         for p in ids:
