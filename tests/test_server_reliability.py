@@ -24,7 +24,7 @@ from nanoseek.infer.server import create_app
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 MAX_LEN = 256
-LIMITS = Limits(max_body_bytes=64_000, max_json_depth=12, max_prompt_chars=3_000, max_prompt_tokens=100,
+LIMITS = Limits(max_body_bytes=64_000, max_json_depth=12, max_prompt_chars=5_000, max_prompt_tokens=100,
                 max_prompts=4, max_n=8, max_sequences=16, max_messages=8, max_stop=3, max_stop_chars=10)
 
 
@@ -71,7 +71,8 @@ def chat(**fields) -> dict:
 # ---------------------------------------------------------------------------- limits
 @pytest.mark.parametrize("body, path, status, code", [
     (good(prompt="x" * 70_000), "/v1/completions", 413, "max_body_bytes"),
-    (good(prompt="x" * 3_001), "/v1/completions", 400, "max_prompt_chars"),
+    (good(prompt="x" * 5_001), "/v1/completions", 400, "max_prompt_chars"),
+    (good(prompt="x" * 3_500), "/v1/completions", 400, "context_length_exceeded"),  # > 2 x 100 tokens x 15 chars
     (good(prompt=[5] * 101), "/v1/completions", 400, "context_length_exceeded"),  # max_prompt_tokens
     (good(prompt=["a"] * 5), "/v1/completions", 400, "max_prompts"),
     (good(n=9), "/v1/completions", 400, "max_n"),
@@ -79,7 +80,7 @@ def chat(**fields) -> dict:
     (good(stop=["a", "b", "c", "d"]), "/v1/completions", 400, "max_stop"),
     (good(stop="x" * 11), "/v1/completions", 400, "max_stop_chars"),
     (chat(messages=[{"role": "user", "content": "hi"}] * 9), "/v1/chat/completions", 400, "max_messages"),
-    (chat(messages=[{"role": "user", "content": "y" * 3_000}]), "/v1/chat/completions", 400, "max_prompt_chars"),
+    (chat(messages=[{"role": "user", "content": "y" * 5_000}]), "/v1/chat/completions", 400, "max_prompt_chars"),
     (good(extra=[[[[[[[[[[[[[1]]]]]]]]]]]]]), "/v1/completions", 400, "max_json_depth"),
     (b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "/v1/completions", 400, "max_json_depth"),
 ])
@@ -88,8 +89,10 @@ def test_each_limit_is_a_clear_error(http, body, path, status, code):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code
-    name = "max_prompt_tokens" if code == "context_length_exceeded" else code
-    assert name in err["message"] and (name == "max_prompt_tokens" or Limits.flag(name) in err["message"])
+    if code == "context_length_exceeded":  # max_prompt_tokens, or more characters than any 100 tokens can hold
+        assert "max_prompt_tokens" in err["message"] or "more than the context can hold" in err["message"]
+    else:
+        assert code in err["message"] and Limits.flag(code) in err["message"]
 
 
 def test_a_chunked_body_is_counted_as_it_arrives(http):

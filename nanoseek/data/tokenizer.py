@@ -121,6 +121,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry, an upper bound for byte-level and Metaspace
+        vocabularies (their entries spell one symbol per byte or character): a text longer than
+        n * max_token_chars cannot encode to n tokens or fewer (text normalizers aside)."""
+        if not hasattr(self, "_max_token_chars"):
+            self._max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt's ids with the tokenizer's own special-token rules (tokenizer.json's
         post-processor, which transformers 5 follows for every fast tokenizer)."""

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.infer.access import AccessGuard
 from nanoseek.infer.engine import ContextLengthError, Engine
 from nanoseek.infer.protocol import (
+    BIG_REQUEST,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -53,6 +54,7 @@ from nanoseek.infer.protocol import (
     limit_error,
     parse_request,
     prompt_list,
+    release_memory,
 )
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.scheduler import Scheduler
@@ -77,9 +79,18 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nanoseek-prep")
     tokenizer = engine.tokenizer
 
-    def encode_raw(text: str) -> list[int]:  # a raw prompt as transformers tokenizes it (e.g. with BOS)
-        encode = getattr(tokenizer, "encode_prompt", None)
-        return encode(text) if encode is not None else tokenizer.encode(text)
+    # text longer than this cannot fit the context, whatever it encodes to: refused before tokenizing
+    longest = getattr(tokenizer, "max_token_chars", None)
+    fits = 2 * (limits.max_prompt_tokens or engine.max_len) * longest if longest else None
+
+    def encode(texts: list[str | list[int]], raw: bool) -> list[list[int]]:
+        """On a worker: raw prompts as transformers tokenizes them (`encode_prompt`: e.g. with BOS),
+        rendered chat as it is; token-id prompts pass through."""
+        fn = getattr(tokenizer, "encode_prompt", tokenizer.encode) if raw else tokenizer.encode
+        ids = [fn(t) if isinstance(t, str) else t for t in texts]
+        if sum(len(t) for t in texts if isinstance(t, str)) > BIG_REQUEST // 4:
+            release_memory()
+        return ids
 
     async def off_loop(fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -121,7 +132,14 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
                 raise limit_error("max_body_bytes", f"the body has more than {limits.max_body_bytes:,} bytes",
                                   status=413)
             body.append(chunk)
-        req = await off_loop(parse_request, b"".join(body), schema, limits, unknown_fields)
+        data = b"".join(body)
+        del body
+        try:
+            req = await off_loop(parse_request, data, schema, limits, unknown_fields)
+        finally:
+            del data
+            if size > BIG_REQUEST:
+                await off_loop(release_memory)
         if req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -152,10 +170,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
         stop = check_limits(req, limits, len(prompts))
         for p in prompts:
             if isinstance(p, str):
-                check_prompt_chars(p, limits, "prompt")
+                check_prompt_chars(p, limits, "prompt", fits)
         if any(isinstance(p, str) for p in prompts) and tokenizer is None:
             raise APIError(400, "this server has no tokenizer; send the prompt as token ids", param="prompt")
-        ids = await off_loop(lambda: [encode_raw(p) if isinstance(p, str) else p for p in prompts])
+        ids = await off_loop(encode, prompts, True)
         for p in ids:
             check_prompt_tokens(p, limits, engine.max_len, "prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
@@ -195,8 +213,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
             prompt = await off_loop(tokenizer.apply_chat_template, messages)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        check_prompt_chars(prompt, limits, "messages")
-        ids = await off_loop(tokenizer.encode, prompt)
+        check_prompt_chars(prompt, limits, "messages", fits)
+        (ids,) = await off_loop(encode, [prompt], False)
         check_prompt_tokens(ids, limits, engine.max_len, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
