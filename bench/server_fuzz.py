@@ -3,6 +3,7 @@
     python bench/server_fuzz.py                                  # 1,000 requests, a tiny random model served
                                                                  # by `nanoseek serve` in a subprocess
     python bench/server_fuzz.py --requests 5000 --seed 1
+    python bench/server_fuzz.py --device cuda                    # on a GPU, CUDA graphs on
     python bench/server_fuzz.py --url http://127.0.0.1:8000 --model demo   # a server you started (no RSS)
 
 Requests are drawn (seeded) from families: malformed JSON, wrong types in every field, extreme
@@ -294,6 +295,7 @@ def main() -> int:
     p.add_argument("--url", default=None, help="fuzz a running server instead of starting one")
     p.add_argument("--model", default="tiny", help="model id (with --url)")
     p.add_argument("--ckpt", default=None, help="checkpoint to serve (default: a tiny random one)")
+    p.add_argument("--device", default="cpu", help="device of the served model (cuda: CUDA graphs on too)")
     p.add_argument("--out", default=None, help="report JSON (default: bench/results/server_fuzz-<date>.json)")
     args = p.parse_args()
     server = None
@@ -305,8 +307,9 @@ def main() -> int:
         model = Path(ckpt).name
         port = 18000 + os.getpid() % 1000
         entry = "import sys; from nanoseek.cli import main; sys.exit(main())"  # `nanoseek` without the script
-        server = subprocess.Popen([sys.executable, "-c", entry, "serve", "--ckpt", ckpt, "--device", "cpu",
-                                   "--max-len", "256", "--port", str(port), "--log-level", "warning"],
+        graphs = ["--cuda-graph"] if args.device.startswith("cuda") else []
+        server = subprocess.Popen([sys.executable, "-c", entry, "serve", "--ckpt", ckpt, "--device", args.device,
+                                   *graphs, "--max-len", "256", "--port", str(port), "--log-level", "warning"],
                                   cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL)
         url, rss = f"http://127.0.0.1:{port}", lambda: proc_rss(server.pid)
         deadline = time.monotonic() + 180

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from server_fixtures import running
 from test_infer_fixtures import single_thread, write_tiny_ckpt
 
@@ -47,3 +48,17 @@ def test_the_cases_are_seeded():
     a = [next(cases(random.Random(3), "m", 100)) for _ in range(1)]
     gen_a, gen_b = cases(random.Random(3), "m", 100), cases(random.Random(3), "m", 100)
     assert [next(gen_a) for _ in range(50)] == [next(gen_b) for _ in range(50)] and a
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fuzz_on_a_gpu_with_cuda_graphs(tmp_path):
+    """The same on CUDA with graphs (extreme settings must not reach the device as asserts); no RSS check
+    (the CUDA context and caching allocator own host memory)."""
+    ckpt = write_tiny_ckpt(tmp_path)
+    engine = Engine(nanoseek.load_pretrained(ckpt, device="cuda"), load_tokenizer(ckpt), max_batch_size=8,
+                    max_len=256, cuda_graph=True)
+    with running(create_app(engine, "tiny")) as url:
+        report = fuzz(url, "tiny", REQUESTS, seed=1, timeout=120, concurrency=8)
+    assert report["server_errors"] == 0 and report["hangs"] == 0 and report["n_problems"] == 0, report["problems"]
+    assert report["identical_before_after"]

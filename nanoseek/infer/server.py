@@ -418,6 +418,10 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
+        except Exception:  # the status line (200) is gone: end the stream with an error event, no internals
+            rid = uuid.uuid4().hex[:12]
+            log.exception("stream %s failed", rid)
+            yield f"data: {json.dumps(error_body(f'internal server error (request {rid})', 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream")
 
