@@ -306,3 +306,18 @@ def test_raw_prompts_get_the_tokenizers_bos_as_in_transformers(tiny_ckpt, tmp_pa
                                                         "temperature": 0}, timeout=60).json()
     assert out["usage"]["prompt_tokens"] == len(tok.encode("Pack my")) + 1
     assert out["choices"][0]["text"] == want.text
+
+
+def test_streamed_text_offsets_equal_the_whole_answers(http):
+    """Completions logprobs' text_offset continues across stream chunks (kept per choice, not recounted)."""
+    whole = post(http, good(max_tokens=12, logprobs=0, n=2, temperature=1.0, seed=5)).json()
+    r = post(http, good(max_tokens=12, logprobs=0, n=2, temperature=1.0, seed=5, stream=True))
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                if c["logprobs"]:
+                    streamed[c["index"]] += c["logprobs"]["text_offset"]
+    for c in whole["choices"]:
+        offsets = c["logprobs"]["text_offset"]
+        assert streamed[c["index"]] == offsets and len(offsets) > 1

@@ -183,8 +183,13 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
         _log_request(rid, req, len(prompts), max_tokens)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
+        text_at = [0] * len(seqs)  # per choice: text offset after the tokens handed out (streams run in order)
+
         def choice(i: int, text: str, finish: str | None, tokens: slice) -> dict:
-            lp = _completion_logprobs(engine, seqs[i], tokens) if logprobs else None
+            lp = None
+            if logprobs:
+                lp = _completion_logprobs(engine, seqs[i], tokens, text_at[i] if tokens.start else 0)
+                text_at[i] = lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else text_at[i]
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
         if req.stream:
@@ -345,10 +350,11 @@ def _token_texts(engine: Engine, seq: Sequence, tokens: slice) -> tuple[list[str
     return [engine.tokenizer.decode([t]) for t in ids], seq.logprobs[tokens]
 
 
-def _completion_logprobs(engine: Engine, seq: Sequence, tokens: slice) -> dict:
-    """The legacy completions `logprobs` object for the generated tokens in `tokens`."""
+def _completion_logprobs(engine: Engine, seq: Sequence, tokens: slice, at: int) -> dict:
+    """The legacy completions `logprobs` object for the generated tokens in `tokens`, whose text starts
+    at offset `at` (kept by the caller: recounting it per chunk would cost O(n^2) over a stream)."""
     texts, values = _token_texts(engine, seq, tokens)
-    offsets, at = [], sum(len(engine.tokenizer.decode([t])) for t in seq.token_ids[: tokens.start or 0])
+    offsets = []
     for text in texts:
         offsets.append(at)
         at += len(text)
