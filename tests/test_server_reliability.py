@@ -321,3 +321,11 @@ def test_streamed_text_offsets_equal_the_whole_answers(http):
     for c in whole["choices"]:
         offsets = c["logprobs"]["text_offset"]
         assert streamed[c["index"]] == offsets and len(offsets) > 1
+
+
+def test_an_app_serves_again_after_a_restart(engine):
+    app = create_app(engine, "tiny")
+    for _ in range(2):  # the lifespan makes (and ends) the scheduler thread and the worker pool each time
+        with running(app) as url:
+            r = httpx.post(url + "/v1/completions", json=good(max_tokens=2), timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

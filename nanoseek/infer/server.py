@@ -76,7 +76,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
     scheduler = Scheduler(engine)
     created = int(time.time())
     unknown_fields: set[str] = set()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nanoseek-prep")
+    pool: ThreadPoolExecutor | None = None  # made by the lifespan (so an app can be started again)
     tokenizer = engine.tokenizer
 
     # text longer than this cannot fit the context, whatever it encodes to: refused before tokenizing
@@ -97,6 +97,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal pool
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nanoseek-prep")
         scheduler.start()
         yield
         scheduler.stop()
@@ -212,6 +214,9 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
             raise APIError(400, "messages is empty; send at least one {'role': 'user', 'content': ...}",
                            param="messages")
         stop = check_limits(req, limits, 1)
+        if tokenizer is None:
+            raise APIError(400, "this server has no tokenizer, so no chat template; use /v1/completions with "
+                                "token ids", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
