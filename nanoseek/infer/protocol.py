@@ -218,18 +218,25 @@ def _check_text(s: str, where: str, path: tuple) -> None:
 
 def validation_error(e: ValidationError) -> APIError:
     """A pydantic error as a 400 naming the field (union branches such as `str`/`list[int]` left
-    out of the path), with up to three of its problems."""
+    out of the path), with up to three of its problems; a field of several allowed shapes says which."""
     problems, param = [], None
-    for err in e.errors()[:3]:
+    for err in e.errors():
         loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))]
-        name = ".".join(loc)
         param = param or (loc[0] if loc else None)
-        problems.append(f"{name}: {err['msg']}" if name else err["msg"])
-    more = f" (and {e.error_count() - 3} more)" if e.error_count() > 3 else ""
-    return APIError(400, "; ".join(dict.fromkeys(problems)) + more, param=param)
+        field = next((i for i, x in enumerate(loc) if x in SHAPES and (i == 0 or x == "content")), None)
+        if field is not None:  # one line for the field, not one per union branch
+            problems.append(f"{'.'.join(loc[:field + 1])}: {SHAPES[loc[field]]}")
+        else:
+            problems.append(f"{'.'.join(loc)}: {err['msg']}" if loc else err["msg"])
+    problems = list(dict.fromkeys(problems))
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return APIError(400, "; ".join(problems[:3]) + more, param=param)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "TextPart", "function-after"}
+SHAPES = {"prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+          "stop": "must be a string or a list of strings",
+          "content": "must be a string or a list of {'type': 'text', 'text': '...'} parts"}
 
 
 def check_limits(req: OpenAIRequest, limits: Limits, n_prompts: int) -> list[str]:
