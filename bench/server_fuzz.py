@@ -221,7 +221,7 @@ def answers(http: httpx.Client, model: str) -> list:
 
 
 def fuzz(url: str, model: str, requests: int, seed: int = 0, timeout: float = 60.0, concurrency: int = 8,
-         huge_bytes: int = 5 * 2**20, rss=None, only: set[str] | None = None) -> dict:
+         huge_bytes: int = 5 * 2**20, rss=None, only: set[str] | None = None, api_key: str | None = None) -> dict:
     """Send `requests` fuzzed requests, `concurrency` at a time; returns the report (see module doc).
     rss: a function giving the server's resident memory in bytes (None: not measured)."""
     stream = cases(random.Random(seed), model, huge_bytes, only)
@@ -235,7 +235,8 @@ def fuzz(url: str, model: str, requests: int, seed: int = 0, timeout: float = 60
             at = len(batch) - 1
         return at, send(http, case, timeout)
 
-    with httpx.Client(base_url=url, limits=httpx.Limits(max_connections=concurrency)) as http:
+    auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, limits=httpx.Limits(max_connections=concurrency), headers=auth) as http:
         before = answers(http, model)
         rss_start = rss() if rss else None
         start = time.perf_counter()
@@ -294,6 +295,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request before it counts as a hang")
     p.add_argument("--url", default=None, help="fuzz a running server instead of starting one")
     p.add_argument("--model", default="tiny", help="model id (with --url)")
+    p.add_argument("--api-key", default=None, help="(with --url) the server's key (default: env NANOSEEK_API_KEY)")
     p.add_argument("--ckpt", default=None, help="checkpoint to serve (default: a tiny random one)")
     p.add_argument("--device", default="cpu", help="device of the served model (cuda: CUDA graphs on too)")
     p.add_argument("--out", default=None, help="report JSON (default: bench/results/server_fuzz-<date>.json)")
@@ -310,7 +312,8 @@ def main() -> int:
         graphs = ["--cuda-graph"] if args.device.startswith("cuda") else []
         server = subprocess.Popen([sys.executable, "-c", entry, "serve", "--ckpt", ckpt, "--device", args.device,
                                    *graphs, "--max-len", "256", "--port", str(port), "--log-level", "warning"],
-                                  cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL)
+                                  cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL,
+                                  env={k: v for k, v in os.environ.items() if k != "NANOSEEK_API_KEY"})
         url, rss = f"http://127.0.0.1:{port}", lambda: proc_rss(server.pid)
         deadline = time.monotonic() + 180
         while True:
@@ -323,7 +326,8 @@ def main() -> int:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
     try:
-        report = fuzz(url, model, args.requests, args.seed, args.timeout, args.concurrency, rss=rss)
+        report = fuzz(url, model, args.requests, args.seed, args.timeout, args.concurrency, rss=rss,
+                      api_key=(args.api_key or os.environ.get("NANOSEEK_API_KEY")) if args.url else None)
     finally:
         if server is not None:
             server.terminate()
