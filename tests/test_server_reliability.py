@@ -329,3 +329,12 @@ def test_an_app_serves_again_after_a_restart(engine):
         with running(app) as url:
             r = httpx.post(url + "/v1/completions", json=good(max_tokens=2), timeout=60)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_full_queue_is_a_429_naming_the_limit(http, served, monkeypatch):
+    scheduler = served[1].state.scheduler
+    monkeypatch.setattr(type(scheduler), "waiting", property(lambda self: 4095))  # one place left (default 4096)
+    assert post(http, good()).status_code == 200
+    r = post(http, good(n=2))
+    assert r.status_code == 429 and r.json()["error"]["code"] == "max_waiting" and "--max-waiting" in r.text
+    assert scheduler.waiting == 4095  # nothing was queued

@@ -239,7 +239,7 @@ def serve_main(argv: list[str]) -> int:
                    "rebinding; default: any)")
     from nanoseek.infer.protocol import Limits
 
-    lim = p.add_argument_group("limits (each answered with a 400, or 413 for the body, that names it)")
+    lim = p.add_argument_group("limits (each answered with a 400, 413 for the body or 429 for the queue, naming it)")
     for f in dataclasses.fields(Limits):
         lim.add_argument(Limits.flag(f.name), type=int, default=f.default, help=f.metadata["help"])
     args = p.parse_args(argv)

@@ -39,7 +39,7 @@ def _limit(default: int, help_: str) -> Any:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one request, each answered with a 400 (413 for the body) that names it.
+    """Bounds on one request, each answered with a 400 (413 for the body, 429 for the queue) that names it.
 
     The defaults let every legitimate request of a single-node server through (a prompt of a
     128k-token context is about 512k characters) while keeping one request from stalling or
@@ -57,6 +57,7 @@ class Limits:
     max_messages: int = _limit(1024, "chat messages in one request")
     max_stop: int = _limit(16, "stop strings in one request")
     max_stop_chars: int = _limit(256, "characters of one stop string")
+    max_waiting: int = _limit(4096, "sequences queued for a batch row, all requests together (429 beyond)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -180,7 +180,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
             check_prompt_tokens(p, limits, engine.max_len, "prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         logprobs = req.wants_logprobs()
-        seqs = _submit(scheduler, ids, req, stop, max_tokens, param="prompt", logprobs=logprobs)
+        seqs = _submit(scheduler, limits, ids, req, stop, max_tokens, param="prompt", logprobs=logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         _log_request(rid, req, len(prompts), max_tokens)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
@@ -230,7 +230,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *,
         if max_tokens is None:
             max_tokens = max(engine.max_len - len(ids), 1)
         logprobs = req.wants_logprobs()
-        seqs = _submit(scheduler, [ids], req, stop, max_tokens, param="messages", logprobs=logprobs)
+        seqs = _submit(scheduler, limits, [ids], req, stop, max_tokens, param="messages", logprobs=logprobs)
 
         def chat_logprobs(i: int, tokens: slice) -> dict | None:
             return _chat_logprobs(engine, seqs[i], tokens) if logprobs else None
@@ -286,8 +286,8 @@ def _log_request(rid: str, req: OpenAIRequest, n_prompts: int, max_tokens: int) 
              f", user={req.user[:64]!r}" if req.user else "")
 
 
-def _submit(scheduler: Scheduler, prompts: list[list[int]], req: OpenAIRequest, stop: list[str], max_tokens: int,
-            param: str, logprobs: bool = False) -> list[Sequence]:
+def _submit(scheduler: Scheduler, limits: Limits, prompts: list[list[int]], req: OpenAIRequest, stop: list[str],
+            max_tokens: int, param: str, logprobs: bool = False) -> list[Sequence]:
     """Check the settings, then queue n sequences per prompt (in that order), all reporting to one new
     `_Bridge`. The engine checks each prompt and the token budget (`Engine.sequence`)."""
     if max_tokens < 1:
@@ -304,6 +304,10 @@ def _submit(scheduler: Scheduler, prompts: list[list[int]], req: OpenAIRequest, 
         except ValueError as e:
             name = str(e).split("=")[0]
             raise APIError(400, str(e), param=name if name in OpenAIRequest.model_fields else None) from None
+    queued = len(prompts) * req.n
+    if scheduler.waiting + queued > limits.max_waiting:
+        raise limit_error("max_waiting", f"the server has {scheduler.waiting:,} sequences waiting and this request "
+                          f"adds {queued:,}; retry later", status=429)
     seqs, bridge = [], _Bridge()
     try:
         for ids in prompts:
