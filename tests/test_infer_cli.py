@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import io
+import re
+import shlex
+import shutil
+from pathlib import Path
 
+import httpx
 import pytest
+from server_fixtures import running
 from test_infer_fixtures import single_thread, write_tiny_ckpt
 
 import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.cli import chat_main, generate_main
+from nanoseek.infer.cli import chat_main, generate_main, resolve_ckpt, serve_main
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -87,3 +93,117 @@ def test_help(command, capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "--ckpt" in text and "--dtype" in text and ("--port" in text) == (command == "serve")
+
+
+# ---------------------------------------------------------------------------- issue 20: run directories,
+# the README's commands as written, warnings and errors, BOS, serve's access and limit options
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_demo_run(tiny_ckpt: str, where: Path) -> Path:
+    """runs/demo as `nanoseek train` leaves it: checkpoints/step-*; the older one is unreadable, so
+    loading it would fail (the latest must be the one used)."""
+    steps = where / "runs" / "demo" / "checkpoints"
+    shutil.copytree(tiny_ckpt, steps / "step-000800")
+    shutil.copytree(tiny_ckpt, steps / "step-000250")
+    (steps / "step-000250" / "model.safetensors").write_bytes(b"not weights")
+    (steps / ".step-000900.tmp-abc").mkdir()  # a killed run's leftover: ignored
+    return steps / "step-000800"
+
+
+def readme_commands() -> list[str]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return [line.split("  #")[0].strip() for line in lines
+            if re.match(r"nanoseek (generate|chat|serve) ", line)]
+
+
+def test_the_readmes_inference_commands_run_as_written(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Each README command line, verbatim (comments aside), from a directory holding runs/demo."""
+    latest = fake_demo_run(tiny_ckpt, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    assert {c.split()[1] for c in commands} == {"generate", "chat", "serve"}, commands
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setattr("sys.stdin", io.StringIO("/exit\n"))
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        assert main(argv) == 0, command
+        err = capsys.readouterr().err
+        assert f"using its latest checkpoint, {Path('runs/demo/checkpoints/step-000800')}" in err, command
+    assert served["port"] == 8000 and served["app"].state.scheduler.engine.model is not None
+    with running(served["app"]) as url:
+        assert httpx.get(url + "/v1/models/demo").json()["id"] == "demo"  # the run's name, not step-000800
+    assert latest.is_dir()
+
+
+def test_ckpt_resolution_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="neither a checkpoint .* nor a run directory"):
+        resolve_ckpt(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="no such directory"):
+        resolve_ckpt(tmp_path / "missing")
+
+
+def test_cuda_graph_on_cpu_warns_and_max_len_is_checked(tiny_ckpt, capsys):
+    with pytest.warns(UserWarning, match="--cuda-graph does nothing on --device cpu"):
+        assert generate_main(["--ckpt", tiny_ckpt, "--prompt", "Pack", "--max-new-tokens", "2", "--device", "cpu",
+                              "--cuda-graph"]) == 0
+    with pytest.raises(SystemExit, match="--max-len 100000 exceeds the model's max_position_embeddings=512"):
+        generate_main(["--ckpt", tiny_ckpt, "--prompt", "x", "--device", "cpu", "--max-len", "100000"])
+    with pytest.raises(SystemExit, match="--max-len 1: the context must hold"):
+        generate_main(["--ckpt", tiny_ckpt, "--prompt", "x", "--device", "cpu", "--max-len", "1"])
+
+
+def test_generate_adds_the_tokenizers_bos_to_raw_prompts_not_to_chat(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """A tokenizer whose post-processor adds BOS: raw prompts reach the engine with it (as transformers
+    encodes them), chat prompts as the template renders them (the template writes its own specials)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    folder = tmp_path / "bos"
+    shutil.copytree(tiny_ckpt, folder)
+    hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.post_processor = processors.TemplateProcessing(single="<|end_of_text|> $A",
+                                                      special_tokens=[("<|end_of_text|>", 0)])
+    hf.save(str(folder / "tokenizer.json"))
+    tok = load_tokenizer(folder)
+    seen = []
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, prompts, *a, **k: (seen.append(prompts),
+                                                                            real(self, prompts, *a, **k))[1])
+    assert generate_main(["--ckpt", str(folder), "--prompt", "Pack my", "--max-new-tokens", "4",
+                          "--device", "cpu"]) == 0
+    assert generate_main(["--ckpt", str(folder), "--prompt", "hi", "--chat", "--max-new-tokens", "4",
+                          "--device", "cpu"]) == 0
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert seen == [[[0, *tok.encode("Pack my")]], [tok.encode(chat)]]
+    assert tok.encode_prompt("Pack my") == [0, *tok.encode("Pack my")]
+
+
+def test_serve_options_reach_the_app(tiny_ckpt, monkeypatch, capsys):
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setenv("NANOSEEK_API_KEY", "from-env")
+    assert serve_main(["--ckpt", tiny_ckpt, "--device", "cpu", "--max-n", "2", "--max-body-bytes", "5000",
+                       "--allowed-hosts", "localhost, 127.0.0.1"]) == 0
+    assert "API key required" in capsys.readouterr().err
+    app = served["app"]
+    assert app.state.limits.max_n == 2 and app.state.limits.max_body_bytes == 5000
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get("/v1/models").status_code == 401
+        key = {"authorization": "Bearer from-env"}
+        assert http.get("/v1/models", headers=key).status_code == 200
+        assert http.get("/v1/models", headers={**key, "host": "elsewhere"}).status_code == 400
+        r = http.post("/v1/completions", headers=key, json={"model": "tiny-model", "prompt": "x", "n": 3})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "max_n"
+    with pytest.raises(SystemExit, match="--max-stop: max_stop=0: must be an integer >= 1"):
+        serve_main(["--ckpt", tiny_ckpt, "--device", "cpu", "--max-stop", "0"])
+
+
+def test_serve_help_documents_access_and_limits(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ["--api-key", "--allowed-hosts", "--max-body-bytes", "--max-prompt-chars", "--max-stop-chars"]:
+        assert flag in text

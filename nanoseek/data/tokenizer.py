@@ -70,7 +70,10 @@ def _token_text(value: str | dict | None) -> str | None:
 
 class Tokenizer:
     """Encode/decode plus the ids a trainer needs. `encode` never adds BOS/EOS: callers place
-    EOS themselves (token shards put one after every document).
+    EOS themselves (token shards put one after every document), and a rendered chat template
+    already holds its special tokens as text. `encode_prompt` encodes a raw prompt as transformers
+    does (`tokenizer(text).input_ids`): with the special tokens the tokenizer's own post-processor
+    adds, e.g. a BOS in front (none for the tokenizers trained here).
 
     Attributes: eos_id, pad_id (EOS when the tokenizer has no pad token), vocab_size (with
     added tokens), eos_token, chat_template (Jinja source or None), path.
@@ -117,6 +120,20 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry, an upper bound for byte-level and Metaspace
+        vocabularies (their entries spell one symbol per byte or character): a text longer than
+        n * max_token_chars cannot encode to n tokens or fewer (text normalizers aside)."""
+        if not hasattr(self, "_max_token_chars"):
+            self._max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt's ids with the tokenizer's own special-token rules (tokenizer.json's
+        post-processor, which transformers 5 follows for every fast tokenizer)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once (parallel in Rust)."""

@@ -3,17 +3,26 @@
     nanoseek generate --ckpt runs/demo --prompt "What is 12+34?" --chat
     nanoseek generate --ckpt runs/demo --prompts-file prompts.txt --temperature 0.7 --seed 0 --speculative 2
     nanoseek chat --ckpt runs/demo
-    nanoseek serve --ckpt runs/demo --host 127.0.0.1 --port 8000
+    nanoseek serve --ckpt runs/demo --host 127.0.0.1 --port 8000 [--api-key KEY] [--max-body-bytes N ...]
 
-A checkpoint directory holds config.json + safetensors (`nanoseek.save_pretrained`) and
-tokenizer.json + tokenizer_config.json (`nanoseek.data.tokenizer`); a Hugging Face
-DeepSeek-V2/V3 model directory works too.
+--ckpt takes a checkpoint directory: config.json + safetensors (`nanoseek.save_pretrained`) and
+tokenizer.json + tokenizer_config.json (`nanoseek.data.tokenizer`); a Hugging Face DeepSeek-V2/V3
+model directory works too. A training run directory (`--train.out_dir`, holding
+checkpoints/step-*) means its latest checkpoint.
+
+Raw prompts are tokenized as transformers does (`Tokenizer.encode_prompt`: the tokenizer's own
+special tokens, e.g. a BOS); chat prompts are rendered by the chat template, which writes its
+special tokens itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +39,8 @@ def _parser(prog: str, description: str, temperature: float | None) -> argparse.
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    m.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json), "
+                   "or a training run directory: its latest checkpoint")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on, e.g. cpu, cuda, cuda:1")
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -65,16 +75,41 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
         raise SystemExit(f"error: {e} (see --help)") from None
 
 
+def resolve_ckpt(path: str | Path) -> Path:
+    """The checkpoint a --ckpt names: a model directory (config.json) as it is; a training run
+    directory, or its checkpoints/ folder, means its latest step-* checkpoint (said on stderr)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SystemExit(f"error: --ckpt {path}: no such directory (give a checkpoint written by nanoseek train, "
+                         "its run directory, or a Hugging Face model directory)")
+    if (path / "config.json").is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = [(int(m.group(1)), d) for d in root.iterdir()
+             if (m := re.fullmatch(r"step-(\d+)", d.name)) and (d / "config.json").is_file()]
+    if not steps:
+        raise SystemExit(f"error: --ckpt {path}: neither a checkpoint (no config.json) nor a run directory with "
+                         f"checkpoints/step-*; train one (nanoseek train --train.out_dir {path}) or point at a "
+                         "checkpoint or Hugging Face model directory")
+    latest = max(steps)[1]
+    print(f"--ckpt {path}: using its latest checkpoint, {latest}", file=sys.stderr)
+    return latest
+
+
 def load_engine(args: argparse.Namespace) -> Engine:
     """Model, tokenizer and Engine from the parsed --ckpt/--device/--dtype/... options."""
     from nanoseek.data.tokenizer import load_tokenizer
 
-    ckpt = Path(args.ckpt)
-    if not ckpt.is_dir():
-        raise SystemExit(f"error: --ckpt {ckpt}: no such directory (give a checkpoint written by nanoseek train "
-                         "or a Hugging Face model directory)")
+    ckpt = resolve_ckpt(args.ckpt)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: CUDA is not available here; use --device cpu")
+    if args.max_len is not None and args.max_len < 2:
+        raise SystemExit(f"error: --max-len {args.max_len}: the context must hold a prompt token and a new one")
+    cuda_graph = args.cuda_graph
+    if cuda_graph and not args.device.startswith("cuda"):
+        warnings.warn(f"--cuda-graph does nothing on --device {args.device} (CUDA graphs need a GPU); "
+                      "decoding runs eagerly", stacklevel=2)
+        cuda_graph = False
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     try:
         tokenizer = load_tokenizer(ckpt)
@@ -82,8 +117,12 @@ def load_engine(args: argparse.Namespace) -> Engine:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"vocab_size={model.config.vocab_size}; pair the checkpoint with its own tokenizer")
+        limit = model.config.max_position_embeddings
+        if args.max_len is not None and args.max_len > limit:
+            raise ValueError(f"--max-len {args.max_len} exceeds the model's max_position_embeddings={limit} "
+                             f"(positions it was built for); use --max-len {limit} or less")
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_len=args.max_len,
-                        speculative=args.speculative, cuda_graph=args.cuda_graph, compile=args.compile)
+                        speculative=args.speculative, cuda_graph=cuda_graph, compile=args.compile)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(engine.cache_report(), file=sys.stderr)
@@ -111,10 +150,11 @@ def generate_main(argv: list[str]) -> int:
         p.error("give --prompt TEXT or --prompts-file FILE")
     params = _sampling(args)
     engine = load_engine(args)
-    texts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}]) if args.chat else q
-             for q in prompts]
+    tok = engine.tokenizer  # chat: the template writes its special tokens; raw: the tokenizer's rules (BOS)
+    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) if args.chat
+           else tok.encode_prompt(q) for q in prompts]
     try:
-        outputs = engine.generate(texts, params)
+        outputs = engine.generate(ids, params)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
@@ -191,13 +231,32 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--model-name", default=None, help="model id clients send (default: the --ckpt folder name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
+    a = p.add_argument_group("access")
+    a.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: the env NANOSEEK_API_KEY; unset: open)")
+    a.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="Host header names clients may use, e.g. localhost,127.0.0.1 (guards against DNS "
+                   "rebinding; default: any)")
+    from nanoseek.infer.protocol import Limits
+
+    lim = p.add_argument_group("limits (each answered with a 400, 413 for the body or 429 for the queue, naming it)")
+    for f in dataclasses.fields(Limits):
+        lim.add_argument(Limits.flag(f.name), type=int, default=f.default, help=f.metadata["help"])
     args = p.parse_args(argv)
     import uvicorn
 
     from nanoseek.infer.server import create_app
 
+    try:
+        limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+    except ValueError as e:
+        raise SystemExit(f"error: {Limits.flag(str(e).split('=')[0])}: {e}") from None
+    args.api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None  # not a default: --help would show it
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     engine = load_engine(args)
     name = args.model_name or Path(args.ckpt).resolve().name
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(engine, name, limits, api_key=args.api_key, allowed_hosts=hosts)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -133,7 +133,10 @@ class Engine:
     def sequence(self, prompt: Prompt, params: SamplingParams,
                  on_event: Callable[[Sequence, str], None] | None = None) -> Sequence:
         """Tokenise and check a request: the one place the token budget is checked. Raises ValueError
-        naming the problem (ContextLengthError when prompt + max_new_tokens exceeds max_len)."""
+        naming the problem (ContextLengthError when prompt + max_new_tokens exceeds max_len).
+        Text is encoded as it is (`tokenizer.encode`: right for a rendered chat template, which writes
+        its own special tokens); pass `tokenizer.encode_prompt(text)` for a raw prompt that should get
+        the tokenizer's BOS, as the CLI and the server do."""
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
             raise ValueError("this Engine has no tokenizer: give prompts as token ids and no stop strings")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]

@@ -69,6 +69,11 @@ class Scheduler:
             self._cond.notify_all()
         return seq
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a row (not yet admitted)."""
+        return len(self._waiting)
+
     def cancel(self, seq: Sequence) -> None:
         """Stop a request at the next step boundary (its row is freed)."""
         with self._cond:

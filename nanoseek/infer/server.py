@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions.
 
-    app = create_app(engine, "my-model")     # FastAPI app; its lifespan starts/stops the scheduler
+    app = create_app(engine, "my-model", Limits(), api_key=None)   # FastAPI app; its lifespan runs the scheduler
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Every request becomes one `Sequence` per choice (n per prompt) in the engine's continuous-batching
@@ -11,8 +11,14 @@ stop, max_tokens (chat also max_completion_tokens), n (the n choices of a prompt
 and the sampled tokens' log-probabilities (completions `logprobs: 0`, chat `logprobs: true`; the
 top alternatives, `logprobs > 0` / `top_logprobs > 0`, are not computed and refused). Fields that would
 change the output but are not implemented (penalties, logit_bias, tools, ...) are refused with a 400;
-other unknown fields are ignored with a logged warning. Errors use OpenAI's body
+other unknown fields are ignored, each name logged once. Errors use OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`.
+
+Reliability (docs/reliability.md): the access checks run first (`nanoseek.infer.access`), then the
+body is read up to `Limits.max_body_bytes`; parsing, chat rendering and tokenizing run on a small
+worker pool, never on the event loop (`nanoseek.infer.protocol` checks each field and limit). A
+client that goes away cancels its request, streaming or not. A 500 says only that the server
+failed and the request id; the details go to the log.
 """
 
 from __future__ import annotations
@@ -22,112 +28,86 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.infer.access import AccessGuard
 from nanoseek.infer.engine import ContextLengthError, Engine
+from nanoseek.infer.protocol import (
+    BIG_REQUEST,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Limits,
+    OpenAIRequest,
+    check_limits,
+    check_prompt_chars,
+    check_prompt_tokens,
+    error_body,
+    limit_error,
+    parse_request,
+    prompt_list,
+    release_memory,
+)
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.scheduler import Scheduler
 from nanoseek.infer.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-# Fields that would change the output if honoured: refused unless they hold their neutral value.
-UNSUPPORTED = {"echo": (None, False),
-               "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-               "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
-               "response_format": (None, {"type": "text"})}
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes (choice i adds i)
 
 
-class APIError(Exception):
-    """An error answered as {"error": {...}} with an HTTP status."""
+def create_app(engine: Engine, model_name: str, limits: Limits | None = None, *, api_key: str | None = None,
+               allowed_hosts: Seq[str] | None = None, workers: int = 2) -> FastAPI:
+    """The FastAPI app serving `engine` under the model id `model_name`.
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=error_body(self.message, self.type, self.param, self.code))
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-# ---------------------------------------------------------------------------- request bodies
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None  # 0: the sampled tokens' log-probabilities; more: top alternatives (refused)
-
-    def wants_logprobs(self) -> bool:
-        if self.logprobs is not None and self.logprobs != 0:
-            raise APIError(400, f"logprobs={self.logprobs}: the top alternatives are not supported; use logprobs=0 "
-                                "for the sampled tokens' log-probabilities", param="logprobs")
-        return self.logprobs is not None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-        return self.content or ""
-
-
-class ChatRequest(_Request):
-    messages: list[Message]
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-    def wants_logprobs(self) -> bool:
-        if self.top_logprobs:
-            raise APIError(400, f"top_logprobs={self.top_logprobs}: the top alternatives are not supported; use "
-                                "logprobs=true alone for the sampled tokens' log-probabilities", param="top_logprobs")
-        return self.logprobs
-
-
-# ---------------------------------------------------------------------------- app
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` under the model id `model_name`."""
+    limits: bounds on each request (`Limits()` defaults); api_key: require `Authorization: Bearer
+    <key>` on /v1; allowed_hosts: the Host names clients may use (None: any); workers: threads that
+    parse, render and tokenize requests off the event loop.
+    """
+    limits = limits or Limits()
     scheduler = Scheduler(engine)
     created = int(time.time())
+    unknown_fields: set[str] = set()
+    pool: ThreadPoolExecutor | None = None  # made by the lifespan (so an app can be started again)
+    tokenizer = engine.tokenizer
+
+    # text longer than this cannot fit the context, whatever it encodes to: refused before tokenizing
+    longest = getattr(tokenizer, "max_token_chars", None)
+    fits = 2 * (limits.max_prompt_tokens or engine.max_len) * longest if longest else None
+
+    def encode(texts: list[str | list[int]], raw: bool) -> list[list[int]]:
+        """On a worker: raw prompts as transformers tokenizes them (`encode_prompt`: e.g. with BOS),
+        rendered chat as it is; token-id prompts pass through."""
+        fn = getattr(tokenizer, "encode_prompt", tokenizer.encode) if raw else tokenizer.encode
+        ids = [fn(t) if isinstance(t, str) else t for t in texts]
+        if sum(len(t) for t in texts if isinstance(t, str)) > BIG_REQUEST // 4:
+            release_memory()
+        return ids
+
+    async def off_loop(fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal pool
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nanoseek-prep")
         scheduler.start()
         yield
         scheduler.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="nanoseek", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.limits = scheduler, limits
+    app.add_middleware(AccessGuard, api_key=api_key, allowed_hosts=allowed_hosts,
+                       max_body_bytes=limits.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -136,12 +116,39 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse(status_code=exc.status_code, content=error_body(message, code=str(exc.status_code)))
+        return JSONResponse(status_code=exc.status_code, headers=getattr(exc, "headers", None),  # 405 keeps Allow
+                            content=error_body(message, code=str(exc.status_code)))
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(status_code=500, content=error_body(f"internal error: {exc}", "server_error"))
+        rid = uuid.uuid4().hex[:12]
+        log.error("request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=exc)
+        return JSONResponse(status_code=500, content=error_body(
+            f"internal server error (request {rid}); the server log has the details", "server_error"))
+
+    async def parse(request: Request, schema: type[OpenAIRequest]) -> Any:
+        body, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a chunked body has no Content-Length
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise limit_error("max_body_bytes", f"the body has more than {limits.max_body_bytes:,} bytes",
+                                  status=413)
+            body.append(chunk)
+        data = b"".join(body)
+        del body
+        try:
+            req = await off_loop(parse_request, data, schema, limits, unknown_fields)
+        finally:
+            del data
+            if size > BIG_REQUEST:
+                await off_loop(release_memory)
+        if req.model != model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return req
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanoseek"}
 
     @app.get("/health")
     async def health() -> dict:
@@ -149,59 +156,87 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list",
-                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "nanoseek"}]}
+        return {"object": "list", "data": [model_card()]}
 
-    @app.post("/v1/completions")
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request):
-        req = await _parse(request, CompletionRequest, model_name)
-        prompts = _prompt_list(req.prompt)
-        ids = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        req = await parse(request, CompletionRequest)
+        prompts = prompt_list(req.prompt)
+        stop = check_limits(req, limits, len(prompts))
+        for p in prompts:
+            if isinstance(p, str):
+                check_prompt_chars(p, limits, "prompt", fits)
+        if any(isinstance(p, str) for p in prompts) and tokenizer is None:
+            raise APIError(400, "this server has no tokenizer; send the prompt as token ids", param="prompt")
+        ids = await off_loop(encode, prompts, True)
+        for p in ids:
+            check_prompt_tokens(p, limits, engine.max_len, "prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         logprobs = req.wants_logprobs()
-        seqs = _submit(scheduler, engine, ids, req, max_tokens, param="prompt", logprobs=logprobs)
+        seqs = _submit(scheduler, limits, ids, req, stop, max_tokens, param="prompt", logprobs=logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
+        _log_request(rid, req, len(prompts), max_tokens)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
+        text_at = [0] * len(seqs)  # per choice: text offset after the tokens handed out (streams run in order)
+
         def choice(i: int, text: str, finish: str | None, tokens: slice) -> dict:
-            lp = _completion_logprobs(engine, seqs[i], tokens) if logprobs else None
+            lp = None
+            if logprobs:
+                lp = _completion_logprobs(engine, seqs[i], tokens, text_at[i] if tokens.start else 0)
+                text_at[i] = lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else text_at[i]
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
         if req.stream:
             async def chunks() -> AsyncIterator[dict]:
-                async for i, delta, finish, tokens in _events(scheduler, seqs):
+                async for i, delta, finish, tokens in _events(scheduler, seqs, rid):
                     if delta or finish or (logprobs and tokens.stop > tokens.start):
                         yield {**head, "choices": [choice(i, delta, finish, tokens)]}
                 if _include_usage(req):
                     yield {**head, "choices": [], "usage": _usage(seqs, req.n)}
             return _sse(chunks())
-        await _drain(scheduler, seqs)
+        if not await _finish(request, scheduler, seqs, rid):
+            return Response(status_code=499)  # the client has gone; nobody reads this
         return {**head, "choices": [choice(i, s.text, s.finish_reason, slice(None)) for i, s in enumerate(seqs)],
                 "usage": _usage(seqs, req.n)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatRequest))
     async def chat(request: Request):
-        req = await _parse(request, ChatRequest, model_name)
+        req = await parse(request, ChatRequest)
         if not req.messages:
             raise APIError(400, "messages is empty; send at least one {'role': 'user', 'content': ...}",
                            param="messages")
+        stop = check_limits(req, limits, 1)
+        if tokenizer is None:
+            raise APIError(400, "this server has no tokenizer, so no chat template; use /v1/completions with "
+                                "token ids", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            prompt = engine.tokenizer.apply_chat_template(messages)
+            prompt = await off_loop(tokenizer.apply_chat_template, messages)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        ids = engine.tokenizer.encode(prompt)
+        check_prompt_chars(prompt, limits, "messages", fits)
+        (ids,) = await off_loop(encode, [prompt], False)
+        check_prompt_tokens(ids, limits, engine.max_len, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = max(engine.max_len - len(ids), 1)
         logprobs = req.wants_logprobs()
-        seqs = _submit(scheduler, engine, [ids], req, max_tokens, param="messages", logprobs=logprobs)
+        seqs = _submit(scheduler, limits, [ids], req, stop, max_tokens, param="messages", logprobs=logprobs)
 
         def chat_logprobs(i: int, tokens: slice) -> dict | None:
             return _chat_logprobs(engine, seqs[i], tokens) if logprobs else None
 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        _log_request(rid, req, 1, max_tokens)
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
         if req.stream:
@@ -209,7 +244,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 for i in range(len(seqs)):
                     delta = {"role": "assistant", "content": ""}
                     yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
-                async for i, text, finish, tokens in _events(scheduler, seqs):
+                async for i, text, finish, tokens in _events(scheduler, seqs, rid):
                     if text or (logprobs and tokens.stop > tokens.start):  # held-back text: its tokens' values
                         yield {**head, "choices": [{"index": i, "delta": {"content": text},
                                                     "logprobs": chat_logprobs(i, tokens), "finish_reason": None}]}
@@ -219,7 +254,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 if _include_usage(req):
                     yield {**head, "choices": [], "usage": _usage(seqs, req.n)}
             return _sse(chunks())
-        await _drain(scheduler, seqs)
+        if not await _finish(request, scheduler, seqs, rid):
+            return Response(status_code=499)
         choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
                     "logprobs": chat_logprobs(i, slice(None)), "finish_reason": s.finish_reason}
                    for i, s in enumerate(seqs)]
@@ -229,49 +265,35 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
 
 # ---------------------------------------------------------------------------- helpers
-async def _parse(request: Request, schema: type[_Request], model_name: str) -> Any:
-    """Read and check a JSON body; every problem becomes an APIError naming the field."""
-    try:
-        raw = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
-    if not isinstance(raw, dict):
-        raise APIError(400, f"the request body must be a JSON object, not {type(raw).__name__}")
-    try:
-        req = schema.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"])
-        raise APIError(400, f"{param}: {err['msg']}", param=param.split(".")[0]) from None
-    if req.model != model_name:
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
-                       param="model", code="model_not_found")
-    for name, value in (req.model_extra or {}).items():
-        if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
-            raise APIError(400, f"{name}={value!r} is not supported by this server; leave it out", param=name)
-        if name not in UNSUPPORTED:
-            log.warning("ignoring unsupported request field %r", name)
-    return req
+def request_body(schema: type[OpenAIRequest]) -> dict:
+    """The route's OpenAPI requestBody (the routes read the raw body themselves, so FastAPI cannot
+    infer it): the model's JSON schema with its $defs inlined."""
+    full = schema.model_json_schema()
+    defs = full.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if set(node) == {"$ref"}:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(full)}}}}
 
 
-def _prompt_list(prompt: Any) -> list[str | list[int]]:
-    """A completions `prompt` (text, texts, token ids, lists of ids) as a list of prompts."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt or any(len(p) == 0 for p in prompt):
-        raise APIError(400, "prompt is empty; send at least one non-empty prompt", param="prompt")
-    return prompt
+def _log_request(rid: str, req: OpenAIRequest, n_prompts: int, max_tokens: int) -> None:
+    log.info("%s: %d prompt(s) x n=%d, max_tokens=%d%s", rid, n_prompts, req.n, max_tokens,
+             f", user={req.user[:64]!r}" if req.user else "")
 
 
-def _submit(scheduler: Scheduler, engine: Engine, prompts: list[list[int]], req: _Request, max_tokens: int,
-            param: str, logprobs: bool = False) -> list[Sequence]:
+def _submit(scheduler: Scheduler, limits: Limits, prompts: list[list[int]], req: OpenAIRequest, stop: list[str],
+            max_tokens: int, param: str, logprobs: bool = False) -> list[Sequence]:
     """Check the settings, then queue n sequences per prompt (in that order), all reporting to one new
     `_Bridge`. The engine checks each prompt and the token budget (`Engine.sequence`)."""
-    if not 1 <= req.n <= 64:
-        raise APIError(400, f"n={req.n}: must lie in 1..64", param="n")
     if max_tokens < 1:
         raise APIError(400, f"max_tokens={max_tokens}: must be >= 1", param="max_tokens")
-    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1] - req.n:
+        raise APIError(400, f"seed={req.seed}: must lie in [-2**63, 2**63 - 1 - n]", param="seed")
     params = []
     for i in range(req.n):
         try:
@@ -281,7 +303,11 @@ def _submit(scheduler: Scheduler, engine: Engine, prompts: list[list[int]], req:
                 stop=tuple(stop), seed=None if req.seed is None else req.seed + i, logprobs=logprobs))
         except ValueError as e:
             name = str(e).split("=")[0]
-            raise APIError(400, str(e), param=name if name in _Request.model_fields else None) from None
+            raise APIError(400, str(e), param=name if name in OpenAIRequest.model_fields else None) from None
+    queued = len(prompts) * req.n
+    if scheduler.waiting + queued > limits.max_waiting:
+        raise limit_error("max_waiting", f"the server has {scheduler.waiting:,} sequences waiting and this request "
+                          f"adds {queued:,}; retry later", status=429)
     seqs, bridge = [], _Bridge()
     try:
         for ids in prompts:
@@ -301,15 +327,43 @@ def _submit(scheduler: Scheduler, engine: Engine, prompts: list[list[int]], req:
     return seqs
 
 
+async def _finish(request: Request, scheduler: Scheduler, seqs: list[Sequence], rid: str) -> bool:
+    """Wait for a non-streaming request's sequences; False (and the sequences cancelled) if the
+    client disconnects first."""
+    drain = asyncio.ensure_future(_drain(scheduler, seqs, rid))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({drain, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (gone, drain):
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task  # drain's cleanup cancels the unfinished sequences
+    if drain.cancelled():
+        log.info("%s: the client went away; its request was cancelled", rid)
+        return False
+    drain.result()  # raises the request's APIError, if any
+    return True
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read: the next ASGI message
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _token_texts(engine: Engine, seq: Sequence, tokens: slice) -> tuple[list[str], list[float]]:
     ids = seq.token_ids[tokens]
     return [engine.tokenizer.decode([t]) for t in ids], seq.logprobs[tokens]
 
 
-def _completion_logprobs(engine: Engine, seq: Sequence, tokens: slice) -> dict:
-    """The legacy completions `logprobs` object for the generated tokens in `tokens`."""
+def _completion_logprobs(engine: Engine, seq: Sequence, tokens: slice, at: int) -> dict:
+    """The legacy completions `logprobs` object for the generated tokens in `tokens`, whose text starts
+    at offset `at` (kept by the caller: recounting it per chunk would cost O(n^2) over a stream)."""
     texts, values = _token_texts(engine, seq, tokens)
-    offsets, at = [], sum(len(engine.tokenizer.decode([t])) for t in seq.token_ids[: tokens.start or 0])
+    offsets = []
     for text in texts:
         offsets.append(at)
         at += len(text)
@@ -336,7 +390,8 @@ class _Bridge:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
-async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[tuple[int, str, str | None, slice]]:
+async def _events(scheduler: Scheduler, seqs: list[Sequence],
+                  rid: str) -> AsyncIterator[tuple[int, str, str | None, slice]]:
     """(choice index, text delta, finish reason or None, the slice of token_ids that arrived with this
     event) until every sequence finished.
 
@@ -351,8 +406,11 @@ async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[t
         while left:
             seq, delta, finish, n_tokens = await bridge.queue.get()
             if finish in ("error", "cancelled"):
-                raise APIError(500, f"generation {finish}: {seq.error or 'the server is shutting down'}",
-                               type_="server_error")
+                if finish == "error":
+                    log.error("%s: generation failed: %r", rid, seq.error)
+                    raise APIError(500, f"generation failed (request {rid}); the server log has the details",
+                                   type_="server_error")
+                raise APIError(503, "the server is shutting down; retry later", type_="server_error")
             left -= finish is not None
             i = index[id(seq)]
             tokens, seen[i] = slice(seen[i], n_tokens), n_tokens
@@ -363,8 +421,8 @@ async def _events(scheduler: Scheduler, seqs: list[Sequence]) -> AsyncIterator[t
                 scheduler.cancel(s)
 
 
-async def _drain(scheduler: Scheduler, seqs: list[Sequence]) -> None:
-    async for _ in _events(scheduler, seqs):
+async def _drain(scheduler: Scheduler, seqs: list[Sequence], rid: str) -> None:
+    async for _ in _events(scheduler, seqs, rid):
         pass
 
 
@@ -375,11 +433,15 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
+        except Exception:  # the status line (200) is gone: end the stream with an error event, no internals
+            rid = uuid.uuid4().hex[:12]
+            log.exception("stream %s failed", rid)
+            yield f"data: {json.dumps(error_body(f'internal server error (request {rid})', 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def _include_usage(req: _Request) -> bool:
+def _include_usage(req: OpenAIRequest) -> bool:
     return bool(req.stream_options and req.stream_options.get("include_usage"))
 
 
