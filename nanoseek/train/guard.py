@@ -27,7 +27,7 @@ class NonFiniteGuard:
         """Fold one step's flag in (device ops only, no sync)."""
         bad = (~finite).long()
         self.step += 1
-        self.streak.mul_(1 - bad).add_(bad)
+        self.streak.add_(1).mul_(bad)  # (streak + 1) on a skipped step, else 0
         torch.maximum(self.worst, self.streak, out=self.worst)
         self.total += bad
         torch.where(finite, self.last_bad, self.step, out=self.last_bad)

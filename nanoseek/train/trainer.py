@@ -351,7 +351,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     model.eval()
     with autocast:
         if tc.samples:
-            prompts = _sample_prompts(run, tc.samples, data.val_dir, tok)
+            prompts = _sample_prompts(run, tc.samples, data)
             outs = greedy_complete(model, tok, prompts, 120)
             summary["samples"] = [{"prompt": p, "completion": o} for p, o in zip(prompts, outs)]
         if tc.eval_problems and run.data.source == "synthetic":
@@ -382,21 +382,22 @@ def _log_line(step: int, total: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def _sample_prompts(run: RunConfig, n: int, val_dir: Path, tok: Tokenizer, words: int = 6) -> list[str]:
+def _sample_prompts(run: RunConfig, n: int, data: PreparedData, words: int = 6) -> list[str]:
     """Prompts for the end-of-run samples: held-out problems (synthetic data), else the openings
-    (first `words` tokens) of different validation documents, so the completions differ."""
+    (first `words` tokens) of different documents, validation documents first, so the completions differ."""
     if run.data.source != "synthetic":
         from nanoseek.data.shards import open_shards
 
-        stream = np.concatenate([np.asarray(s) for s in open_shards(val_dir)[0]])
-        starts = np.concatenate([[0], np.flatnonzero(stream == tok.eos_id) + 1])
-        prompts: list[str] = []
-        for start in starts:
-            text = tok.decode(stream[start:start + words].tolist()).strip() if start < len(stream) else ""
-            if text and tok.eos_id not in stream[start:start + words] and text not in prompts:
-                prompts.append(text)
-            if len(prompts) == n:
-                break
+        tok, prompts = data.tokenizer, []
+        for shard in [*open_shards(data.val_dir)[0], *open_shards(data.train_dir)[0]]:
+            ends = np.flatnonzero(np.asarray(shard) == tok.eos_id)  # documents end with EOS
+            for start in np.concatenate([[0], ends + 1])[:4 * n]:
+                opening = np.asarray(shard[start:start + words])
+                text = tok.decode(opening.tolist()).strip()
+                if text and tok.eos_id not in opening and text not in prompts:
+                    prompts.append(text)
+                if len(prompts) == n:
+                    return prompts
         return prompts or ["The"]
     from nanoseek.data.tasks import r1_prompt, sample_problems
 
