@@ -256,7 +256,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                  num_nextn_predict_layers=1, max_position_embeddings=1024, initializer_range=0.02),
-    # DESIGN.md's training benchmark: ~1.25B total / 0.22B active
+    # the training benchmark shape (bench/train_throughput.py, docs/performance.md): ~1.25B total / 0.22B active
     "bench-1b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
                      num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=512,
                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,

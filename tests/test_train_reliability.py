@@ -255,3 +255,38 @@ def test_bare_nanoseek_prints_usage_and_version(capsys):
     assert capsys.readouterr().out.strip() == f"nanoseek {__import__('nanoseek').__version__}"
     assert main(["--train.lr", "1"]) == 2
     assert "needs a command before it, e.g. `nanoseek train --train.lr 1`" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_guard_skips_on_the_device_without_a_sync():
+    """The trainer's CUDA path (fused AdamW, found_inf): a NaN step changes nothing, and neither the
+    step nor the guard's counters read anything on the host (CUDA sync debug mode raises on a sync)."""
+    from nanoseek.train.guard import NonFiniteGuard
+
+    model = Transformer.from_config(preset("debug"), device="cuda", seed=0).train()
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    assert opt.defaults["fused"]
+    x = torch.randint(0, 512, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    guard = NonFiniteGuard(torch.device("cuda"), 0, limit=2)
+    snapshots = []
+    for poison in (False, True, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = accumulate_gradients(model, [(x[:, :-1], x[:, 1:])], pretraining_loss(0.3, 1e-2),
+                                       contextlib.nullcontext())
+        if poison:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out |= optimizer_step(model, opt, lr=1e-3, grad_clip=1.0, bias_gamma=1e-2, skip_nonfinite=True,
+                                  also_finite=list(out.values()))
+            guard.update(out["finite"])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    after = model.state_dict()
+    assert all(torch.equal(snapshots[1][k], after[k]) for k in after)  # two skipped steps: nothing moved
+    assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in after)  # the good step did
+    note, stop = guard.check()
+    assert stop and "skipped 2 step(s)" in note and guard.last_bad_step() == 3

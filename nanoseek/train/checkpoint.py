@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,12 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file, files in parallel threads (hashlib releases the GIL on large reads)."""
+    with ThreadPoolExecutor(max_workers=min(4, len(paths) or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's (or a directory's entries') data to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -115,10 +122,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Transformer, state: d
             copy_tokenizer_files(tokenizer_dir, tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        files = {}
-        for f in sorted(tmp.iterdir()):
+        paths = sorted(tmp.iterdir())
+        for f in paths:
             _fsync(f)
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": digest} for f, digest in zip(paths, _sha256_all(paths))}
         manifest = {"format": "nanoseek-checkpoint-1", "step": step, "finite": True, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _fsync(tmp / MANIFEST)
@@ -171,13 +178,15 @@ def verify_checkpoint(path: str | Path) -> bool:
             raise CheckpointError(f"{manifest_path}: does not list {name}")
     for name, meta in files.items():
         f = path / name
-        if not f.is_file():
+        if not isinstance(meta, dict) or not f.is_file():
             raise CheckpointError(f"{f}: missing (the manifest lists it)")
         size = f.stat().st_size
         if size != meta.get("bytes"):
             raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta.get('bytes')} (truncated or changed)")
-        if _sha256(f) != meta.get("sha256"):
-            raise CheckpointError(f"{f}: checksum differs from the manifest (the file is damaged)")
+    names = list(files)
+    for name, digest in zip(names, _sha256_all([path / n for n in names])):
+        if digest != files[name].get("sha256"):
+            raise CheckpointError(f"{path / name}: checksum differs from the manifest (the file is damaged)")
     return True
 
 

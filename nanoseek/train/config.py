@@ -212,7 +212,9 @@ def help_text() -> str:
              "corpus, BPE tokenizer, small MLA + MoE + MTP model, checkpoints, plots, samples, accuracy).", "",
              f"  --preset NAME      model preset: {', '.join(sorted(PRESETS))} (default: demo)",
              "  --config FILE      TOML or JSON file with [model], [data], [train] sections",
-             "  --resume [DIR]     continue from DIR, or from the latest checkpoint in train.out_dir", ""]
+             "  --resume [DIR]     continue a run with its saved configuration: alone, from the newest intact",
+             "                     checkpoint of --train.out_dir; DIR: a run directory or one step-* checkpoint.",
+             "                     Flags that change the model, data or batch size are refused; others apply.", ""]
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         defaults = ModelConfig(**PRESETS["demo"]) if section == "model" else cls()
