@@ -85,6 +85,41 @@ def test_diverging_run_stops_and_never_writes_a_nan_checkpoint(tmp_path, capsys)
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_kill_9_mid_run_then_resume_is_exact(tmp_path):
+    """SIGKILL a real training process that checkpoints every step (the kill lands in a step or inside a
+    checkpoint write); --resume alone then ends with the losses and weights of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    flags = ["--train.max_steps", "5", "--train.ckpt_every", "1", "--train.keep_last", "2"]
+    run(tmp_path / "straight", *flags)
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "straight" / "data", killed / "data")  # the prepared shards (cached by config)
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "train", *TINY, "--train.out_dir", str(killed),
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "step      2/" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    train(parse_args(["--train.out_dir", str(killed), "--resume"]))
+
+    def losses(out: Path) -> dict:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len([r for r in rows if r["kind"] == "train"]) == 5  # each step logged once
+        return {r["step"]: (r["loss"], r["mtp_loss"], r["grad_norm"]) for r in rows if r["kind"] == "train"}
+
+    assert losses(killed) == losses(tmp_path / "straight")
+    a = load_pretrained(tmp_path / "straight" / "checkpoints" / "step-000005")
+    b = load_pretrained(killed / "checkpoints" / "step-000005")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
 # ---------------------------------------------------------------------------- damaged checkpoints
 @pytest.fixture(scope="module")
 def ckpt_run(tmp_path_factory):
@@ -184,9 +219,13 @@ def finished_run(tmp_path_factory):
     return out
 
 
-def test_fresh_run_refuses_a_used_out_dir(finished_run):
-    with pytest.raises(SystemExit, match="already holds a run .*--resume.*--train.out_dir"):
+def test_fresh_run_refuses_a_used_out_dir(finished_run, tmp_path):
+    with pytest.raises(SystemExit, match="already holds a run .checkpoints step-000002..step-000004.; continue it "
+                                         "with --resume, or .* fresh directory with --train.out_dir"):
         run(finished_run, "--train.max_steps", "4")
+    (tmp_path / "metrics.jsonl").write_text("")  # a run that died before its first checkpoint
+    with pytest.raises(SystemExit, match="wrote no checkpoint; .*--train.out_dir DIR, or delete .*metrics.jsonl"):
+        run(tmp_path, "--train.max_steps", "4")
 
 
 def test_resume_uses_the_saved_configuration(finished_run):

@@ -160,10 +160,13 @@ def check_fresh_out_dir(out_dir: Path) -> None:
     """A fresh run must not write into another run's directory (it would prune that run's checkpoints
     and mix both runs' metrics)."""
     found = [p.name for p in list_checkpoints(out_dir)]
-    if found or (out_dir / "metrics.jsonl").is_file():
-        what = f"checkpoints {found[0]}..{found[-1]}" if found else "metrics.jsonl"
-        raise SystemExit(f"nanoseek train: {out_dir} already holds a run ({what}); continue it with --resume, "
-                         "or start this run in a fresh directory with --train.out_dir DIR")
+    if found:
+        raise SystemExit(f"nanoseek train: {out_dir} already holds a run (checkpoints {found[0]}..{found[-1]}); "
+                         "continue it with --resume, or start this run in a fresh directory with --train.out_dir DIR")
+    if (out_dir / "metrics.jsonl").is_file():
+        raise SystemExit(f"nanoseek train: {out_dir} already holds the metrics.jsonl of a run that wrote no "
+                         "checkpoint; start this run in a fresh directory with --train.out_dir DIR, or delete "
+                         f"{out_dir / 'metrics.jsonl'} to reuse this one")
 
 
 def truncate_metrics(path: Path, step: int) -> int:
