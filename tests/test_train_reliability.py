@@ -185,6 +185,19 @@ def test_resume_errors_name_the_problem(ckpt_run, tmp_path):
         find_checkpoint("auto", broken)
 
 
+def test_resume_keeps_one_line_of_checkpoints(ckpt_run, tmp_path):
+    from nanoseek.train.resume import check_resume_target
+
+    ckpts = ckpt_run / "checkpoints"
+    with pytest.raises(SystemExit, match="went on past it .step-000003.*--train.out_dir NEW"):
+        check_resume_target(ckpts / "step-000002", ckpt_run, chosen=True)  # an older one, chosen explicitly
+    check_resume_target(ckpts / "step-000003", ckpt_run, chosen=True)  # the newest: fine
+    check_resume_target(ckpts / "step-000002", ckpt_run, chosen=False)  # --resume fell back past a damaged one
+    check_resume_target(ckpts / "step-000002", tmp_path / "branch", chosen=True)  # into a fresh directory
+    with pytest.raises(SystemExit, match="already holds a run"):  # another run's checkpoint into a used directory
+        check_resume_target(tmp_path / "other" / "checkpoints" / "step-000001", ckpt_run, chosen=True)
+
+
 def test_legacy_checkpoint_with_nan_weights_says_so(tmp_path):
     model = Transformer.from_config(preset("debug"), seed=0)
     with torch.no_grad():

@@ -169,6 +169,21 @@ def check_fresh_out_dir(out_dir: Path) -> None:
                          f"{out_dir / 'metrics.jsonl'} to reuse this one")
 
 
+def check_resume_target(ckpt: Path, out_dir: Path, chosen: bool) -> None:
+    """A resume continues one line of checkpoints. Into another directory: that directory must be
+    fresh. In the checkpoint's own directory, a chosen (explicit) checkpoint must be its newest: resuming
+    an older one would mix two continuations there (damaged newer ones, skipped by `--resume`, are
+    replaced as the run reaches them)."""
+    if run_dir_of(ckpt).resolve() != out_dir.resolve():
+        check_fresh_out_dir(out_dir)
+        return
+    newer = [p.name for p in list_checkpoints(out_dir) if p.name > ckpt.name and (p / "manifest.json").is_file()]
+    if chosen and newer:
+        raise SystemExit(f"nanoseek train: --resume {ckpt}: the run went on past it ({', '.join(newer)} exist(s)); "
+                         "resuming here would mix two continuations in one directory. Resume it into a fresh "
+                         f"directory (--resume {ckpt} --train.out_dir NEW), or delete the newer checkpoints")
+
+
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop metric records after `step` (the steps a resumed run replays); return how many were dropped.
     Rewritten atomically; a damaged last line (a kill mid-write) is dropped too."""

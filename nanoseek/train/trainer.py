@@ -49,6 +49,7 @@ from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_toke
 from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
 from nanoseek.train.resume import (
     check_fresh_out_dir,
+    check_resume_target,
     find_checkpoint,
     resumed_run,
     run_dir_of,
@@ -158,7 +159,7 @@ def schedule_settings(tc) -> dict[str, Any]:
 
 def train(run: RunConfig) -> dict[str, Any]:
     """Run pretraining as configured; returns a summary dict (also written to summary.json)."""
-    ckpt_path, saved_train = None, run.train
+    ckpt_path, saved_train, resume_arg = None, run.train, run.train.resume
     if run.train.resume:  # continue the saved run: its configuration, with the allowed changes
         ckpt_path = find_checkpoint(run.train.resume, Path(run.train.out_dir))
         out_dir_given = run.explicit is None or "out_dir" in run.explicit.get("train", {})
@@ -178,8 +179,11 @@ def train(run: RunConfig) -> dict[str, Any]:
         raise SystemExit(f"nanoseek train: --data.seq_len {run.data.seq_len} exceeds the model's "
                          f"max_position_embeddings={run.model.max_position_embeddings}; lower seq_len or raise "
                          "--model.max_position_embeddings")
-    if not tc.resume:
+    if ckpt_path is None:
         check_fresh_out_dir(out_dir)
+    else:
+        chosen = resume_arg != "auto" and not (Path(resume_arg) / "checkpoints").is_dir()  # one step-* dir
+        check_resume_target(ckpt_path, out_dir, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in clean_partial(out_dir):
         print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
