@@ -101,12 +101,11 @@ def resumed_run(run: RunConfig, ckpt: Path, log: Callable[[str], None] = _say) -
         log(f"resume: {ckpt / 'run.json'} holds no saved configuration; using the command line's")
         return run
     model, data, train = saved_cfg.model, saved_cfg.data, saved_cfg.train
-    saved = {"preset": saved_cfg.preset}
     explicit = run.explicit if run.explicit is not None else {
         "preset": run.preset, **{s: dataclasses.asdict(getattr(run, s)) for s in ("model", "data", "train")}}
     errors, notices = [], []
-    if "preset" in explicit and explicit["preset"] != saved.get("preset"):
-        errors.append(f"--preset {explicit['preset']} (the run used {saved.get('preset')!r})")
+    if "preset" in explicit and explicit["preset"] != saved_cfg.preset:
+        errors.append(f"--preset {explicit['preset']} (the run used {saved_cfg.preset!r})")
     for section, cfg in (("model", model), ("data", data)):
         for name, value in explicit.get(section, {}).items():
             if name in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id") and section == "model":
@@ -131,8 +130,7 @@ def resumed_run(run: RunConfig, ckpt: Path, log: Callable[[str], None] = _say) -
     for note in notices:
         log(f"resume: {note}")
     train = dataclasses.replace(train, **changes, resume=str(ckpt), out_dir=run.train.out_dir)
-    return RunConfig(model=model, data=data, train=train, preset=saved.get("preset", run.preset),
-                     explicit=run.explicit)
+    return RunConfig(model=model, data=data, train=train, preset=saved_cfg.preset, explicit=run.explicit)
 
 
 def saved_run(ckpt: Path) -> RunConfig | None:

@@ -4,7 +4,11 @@
     nanoseek train --preset bench-1b --data.source my.jsonl --data.seq_len 2048 --train.batch_size 8
     nanoseek train --resume                           # continue the latest checkpoint in train.out_dir
 
-Reads top to bottom: prepare data, build model and optimizer, (resume), loop, finish.
+Reads top to bottom: (resume: which checkpoint, which configuration), prepare data, build model and
+optimizer, (load the checkpoint), loop, finish. Reliability (docs/reliability.md): a NaN/Inf step is
+skipped on the device and counted (train/guard.py), a run stops after max_nonfinite in a row, no
+checkpoint of a NaN model is written; checkpoints are atomic and checksummed (train/checkpoint.py);
+--resume continues the saved configuration and refuses flags that would change it (train/resume.py).
 Per optimizer step (`nanoseek/train/step.py`: accumulate_gradients, then optimizer_step):
     loss = CE(main) + lambda/D * sum_k CE(MTP_k) + alpha * sum_layers L_balance   (per micro-batch)
     clip grad norm; AdamW step; router bias b += gamma * sign(mean load - load) (global counts).
@@ -42,7 +46,7 @@ from nanoseek.train.checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from nanoseek.train.config import DataConfig, RunConfig
+from nanoseek.train.config import DataConfig, RunConfig, TrainConfig
 from nanoseek.train.evaluate import greedy_complete, heldout_accuracy, validation_loss
 from nanoseek.train.guard import NonFiniteGuard
 from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
@@ -151,7 +155,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def schedule_settings(tc) -> dict[str, Any]:
+def schedule_settings(tc: TrainConfig) -> dict[str, Any]:
     """The keyword arguments of `continued_multiplier` that come from the train config."""
     return dict(total=tc.max_steps, warmup=tc.warmup_steps, schedule=tc.schedule, decay_frac=tc.decay_frac,
                 min_ratio=tc.min_lr_ratio)
@@ -229,12 +233,12 @@ def train(run: RunConfig) -> dict[str, Any]:
             print(f"resume: the learning-rate schedule continues from {new_anchor[1]:.4g} x lr at step {step} "
                   f"and reaches {tc.min_lr_ratio:g} x lr at step {tc.max_steps}")
         anchor = new_anchor
-        dropped = truncate_metrics(out_dir / "metrics.jsonl", step)
-        print(f"resumed from {ckpt_path} at step {step}"
-              + (f" ({dropped} metric records after step {step} dropped: they are replayed)" if dropped else ""))
         if step >= tc.max_steps:
             raise SystemExit(f"nanoseek train: the run is already at step {step} of --train.max_steps "
                              f"{tc.max_steps}; extend it with --resume --train.max_steps N")
+        dropped = truncate_metrics(out_dir / "metrics.jsonl", step)
+        print(f"resumed from {ckpt_path} at step {step}"
+              + (f" ({dropped} metric records after step {step} dropped: they are replayed)" if dropped else ""))
 
     fpt = flops_per_token(run.model, run.data.seq_len, with_mtp=len(model.mtp) > 0)
     tokens_per_step = tc.batch_size * tc.grad_accum * run.data.seq_len
@@ -397,8 +401,9 @@ def _sample_prompts(run: RunConfig, n: int, data: PreparedData, words: int = 6) 
             ends = np.flatnonzero(np.asarray(shard) == tok.eos_id)  # documents end with EOS
             for start in np.concatenate([[0], ends + 1])[:4 * n]:
                 opening = np.asarray(shard[start:start + words])
+                opening = opening[:np.argmax(opening == tok.eos_id)] if tok.eos_id in opening else opening
                 text = tok.decode(opening.tolist()).strip()
-                if text and tok.eos_id not in opening and text not in prompts:
+                if text and text not in prompts:
                     prompts.append(text)
                 if len(prompts) == n:
                     return prompts
