@@ -324,12 +324,12 @@ def test_cuda_guard_skips_on_the_device_without_a_sync():
     guard = NonFiniteGuard(torch.device("cuda"), 0, limit=2)
     snapshots = []
     for poison in (False, True, True):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})  # before the step
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = accumulate_gradients(model, [(x[:, :-1], x[:, 1:])], pretraining_loss(0.3, 1e-2),
                                        contextlib.nullcontext())
         if poison:
             next(model.parameters()).grad.view(-1)[0] = float("inf")
-        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
