@@ -93,7 +93,7 @@ def test_kill_9_mid_run_then_resume_is_exact(tmp_path):
     import subprocess
     import sys
 
-    flags = ["--train.max_steps", "5", "--train.ckpt_every", "1", "--train.keep_last", "2"]
+    flags = ["--train.max_steps", "5", "--train.ckpt_every", "1", "--train.keep_last", "2", "--train.eval_batches", "1"]
     run(tmp_path / "straight", *flags)
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "straight" / "data", killed / "data")  # the prepared shards (cached by config)
