@@ -14,6 +14,8 @@ TORCH_CPU := torch==2.13.0
 
 install: .venv/.installed
 
+# the embedded demo into runs/demo; a second `make demo` is refused (runs/demo holds a run):
+# continue it with `.venv/bin/nanoseek train --resume`, or delete runs/demo first
 demo: install
 	.venv/bin/nanoseek train
 

@@ -1,4 +1,4 @@
-"""`nanoseek <command>`: train, generate, chat, serve.
+"""`nanoseek <command>`: train, generate, chat, serve. A bare `nanoseek` prints the usage.
 
     nanoseek train [--preset NAME] [--config FILE] [--section.field VALUE ...]
     nanoseek generate --ckpt DIR --prompt "..."
@@ -21,16 +21,26 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: nanoseek <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "`nanoseek <command> --help` documents each command's options."]
+    lines += ["", "`nanoseek <command> --help` documents each command's options; `nanoseek --version` prints the",
+              "version. `nanoseek train` with no options trains the embedded demo into runs/demo (`make demo`)."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help"):  # a bare `nanoseek` explains itself; it starts nothing
         print(usage())
         return 0
-    command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("train", argv)
+    if argv[0] in ("-V", "--version"):
+        import nanoseek
+
+        print(f"nanoseek {nanoseek.__version__}")
+        return 0
+    if argv[0].startswith("-"):
+        print(f"nanoseek: {argv[0]} needs a command before it, e.g. `nanoseek train {' '.join(argv)}`\n\n{usage()}",
+              file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"nanoseek: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -112,6 +112,22 @@ class ModelConfig:
 
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise bad("model_type", f"unsupported; use one of {SUPPORTED_MODEL_TYPES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "n_routed_experts", "num_experts_per_tok", "n_group", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(name, "must be an integer, 0 or more")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            raise bad("q_lora_rank", "must be a positive integer or None")
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise bad(name, "must be a positive finite number")
         if self.num_key_value_heads != self.num_attention_heads:
             raise bad("num_key_value_heads", "MLA needs it equal to num_attention_heads")
         if self.scoring_func not in ("sigmoid", "softmax"):
@@ -240,7 +256,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                  num_nextn_predict_layers=1, max_position_embeddings=1024, initializer_range=0.02),
-    # DESIGN.md's training benchmark: ~1.25B total / 0.22B active
+    # the training benchmark shape (bench/train_throughput.py, docs/performance.md): ~1.25B total / 0.22B active
     "bench-1b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
                      num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=512,
                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,

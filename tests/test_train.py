@@ -37,11 +37,20 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 
 def test_resume_continues_exactly(tmp_path):
-    run(tmp_path / "straight", "--train.max_steps", "6")
-    run(tmp_path / "split", "--train.max_steps", "3")
-    run(tmp_path / "split", "--train.max_steps", "6", "--resume")
+    """A run killed after its step-3 checkpoint (simulated: the later checkpoint deleted, its later metric
+    records kept) resumes from the saved configuration to the same losses and weights as the run that
+    went straight through; the replayed steps are logged once."""
+    import shutil
+
+    run(tmp_path / "straight", "--train.max_steps", "6", "--train.ckpt_every", "3")
+    shutil.copytree(tmp_path / "straight", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step-000006")
+    (tmp_path / "split" / "checkpoints" / ".step-000006.tmp-x1y2").mkdir()  # a write cut by kill -9
+    train(parse_args(["--train.out_dir", str(tmp_path / "split"), "--resume"]))  # no other flag retyped
+    assert not list((tmp_path / "split" / "checkpoints").glob(".step-*"))
     straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
-    assert sorted(split) == list(range(1, 7))
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 7))  # no duplicates
     assert straight == split  # identical losses, MTP losses included
     a = nanoseek.load_pretrained(tmp_path / "straight" / "checkpoints" / "step-000006")
     b = nanoseek.load_pretrained(tmp_path / "split" / "checkpoints" / "step-000006")
@@ -49,6 +58,11 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(x, y), name
     bias = a.moe_layers[0].gate.e_score_correction_bias
     assert bias.abs().sum() > 0  # the router bias moved and was saved
+    sa = torch.load(tmp_path / "straight" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "split" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=True)
+    for key, moments in sa["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, sb["optimizer"]["state"][key][name]), (key, name)
 
 
 def test_checkpoint_loads_in_transformers_and_learning_happens(tmp_path):
@@ -107,7 +121,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="empty|no text|holds 0"):
         run(tmp_path / "y", "--data.source", str(empty))
     run(tmp_path / "z", "--train.max_steps", "1")
-    with pytest.raises(SystemExit, match="another model shape.*hidden_size"):
+    with pytest.raises(SystemExit, match="would change it: --model.hidden_size 96 .the run has 64"):
         run(tmp_path / "z", "--train.max_steps", "2", "--model.hidden_size", "96", "--resume")
     with pytest.raises(SystemExit, match="no checkpoint"):
         run(tmp_path / "fresh", "--resume")
@@ -127,8 +141,12 @@ def test_user_text_data_trains(tmp_path):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"document {i}: " + "the cat sat on the mat. " * 5})
                                 for i in range(120)))
-    summary = run(tmp_path / "out", "--data.source", str(corpus), "--train.max_steps", "3")
+    summary = run(tmp_path / "out", "--data.source", str(corpus), "--train.max_steps", "3", "--train.samples", "3")
     assert math.isfinite(summary["val_loss"])
+    prompts = [s["prompt"] for s in summary["samples"]]  # openings of different documents, held-out first
+    assert len(prompts) == 3 and len(set(prompts)) == 3
+    assert prompts[:2] == ["document 118: the cat", "document 119: the cat"]  # the 2 validation documents
+    assert prompts[2].startswith("document ")
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):

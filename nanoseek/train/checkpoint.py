@@ -3,32 +3,48 @@
     out_dir/checkpoints/step-000500/
         config.json, model.safetensors      the model (loads with from_pretrained and in transformers)
         tokenizer.json, tokenizer_config.json
-        trainer_state.pt                    optimizer, step, loader position, RNG (tensors + plain data)
+        trainer_state.pt                    optimizer, step, loader position, RNG, schedule (tensors + plain data)
         run.json                            config, git commit, versions, hardware
+        manifest.json                       every other file's size and sha256, written last
 
-A checkpoint is written into a temporary directory and renamed into place, so a crash or a full
-disk never leaves a half-written checkpoint, and older ones stay until the new one exists.
+Writing: the files go into `.step-000500.tmp-XXXX`, each is fsynced, the manifest is written and
+fsynced last, the directory is fsynced and then renamed into place (and its parent fsynced). A crash
+or a full disk therefore never leaves a half-written `step-*` directory, and older checkpoints are
+pruned only after the new one is in place. Leftover `.tmp-` directories of killed runs are removed by
+`clean_partial`.
+
+Reading: `verify_checkpoint` checks that the manifest lists every required file and that each file
+has the recorded size and checksum; any problem is a `CheckpointError` naming the file and what is
+wrong. Checkpoints written before manifests existed load with a notice (their weights are checked
+for NaN/Inf instead).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from nanoseek.hf import copy_tokenizer_files, load_pretrained, write_pretrained
+from nanoseek.hf import CheckpointError, copy_tokenizer_files, load_pretrained, write_pretrained
 from nanoseek.model.transformer import Transformer
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+REQUIRED = ("config.json", STATE_FILE, "run.json")  # + the weights (model.safetensors or an index)
 
 
 def run_record(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -50,13 +66,52 @@ def run_record(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The `step-*` directories of a run, oldest first (intact or not: `verify_checkpoint` decides)."""
     root = Path(out_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file())
+    return sorted(p for p in root.glob("step-*") if p.is_dir())
+
+
+def clean_partial(out_dir: str | Path) -> list[Path]:
+    """Remove `.step-*.tmp-*` / `.step-*.old-*` directories that killed runs left behind; return them."""
+    root = Path(out_dir) / "checkpoints"
+    leftovers = sorted(p for pattern in (".step-*.tmp-*", ".step-*.old-*") for p in root.glob(pattern))
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return leftovers
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter and buffer is free of NaN/Inf (one host sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+# ---------------------------------------------------------------------------- write
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file, files in parallel threads (hashlib releases the GIL on large reads)."""
+    with ThreadPoolExecutor(max_workers=min(4, len(paths) or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: Transformer, state: dict[str, Any],
                     tokenizer_dir: str | Path | None, record: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and prune all but the last `keep_last`."""
+    """Write checkpoint `step` atomically (fsynced, with a checksum manifest) and prune all but the
+    last `keep_last`. Raises OSError / RuntimeError / SafetensorError when the disk fails (the
+    previous checkpoints are untouched then)."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -67,29 +122,113 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Transformer, state: d
             copy_tokenizer_files(tokenizer_dir, tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
+        paths = sorted(tmp.iterdir())
+        for f in paths:
+            _fsync(f)
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": digest} for f, digest in zip(paths, _sha256_all(paths))}
+        manifest = {"format": "nanoseek-checkpoint-1", "step": step, "finite": True, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        old = None
+        if final.exists():  # the same step again (a resumed run's last step): swap, then delete
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
         os.replace(tmp, final)
+        _fsync(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    # prune only after the new one is in place: keep it and the keep_last - 1 newest before it
+    older = [p for p in list_checkpoints(out_dir) if p.name < final.name]
+    for p in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: str | Path, model: Transformer) -> dict[str, Any]:
-    """Load weights into `model` (shapes must match) and return the trainer state."""
+# ---------------------------------------------------------------------------- read
+def verify_checkpoint(path: str | Path) -> bool:
+    """Check a checkpoint directory before loading it; raise CheckpointError naming the bad file.
+
+    Returns True when a manifest vouched for every file, False for an older checkpoint without one
+    (its required files exist; the caller checks its weights for NaN/Inf after loading).
+    """
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise SystemExit(f"nanoseek train: {path} is not a training checkpoint (no {STATE_FILE}); "
-                         "pass a step-* directory or --resume auto")
-    saved = load_pretrained(path, dtype=torch.float32, device=model.embed_tokens.weight.device)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is not a directory; pass a step-* checkpoint directory or a run's out_dir")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        missing = [n for n in REQUIRED if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path / missing[0]}: missing (and no {MANIFEST}: an incomplete or foreign "
+                                  "checkpoint directory)")
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+        raise CheckpointError(f"{manifest_path}: not a valid manifest (damaged)") from None
+    for name in REQUIRED:
+        if name not in files:
+            raise CheckpointError(f"{manifest_path}: does not list {name}")
+    for name, meta in files.items():
+        f = path / name
+        if not isinstance(meta, dict) or not f.is_file():
+            raise CheckpointError(f"{f}: missing (the manifest lists it)")
+        size = f.stat().st_size
+        if size != meta.get("bytes"):
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta.get('bytes')} (truncated or changed)")
+    names = list(files)
+    for name, digest in zip(names, _sha256_all([path / n for n in names])):
+        if digest != files[name].get("sha256"):
+            raise CheckpointError(f"{path / name}: checksum differs from the manifest (the file is damaged)")
+    return True
+
+
+def read_run_record(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's run.json (config, versions, hardware) as a dict."""
+    f = Path(path) / "run.json"
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{f}: not a JSON object")
+    return record
+
+
+def load_checkpoint(path: str | Path, model: Transformer) -> dict[str, Any]:
+    """Verify, then load the weights into `model` (shapes must match) and return the trainer state.
+
+    Every problem is a CheckpointError whose message names the file (SystemExit for a model of
+    another shape, a user mistake).
+    """
+    path = Path(path)
+    vouched = verify_checkpoint(path)
+    try:
+        saved = load_pretrained(path, dtype=torch.float32, device=model.embed_tokens.weight.device)
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'model.safetensors'}: cannot be read ({type(e).__name__}: {e})") from None
     ours, theirs = model.config.to_hf_dict(), saved.config.to_hf_dict()
     diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs run {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
              if ours.get(k) != theirs.get(k)]
     if diffs:
         raise SystemExit(f"nanoseek train: checkpoint {path} has another model shape ({'; '.join(diffs)}); "
                          "resume with the same --model.* options, or use a new --train.out_dir")
+    if not vouched and not weights_finite(saved):
+        raise CheckpointError(f"{path / 'model.safetensors'}: holds NaN or Inf weights (written by a diverged run)")
     model.load_state_dict(saved.state_dict())
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path / STATE_FILE}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path / STATE_FILE}: holds no trainer state (no 'step')")
+    return state

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,28 @@ class DataConfig:
     vocab_size: int = doc("vocabulary size of a trained tokenizer (the model's vocab_size follows it)", 1024)
     seq_len: int = doc("training sequence length (tokens per packed window)", 256)
     seed: int = doc("corpus and shuffling seed", 0)
+
+    def __post_init__(self) -> None:
+        _check(self, "data", {
+            "n_docs": (lambda v: v >= 2, "must be at least 2"), "val_docs": (lambda v: v >= 1, "must be at least 1"),
+            "difficulty_min": (lambda v: v >= 1, "must be at least 1"),
+            "difficulty_max": (lambda v: v >= self.difficulty_min, "must be at least --data.difficulty_min"),
+            "r1_share": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+            "answer_only_share": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+            "vocab_size": (lambda v: v >= 262, "must be at least 262 (256 bytes + 6 special tokens)"),
+            "seq_len": (lambda v: v >= 2, "must be at least 2")})
+
+
+def _check(obj: Any, section: str, rules: dict[str, tuple[Any, str]]) -> None:
+    """Raise ValueError naming `--section.field` for the first field whose rule fails."""
+    for name, (ok, want) in rules.items():
+        value = getattr(obj, name)
+        if not ok(value):
+            raise ValueError(f"--{section}.{name} {value!r}: {want}")
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
 
 
 @dataclass
@@ -80,10 +103,32 @@ class TrainConfig:
     keep_last: int = doc("checkpoints kept", 2)
     log_every: int = doc("log line every N steps", 10)
     seed: int = doc("model init seed", 0)
-    resume: str = doc("'' (fresh run), 'auto' (latest checkpoint in out_dir) or a checkpoint directory", "")
+    resume: str = doc("'' (fresh run), 'auto' (latest intact checkpoint in out_dir) or a checkpoint directory; "
+                      "the run's saved configuration is used", "")
+    max_nonfinite: int = doc("stop after this many NaN/Inf steps in a row (each is skipped; checked at log steps)",
+                             10)
     samples: int = doc("samples generated at the end", 4)
     eval_problems: int = doc("held-out problems scored for accuracy at the end (synthetic data)", 300)
     tensorboard: bool = doc("write TensorBoard event files", True)
+
+    def __post_init__(self) -> None:
+        positive = (lambda v: v >= 1, "must be at least 1")
+        not_negative = (lambda v: v >= 0, "must be 0 or more")
+        fraction = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
+        _check(self, "train", {
+            "batch_size": positive, "grad_accum": positive, "max_steps": positive, "log_every": positive,
+            "eval_batches": positive, "keep_last": positive, "max_nonfinite": positive,
+            "warmup_steps": not_negative, "eval_every": not_negative, "ckpt_every": not_negative,
+            "samples": not_negative, "eval_problems": not_negative,
+            "time_limit_min": (lambda v: v >= 0 and _finite(v), "must be 0 (no limit) or a positive number"),
+            "lr": (lambda v: v > 0 and _finite(v), "must be a positive finite number"),
+            "min_lr_ratio": fraction, "decay_frac": fraction, "mtp_switch_frac": fraction,
+            "bias_freeze_frac": fraction, "beta1": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+            "beta2": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+            "eps": (lambda v: v > 0 and _finite(v), "must be a positive finite number"),
+            **{k: (lambda v: v >= 0 and _finite(v), "must be 0 or a positive finite number")
+               for k in ("weight_decay", "grad_clip", "mtp_lambda", "mtp_lambda_final", "bias_gamma",
+                         "seq_aux_alpha")}})
 
 
 @dataclass
@@ -92,6 +137,9 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     preset: str = "demo"
+    # what the user set (config file and command line), {section: {field: value}}, "preset" included;
+    # None: every field counts as set (a RunConfig built in code). `--resume` checks these.
+    explicit: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         model = dataclasses.asdict(self.model)
@@ -164,7 +212,9 @@ def help_text() -> str:
              "corpus, BPE tokenizer, small MLA + MoE + MTP model, checkpoints, plots, samples, accuracy).", "",
              f"  --preset NAME      model preset: {', '.join(sorted(PRESETS))} (default: demo)",
              "  --config FILE      TOML or JSON file with [model], [data], [train] sections",
-             "  --resume [DIR]     continue from DIR, or from the latest checkpoint in train.out_dir", ""]
+             "  --resume [DIR]     continue a run with its saved configuration: alone, from the newest intact",
+             "                     checkpoint of --train.out_dir; DIR: a run directory or one step-* checkpoint.",
+             "                     Flags that change the model, data or batch size are refused; others apply.", ""]
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         defaults = ModelConfig(**PRESETS["demo"]) if section == "model" else cls()
@@ -179,7 +229,7 @@ def help_text() -> str:
 
 def parse_args(argv: list[str]) -> RunConfig:
     """Build a RunConfig from presets, an optional config file and `--section.field value` pairs."""
-    preset_name, config_file = "demo", None
+    preset_name, config_file, preset_set = "demo", None, False
     overrides: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     pairs: list[tuple[str, str]] = []
     i = 0
@@ -202,7 +252,7 @@ def parse_args(argv: list[str]) -> RunConfig:
             i += 1
         i += 1
         if key == "--preset":
-            preset_name = val
+            preset_name, preset_set = val, True
         elif key == "--config":
             config_file = val
         elif key == "--resume":
@@ -219,7 +269,8 @@ def parse_args(argv: list[str]) -> RunConfig:
             loaded = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise SystemExit(f"nanoseek train: cannot parse {path}: {e}") from None
-        preset_name = loaded.pop("preset", preset_name)
+        if "preset" in loaded:
+            preset_name, preset_set = loaded.pop("preset"), True
         for section, values in loaded.items():
             if section not in SECTIONS or not isinstance(values, dict):
                 raise SystemExit(f"nanoseek train: {path}: unknown section {section!r}; use {sorted(SECTIONS)}")
@@ -228,14 +279,18 @@ def parse_args(argv: list[str]) -> RunConfig:
     for key, val in pairs:
         section, _, name = key[2:].partition(".")
         _set(overrides, section, name, val, key)
+    explicit: dict[str, Any] = {s: dict(v) for s, v in overrides.items()}
+    if preset_set:
+        explicit["preset"] = preset_name
     if preset_name == "demo":
         overrides["train"].setdefault("time_limit_min", 8.0)
     try:
         model = ModelConfig(**{**PRESETS[preset_name], **overrides["model"]})
         return RunConfig(model=model, data=DataConfig(**overrides["data"]),
-                         train=TrainConfig(**overrides["train"]), preset=preset_name)
-    except ValueError as e:
-        raise SystemExit(f"nanoseek train: {e}") from None
+                         train=TrainConfig(**overrides["train"]), preset=preset_name, explicit=explicit)
+    except ValueError as e:  # name the option: "ModelConfig.hidden_size=-5: ..." -> "--model.hidden_size -5: ..."
+        message = re.sub(r"ModelConfig\.(\w+)=", r"--model.\1 ", str(e))
+        raise SystemExit(f"nanoseek train: {message}") from None
 
 
 def _set(overrides: dict, section: str, name: str, value: Any, where: str) -> None:

@@ -43,7 +43,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool) -> float:
 class MetricsLogger:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None):
+        """purge_step: a resumed run's first step; TensorBoard drops the interrupted run's events from
+        there on (metrics.jsonl is cut by `nanoseek.train.resume.truncate_metrics`)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
@@ -53,7 +55,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard is a declared dependency; tolerate stripped installs
                 self.writer = None
 

@@ -30,6 +30,34 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str, decay_frac:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def continued_multiplier(step: int, total: int, warmup: int, schedule: str, decay_frac: float, min_ratio: float,
+                         anchor: tuple[int, float] | None) -> float:
+    """`lr_multiplier`, continued from an anchor (s0, m0) set when a resumed run changed max_steps.
+
+    Without an anchor, or before s0, it is `lr_multiplier`. From s0 on it decays from m0 (the value the
+    run had reached) to min_ratio at the new `total`, with the schedule's shape (cosine for v3 and
+    cosine, linear for wsd), so the learning rate never jumps at a resume.
+    """
+    if anchor is None or step < anchor[0]:
+        return lr_multiplier(step, total, warmup, schedule, decay_frac, min_ratio)
+    s0, m0 = anchor
+    progress = min(1.0, (step - s0) / max(1, total - s0))
+    if schedule == "wsd":
+        return m0 - (m0 - min_ratio) * progress
+    return min_ratio + (m0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_anchor(step: int, old: dict, new: dict, anchor: tuple[int, float] | None) -> tuple[int, float] | None:
+    """The anchor that keeps the multiplier continuous at `step` when a resume changes the schedule's
+    settings from `old` to `new` (dicts of continued_multiplier's keyword arguments but step and anchor).
+
+    Unchanged value at `step` (same settings, or a change that leaves it, e.g. longer in the constant
+    phase): the old anchor stays. Otherwise the schedule continues from the old value."""
+    before = continued_multiplier(step, anchor=anchor, **old)
+    after = continued_multiplier(step, anchor=anchor, **new)
+    return anchor if abs(before - after) <= 1e-12 else (step, before)
+
+
 class AdamWBf16Moments(torch.optim.Optimizer):
     """AdamW whose first and second moments are stored in bf16 (fp32 maths, fp32 weights).
 

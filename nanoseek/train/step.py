@@ -32,7 +32,8 @@ model's MoE layers (MTP modules' MoE layers come after them in `model.moe_layers
     optimizer_step      grad_norm, loads (L_moe, E), maxvio (), maxvio_layers (L_moe,)
 
 Nothing here reads a tensor on the host: every figure is a device tensor, and the caller decides
-when to synchronise (the trainer only at log steps).
+when to synchronise (the trainer only at log steps). `optimizer_step(..., skip_nonfinite=True)` drops a
+step whose grad norm or losses are NaN/Inf, on the device for fused AdamW (see its docstring).
 
 `enable_activation_checkpointing` makes each block recompute its activations in backward
 (torch.distributed._composable.checkpoint: forward hooks, so module names, state_dict keys and the
@@ -136,13 +137,20 @@ def accumulate_gradients(model: Transformer, batches: Sequence[Any], loss_fn: Lo
 
 
 def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: float, grad_clip: float,
-                   bias_gamma: float, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Metrics:
+                   bias_gamma: float, all_reduce: Callable[[torch.Tensor], None] | None = None,
+                   skip_nonfinite: bool = False, also_finite: Sequence[torch.Tensor] = ()) -> Metrics:
     """Clip, step, zero the gradients, then the router-bias update of every MoE layer.
 
     grad_clip <= 0: no clipping (grad_norm is still reported). `all_reduce(loads)` (optional) sums the
     (layers, E) expert counts in place over data-parallel ranks before the bias moves. Returns device
     tensors: grad_norm (before clipping), loads (L_moe, E) of the main model's MoE layers as the
     update used them, maxvio (their largest MaxVio) and maxvio_layers (L_moe,).
+
+    skip_nonfinite: a step whose grad norm (or any tensor in `also_finite`, e.g. the losses) is NaN/Inf
+    changes nothing: no weight, moment, step count or router bias moves (the step's expert counts are
+    dropped). The check stays on the device where the optimizer takes torch's `found_inf` (fused
+    AdamW; the trainer's optimizer on CUDA); other optimizers read the flag on the host (free on the
+    CPU). Also returns `finite` (bool device tensor: the step was applied).
     """
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
@@ -152,7 +160,19 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: 
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     out = {"grad_norm": grad_norm}
-    optimizer.step()
+    if skip_nonfinite:
+        finite = torch.stack([torch.isfinite(t.detach().float()).all() for t in (grad_norm, *also_finite)]).all()
+        out["finite"] = finite
+        if getattr(optimizer, "_step_supports_amp_scaling", False):  # skips on the device, exactly
+            optimizer.found_inf = (~finite).float()
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif bool(finite):  # a host sync: only for optimizers without found_inf (free on the CPU)
+            optimizer.step()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
     n_main = sum(isinstance(m, MoE) for m in model.layers.modules())  # first in model.moe_layers
@@ -161,6 +181,8 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: 
     def reduce(loads: torch.Tensor) -> None:  # (all MoE layers, E), a fresh stack of the counts
         if all_reduce is not None:
             all_reduce(loads)
+        if skip_nonfinite:  # zero counts: sign(0 - 0) = 0, no bias moves on a skipped step
+            loads.mul_(out["finite"])
         counted.append(loads)
 
     maxvio = update_router_bias(model.moe_layers, bias_gamma, reduce)

@@ -4,7 +4,11 @@
     nanoseek train --preset bench-1b --data.source my.jsonl --data.seq_len 2048 --train.batch_size 8
     nanoseek train --resume                           # continue the latest checkpoint in train.out_dir
 
-Reads top to bottom: prepare data, build model and optimizer, (resume), loop, finish.
+Reads top to bottom: (resume: which checkpoint, which configuration), prepare data, build model and
+optimizer, (load the checkpoint), loop, finish. Reliability (docs/reliability.md): a NaN/Inf step is
+skipped on the device and counted (train/guard.py), a run stops after max_nonfinite in a row, no
+checkpoint of a NaN model is written; checkpoints are atomic and checksummed (train/checkpoint.py);
+--resume continues the saved configuration and refuses flags that would change it (train/resume.py).
 Per optimizer step (`nanoseek/train/step.py`: accumulate_gradients, then optimizer_step):
     loss = CE(main) + lambda/D * sum_k CE(MTP_k) + alpha * sum_layers L_balance   (per micro-batch)
     clip grad norm; AdamW step; router bias b += gamma * sign(mean load - load) (global counts).
@@ -16,7 +20,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import resource
 import signal
 import time
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from nanoseek.data.corpus import load_user_texts, synthetic_corpus
@@ -33,12 +37,30 @@ from nanoseek.data.loader import PackedLoader
 from nanoseek.data.shards import write_shards
 from nanoseek.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from nanoseek.fp8 import install_fp8
+from nanoseek.hf import CheckpointError
 from nanoseek.model.transformer import Transformer
-from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, run_record, save_checkpoint
-from nanoseek.train.config import DataConfig, RunConfig
+from nanoseek.train.checkpoint import (
+    clean_partial,
+    list_checkpoints,
+    load_checkpoint,
+    run_record,
+    save_checkpoint,
+    weights_finite,
+)
+from nanoseek.train.config import DataConfig, RunConfig, TrainConfig
 from nanoseek.train.evaluate import greedy_complete, heldout_accuracy, validation_loss
+from nanoseek.train.guard import NonFiniteGuard
 from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
-from nanoseek.train.optim import SCHEDULES, build_optimizer, lr_multiplier
+from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
+from nanoseek.train.resume import (
+    check_fresh_out_dir,
+    check_resume_target,
+    find_checkpoint,
+    resumed_run,
+    run_dir_of,
+    saved_run,
+    truncate_metrics,
+)
 from nanoseek.train.step import (
     accumulate_gradients,
     compiled_cross_entropy,
@@ -134,10 +156,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def schedule_settings(tc: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments of `continued_multiplier` that come from the train config."""
+    return dict(total=tc.max_steps, warmup=tc.warmup_steps, schedule=tc.schedule, decay_frac=tc.decay_frac,
+                min_ratio=tc.min_lr_ratio)
+
+
 def train(run: RunConfig) -> dict[str, Any]:
     """Run pretraining as configured; returns a summary dict (also written to summary.json)."""
+    ckpt_path, saved_train, resume_arg = None, run.train, run.train.resume
+    if run.train.resume:  # continue the saved run: its configuration, with the allowed changes
+        ckpt_path = find_checkpoint(run.train.resume, Path(run.train.out_dir))
+        out_dir_given = run.explicit is None or "out_dir" in run.explicit.get("train", {})
+        if run.train.resume != "auto" and not out_dir_given:
+            run.train = dataclasses.replace(run.train, out_dir=str(run_dir_of(ckpt_path)))
+        saved = saved_run(ckpt_path)
+        run = resumed_run(run, ckpt_path)
+        saved_train = saved.train if saved is not None else run.train
     tc, out_dir = run.train, Path(run.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     if tc.dtype not in ("auto", "bf16", "fp32", "fp8"):
@@ -148,6 +184,14 @@ def train(run: RunConfig) -> dict[str, Any]:
         raise SystemExit(f"nanoseek train: --data.seq_len {run.data.seq_len} exceeds the model's "
                          f"max_position_embeddings={run.model.max_position_embeddings}; lower seq_len or raise "
                          "--model.max_position_embeddings")
+    if ckpt_path is None:
+        check_fresh_out_dir(out_dir)
+    else:
+        chosen = resume_arg != "auto" and not (Path(resume_arg) / "checkpoints").is_dir()  # one step-* dir
+        check_resume_target(ckpt_path, out_dir, chosen)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in clean_partial(out_dir):
+        print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
     print(f"nanoseek train: run directory {out_dir.resolve()}")
 
     # ---- data
@@ -173,22 +217,35 @@ def train(run: RunConfig) -> dict[str, Any]:
     if tc.compile:
         for block in [*model.layers.values(), *model.mtp]:
             block.compile()
-    step = 0
-    if tc.resume:
-        found = list_checkpoints(out_dir)
-        path = Path(tc.resume) if tc.resume != "auto" else (found[-1] if found else None)
-        if path is None:
-            raise SystemExit(f"nanoseek train: --resume: no checkpoint in {out_dir / 'checkpoints'}")
-        state = load_checkpoint(path, model)
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
+    step, anchor = 0, None
+    if ckpt_path is not None:
+        try:
+            state = load_checkpoint(ckpt_path, model)
+            optimizer.load_state_dict(state["optimizer"])
+            loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"])
+        except CheckpointError as e:
+            raise SystemExit(f"nanoseek train: --resume: {e}") from None
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SystemExit(f"nanoseek train: --resume: {ckpt_path / 'trainer_state.pt'} does not fit this run "
+                             f"({type(e).__name__}: {e})") from None
         step = state["step"]
-        print(f"resumed from {path} at step {step}")
+        anchor = tuple(state["schedule_anchor"]) if state.get("schedule_anchor") else None
+        new_anchor = schedule_anchor(step, schedule_settings(saved_train), schedule_settings(tc), anchor)
+        if new_anchor != anchor:
+            print(f"resume: the learning-rate schedule continues from {new_anchor[1]:.4g} x lr at step {step} "
+                  f"and reaches {tc.min_lr_ratio:g} x lr at step {tc.max_steps}")
+        anchor = new_anchor
+        if step >= tc.max_steps:
+            raise SystemExit(f"nanoseek train: the run is already at step {step} of --train.max_steps "
+                             f"{tc.max_steps}; extend it with --resume --train.max_steps N")
+        dropped = truncate_metrics(out_dir / "metrics.jsonl", step)
+        print(f"resumed from {ckpt_path} at step {step}"
+              + (f" ({dropped} metric records after step {step} dropped: they are replayed)" if dropped else ""))
 
     fpt = flops_per_token(run.model, run.data.seq_len, with_mtp=len(model.mtp) > 0)
     tokens_per_step = tc.batch_size * tc.grad_accum * run.data.seq_len
-    logger = MetricsLogger(out_dir, tc.tensorboard)
+    logger = MetricsLogger(out_dir, tc.tensorboard, purge_step=step + 1 if step else None)
     record = run_record(run.to_dict(), device)
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"model: {n_params / 1e6:.2f}M parameters ({run.preset} preset), device {device}, "
@@ -200,17 +257,39 @@ def train(run: RunConfig) -> dict[str, Any]:
         stop_signal.append(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    guard = NonFiniteGuard(device, step, tc.max_nonfinite)
 
     def checkpoint(at: int) -> Path | None:
+        """Write checkpoint `at`, unless the model is NaN/Inf or the latest step was (then warn, keep the old)."""
+        if guard.in_streak() or not weights_finite(model) or not _optimizer_finite(optimizer):
+            kept = list_checkpoints(out_dir)
+            bar.write(f"warning: no checkpoint at step {at}: the model or its latest step is NaN/Inf; "
+                      f"{'the last one is ' + str(kept[-1]) if kept else 'there is no earlier checkpoint'}")
+            return kept[-1] if kept else None
         state = {"step": at, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                 "rng": torch.get_rng_state()}
+                 "rng": torch.get_rng_state(), "schedule_anchor": list(anchor) if anchor else None}
         try:
             return save_checkpoint(out_dir, at, model, state, data.tokenizer_dir, record, tc.keep_last)
-        except OSError as e:
+        except (OSError, RuntimeError, SafetensorError) as e:
             kept = list_checkpoints(out_dir)
             previous_note = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint"
-            raise SystemExit(f"nanoseek train: could not write the checkpoint at step {at} ({e}); "
-                             f"{previous_note}") from None
+            full = "the disk is full: " if "space" in str(e).lower() or getattr(e, "errno", None) == 28 else ""
+            raise SystemExit(f"nanoseek train: could not write the checkpoint at step {at} ({full}"
+                             f"{type(e).__name__}: {str(e)[:200]}); {previous_note}. Free space in {out_dir} "
+                             "and resume with --resume") from None
+
+    def check_nonfinite() -> None:
+        note, stop = guard.check()
+        if note:
+            bar.write(note)
+        if stop:
+            kept = list_checkpoints(out_dir)
+            logger.close()
+            raise SystemExit(f"nanoseek train: {tc.max_nonfinite} steps in a row had a NaN/Inf loss or gradient "
+                             f"norm (latest at step {guard.last_bad_step()}); stopped without a new checkpoint. "
+                             + (f"The last checkpoint is {kept[-1]}: resume from it with a lower --train.lr "
+                                "(--resume --train.lr X)" if kept else "No checkpoint was written: lower --train.lr")
+                             + " or check the data")
 
     load_history: list[tuple[int, np.ndarray]] = []
     started, last_ckpt = time.time(), None
@@ -219,14 +298,15 @@ def train(run: RunConfig) -> dict[str, Any]:
     try:
         while step < tc.max_steps and not stop_signal:
             frac = step / max(1, tc.max_steps)
-            lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.decay_frac,
-                                       tc.min_lr_ratio)
+            lr = tc.lr * continued_multiplier(step, anchor=anchor, **schedule_settings(tc))
             batches = [next(loader) for _ in range(tc.grad_accum)]
             loss_fn = pretraining_loss(tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final,
                                        tc.seq_aux_alpha, ce=compiled_cross_entropy if tc.compile else cross_entropy)
             out = accumulate_gradients(model, batches, loss_fn, autocast)
             out |= optimizer_step(model, optimizer, lr=lr, grad_clip=tc.grad_clip,
-                                  bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0)
+                                  bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0,
+                                  skip_nonfinite=True, also_finite=list(out.values()))
+            guard.update(out["finite"])
             step += 1
             bar.update(1)
             if step % tc.log_every == 0 or step == 1 or step == tc.max_steps:
@@ -234,19 +314,18 @@ def train(run: RunConfig) -> dict[str, Any]:
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - interval_start
                 tok_s = (step - interval_step) * tokens_per_step / elapsed
-                metrics = {k: float(v) for k, v in out.items() if v.dim() == 0}
+                metrics = {k: float(v) for k, v in out.items() if v.dim() == 0 and k != "finite"}
                 metrics["maxvio_layers"] = [round(v, 4) for v in out["maxvio_layers"].tolist()]
-                if not math.isfinite(metrics["loss"]):
-                    raise SystemExit(f"nanoseek train: loss became {metrics['loss']} at step {step}; lower "
-                                     "--train.lr or check the data")
                 metrics.update(lr=lr, tok_s=tok_s, step_s=elapsed / (step - interval_step))
                 if device.type == "cuda":
                     metrics["mfu"] = tok_s * fpt / H100_BF16_PEAK
                     metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 else:
                     metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                metrics["skipped_steps"] = int(guard.total)
                 logger.log(step, "train", metrics)
                 bar.write(_log_line(step, tc.max_steps, metrics))
+                check_nonfinite()
                 if "loads" in out:
                     loads = out["loads"]
                     load_history.append((step, (loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)).cpu().numpy()))
@@ -256,19 +335,21 @@ def train(run: RunConfig) -> dict[str, Any]:
                 logger.log(step, "val", {"loss": val})
                 bar.write(f"step {step:>6} | validation loss {val:.4f}")
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.max_steps:
+                check_nonfinite()
                 last_ckpt = checkpoint(step)
             if step % tc.log_every == 0:
                 interval_start = time.time()  # evaluation and checkpoint time is not training speed
             if tc.time_limit_min and time.time() - started > tc.time_limit_min * 60:
                 bar.write(f"time limit of {tc.time_limit_min} min reached at step {step}")
                 break
+        check_nonfinite()
+        last_ckpt = checkpoint(step)
     finally:
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    # ---- finish: checkpoint, validation, samples, accuracy, plots
-    last_ckpt = checkpoint(step)
+    # ---- finish: validation, samples, accuracy, plots
     if stop_signal:
         logger.close()
         print(f"stopped by {stop_signal[0]} at step {step}; checkpoint {last_ckpt} (resume with --resume)")
@@ -281,7 +362,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     model.eval()
     with autocast:
         if tc.samples:
-            prompts = _sample_prompts(run, tc.samples)
+            prompts = _sample_prompts(run, tc.samples, data)
             outs = greedy_complete(model, tok, prompts, 120)
             summary["samples"] = [{"prompt": p, "completion": o} for p, o in zip(prompts, outs)]
         if tc.eval_problems and run.data.source == "synthetic":
@@ -307,17 +388,41 @@ def _log_line(step: int, total: int, m: dict[str, float]) -> str:
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     parts += [f"mem {m['mem_gb']:.1f}G", f"maxvio {m['maxvio']:.2f}"]
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {m['skipped_steps']}")
     return " | ".join(parts)
 
 
-def _sample_prompts(run: RunConfig, n: int) -> list[str]:
+def _sample_prompts(run: RunConfig, n: int, data: PreparedData, words: int = 6) -> list[str]:
+    """Prompts for the end-of-run samples: held-out problems (synthetic data), else the openings
+    (first `words` tokens) of different documents, validation documents first, so the completions differ."""
     if run.data.source != "synthetic":
-        return ["The"] * n
+        from nanoseek.data.shards import open_shards
+
+        tok, prompts = data.tokenizer, []
+        for shard in [*open_shards(data.val_dir)[0], *open_shards(data.train_dir)[0]]:
+            ends = np.flatnonzero(np.asarray(shard) == tok.eos_id)  # documents end with EOS
+            for start in np.concatenate([[0], ends + 1])[:4 * n]:
+                opening = np.asarray(shard[start:start + words])
+                opening = opening[:np.argmax(opening == tok.eos_id)] if tok.eos_id in opening else opening
+                text = tok.decode(opening.tolist()).strip()
+                if text and text not in prompts:
+                    prompts.append(text)
+                if len(prompts) == n:
+                    return prompts
+        return prompts or ["The"]
     from nanoseek.data.tasks import r1_prompt, sample_problems
 
     problems = sample_problems(n, run.data.seed + 999, difficulty_range=(run.data.difficulty_min,
                                                                         run.data.difficulty_max), split="heldout")
     return [r1_prompt(p.prompt) for p in problems]
+
+
+def _optimizer_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """True when every floating-point optimizer state tensor (moments) is free of NaN/Inf (one sync)."""
+    flags = [torch.isfinite(v).all() for st in optimizer.state.values() for v in st.values()
+             if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
 
 def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
