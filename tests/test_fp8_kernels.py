@@ -120,7 +120,7 @@ def test_grouped_gemm_forward_and_dgrad(device):
     from nanoseek.fp8 import kernels as K
     from nanoseek.fp8.reference import ROW, TILE, dequantize, group_bounds
     torch.manual_seed(0)
-    E, N, Kd = len(COUNTS), 256, 384
+    E, N, Kd = len(COUNTS), 128, 256  # forward: 2 K blocks (promotion); dgrad (N <-> K): 2 N blocks
     R = sum(COUNTS)
     ends = routed_rows("cpu", COUNTS)
     x, w = torch.randn(R, Kd), torch.randn(E, N, Kd) * torch.logspace(-1, 1, E)[:, None, None]
@@ -184,7 +184,7 @@ def test_grouped_fp8_function_matches_emulation(device):
     from nanoseek.fp8.gpu import fp8_grouped_linear
     from nanoseek.fp8.reference import fp8_grouped_emulated
     torch.manual_seed(0)
-    E, N, Kd = len(COUNTS), 256, 128
+    E, N, Kd = len(COUNTS), 128, 128
     R = sum(COUNTS)
     ends = routed_rows(device, COUNTS)
     x = torch.randn(R, Kd, device=device)
@@ -211,9 +211,9 @@ def test_dense_triton_gemm_matches_emulation(device, monkeypatch):
     from nanoseek.fp8.reference import fp8_linear_emulated
     monkeypatch.setattr(gpu, "DENSE_GEMM", "triton")
     torch.manual_seed(0)
-    x = torch.randn(300, 256, device=device)
-    w = torch.randn(384, 256, device=device) * 0.06
-    dy = torch.randn(300, 384, device=device)
+    x = torch.randn(300, 128, device=device)  # forward: 2 N blocks; dgrad: 2 K blocks
+    w = torch.randn(256, 128, device=device) * 0.09
+    dy = torch.randn(300, 256, device=device)
     outs = []
     for fn in (gpu.fp8_linear, fp8_linear_emulated):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
