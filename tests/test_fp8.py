@@ -13,6 +13,7 @@ from torch import nn
 from nanoseek import Transformer, preset
 from nanoseek.fp8 import FP8Linear, FP8RoutedExperts, install_fp8
 from nanoseek.fp8 import install as fp8_install
+from nanoseek.fp8.options import WeightCache
 from nanoseek.fp8.reference import (
     COL,
     FP8_MAX,
@@ -232,16 +233,25 @@ def test_fp8_linear_under_autocast_returns_bf16_and_fp32_master_grads():
     assert rel_err(y, ref) < 0.06
 
 
-def test_debug_preset_trains_with_train_dtype_fp8(tmp_path):
+def test_debug_preset_trains_with_train_dtype_fp8(tmp_path, monkeypatch):
+    """8 steps of 2 micro-batches (so the per-step weight cache is on) of a 2-layer debug model learn."""
     from nanoseek.train.config import parse_args
     from nanoseek.train.trainer import train
     args = ["--preset", "debug", "--data.n_docs", "200", "--data.val_docs", "20", "--data.vocab_size", "300",
-            "--data.seq_len", "32", "--data.difficulty_max", "3", "--train.batch_size", "4", "--train.log_every",
+            "--data.seq_len", "32", "--data.difficulty_max", "3", "--train.batch_size", "2", "--train.log_every",
             "1", "--train.eval_every", "0", "--train.samples", "0", "--train.eval_problems", "0",
             "--train.tensorboard", "false", "--train.warmup_steps", "2", "--train.lr", "3e-3",
-            "--train.max_steps", "8", "--model.num_hidden_layers", "2", "--train.dtype", "fp8",
-            "--train.out_dir", str(tmp_path)]
+            "--train.max_steps", "8", "--train.grad_accum", "2", "--model.num_hidden_layers", "2",
+            "--train.dtype", "fp8", "--train.out_dir", str(tmp_path)]
+    calls, quantized = [], []
+    get = WeightCache.get
+
+    def counting_get(self, w, fn):
+        calls.append(1)
+        return get(self, w, lambda t: quantized.append(1) or fn(t))
+    monkeypatch.setattr(WeightCache, "get", counting_get)
     train(parse_args(args))
+    assert quantized and len(calls) == 2 * len(quantized)  # each weight quantized once per 2 micro-batches
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
