@@ -228,17 +228,6 @@ def main() -> None:
     check_fp8_device(device)
     M = args.tokens
     results: dict = {}
-    for K, N in [] if args.no_layers else DENSE:
-        run_group(f"dense {K}->{N}", dense_steps(M, K, N), 6.0 * M * K * N, args, results)
-    for D, I in [] if args.no_layers else EXPERTS:
-        # three GEMMs (forward, dgrad, wgrad) of w13 (2I x D) and w2 (D x I) over M*6 routed rows
-        run_group(f"experts 64x {D}->{I} top-6", expert_steps(M, D, I), 18.0 * M * 6 * D * I, args, results)
-    if not args.no_step:
-        for name, batch_size, seq in STEP_MODELS:
-            if args.step_models and name not in args.step_models.split(","):
-                continue
-            results[f"whole step {name}"] = whole_step(name, batch_size, seq, args)
-
     try:
         import torchao
         torchao_version = torchao.__version__
@@ -259,7 +248,25 @@ def main() -> None:
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"fp8_throughput-{record['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+
+    def save(done: bool) -> None:  # after every group: a run cut short by a timeout keeps what it measured
+        record["complete"] = done
+        out.write_text(json.dumps(record, indent=2) + "\n")
+
+    for K, N in [] if args.no_layers else DENSE:
+        run_group(f"dense {K}->{N}", dense_steps(M, K, N), 6.0 * M * K * N, args, results)
+        save(False)
+    for D, I in [] if args.no_layers else EXPERTS:
+        # three GEMMs (forward, dgrad, wgrad) of w13 (2I x D) and w2 (D x I) over M*6 routed rows
+        run_group(f"experts 64x {D}->{I} top-6", expert_steps(M, D, I), 18.0 * M * 6 * D * I, args, results)
+        save(False)
+    if not args.no_step:
+        for name, batch_size, seq in STEP_MODELS:
+            if args.step_models and name not in args.step_models.split(","):
+                continue
+            results[f"whole step {name}"] = whole_step(name, batch_size, seq, args)
+            save(False)
+    save(True)
     print(f"wrote {out}")
 
 
