@@ -14,14 +14,14 @@ for one). The headline is the relative difference of the final loss, taken as th
 `--tail` steps' training loss (a single step's loss is noise), plus the held-out validation loss of both
 final models; the target is <= 0.25% (V3 reports under 0.25% on its runs).
 
-Model (default): the `bench-1b` shapes (hidden 1024, MLA ranks 512/512, 64 routed experts top-6 of width
-512, 1 shared, dense first layer 4096, MTP depth 1) cut to 4 layers; the synthetic corpus with a 2,048-token
-BPE; 16 x 512 tokens per step; AdamW at 1e-3, 50 warm-up steps, the V3 schedule (constant, then cosine
-decay over the last 40%). Every FP8-swapped weight dimension is a multiple of 128; `kv_a_proj_with_mqa`
-(1024 -> 576) stays in BF16 (recorded). On the GPU both runs use bf16 autocast, so "bf16" is exactly
-`--train.dtype bf16` and "fp8" `--train.dtype fp8`; on the CPU (--quick) the baseline is fp32 and FP8 is
-emulated. Output: bench/results/fp8_numerics-<date>.json (device, versions, config, commit, both curves)
-and a PNG of both curves and their relative difference.
+Model (default): the `bench-1b` shapes (hidden 1024, MLA ranks 512/512, 64 routed experts top-6 of
+width 512, 1 shared, dense first layer 4096, MTP depth 1) cut to 4 layers (448M parameters); the
+synthetic corpus with a 2,048-token BPE; 16 x 512 tokens per step; AdamW at 1e-3, 50 warm-up steps,
+the V3 schedule (constant, then cosine decay over the last 40%). Every FP8-swapped weight dimension is
+a multiple of 128; `kv_a_proj_with_mqa` (1024 -> 576) stays in BF16 (recorded). On the GPU both runs
+use bf16 autocast, so "bf16" is exactly `--train.dtype bf16` and "fp8" `--train.dtype fp8`; on the CPU
+(--quick) the baseline is fp32 and FP8 is emulated. Output: bench/results/fp8_numerics-<date>.json
+(device, versions, config, commit, both curves) and a PNG of both curves and their relative difference.
 """
 
 from __future__ import annotations
