@@ -181,7 +181,7 @@ def test_grouped_fp8_function_matches_emulation(device):
     the only differences are fp32 summation order and bf16 outputs; under the interpreter its e4m3 cast
     mis-rounds ~2% of values by half their size (module docstring): ~9% relative error, so there the bound
     only checks the wiring (a wrong transpose, scale or group gives errors near 100%)."""
-    from nanoseek.fp8.gpu import fp8_grouped_linear
+    from nanoseek.fp8.gpu import fp8_grouped_linear, quantize_expert_weights
     from nanoseek.fp8.reference import fp8_grouped_emulated
     torch.manual_seed(0)
     E, N, Kd = len(COUNTS), 128, 128
@@ -191,15 +191,17 @@ def test_grouped_fp8_function_matches_emulation(device):
     w = torch.randn(E, N, Kd, device=device) * 0.05
     dy = torch.randn(R, N, device=device)
     outs = []
-    for fn in (fp8_grouped_linear, fp8_grouped_emulated):
+    cached = lambda x, w, ends, dt: fp8_grouped_linear(x, w, ends, dt, quantize_expert_weights(w))  # noqa: E731
+    for fn in (fp8_grouped_linear, fp8_grouped_emulated, cached):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(xi, wi, ends, torch.float32)
         y.backward(dy)
         outs.append((y, xi.grad, wi.grad))
     tol = 0.02 if device == "cuda" else 0.15
-    for got, want in zip(*outs):
+    for got, want, again in zip(*outs):
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < tol, err
+        assert torch.equal(again, got)  # a weight quantized ahead (the per-step cache) gives the same numbers
     assert outs[0][2].dtype == torch.float32 and (outs[0][2][1] == 0).all()  # empty expert: zero gradient
 
 
@@ -215,14 +217,16 @@ def test_dense_triton_gemm_matches_emulation(device, monkeypatch):
     w = torch.randn(256, 128, device=device) * 0.09
     dy = torch.randn(300, 256, device=device)
     outs = []
-    for fn in (gpu.fp8_linear, fp8_linear_emulated):
+    cached = lambda x, w, dt: gpu.fp8_linear(x, w, dt, gpu.quantize_dense_weight(w))  # noqa: E731
+    for fn in (gpu.fp8_linear, fp8_linear_emulated, cached):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(xi, wi, torch.float32)
         y.backward(dy)
         outs.append((y, xi.grad, wi.grad))
     tol = 0.02 if device == "cuda" else 0.15  # see test_grouped_fp8_function_matches_emulation
-    for got, want in zip(*outs):
+    for got, want, again in zip(*outs):
         assert got.shape == want.shape
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < tol, err
+        assert torch.equal(again, got)  # a weight quantized ahead (the per-step cache) gives the same numbers
     assert outs[0][2].dtype == torch.float32
