@@ -92,9 +92,9 @@ class FP8RoutedExperts(RoutedExperts):
             from nanoseek.fp8.gpu import quantize_expert_weights as quantize
         else:
             grouped, quantize = fp8_grouped_emulated, quantize_experts
-        q13 = self.w13_cache.get(self.w13, quantize) if self.w13_cache is not None else None
-        q2 = self.w2_cache.get(self.w2, quantize) if self.w2_cache is not None else None
         with torch.autocast(x.device.type, enabled=False):
+            q13 = self.w13_cache.get(self.w13, quantize) if self.w13_cache is not None else None
+            q2 = self.w2_cache.get(self.w2, quantize) if self.w2_cache is not None else None
             xs = x[order // K]  # (T*K, D)
             h = grouped(xs, self.w13, ends, out_dtype, q13)  # (T*K, 2I)
             gate, up = h.split(self.width, dim=-1)
