@@ -16,8 +16,8 @@ Times are medians of CUDA-event timings after warm-up; memory is the peak alloca
 forward + backward above what the inputs and weights hold, and what the forward leaves saved for
 backward. Then whole training steps (8 x 2048 tokens) of `bench-1b` and `bench-2048` (DeepSeek-V2-Lite's layer
 shapes, 6 layers + MTP, 3.7B parameters; cut to 3 layers on a GPU under 120 GiB), BF16 against FP8
-(`install_fp8`, and with `recompute_swiglu=True`), tokens/s and peak memory. The record lands in
-bench/results/fp8_throughput-<date>.json.
+(`install_fp8`; with `recompute_swiglu=True`; with `pad_partial_blocks=True`), tokens/s and peak
+memory. The record lands in bench/results/fp8_throughput-<date>.json.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
         batch_size = out["batch_size"] = 2
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq + 1), device="cuda")
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    for dtype in ("bf16", "fp8", "fp8_recompute"):
+    for dtype in ("bf16", "fp8", "fp8_recompute", "fp8_padded"):
         model = optimizer = step = None
         try:
             model = Transformer.from_config(cfg, device="cuda", seed=0).train()
@@ -182,7 +182,8 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
             if dtype != "bf16":
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # recorded instead
-                    report = install_fp8(model, recompute_swiglu=dtype == "fp8_recompute")
+                    report = install_fp8(model, recompute_swiglu=dtype == "fp8_recompute",
+                                         pad_partial_blocks=dtype == "fp8_padded")
                     out["fp8_layers_left_in_bf16"] = report["bf16"]
             optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -200,7 +201,7 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
             out[dtype] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         del model, optimizer, step
         torch.cuda.empty_cache()
-    for variant in ("fp8", "fp8_recompute"):
+    for variant in ("fp8", "fp8_recompute", "fp8_padded"):
         if "tokens_per_s" in out.get(variant, {}) and "tokens_per_s" in out.get("bf16", {}):
             out[variant]["speedup_vs_bf16"] = out[variant]["tokens_per_s"] / out["bf16"]["tokens_per_s"]
             out[variant]["peak_mem_vs_bf16"] = out[variant]["peak_mem_gb"] / out["bf16"]["peak_mem_gb"]

@@ -141,3 +141,58 @@ def test_swiglu_recompute_model_matches_and_saves_less(autocast):
     kinds = {type(m).__name__ for m in m1.modules()}
     assert {"FP8MLP", "FP8RoutedExperts"} <= kinds
     assert b1 < b0, (b1, b0)
+
+
+def padded_pair(N: int, K: int, cache: bool):
+    """Two FP8Linear (emulated) holding the same weight (N, K): plain, and through zero-padded 128-blocks."""
+    from torch import nn
+    outs = []
+    torch.manual_seed(0)
+    w = torch.randn(N, K) * K ** -0.5
+    for pad in (False, True):
+        m = nn.Module()
+        m.o_proj = nn.Linear(K, N, bias=False)
+        with torch.no_grad():
+            m.o_proj.weight.copy_(w)
+        install_fp8(m, backend="emulate", cache_weights=cache)
+        m.o_proj.pad_blocks = pad
+        outs.append(m.o_proj)
+    return outs
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_zero_padded_blocks_compute_the_partial_block_maths(cache):
+    """W (576, 200) and x (.., 200) padded to (640, 256): the same products and gradients as the partial-block
+    emulation (up to fp32 summation order: the padded matmuls sum extra exact zeros)."""
+    plain, padded = padded_pair(576, 200, cache)
+    x = torch.randn(3, 50, 200) * torch.logspace(1, -3, 200)  # a small last block: a non-zero pad would show
+    dy = torch.randn(3, 50, 576)
+    outs = []
+    for lin in (plain, padded):
+        xi = x.clone().requires_grad_()
+        for _ in range(2 if cache else 1):  # with the cache: a second micro-batch reuses the padded copy
+            y = lin(xi)
+            y.backward(dy)
+        outs.append((y, xi.grad, lin.weight.grad))
+    for got, want in zip(outs[1], outs[0]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_install_pads_partial_linears_on_the_gpu_backend_when_asked(monkeypatch):
+    import warnings
+
+    from nanoseek.fp8 import install as fp8_install
+    monkeypatch.setattr(fp8_install, "check_fp8_device", lambda device: None)
+    cfg = preset("debug", hidden_size=128, moe_intermediate_size=128, intermediate_size=256)
+    model = Transformer.from_config(cfg, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing falls back: no warning
+        report = install_fp8(model, backend="gpu", pad_partial_blocks=True)
+    assert not report["bf16"]
+    mods = dict(model.named_modules())
+    padded = {n for n in report["fp8"] if getattr(mods[n], "pad_blocks", False)}
+    partial = {n for n in report["fp8"] if isinstance(mods[n], torch.nn.Linear)
+               and (mods[n].in_features % 128 or mods[n].out_features % 128)}
+    assert padded == partial and any("kv_a_proj_with_mqa" in n for n in padded)
+    assert not any("mlp" in n for n in padded)  # 128 -> 256 -> 128: whole blocks, not padded

@@ -9,7 +9,8 @@ Backends:
     "emulate"  the CPU/any-device emulation (`reference.py`): every shape, slow; tests and CPU training.
     "gpu"      Triton quantization + `torch._scaled_mm` (dense) + Triton grouped GEMM (experts); needs
                a CUDA GPU of compute capability >= 8.9 and in/out features that are multiples of 128.
-               Layers with other shapes stay in BF16; one warning lists them.
+               Layers with other shapes stay in BF16 (one warning lists them), or with
+               pad_partial_blocks=True linears run on operands zero-padded to whole blocks.
     "auto"     "gpu" when the model's parameters are on a CUDA device, else "emulate".
 
 Options (nanoseek/fp8/options.py): `cache_weights` quantizes each weight once per optimizer step rather than
@@ -26,6 +27,7 @@ import importlib.util
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.fp8.options import WeightCache, swiglu
@@ -52,6 +54,7 @@ class FP8Linear(nn.Linear):
 
     backend: str = "emulate"
     weight_cache: WeightCache | None = None  # set by install_fp8(cache_weights=True)
+    pad_blocks: bool = False  # set by install_fp8(pad_partial_blocks=True) where a dimension is not a 128-multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N); without autograd (evaluation, generation) the reference nn.Linear."""
@@ -64,8 +67,25 @@ class FP8Linear(nn.Linear):
                 from nanoseek.fp8.gpu import quantize_dense_weight as quantize
             else:
                 linear, quantize = fp8_linear_emulated, quantize_linear_weight
+            if self.pad_blocks:
+                return self._padded(x, linear, quantize, out_dtype)
             wq = self.weight_cache.get(self.weight, quantize) if self.weight_cache is not None else None
             return linear(x, self.weight, out_dtype, wq)
+
+    def _padded(self, x, linear, quantize, out_dtype) -> torch.Tensor:
+        """The GEMMs on W zero-padded to whole 128-blocks (N, K) -> (Np, Kp) and x to (..., Kp). A partial
+        block is a smaller block: the zeros raise no block's max-abs and add only zero products, so this is
+        the same maths (the emulation pads its blocks the same way); the gradients are sliced back."""
+        N, K = self.weight.shape
+        pn, pk = -N % 128, -K % 128
+
+        def pad_w(w: torch.Tensor) -> torch.Tensor:
+            return F.pad(w, (0, pk, 0, pn))  # (Np, Kp)
+        wq = None
+        if self.weight_cache is not None:
+            wq = self.weight_cache.get(self.weight, lambda w: quantize(pad_w(w)))
+        y = linear(F.pad(x, (0, pk)) if pk else x, pad_w(self.weight), out_dtype, wq)  # (..., Np)
+        return y[..., :N] if pn else y
 
 
 class FP8RoutedExperts(RoutedExperts):
@@ -133,12 +153,14 @@ def check_fp8_device(device: torch.device) -> None:
 
 
 def install_fp8(model: nn.Module, backend: str = "auto", cache_weights: bool = False,
-                recompute_swiglu: bool = False) -> dict[str, list[str]]:
+                recompute_swiglu: bool = False, pad_partial_blocks: bool = False) -> dict[str, list[str]]:
     """Swap the FP8-eligible linears and routed experts of `model` in place (same parameter objects).
 
     cache_weights: quantize each weight once per optimizer step (reused over gradient-accumulation
     micro-batches, 1-2 bytes per weight kept between steps); recompute_swiglu: recompute silu(gate) in
-    backward (MLPs and experts). Returns {"fp8": swapped names, "bf16": names left in high precision
+    backward (MLPs and experts); pad_partial_blocks: on the GPU, run a linear whose in/out features are not
+    multiples of 128 on zero-padded operands instead of leaving it in BF16 (routed experts still fall
+    back). Returns {"fp8": swapped names, "bf16": names left in high precision
     because of their shape}; MLPs swapped for recompute are not listed."""
     if backend not in BACKENDS:
         raise ValueError(f"install_fp8: backend {backend!r} is unknown; use one of {BACKENDS}")
@@ -156,10 +178,12 @@ def install_fp8(model: nn.Module, backend: str = "auto", cache_weights: bool = F
             if module.bias is not None:
                 fallback.append(f"{name} (has a bias)")
                 return None
-            if backend == "gpu" and not gpu_shape_ok(module.in_features, module.out_features):
+            partial = backend == "gpu" and not gpu_shape_ok(module.in_features, module.out_features)
+            if partial and not pad_partial_blocks:
                 fallback.append(f"{name} ({module.in_features}->{module.out_features})")
                 return None
             new = adopt(FP8Linear, module)
+            new.pad_blocks = partial
             new.weight_cache = WeightCache() if cache_weights else None
         elif type(module) is MLP:
             return adopt(FP8MLP, module) if recompute_swiglu else None
