@@ -165,10 +165,12 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cuda', 'cpu'")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: debug model, 30 steps, emulated FP8")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/fp8_numerics-<date>.json)")
+    quick = argparse.ArgumentParser(add_help=False)
+    quick.add_argument("--quick", action="store_true")
+    if quick.parse_known_args()[0].quick:  # new defaults; options given explicitly still win
+        p.set_defaults(preset="debug", layers=2, steps=30, batch_size=4, seq_len=32, warmup=3, tail=10,
+                       val_batches=2, n_docs=300, vocab=300, lr=3e-3)
     args = p.parse_args()
-    if args.quick:
-        args.preset, args.layers, args.steps, args.batch_size, args.seq_len = "debug", 2, 30, 4, 32
-        args.warmup, args.tail, args.val_batches, args.n_docs, args.vocab, args.lr = 3, 10, 2, 300, 300, 3e-3
     if args.steps < 1 or args.tail < 1:
         raise SystemExit("fp8_numerics: --steps and --tail must be at least 1")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -181,7 +183,7 @@ def main() -> None:
     cfg = preset(args.preset, num_hidden_layers=args.layers, vocab_size=data.tokenizer.vocab_size,
                  max_position_embeddings=max(args.seq_len, 512))
     n_params = sum(p.numel() for p in Transformer.from_config(cfg, device="meta").parameters())
-    print(f"fp8_numerics: {args.preset} x {args.layers} layers ({n_params / 1e6:.0f}M parameters), "
+    print(f"fp8_numerics: {args.preset} x {args.layers} layers ({n_params / 1e6:.1f}M parameters), "
           f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens on {device}", flush=True)
     runs = {}
     for dtype in ("bf16", "fp8"):
