@@ -3,7 +3,8 @@
     python bench/fp8_throughput.py                 # one H200: dense 1024->4096, 2048->5632, 7168->18432 and
                                                    # routed experts (64, top-6) at M = 16,384 tokens
     python bench/fp8_throughput.py --quick         # 4,096 tokens, fewer repeats (a smoke run, ~1 min)
-    python bench/fp8_throughput.py --no-step       # per-layer figures only (no whole bench-1b training step)
+    python bench/fp8_throughput.py --no-step       # per-layer figures only (no whole training steps)
+    python bench/fp8_throughput.py --no-layers --step-models bench-2048   # one whole-step model only
 
 Dense peers: BF16 F.linear with bf16 weights (the denominator), nanoseek FP8 (`nanoseek.fp8.gpu.fp8_linear`,
 fp32 master weight quantized on every call, as in training) through `torch._scaled_mm` and through the
@@ -13,8 +14,10 @@ autocast (sort + two `torch._grouped_mm` + SwiGLU) against `FP8RoutedExperts` (t
 Triton grouped blockwise-FP8 GEMMs). FLOPs count the three GEMMs of each linear (6 M K N per linear).
 Times are medians of CUDA-event timings after warm-up; memory is the peak allocated during one
 forward + backward above what the inputs and weights hold, and what the forward leaves saved for
-backward. Then one whole bench-1b training step (8 x 2048 tokens), BF16 against FP8 (`install_fp8`),
-tokens/s and peak memory. The record lands in bench/results/fp8_throughput-<date>.json.
+backward. Then whole training steps (8 x 2048 tokens) of `bench-1b` and `bench-2048` (DeepSeek-V2-Lite's layer
+shapes, 6 layers + MTP, 3.7B parameters; cut to 3 layers on a GPU under 120 GiB), BF16 against FP8
+(`install_fp8`; with `recompute_swiglu=True`; with `pad_partial_blocks=True`), tokens/s and peak
+memory. The record lands in bench/results/fp8_throughput-<date>.json.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -147,45 +151,61 @@ def run_group(name: str, variants: dict, flops: float, args, results: dict) -> N
                    if "ms" in r else str(r)) for v, r in row.items()), flush=True)
 
 
-def whole_step(args) -> dict:
-    """bench-1b training step (8 x 2048 tokens, fp32 master weights, bf16 autocast, MTP trained, eager),
-    as bench/train_throughput.py runs it, with and without `install_fp8`."""
+# whole-step models: (preset, micro-batch, sequence length); layers cut where the GPU is smaller than an H200
+STEP_MODELS = [("bench-1b", 8, 2048), ("bench-2048", 8, 2048)]
+SMALL_GPU_LAYERS = {"bench-2048": 3}  # under 120 GiB of GPU memory (an H100): 1 dense + 2 MoE layers + MTP
+
+
+def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
+    """One training step of preset `name` (fp32 master weights, AdamW, bf16 autocast, MTP trained, eager), as
+    bench/train_throughput.py runs it, without and with `install_fp8`: tokens/s, peak memory."""
     from nanoseek import Transformer
     from nanoseek.fp8 import install_fp8
     from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token
     from nanoseek.train.optim import build_optimizer
     from nanoseek.train.step import train_step
 
-    cfg = preset("bench-1b")
-    batch_size, seq = (2, 2048) if args.quick else (8, 2048)
+    cfg = preset(name)
+    out: dict = {"batch_size": batch_size, "seq_len": seq}
+    if torch.cuda.get_device_properties(0).total_memory < 120 * 2**30 and name in SMALL_GPU_LAYERS:
+        cfg = preset(name, num_hidden_layers=SMALL_GPU_LAYERS[name])
+        out["layers_cut_to_fit_this_gpu"] = cfg.num_hidden_layers
+    if args.quick:
+        batch_size = out["batch_size"] = 2
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq + 1), device="cuda")
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    out = {}
-    for dtype in ("bf16", "fp8"):
-        model = Transformer.from_config(cfg, device="cuda", seed=0).train()
-        if dtype == "fp8":
-            out["fp8_layers_left_in_bf16"] = install_fp8(model)["bf16"]
-        optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-
-        def step(model=model, optimizer=optimizer, autocast=autocast):
-            train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
-                       seq_aux_alpha=1e-4, bias_gamma=1e-3)
+    for dtype in ("bf16", "fp8", "fp8_recompute", "fp8_padded"):
+        model = optimizer = step = None
         try:
+            model = Transformer.from_config(cfg, device="cuda", seed=0).train()
+            out["parameters"] = sum(p.numel() for p in model.parameters())
+            if dtype != "bf16":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # recorded instead
+                    report = install_fp8(model, recompute_swiglu=dtype == "fp8_recompute",
+                                         pad_partial_blocks=dtype == "fp8_padded")
+                    out["fp8_layers_left_in_bf16"] = report["bf16"]
+            optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+            def step(model=model, optimizer=optimizer, autocast=autocast):
+                train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
+                           seq_aux_alpha=1e-4, bias_gamma=1e-3)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             times = cuda_time(step, args.steps, args.warmup)
             tok_s = batch_size * seq / statistics.median(times)
             out[dtype] = {"tokens_per_s": tok_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
                           "mfu": tok_s * flops_per_token(cfg, seq, True) / H100_BF16_PEAK}
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 (an out-of-memory or kernel failure is recorded, the run goes on)
             out[dtype] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         del model, optimizer, step
         torch.cuda.empty_cache()
-    if "tokens_per_s" in out.get("fp8", {}) and "tokens_per_s" in out.get("bf16", {}):
-        out["fp8"]["speedup_vs_bf16"] = out["fp8"]["tokens_per_s"] / out["bf16"]["tokens_per_s"]
-        out["fp8"]["peak_mem_vs_bf16"] = out["fp8"]["peak_mem_gb"] / out["bf16"]["peak_mem_gb"]
-    print(f"whole step bench-1b {batch_size}x{seq}: {json.dumps(out)}", flush=True)
+    for variant in ("fp8", "fp8_recompute", "fp8_padded"):
+        if "tokens_per_s" in out.get(variant, {}) and "tokens_per_s" in out.get("bf16", {}):
+            out[variant]["speedup_vs_bf16"] = out[variant]["tokens_per_s"] / out["bf16"]["tokens_per_s"]
+            out[variant]["peak_mem_vs_bf16"] = out[variant]["peak_mem_gb"] / out["bf16"]["peak_mem_gb"]
+    print(f"whole step {name} {batch_size}x{seq}: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -195,7 +215,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="4,096 tokens, 4 steps, 2 warm-up (smoke)")
-    p.add_argument("--no-step", action="store_true", help="skip the whole bench-1b training step, BF16 vs FP8")
+    p.add_argument("--no-step", action="store_true", help="skip the whole training steps, BF16 vs FP8")
+    p.add_argument("--step-models", default="", help="comma-separated presets of the whole-step section "
+                   f"(default: all of {', '.join(m[0] for m in STEP_MODELS)})")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer section")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/fp8_throughput-<date>.json)")
     args = p.parse_args()
     if args.quick:
@@ -206,14 +229,6 @@ def main() -> None:
     check_fp8_device(device)
     M = args.tokens
     results: dict = {}
-    for K, N in DENSE:
-        run_group(f"dense {K}->{N}", dense_steps(M, K, N), 6.0 * M * K * N, args, results)
-    for D, I in EXPERTS:
-        # three GEMMs (forward, dgrad, wgrad) of w13 (2I x D) and w2 (D x I) over M*6 routed rows
-        run_group(f"experts 64x {D}->{I} top-6", expert_steps(M, D, I), 18.0 * M * 6 * D * I, args, results)
-    if not args.no_step:
-        results["whole step bench-1b"] = whole_step(args)
-
     try:
         import torchao
         torchao_version = torchao.__version__
@@ -228,12 +243,31 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
                      "torchao": torchao_version, "python": platform.python_version()},
         "config": {"tokens": M, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
-                   "dense": DENSE, "experts": {"shapes": EXPERTS, "n_experts": 64, "top_k": 6}},
+                   "dense": DENSE, "experts": {"shapes": EXPERTS, "n_experts": 64, "top_k": 6},
+                   "step_models": STEP_MODELS},
         "results": results,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"fp8_throughput-{record['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+
+    def save(done: bool) -> None:  # after every group: a run cut short by a timeout keeps what it measured
+        record["complete"] = done
+        out.write_text(json.dumps(record, indent=2) + "\n")
+
+    for K, N in [] if args.no_layers else DENSE:
+        run_group(f"dense {K}->{N}", dense_steps(M, K, N), 6.0 * M * K * N, args, results)
+        save(False)
+    for D, I in [] if args.no_layers else EXPERTS:
+        # three GEMMs (forward, dgrad, wgrad) of w13 (2I x D) and w2 (D x I) over M*6 routed rows
+        run_group(f"experts 64x {D}->{I} top-6", expert_steps(M, D, I), 18.0 * M * 6 * D * I, args, results)
+        save(False)
+    if not args.no_step:
+        for name, batch_size, seq in STEP_MODELS:
+            if args.step_models and name not in args.step_models.split(","):
+                continue
+            results[f"whole step {name}"] = whole_step(name, batch_size, seq, args)
+            save(False)
+    save(True)
     print(f"wrote {out}")
 
 

@@ -263,6 +263,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                      n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=6, n_group=8,
                      topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=1,
                      num_nextn_predict_layers=1, max_position_embeddings=4096),
+    # DeepSeek-V2-Lite's layer shapes (hidden 2048, 16 heads, no q LoRA, 64 experts of 1408 top-6, 2 shared,
+    # a dense first layer of 10944), V3 routing, 6 layers + MTP: ~3.7B parameters, AdamW (fp32 master,
+    # gradients, moments: 56 GiB) and 8 x 2048-token micro-batches fit on one H200 (the FP8 whole-step bench)
+    "bench-2048": dict(vocab_size=32000, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                       num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                       kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                       n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=4,
+                       routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
+                       max_position_embeddings=4096),
     # DeepSeek-V2-Lite (15.7B / 2.4B)
     "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
                     moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,

@@ -120,7 +120,7 @@ def test_grouped_gemm_forward_and_dgrad(device):
     from nanoseek.fp8 import kernels as K
     from nanoseek.fp8.reference import ROW, TILE, dequantize, group_bounds
     torch.manual_seed(0)
-    E, N, Kd = len(COUNTS), 256, 384
+    E, N, Kd = len(COUNTS), 128, 256  # forward: 2 K blocks (promotion); dgrad (N <-> K): 2 N blocks
     R = sum(COUNTS)
     ends = routed_rows("cpu", COUNTS)
     x, w = torch.randn(R, Kd), torch.randn(E, N, Kd) * torch.logspace(-1, 1, E)[:, None, None]
@@ -181,25 +181,27 @@ def test_grouped_fp8_function_matches_emulation(device):
     the only differences are fp32 summation order and bf16 outputs; under the interpreter its e4m3 cast
     mis-rounds ~2% of values by half their size (module docstring): ~9% relative error, so there the bound
     only checks the wiring (a wrong transpose, scale or group gives errors near 100%)."""
-    from nanoseek.fp8.gpu import fp8_grouped_linear
+    from nanoseek.fp8.gpu import fp8_grouped_linear, quantize_expert_weights
     from nanoseek.fp8.reference import fp8_grouped_emulated
     torch.manual_seed(0)
-    E, N, Kd = len(COUNTS), 256, 128
+    E, N, Kd = len(COUNTS), 128, 128
     R = sum(COUNTS)
     ends = routed_rows(device, COUNTS)
     x = torch.randn(R, Kd, device=device)
     w = torch.randn(E, N, Kd, device=device) * 0.05
     dy = torch.randn(R, N, device=device)
     outs = []
-    for fn in (fp8_grouped_linear, fp8_grouped_emulated):
+    cached = lambda x, w, ends, dt: fp8_grouped_linear(x, w, ends, dt, quantize_expert_weights(w))  # noqa: E731
+    for fn in (fp8_grouped_linear, fp8_grouped_emulated, cached):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(xi, wi, ends, torch.float32)
         y.backward(dy)
         outs.append((y, xi.grad, wi.grad))
     tol = 0.02 if device == "cuda" else 0.15
-    for got, want in zip(*outs):
+    for got, want, again in zip(*outs):
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < tol, err
+        assert torch.equal(again, got)  # a weight quantized ahead (the per-step cache) gives the same numbers
     assert outs[0][2].dtype == torch.float32 and (outs[0][2][1] == 0).all()  # empty expert: zero gradient
 
 
@@ -211,18 +213,53 @@ def test_dense_triton_gemm_matches_emulation(device, monkeypatch):
     from nanoseek.fp8.reference import fp8_linear_emulated
     monkeypatch.setattr(gpu, "DENSE_GEMM", "triton")
     torch.manual_seed(0)
-    x = torch.randn(300, 256, device=device)
-    w = torch.randn(384, 256, device=device) * 0.06
-    dy = torch.randn(300, 384, device=device)
+    x = torch.randn(300, 128, device=device)  # forward: 2 N blocks; dgrad: 2 K blocks
+    w = torch.randn(256, 128, device=device) * 0.09
+    dy = torch.randn(300, 256, device=device)
     outs = []
-    for fn in (gpu.fp8_linear, fp8_linear_emulated):
+    cached = lambda x, w, dt: gpu.fp8_linear(x, w, dt, gpu.quantize_dense_weight(w))  # noqa: E731
+    for fn in (gpu.fp8_linear, fp8_linear_emulated, cached):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(xi, wi, torch.float32)
         y.backward(dy)
         outs.append((y, xi.grad, wi.grad))
     tol = 0.02 if device == "cuda" else 0.15  # see test_grouped_fp8_function_matches_emulation
+    for got, want, again in zip(*outs):
+        assert got.shape == want.shape
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < tol, err
+        assert torch.equal(again, got)  # a weight quantized ahead (the per-step cache) gives the same numbers
+    assert outs[0][2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_partial_linear_through_gpu_kernels(device, monkeypatch):
+    """install_fp8(pad_partial_blocks=True): a 160 -> 192 linear (partial blocks both ways) through the GPU
+    functions on zero-padded operands, against the partial-block emulation; tolerances as above."""
+    from torch import nn
+
+    from nanoseek.fp8 import gpu, install_fp8
+    from nanoseek.fp8 import install as fp8_install
+    from nanoseek.fp8.reference import fp8_linear_emulated
+    if device == "cpu":
+        monkeypatch.setattr(gpu, "DENSE_GEMM", "triton")  # the interpreter has no _scaled_mm
+        monkeypatch.setattr(fp8_install, "check_fp8_device", lambda d: None)
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.o_proj = nn.Linear(160, 192, bias=False, device=device)
+    report = install_fp8(m, backend="gpu", pad_partial_blocks=True)
+    assert report == {"fp8": ["o_proj"], "bf16": []} and m.o_proj.pad_blocks
+    x = torch.randn(130, 160, device=device)
+    dy = torch.randn(130, 192, device=device)
+    outs = []
+    for fn in (lambda xi, w: m.o_proj(xi), lambda xi, w: fp8_linear_emulated(xi, w, torch.float32)):
+        xi = x.clone().requires_grad_()
+        m.o_proj.weight.grad = None
+        y = fn(xi, m.o_proj.weight)
+        y.float().backward(dy)
+        outs.append((y, xi.grad, m.o_proj.weight.grad.clone()))
+    tol = 0.02 if device == "cuda" else 0.15
     for got, want in zip(*outs):
         assert got.shape == want.shape
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < tol, err
-    assert outs[0][2].dtype == torch.float32

@@ -77,15 +77,24 @@ def _one_group(M: int, device: torch.device):
     return ends, K.tile_table(ends, M)
 
 
+@torch.compiler.disable
+def quantize_dense_weight(w: torch.Tensor):
+    """w (N, K) fp32 -> qw (N, K), qwt (K, N) e4m3, sw (N/128, K/128), swt (K/128, N/128): the 128x128-block
+    forms `FP8LinearGPU` multiplies with (scale rows padded as this torch's _scaled_mm wants)."""
+    return K.quantize_weight(w, pad_rows_to=dense_backend(w.device)[1])
+
+
 class FP8LinearGPU(torch.autograd.Function):
-    """x (M, K) @ w (N, K)^T with all three GEMMs blockwise FP8 on the GPU (_scaled_mm or Triton)."""
+    """x (M, K) @ w (N, K)^T with all three GEMMs blockwise FP8 on the GPU (_scaled_mm or Triton); wq: w's
+    `quantize_dense_weight` when the caller has it cached."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, wq=None) -> torch.Tensor:
         M = x.shape[0]
         backend, pad = dense_backend(x.device)
         qx, sx, qxt, sxt = K.quantize_act(x.contiguous(), with_t=True)  # (Mp, K) (K/128, Mp) (K, Mp) (Mp/128, K)
-        qw, qwt, sw, swt = K.quantize_weight(w, pad_rows_to=pad)  # (N, K) (K, N) (N/128, K/128) (K/128, N/128)
+        # (N, K) (K, N) (N/128, K/128) (K/128, N/128)
+        qw, qwt, sw, swt = wq if wq is not None else K.quantize_weight(w, pad_rows_to=pad)
         if backend == "scaled_mm":
             y = _mm(qx, qw.t(), sx.t(), sw.t())[:M]  # (M, N)
         else:  # the experts' kernel with one group
@@ -107,19 +116,22 @@ class FP8LinearGPU(torch.autograd.Function):
             ends, tiles = _one_group(M, dy.device)
             dx = K.grouped_gemm(qg, sg, qwt[None], swt[None], tiles, ends, M)  # (M, K)
             dw = K.grouped_wgrad(qgt, sgt, qxt, sxt, tiles, 1)[0]  # (N, K) fp32
-        return dx.to(ctx.x_dtype), dw, None
+        return dx.to(ctx.x_dtype), dw, None, None
 
 
 class FP8GroupedLinearGPU(torch.autograd.Function):
-    """Rows of x (R, K) sorted by expert, ends (E,) end rows; w (E, N, K) fp32 -> (R, N)."""
+    """Rows of x (R, K) sorted by expert, ends (E,) end rows; w (E, N, K) fp32 -> (R, N); wq: w's
+    `kernels.quantize_weight` when the caller has it cached."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype,
+                wq=None) -> torch.Tensor:
         x = x.contiguous()
         R = x.shape[0]
         tiles = K.tile_table(ends, R)
         qx, sx = K.quantize_act(x, with_t=False)  # (Rp, K), (K/128, Rp)
-        qw, qwt, sw, swt = K.quantize_weight(w)  # (E, N, K) (E, K, N) (E, N/128, K/128) (E, K/128, N/128)
+        # (E, N, K) (E, K, N) (E, N/128, K/128) (E, K/128, N/128)
+        qw, qwt, sw, swt = wq if wq is not None else K.quantize_weight(w)
         y = K.grouped_gemm(qx, sx, qw, sw, tiles, ends, R)  # (R, N)
         qxt, sxt = K.quantize_group_cols(x, tiles)  # (K, R), (T, K)
         ctx.save_for_backward(qxt, sxt, qwt, swt, ends, *tiles)
@@ -135,17 +147,24 @@ class FP8GroupedLinearGPU(torch.autograd.Function):
         dx = K.grouped_gemm(qg, sg, qwt, swt, tiles, ends, R)  # (R, K)
         qgt, sgt = K.quantize_group_cols(dy, tiles)  # (N, R), (T, N)
         dw = K.grouped_wgrad(qgt, sgt, qxt, sxt, tiles, qwt.shape[0])  # (E, N, K) fp32
-        return dx.to(ctx.x_dtype), dw, None, None
+        return dx.to(ctx.x_dtype), dw, None, None, None
 
 
 @torch.compiler.disable  # Triton launches and the one-time probe stay out of torch.compile's graphs
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, wq=None) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T -> (..., N) in out_dtype, through `FP8LinearGPU`."""
-    y = FP8LinearGPU.apply(x.reshape(-1, x.shape[-1]), w, out_dtype)
+    y = FP8LinearGPU.apply(x.reshape(-1, x.shape[-1]), w, out_dtype, wq)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
 @torch.compiler.disable
-def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype,
+                       wq=None) -> torch.Tensor:
     """Rows x (R, K) sorted by expert, w (E, N, K), ends (E,) -> (R, N), through `FP8GroupedLinearGPU`."""
-    return FP8GroupedLinearGPU.apply(x, w, ends, out_dtype)
+    return FP8GroupedLinearGPU.apply(x, w, ends, out_dtype, wq)
+
+
+@torch.compiler.disable
+def quantize_expert_weights(w: torch.Tensor):
+    """w (E, N, K) fp32 -> the 128x128-block forms `FP8GroupedLinearGPU` multiplies with (for a cache)."""
+    return K.quantize_weight(w)

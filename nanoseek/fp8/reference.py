@@ -62,11 +62,12 @@ TILE = (BLOCK, BLOCK)  # weights
 
 
 class EmulatedFP8Linear(torch.autograd.Function):
-    """y = x W^T with all three GEMMs on blockwise-e4m3 operands (fp32 maths). x (M, K), w (N, K) fp32."""
+    """y = x W^T with all three GEMMs on blockwise-e4m3 operands (fp32 maths). x (M, K), w (N, K) fp32;
+    wq: w's `quantize_linear_weight`, when the caller has it cached (None: quantized here)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        qw, sw = quantize(w, TILE)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, wq=None) -> torch.Tensor:
+        qw, sw = wq if wq is not None else quantize_linear_weight(w)
         y = fake_quantize(x, ROW) @ dequantize(qw, sw, TILE).t()  # (M, N)
         ctx.save_for_backward(*quantize(x, COL), qw, sw)  # x kept in FP8, 128x1 tiles
         ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
@@ -77,7 +78,12 @@ class EmulatedFP8Linear(torch.autograd.Function):
         qx, sx, qw, sw = ctx.saved_tensors
         dx = fake_quantize(dy, ROW) @ dequantize(qw, sw, TILE)  # (M, K)
         dw = fake_quantize(dy, COL).t() @ dequantize(qx, sx, COL)  # (N, K)
-        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None
+        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+
+
+def quantize_linear_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> its 128x128-block e4m3 form (q, scales): what `EmulatedFP8Linear` multiplies with."""
+    return quantize(w, TILE)
 
 
 def group_bounds(ends: torch.Tensor) -> list[tuple[int, int]]:
@@ -113,11 +119,13 @@ def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class EmulatedFP8GroupedLinear(torch.autograd.Function):
     """y[rows of group e] = x[rows of e] W_e^T for rows sorted by expert, all three GEMMs on e4m3 operands.
 
-    x (R, K), w (E, N, K) fp32 master weights, ends (E,) int end row of each group -> y (R, N)."""
+    x (R, K), w (E, N, K) fp32 master weights, ends (E,) int end row of each group -> y (R, N);
+    wq: `quantize_experts(w)` when the caller has it cached."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        qw, sw = quantize_experts(w)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype,
+                wq=None) -> torch.Tensor:
+        qw, sw = wq if wq is not None else quantize_experts(w)
         xf = fake_quantize(x, ROW)  # (R, K)
         y = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
         for e, (s, t) in enumerate(group_bounds(ends)):
@@ -140,14 +148,15 @@ class EmulatedFP8GroupedLinear(torch.autograd.Function):
             if t > s:
                 dx[s:t] = dyr[s:t] @ dequantize(qw[e], sw[e], TILE)
                 dw[e] = dyc[s:t].t() @ xc[s:t]
-        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None
 
 
-def fp8_linear_emulated(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_linear_emulated(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, wq=None) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T through `EmulatedFP8Linear` -> (..., N) in out_dtype."""
-    y = EmulatedFP8Linear.apply(x.reshape(-1, x.shape[-1]), w, out_dtype)
+    y = EmulatedFP8Linear.apply(x.reshape(-1, x.shape[-1]), w, out_dtype, wq)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-def fp8_grouped_emulated(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return EmulatedFP8GroupedLinear.apply(x, w, ends, out_dtype)
+def fp8_grouped_emulated(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype,
+                         wq=None) -> torch.Tensor:
+    return EmulatedFP8GroupedLinear.apply(x, w, ends, out_dtype, wq)
