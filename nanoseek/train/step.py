@@ -136,18 +136,23 @@ def accumulate_gradients(model: Transformer, batches: Sequence[Any], loss_fn: Lo
 
 
 def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: float, grad_clip: float,
-                   bias_gamma: float, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Metrics:
+                   bias_gamma: float, all_reduce: Callable[[torch.Tensor], None] | None = None,
+                   clip: Callable[[float], torch.Tensor] | None = None) -> Metrics:
     """Clip, step, zero the gradients, then the router-bias update of every MoE layer.
 
     grad_clip <= 0: no clipping (grad_norm is still reported). `all_reduce(loads)` (optional) sums the
     (layers, E) expert counts in place over data-parallel ranks before the bias moves. Returns device
     tensors: grad_norm (before clipping), loads (L_moe, E) of the main model's MoE layers as the
     update used them, maxvio (their largest MaxVio) and maxvio_layers (L_moe,).
+    `clip(grad_clip) -> norm` (optional) replaces the local clip: parallel training passes one that
+    takes the norm over every rank's gradient shards (`nanoseek.parallel.data.clip_gradients`).
     """
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if grad_clip > 0:
+    if clip is not None:  # parallel: the global norm over all ranks' shards (nanoseek/parallel/data.py)
+        grad_norm = clip(grad_clip)
+    elif grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])

@@ -1,0 +1,125 @@
+"""The parallel training step: what the trainer calls instead of the single-device pieces.
+
+    par = Parallel.setup(device, pp=P, dp=D, ep=E, schedule="dualpipev", microbatches=M)
+    model = par.wrap(model)                              # expert parallelism, FSDP2, pipeline stages
+    metrics = par.accumulate_gradients(model, batches, loss_fn, autocast)  # my share of the global batch
+    metrics |= par.optimizer_step(model, optimizer, lr=..., grad_clip=..., bias_gamma=...)
+
+`batches` are the global step's micro-batches (batch_size rows each, the same on every rank, as the
+single-process trainer reads them); each rank takes its rows (`data.split_rows`). Without a pipeline,
+the shared `train.step.accumulate_gradients` runs on those rows; with one, the pipeline schedule
+runs all of them as its micro-batches (`pipeline.py`). Metrics come back averaged over the dp ranks
+and, with a pipeline, broadcast from the rank holding the loss, so every rank logs the same figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nanoseek.parallel import data as dp_
+from nanoseek.parallel import expert as ep_
+from nanoseek.parallel.mesh import Layout, Mesh, init_process_group
+from nanoseek.train import step as train_step
+
+SCHEDULES = ("dualpipev", "zbv", "1f1b")
+
+
+@dataclass
+class Parallel:
+    mesh: Mesh
+    schedule: str = "dualpipev"
+    microbatches: int = 0  # 0: derived (pipeline.default_microbatches)
+    fsdp: bool = True
+    bf16: bool = False
+    pipe: Any = None  # pipeline.Pipeline once wrapped with pp > 1
+
+    @classmethod
+    def setup(cls, device: torch.device, *, pp: int = 0, dp: int = 0, ep: int = 0, schedule: str = "dualpipev",
+              microbatches: int = 0, fsdp: bool = True, bf16: bool = False, timeout_s: float = 600.0) -> Parallel:
+        """Initialise torch.distributed from torchrun's environment (a 1-process group without one)
+        and build the mesh."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"--parallel.schedule {schedule!r} is unknown; use one of {SCHEDULES}")
+        if "RANK" not in os.environ:  # plain `python -m nanoseek train --parallel.enable ...`: one process
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            from nanoseek.parallel.launch import free_port
+
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        init_process_group(device, timeout_s)
+        layout = Layout.resolve(dist.get_world_size(), pp, dp, ep)
+        return cls(Mesh.build(layout, device), schedule, microbatches, fsdp, bf16)
+
+    @property
+    def layout(self) -> Layout:
+        return self.mesh.layout
+
+    @property
+    def is_logger(self) -> bool:
+        """The rank that prints and writes the run's files."""
+        return dist.get_rank() == 0
+
+    # ------------------------------------------------------------------ wrapping
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Expert parallelism, then pipeline stages, then FSDP2 (or gradient all-reduce)."""
+        cfg = model.config
+        lo = self.layout
+        lo.check_model(cfg.n_routed_experts, cfg.num_hidden_layers, 1 if self.schedule == "1f1b" else 2)
+        if lo.ep > 1:
+            ep_.install(model, self.mesh.group("ep"))
+        if lo.pp > 1:
+            from nanoseek.parallel.pipeline import Pipeline
+
+            self.pipe = Pipeline.build(model, self.mesh, self.schedule, self.microbatches)
+            for part in self.pipe.parts:
+                if self.fsdp and lo.dp > 1:
+                    dp_.shard(part, self.mesh, bf16=self.bf16)
+            return model
+        if self.fsdp and lo.dp > 1:
+            dp_.shard(model, self.mesh, bf16=self.bf16)
+        return model
+
+    # ------------------------------------------------------------------ the step
+    def local_batches(self, batches: list[Any]) -> list[Any]:
+        d = self.mesh.rank_in("dp")
+        return [dp_.split_rows(b, d, self.layout.dp) for b in batches]
+
+    def accumulate_gradients(self, model: nn.Module, batches: list[Any], loss_fn: train_step.LossFn,
+                             autocast: contextlib.AbstractContextManager | None = None,
+                             *, mtp_lambda: float = 0.0, seq_aux_alpha: float = 0.0) -> dict[str, torch.Tensor]:
+        """Forward and backward of this rank's rows of every micro-batch; gradients end reduced.
+
+        With a pipeline the loss is built from (mtp_lambda, seq_aux_alpha) on the last stage instead of
+        `loss_fn` (the pipeline's stages compute it piece by piece)."""
+        autocast = autocast or contextlib.nullcontext()
+        local = self.local_batches(batches)
+        if self.pipe is not None:
+            metrics = self.pipe.run(local, autocast, mtp_lambda=mtp_lambda, seq_aux_alpha=seq_aux_alpha)
+        else:
+            metrics = train_step.accumulate_gradients(model, local, loss_fn, autocast)
+        if not (self.fsdp and self.layout.dp > 1):
+            dp_.sync_gradients(model, self.mesh)
+        return self.average(metrics)
+
+    def average(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scalar metrics averaged over the dp ranks (one all-reduce)."""
+        if self.layout.dp == 1 or not metrics:
+            return metrics
+        names = sorted(metrics)
+        stacked = torch.stack([metrics[n].float().reshape(()) for n in names])
+        dist.all_reduce(stacked, group=self.mesh.group("dp"))
+        return {n: v for n, v in zip(names, stacked / self.layout.dp)}
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: float, grad_clip: float,
+                       bias_gamma: float) -> dict[str, torch.Tensor]:
+        return dp_.optimizer_step(model, optimizer, self.mesh, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
