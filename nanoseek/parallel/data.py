@@ -50,14 +50,17 @@ def split_rows(batch: Any, index: int, parts: int) -> Any:
 
 
 # ---------------------------------------------------------------------------- FSDP2
-def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
+def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bool = True,
+          root: bool = True) -> nn.Module:
     """FSDP2: each block (and MTP layer) a unit on the dp mesh, its routed experts a unit on the edp mesh.
 
     bf16: parameters gathered in bf16 for compute, gradients reduced in fp32 (MixedPrecisionPolicy).
     Expert gradients are divided by dp (not edp): their ep ranks' tokens are already summed in.
     The routers compute in fp32 (their own unit, as the checkpoints keep them). The MTP layers' merge
     and head norm run outside their forward, so they belong to the root unit (their experts do not).
-    Buffers (router bias, load counts) stay whole on every rank."""
+    Buffers (router bias, load counts) stay whole on every rank. root=False (pipeline stages, which
+    share the embedding): the parameters outside the blocks stay whole, their gradients all-reduced by
+    `sync_gradients`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
@@ -73,7 +76,8 @@ def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bo
             fully_shard(mlp.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
         if block in blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    if root:
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
 

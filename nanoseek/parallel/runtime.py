@@ -77,9 +77,9 @@ class Parallel:
             from nanoseek.parallel.pipeline import Pipeline
 
             self.pipe = Pipeline.build(model, self.mesh, self.schedule, self.microbatches)
-            for part in self.pipe.parts:
-                if self.fsdp and lo.dp > 1:
-                    dp_.shard(part, self.mesh, bf16=self.bf16)
+            if self.fsdp and lo.dp > 1:
+                for part in self.pipe.parts:
+                    dp_.shard(part, self.mesh, bf16=self.bf16, root=False)
             return model
         if self.fsdp and lo.dp > 1:
             dp_.shard(model, self.mesh, bf16=self.bf16)
@@ -103,8 +103,7 @@ class Parallel:
             metrics = self.pipe.run(local, autocast, mtp_lambda=mtp_lambda, seq_aux_alpha=seq_aux_alpha)
         else:
             metrics = train_step.accumulate_gradients(model, local, loss_fn, autocast)
-        if not (self.fsdp and self.layout.dp > 1):
-            dp_.sync_gradients(model, self.mesh)
+        dp_.sync_gradients(model, self.mesh)  # the parameters FSDP does not hold (all, without FSDP)
         return self.average(metrics)
 
     def average(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
