@@ -51,16 +51,16 @@ def split_rows(batch: Any, index: int, parts: int) -> Any:
 
 # ---------------------------------------------------------------------------- FSDP2
 def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bool = True,
-          root: bool = True) -> nn.Module:
+          ignored_params: set[nn.Parameter] | None = None) -> nn.Module:
     """FSDP2: each block (and MTP layer) a unit on the dp mesh, its routed experts a unit on the edp mesh.
 
     bf16: parameters gathered in bf16 for compute, gradients reduced in fp32 (MixedPrecisionPolicy).
     Expert gradients are divided by dp (not edp): their ep ranks' tokens are already summed in.
     The routers compute in fp32 (their own unit, as the checkpoints keep them). The MTP layers' merge
     and head norm run outside their forward, so they belong to the root unit (their experts do not).
-    Buffers (router bias, load counts) stay whole on every rank. root=False (pipeline stages, which
-    share the embedding): the parameters outside the blocks stay whole, their gradients all-reduced by
-    `sync_gradients`."""
+    Buffers (router bias, load counts) stay whole on every rank. `ignored_params` stay whole, their
+    gradients all-reduced by `sync_gradients` (the embedding that a rank's first and last pipeline
+    stages share: a parameter belongs to one FSDP root only)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
@@ -76,8 +76,7 @@ def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bo
             fully_shard(mlp.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
         if block in blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    if root:
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=ignored_params)
     return model
 
 
@@ -103,16 +102,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
+def grad_norm(model: nn.Module, mesh: Mesh, skip: frozenset[str] = frozenset()) -> torch.Tensor:
     """The global L2 norm of all gradients: each rank's share, every distinct shard counted once.
 
     A plain (unsharded) parameter has copies on the ranks that replicate it (dp ranks, or edp for an
-    expert shard); its square is divided by that count before the sum over all ranks."""
+    expert shard); its square is divided by that count before the sum over all ranks. `skip`: names of
+    copies counted on another rank (1F1B's second embedding)."""
     lo = mesh.layout
     device = mesh.device
     total = torch.zeros((), device=device, dtype=torch.float32)
     for name, p in model.named_parameters():
-        if p.grad is None:
+        if p.grad is None or name in skip:
             continue
         sq = _local(p.grad).float().pow(2).sum()
         if not isinstance(p, DTensor):
@@ -124,9 +124,9 @@ def grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float) -> torch.Tensor:
+def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float, skip: frozenset[str] = frozenset()) -> torch.Tensor:
     """Scale every gradient by min(1, max_norm / global norm); returns the norm before clipping."""
-    norm = grad_norm(model, mesh)
+    norm = grad_norm(model, mesh, skip)
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in model.parameters():
@@ -144,8 +144,8 @@ def load_all_reduce(mesh: Mesh) -> Callable[[torch.Tensor], None] | None:
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, *, lr: float, grad_clip: float,
-                   bias_gamma: float) -> dict[str, torch.Tensor]:
+                   bias_gamma: float, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The shared optimizer step with two hooks: the global-norm clip and the router-load all-reduce."""
     return train_step.optimizer_step(model, optimizer, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma,
                                      all_reduce=load_all_reduce(mesh),
-                                     clip=lambda max_norm: clip_gradients(model, mesh, max_norm))
+                                     clip=lambda max_norm: clip_gradients(model, mesh, max_norm, skip))

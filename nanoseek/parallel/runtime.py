@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,16 @@ class Parallel:
             from nanoseek.parallel.pipeline import Pipeline
 
             self.pipe = Pipeline.build(model, self.mesh, self.schedule, self.microbatches)
+            if self.fsdp and lo.dp > 1 and self.schedule != "1f1b":
+                warnings.warn(f"--parallel.fsdp with the {self.schedule} schedule is not supported yet (FSDP2 misses "
+                              "the weight gradients of its split backward); the dp ranks keep whole copies and "
+                              "all-reduce gradients instead", stacklevel=2)
+                self.fsdp = False
             if self.fsdp and lo.dp > 1:
-                for part in self.pipe.parts:
-                    dp_.shard(part, self.mesh, bf16=self.bf16, root=False)
+                shared = {p for part in self.pipe.parts for n, p in part.named_parameters() if "embed" in n}
+                for part in self.pipe.parts:  # each stage an FSDP root: the schedule then defers the
+                    # gradient reduce-scatter to its last backward (REDUCE_GRAD), after the weight passes
+                    dp_.shard(part, self.mesh, bf16=self.bf16, ignored_params=shared)
             return model
         if self.fsdp and lo.dp > 1:
             dp_.shard(model, self.mesh, bf16=self.bf16)
@@ -117,7 +125,11 @@ class Parallel:
 
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: float, grad_clip: float,
                        bias_gamma: float) -> dict[str, torch.Tensor]:
-        return dp_.optimizer_step(model, optimizer, self.mesh, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma)
+        skip = frozenset()
+        if self.pipe is not None and self.pipe.tie_embeddings and not any(p.is_first for p in self.pipe.parts):
+            skip = frozenset({"embed_tokens.weight"})  # the first rank's copy is the one counted
+        return dp_.optimizer_step(model, optimizer, self.mesh, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma,
+                                  skip=skip)
 
     def close(self) -> None:
         if dist.is_initialized():
