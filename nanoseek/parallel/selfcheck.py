@@ -175,6 +175,26 @@ def check_train(pp: int = 1, ep: int = 1, schedule: str = "dualpipev", fsdp: boo
     dist.barrier()
 
 
+def check_suite() -> None:
+    """The 2-process checks in one process group (one start-up for the tests): dispatch/combine,
+    expert parallel + FSDP2, DualPipeV."""
+    check_dispatch()
+    check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
+    check_train(pp=2, ep=1, schedule="dualpipev", steps=2, accum=2, batch=4, seq=8)
+
+
+def check_dead_rank(dead: int = 1) -> None:
+    """Rank `dead` exits without a word in the middle of training; the others must fail, not hang."""
+    device = _device()
+    init_process_group(device, 30)
+    dist.barrier()
+    if dist.get_rank() == dead:
+        os._exit(3)
+    x = torch.ones(4, device=device)
+    for _ in range(100):  # a rank blocked in a collective with a dead peer
+        dist.all_reduce(x)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["dispatch", "train"])
