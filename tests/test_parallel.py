@@ -69,3 +69,9 @@ def test_a_dead_rank_ends_the_run_with_its_name():
     with pytest.raises(RuntimeError, match=r"exit codes \{.*1: 3"):
         spawn("nanoseek.parallel.selfcheck:check_dead_rank", 2, (1,), timeout_s=90, grace_s=40)
     assert time.time() - t0 < 90
+
+
+@pytest.mark.multiprocess
+def test_sharded_resume_is_exact_and_loads_into_another_layout(tmp_path):
+    # saved with ep=2 (dp=2); resumed with ep=2 (bit-identical), and with pp=2 (to 1e-6)
+    spawn("nanoseek.parallel.selfcheck:check_resume", 2, (str(tmp_path / "ckpt"), 2, 1, 1, 2), timeout_s=240)

@@ -175,6 +175,50 @@ def check_train(pp: int = 1, ep: int = 1, schedule: str = "dualpipev", fsdp: boo
     dist.barrier()
 
 
+def check_resume(path: str, ep: int = 2, pp: int = 1, load_ep: int = 1, load_pp: int = 1) -> None:
+    """Train 1 step, save (sharded), train a 2nd step; a fresh model that loads the checkpoint takes the
+    same 2nd step: bit-identical in the same layout, to 1e-6 in another (load_ep, load_pp)."""
+    from nanoseek.parallel import checkpoint as ckpt
+
+    device = _device()
+    cfg = tiny_config()
+    batches = _batches(cfg, 2, 2, 4, 8, device)
+    loss_fn = train_step.pretraining_loss(0.3, 0.01)
+
+    def build(ep_: int, pp_: int, seed: int):
+        par = Parallel.setup(device, pp=pp_, ep=ep_, fsdp=False, timeout_s=120)
+        model = par.wrap(Transformer.from_config(cfg, device=device, seed=seed).train())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return par, model, opt
+
+    def step(par, model, opt, b):
+        out = par.accumulate_gradients(model, b, loss_fn, mtp_lambda=0.3, seq_aux_alpha=0.01)
+        out |= par.optimizer_step(model, opt, lr=1e-2, grad_clip=1.0, bias_gamma=0.01)
+        return out["loss"]
+
+    par, model, opt = build(ep, pp, 0)
+    step(par, model, opt, batches[0])
+    ckpt.save(path, model, opt, par.mesh, {"step": 1})
+    want = step(par, model, opt, batches[1])
+    want_sd = ckpt.full_state_dict(model, par.mesh)
+    for same in (True, False):
+        par2, model2, opt2 = build(ep, pp, 1) if same else build(load_ep, load_pp, 1)
+        assert ckpt.load(path, model2, opt2, par2.mesh)["step"] == 1
+        got = step(par2, model2, opt2, batches[1])
+        got_sd = ckpt.full_state_dict(model2, par2.mesh)
+        if same:
+            assert torch.equal(got, want), f"resumed loss {got} != {want}"
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        if want_sd is not None:
+            for k, v in want_sd.items():
+                if same:
+                    assert torch.equal(got_sd[k], v), f"{k} differs after resuming"
+                else:
+                    torch.testing.assert_close(got_sd[k], v, rtol=1e-5, atol=1e-5)
+    dist.barrier()
+
+
 def check_suite() -> None:
     """The 2-process checks in one process group (one start-up for the tests): dispatch/combine,
     expert parallel + FSDP2, DualPipeV."""

@@ -86,18 +86,35 @@ class TrainConfig:
     tensorboard: bool = doc("write TensorBoard event files", True)
 
 
+# ---- parallel (issue 19; nanoseek/parallel): the ParallelConfig section
+@dataclass
+class ParallelConfig:
+    enable: bool = doc("run through the parallel code path also in one process (torchrun turns it on)", False)
+    pp: int = doc("pipeline-parallel ranks (0: 1)", 0)
+    dp: int = doc("data-parallel ranks, each seeing its own tokens (0: world size / pp)", 0)
+    ep: int = doc("expert-parallel ranks, taken out of dp (0: 1); must divide dp and n_routed_experts", 0)
+    schedule: str = doc("pipeline schedule for pp > 1: 'dualpipev', 'zbv' or '1f1b'", "dualpipev")
+    microbatches: int = doc("pipeline micro-batches per step (0: the smallest count >= stages that divides "
+                            "the rank's sequences)", 0)
+    fsdp: bool = doc("shard parameters, gradients and optimizer state with FSDP2 (else all-reduce gradients)",
+                     True)
+    timeout_s: float = doc("collective timeout: a dead rank makes the others fail after at most this", 600.0)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
     preset: str = "demo"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ---- parallel
 
     def to_dict(self) -> dict[str, Any]:
         model = dataclasses.asdict(self.model)
         model.pop("extra", None)
         return {"preset": self.preset, "model": model, "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train)}
+                "train": dataclasses.asdict(self.train),
+                "parallel": dataclasses.asdict(self.parallel)}  # ---- parallel
 
 
 MODEL_FIELD_HELP = {
@@ -127,7 +144,8 @@ def _fields(cls: type) -> dict[str, tuple[Any, str]]:
             for f in dataclasses.fields(cls) if f.name != "extra"}
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+            "parallel": ParallelConfig}  # ---- parallel
 
 
 def convert(value: str | Any, typ: Any, option: str) -> Any:
@@ -233,14 +251,16 @@ def parse_args(argv: list[str]) -> RunConfig:
     try:
         model = ModelConfig(**{**PRESETS[preset_name], **overrides["model"]})
         return RunConfig(model=model, data=DataConfig(**overrides["data"]),
-                         train=TrainConfig(**overrides["train"]), preset=preset_name)
+                         train=TrainConfig(**overrides["train"]), preset=preset_name,
+                         parallel=ParallelConfig(**overrides["parallel"]))  # ---- parallel
     except ValueError as e:
         raise SystemExit(f"nanoseek train: {e}") from None
 
 
 def _set(overrides: dict, section: str, name: str, value: Any, where: str) -> None:
     if section not in SECTIONS:
-        raise SystemExit(f"nanoseek train: unknown option {where!r}; options are --model.*, --data.*, --train.*")
+        raise SystemExit(f"nanoseek train: unknown option {where!r}; options are --model.*, --data.*, --train.*, "
+                         "--parallel.*")
     fields = _fields(SECTIONS[section])
     if name not in fields:
         close = difflib.get_close_matches(name, list(fields), n=1)
