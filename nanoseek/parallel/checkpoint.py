@@ -12,7 +12,7 @@ states of that parameter; parameters replicated over dp are written once. DCP re
 slice each rank holds in the new layout.
 
 `export_hf` gathers the full model on rank 0 (FSDP shards, expert shards over ep, pipeline stages over
-pp) and writes the usual HF-format directory there (`nanoseek.hf.write_pretrained`).
+pp) and writes the usual HF-format directory there (`nanoseek.hf.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -39,18 +39,25 @@ from nanoseek.parallel.mesh import Mesh
 STATE_FILE = "trainer_state.pt"
 
 
-def _globalise(sd: dict[str, Any], mesh: Mesh, prefix: str = "") -> dict[str, Any]:
+def _globalise(sd: dict[str, Any], mesh: Mesh, prefix: str = "", fsdp1: dict | None = None) -> dict[str, Any]:
     """A copy of the (nested) state dict with each expert shard (a plain tensor of El rows) viewed as a
     DTensor over the ep mesh: the model's and the optimizer's per-parameter states (which carry the
-    parameter's name). The dicts are new (the optimizer's own state is not touched); tensors are shared."""
+    parameter's name). The dicts are new (the optimizer's own state is not touched); tensors are shared.
+    An expert DTensor of FSDP over a 1-rank edp mesh is its local tensor (recorded in `fsdp1`)."""
     if mesh.layout.ep == 1:
         return sd
     out: dict[str, Any] = {}
     for key, value in sd.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            value = _globalise(value, mesh, f"{name}.")
-        elif isinstance(value, DTensor) and _expert_key(name):
+            value = _globalise(value, mesh, f"{name}.", fsdp1)
+            out[key] = value
+            continue
+        if isinstance(value, DTensor) and _expert_key(name) and value.device_mesh.size() == 1:
+            if fsdp1 is not None:
+                fsdp1[id(value.to_local())] = (value.device_mesh, value.placements)
+            value = value.to_local()
+        if isinstance(value, DTensor) and _expert_key(name):
             raise NotImplementedError("checkpoints of FSDP-sharded experts with ep > 1 are not written yet; "
                                       "use --parallel.fsdp false with expert parallelism")
         elif isinstance(value, torch.Tensor) and value.dim() > 0 and _expert_key(name):
@@ -87,21 +94,26 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, m
         raise SystemExit(f"nanoseek train: {path} holds no sharded checkpoint (no dcp/); parallel runs resume "
                          "from checkpoints written by parallel runs")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": _globalise(model_sd, mesh), "optim": _globalise(optim_sd, mesh)}
+    fsdp1: dict = {}
+    state = {"model": _globalise(model_sd, mesh, fsdp1=fsdp1), "optim": _globalise(optim_sd, mesh, fsdp1=fsdp1)}
     dcp.load(state, checkpoint_id=str(path / "dcp"))  # in place: wrapped expert shards share storage
-    set_state_dict(model, optimizer, model_state_dict=_localise(state["model"]),
-                   optim_state_dict=_localise(state["optim"]))
+    set_state_dict(model, optimizer, model_state_dict=_localise(state["model"], fsdp1),
+                   optim_state_dict=_localise(state["optim"], fsdp1))
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def _localise(sd: dict[str, Any]) -> dict[str, Any]:
+def _localise(sd: dict[str, Any], fsdp1: dict) -> dict[str, Any]:
     """Undo `_globalise`: ep-mesh DTensors back to their local shards (FSDP's DTensors stay)."""
     out = {}
     for key, value in sd.items():
         if isinstance(value, dict):
-            out[key] = _localise(value)
+            out[key] = _localise(value, fsdp1)
         elif isinstance(value, DTensor) and value.device_mesh.mesh_dim_names == ("ep",):
-            out[key] = value.to_local()
+            local = value.to_local()
+            if id(local) in fsdp1:
+                emesh, placements = fsdp1[id(local)]
+                local = DTensor.from_local(local, emesh, placements, run_check=False)
+            out[key] = local
         else:
             out[key] = value
     return out
@@ -127,7 +139,7 @@ def full_state_dict(model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor] | N
 
 def export_hf(model: nn.Module, mesh: Mesh, config, out_dir: str | Path) -> Path | None:
     """Gather the full model and write it in HF format on rank 0 (returns the path there)."""
-    from nanoseek.hf import write_pretrained
+    from nanoseek.hf import save_pretrained
     from nanoseek.model.transformer import Transformer
 
     sd = full_state_dict(model, mesh)
@@ -138,5 +150,5 @@ def export_hf(model: nn.Module, mesh: Mesh, config, out_dir: str | Path) -> Path
     if unexpected or [k for k in missing if "inv_freq" not in k]:
         raise RuntimeError(f"export_hf: the gathered state does not fit the model (missing {missing}, "
                            f"unexpected {unexpected})")
-    write_pretrained(full, Path(out_dir), dtype=torch.float32)
+    save_pretrained(full, Path(out_dir), dtype=torch.float32)
     return Path(out_dir)

@@ -131,6 +131,87 @@ class Parallel:
         return dp_.optimizer_step(model, optimizer, self.mesh, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma,
                                   skip=skip)
 
+    def first(self, fn):
+        """fn() on rank 0, then on the others (for work that caches files: data preparation)."""
+        if self.is_logger:
+            out = fn()
+            dist.barrier()
+            return out
+        dist.barrier()
+        return fn()
+
+    def log_dir(self, out_dir):
+        """Metrics files: the run directory on rank 0, a subdirectory on the others."""
+        from pathlib import Path
+
+        return Path(out_dir) if self.is_logger else Path(out_dir) / "ranks" / f"rank{dist.get_rank()}"
+
+    def save(self, out_dir, step: int, model: nn.Module, optimizer, state: dict, record: dict,
+              keep_last: int):
+        import json
+        import shutil
+        from pathlib import Path
+
+        from nanoseek.parallel import checkpoint as ckpt
+
+        root = Path(out_dir) / "checkpoints"
+        path = ckpt.save(root / f"step-{step:06d}", model, optimizer, self.mesh, state)
+        if self.is_logger:
+            (path / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            kept = sorted(p for p in root.glob("step-*") if (p / ckpt.STATE_FILE).is_file())
+            for old in kept[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load(self, path, model: nn.Module, optimizer) -> dict:
+        from nanoseek.parallel import checkpoint as ckpt
+
+        return ckpt.load(path, model, optimizer, self.mesh)
+
+    def export(self, model: nn.Module, config, out_dir, tokenizer_dir):
+        """The final model in HF format under out_dir/hf, gathered on rank 0."""
+        from pathlib import Path
+
+        from nanoseek.hf import copy_tokenizer_files
+        from nanoseek.parallel import checkpoint as ckpt
+
+        path = ckpt.export_hf(model, self.mesh, config, Path(out_dir) / "hf")
+        if path is not None:
+            copy_tokenizer_files(tokenizer_dir, path)
+        return path
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- the trainer's hooks
+def from_config(pc, tc, device: torch.device) -> tuple[Parallel | None, torch.device]:
+    """`nanoseek train`'s entry: None (the plain trainer) unless torchrun started several processes or
+    --parallel.enable is set. Picks this process's GPU (LOCAL_RANK) and the compute dtype."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and not pc.enable:
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    try:
+        par = Parallel.setup(device, pp=pc.pp, dp=pc.dp, ep=pc.ep, schedule=pc.schedule,
+                             microbatches=pc.microbatches, fsdp=pc.fsdp, bf16=bf16, timeout_s=pc.timeout_s)
+    except ValueError as e:
+        raise SystemExit(f"nanoseek train: {e}") from None
+    if tc.batch_size % par.layout.dp:
+        raise SystemExit(f"nanoseek train: --train.batch_size {tc.batch_size} must be a multiple of the "
+                         f"{par.layout.dp} data-parallel ranks (each takes batch_size / dp sequences of every "
+                         "micro-batch, so a step trains on the same batch at every world size)")
+    if tc.compile and par.layout.pp > 1:
+        raise SystemExit("nanoseek train: --train.compile with --parallel.pp > 1 is not supported (pipeline "
+                         "stages must not be compiled modules)")
+    if not par.is_logger:  # one rank prints; the others' figures are the same (averaged over ranks)
+        import sys
+
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    print(par.mesh.describe())
+    return par, device
+
