@@ -107,17 +107,18 @@ def grad_norm(model: nn.Module, mesh: Mesh, skip: frozenset[str] = frozenset()) 
 
     A plain (unsharded) parameter has copies on the ranks that replicate it (dp ranks, or edp for an
     expert shard); its square is divided by that count before the sum over all ranks. `skip`: names of
-    copies counted on another rank (1F1B's second embedding)."""
+    copies counted on another rank (1F1B's second embedding). One fused norm per replication count."""
     lo = mesh.layout
-    device = mesh.device
-    total = torch.zeros((), device=device, dtype=torch.float32)
+    groups: dict[int, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.grad is None or name in skip:
             continue
-        sq = _local(p.grad).float().pow(2).sum()
-        if not isinstance(p, DTensor):
-            sq = sq / (lo.edp if is_expert_param(name) and lo.ep > 1 else lo.dp)
-        total += sq
+        copies = 1 if isinstance(p, DTensor) else (lo.edp if is_expert_param(name) and lo.ep > 1 else lo.dp)
+        groups.setdefault(copies, []).append(_local(p.grad))
+    total = torch.zeros((), device=mesh.device, dtype=torch.float32)
+    for copies, grads in groups.items():
+        norms = torch.stack(torch._foreach_norm(grads)).float()  # (n,)
+        total += norms.pow(2).sum() / copies
     if lo.world > 1:
         dist.all_reduce(total)
     return total.sqrt()
@@ -129,9 +130,12 @@ def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float, skip: frozense
     norm = grad_norm(model, mesh, skip)
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                _local(p.grad).mul_(scale)
+        grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for dtype, gs in by_dtype.items():
+            torch._foreach_mul_(gs, scale.to(dtype))
     return norm
 
 
