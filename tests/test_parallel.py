@@ -75,3 +75,9 @@ def test_a_dead_rank_ends_the_run_with_its_name():
 def test_sharded_resume_is_exact_and_loads_into_another_layout(tmp_path):
     # saved with ep=2 (dp=2); resumed with ep=2 (bit-identical), and with pp=2 (to 1e-6)
     spawn("nanoseek.parallel.selfcheck:check_resume", 2, (str(tmp_path / "ckpt"), 2, 1, 1, 2), timeout_s=240)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_parallel_path_on_one_gpu_matches_the_plain_step():
+    spawn("nanoseek.parallel.selfcheck:check_one_gpu", 1, timeout_s=300)

@@ -227,6 +227,13 @@ def check_suite() -> None:
     check_train(pp=2, ep=1, schedule="dualpipev", steps=2, accum=2, batch=4, seq=8)
 
 
+def check_one_gpu() -> None:
+    """World size 1 on a GPU (NCCL): dispatch/combine through a 1-rank all-to-all, the parallel step vs
+    the plain one, and the same with a pipeline-free FSDP-less bf16-free layout (what one GPU allows)."""
+    check_dispatch(tokens=64, hidden=128, experts=8, k=2)
+    check_train(pp=1, ep=1, fsdp=True, steps=2, accum=2, batch=4, seq=32)
+
+
 def check_dead_rank(dead: int = 1) -> None:
     """Rank `dead` exits without a word in the middle of training; the others must fail, not hang."""
     device = _device()
