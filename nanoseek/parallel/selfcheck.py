@@ -219,12 +219,13 @@ def check_resume(path: str, ep: int = 2, pp: int = 1, load_ep: int = 1, load_pp:
     dist.barrier()
 
 
-def check_suite() -> None:
+def check_suite(ckpt_dir: str) -> None:
     """The 2-process checks in one process group (one start-up for the tests): dispatch/combine,
-    expert parallel + FSDP2, DualPipeV."""
+    expert parallel + FSDP2, DualPipeV, sharded resume (ep 2 -> ep 2 exact, ep 2 -> pp 2)."""
     check_dispatch()
     check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
     check_train(pp=2, ep=1, schedule="dualpipev", steps=2, accum=2, batch=4, seq=8)
+    check_resume(ckpt_dir, ep=2, pp=1, load_ep=1, load_pp=2)
 
 
 def check_one_gpu() -> None:
