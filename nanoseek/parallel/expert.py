@@ -58,6 +58,48 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return AllToAll.apply(x, out_splits, in_splits, group)
 
 
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def quantize_rows(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, D) -> (q (N, D) float8_e4m3fn, scales (N, D / block) fp32), one scale per 1 x block tile:
+    x ~= q * scale (the V3 recipe's activation tiles)."""
+    N, D = x.shape
+    if D % block:
+        raise ValueError(f"FP8 dispatch needs the hidden size ({D}) to be a multiple of its {block}-wide tiles")
+    tiles = x.float().view(N, D // block, block)
+    scales = tiles.abs().amax(-1).clamp_min(1e-12) / FP8_MAX  # (N, D / block)
+    q = (tiles / scales[..., None]).to(torch.float8_e4m3fn).view(N, D)
+    return q, scales
+
+
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    N, D = q.shape
+    return (q.float().view(N, scales.shape[1], -1) * scales[..., None]).view(N, D).to(dtype)
+
+
+class AllToAllFP8(torch.autograd.Function):
+    """Dispatch in FP8: quantize the rows in 1 x 128 tiles, send values (1 byte) and scales, dequantize on
+    arrival. Backward (a combine) sends the gradients back unquantized; the rounding is straight-through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, block: int) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        q, scales = quantize_rows(x, block)
+        q_out = torch.empty((sum(out_splits), x.shape[1]), dtype=torch.uint8, device=x.device)
+        s_out = scales.new_empty((sum(out_splits), scales.shape[1]))
+        dist.all_to_all_single(q_out, q.view(torch.uint8), out_splits, in_splits, group=group)
+        dist.all_to_all_single(s_out, scales, out_splits, in_splits, group=group)
+        return dequantize_rows(q_out.view(torch.float8_e4m3fn), s_out, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None, None
+
+
 # ---------------------------------------------------------------------------- dispatch and combine
 @dataclass
 class DispatchPlan:
@@ -72,8 +114,11 @@ class DispatchPlan:
     shape: tuple[int, int]  # (T, K)
 
 
-def dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, group) -> tuple[torch.Tensor, DispatchPlan]:
-    """x (T, D), ids (T, K) global expert ids -> rows (R, D) for this rank's experts (expert-major), plan."""
+def dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, group,
+             fp8_block: int = 0) -> tuple[torch.Tensor, DispatchPlan]:
+    """x (T, D), ids (T, K) global expert ids -> rows (R, D) for this rank's experts (expert-major), plan.
+
+    fp8_block > 0: the rows travel in FP8 with one scale per 1 x fp8_block tile (128 in V3)."""
     ep = dist.get_world_size(group)
     if num_experts % ep:
         raise ValueError(f"{num_experts} experts do not split over {ep} expert-parallel ranks")
@@ -87,7 +132,10 @@ def dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, group) -> tup
     recv = recv.view(ep, El)
     splits = torch.cat([counts.view(ep, El).sum(1), recv.sum(1)]).tolist()  # the host sync
     in_splits, out_splits = splits[:ep], splits[ep:]
-    rows = all_to_all(x[order // K], out_splits, in_splits, group)  # (R, D) ordered (source, expert)
+    if fp8_block:
+        rows = AllToAllFP8.apply(x[order // K], out_splits, in_splits, group, fp8_block)
+    else:
+        rows = all_to_all(x[order // K], out_splits, in_splits, group)  # (R, D) ordered (source, expert)
     R = rows.shape[0]
     expert_of_row = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(ep), recv.flatten(),
                                             output_size=R)  # (R,)
@@ -140,15 +188,16 @@ class ExpertParallelExperts(RoutedExperts):
 
     group: dist.ProcessGroup
     first: int
+    fp8_block: int = 0  # > 0: FP8 dispatch with 1 x fp8_block scales (combine stays in the compute dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         x = autocast_input(x)
-        rows, plan = dispatch(x, ids, self.num_experts, self.group)
+        rows, plan = dispatch(x, ids, self.num_experts, self.group, self.fp8_block)
         y = local_experts(rows, self.w13, self.w2, plan)
         return weighted_sum(combine(y, plan, self.group), gates).to(x.dtype)
 
 
-def install(model: nn.Module, group: dist.ProcessGroup) -> int:
+def install(model: nn.Module, group: dist.ProcessGroup, fp8_block: int = 0) -> int:
     """Swap every RoutedExperts of `model` for its expert-parallel shard on `group`. Returns the count.
 
     Rank r keeps experts r*El..(r+1)*El-1 (copies of those rows of w13 and w2; the full stacks are
@@ -162,8 +211,11 @@ def install(model: nn.Module, group: dist.ProcessGroup) -> int:
             raise ValueError(f"{name}: {module.num_experts} experts do not split over ep={ep} ranks; "
                              "choose --parallel.ep among the divisors of n_routed_experts")
         El = module.num_experts // ep
+        if fp8_block and module.w13.shape[-1] % fp8_block:
+            raise ValueError(f"--parallel.fp8_dispatch needs the hidden size ({module.w13.shape[-1]}) to be a "
+                             f"multiple of {fp8_block} (the 1 x {fp8_block} scale tiles); switch it off")
         new = adopt(ExpertParallelExperts, module)
-        new.group, new.first = group, rank * El
+        new.group, new.first, new.fp8_block = group, rank * El, fp8_block
         with torch.no_grad():
             new.w13 = nn.Parameter(module.w13[rank * El:(rank + 1) * El].clone())
             new.w2 = nn.Parameter(module.w2[rank * El:(rank + 1) * El].clone())

@@ -39,11 +39,13 @@ class Parallel:
     microbatches: int = 0  # 0: derived (pipeline.default_microbatches)
     fsdp: bool = True
     bf16: bool = False
+    fp8_dispatch: bool = False
     pipe: Any = None  # pipeline.Pipeline once wrapped with pp > 1
 
     @classmethod
     def setup(cls, device: torch.device, *, pp: int = 0, dp: int = 0, ep: int = 0, schedule: str = "dualpipev",
-              microbatches: int = 0, fsdp: bool = True, bf16: bool = False, timeout_s: float = 600.0) -> Parallel:
+              microbatches: int = 0, fsdp: bool = True, bf16: bool = False, timeout_s: float = 600.0,
+              fp8_dispatch: bool = False) -> Parallel:
         """Initialise torch.distributed from torchrun's environment (a 1-process group without one)
         and build the mesh."""
         if schedule not in SCHEDULES:
@@ -55,7 +57,7 @@ class Parallel:
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         init_process_group(device, timeout_s)
         layout = Layout.resolve(dist.get_world_size(), pp, dp, ep)
-        return cls(Mesh.build(layout, device), schedule, microbatches, fsdp, bf16)
+        return cls(Mesh.build(layout, device), schedule, microbatches, fsdp, bf16, fp8_dispatch)
 
     @property
     def layout(self) -> Layout:
@@ -73,7 +75,7 @@ class Parallel:
         lo = self.layout
         lo.check_model(cfg.n_routed_experts, cfg.num_hidden_layers, 1 if self.schedule == "1f1b" else 2)
         if lo.ep > 1:
-            ep_.install(model, self.mesh.group("ep"))
+            ep_.install(model, self.mesh.group("ep"), fp8_block=128 if self.fp8_dispatch else 0)
         if lo.pp > 1:
             from nanoseek.parallel.pipeline import Pipeline
 
@@ -197,7 +199,8 @@ def from_config(pc, tc, device: torch.device) -> tuple[Parallel | None, torch.de
     bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     try:
         par = Parallel.setup(device, pp=pc.pp, dp=pc.dp, ep=pc.ep, schedule=pc.schedule,
-                             microbatches=pc.microbatches, fsdp=pc.fsdp, bf16=bf16, timeout_s=pc.timeout_s)
+                             microbatches=pc.microbatches, fsdp=pc.fsdp, bf16=bf16, timeout_s=pc.timeout_s,
+                             fp8_dispatch=pc.fp8_dispatch)
     except ValueError as e:
         raise SystemExit(f"nanoseek train: {e}") from None
     if tc.batch_size % par.layout.dp:

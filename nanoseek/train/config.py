@@ -98,6 +98,7 @@ class ParallelConfig:
                             "the rank's sequences)", 0)
     fsdp: bool = doc("shard parameters, gradients and optimizer state with FSDP2 (else all-reduce gradients)",
                      True)
+    fp8_dispatch: bool = doc("send expert-parallel dispatch in FP8 with 1x128 scales (combine stays bf16)", False)
     timeout_s: float = doc("collective timeout: a dead rank makes the others fail after at most this", 600.0)
 
 
