@@ -182,6 +182,17 @@ class Parallel:
             copy_tokenizer_files(tokenizer_dir, path)
         return path
 
+    def agree_stop(self, time_up: bool, stop_signal: list[str]) -> bool:
+        """Whether to leave the training loop: any rank hit the time limit or got a signal (one all-reduce,
+        so every rank stops at the same step). A signal seen elsewhere is added to `stop_signal`."""
+        flags = torch.tensor([float(time_up), float(bool(stop_signal))], device=self.mesh.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1] > 0 and not stop_signal:
+            stop_signal.append("a signal on another rank")
+        if flags[0] > 0 and not stop_signal:
+            print("time limit reached on some rank; all ranks stop here")
+        return bool(flags.max() > 0)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

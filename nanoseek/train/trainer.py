@@ -227,7 +227,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     interval_start, interval_step = started, step
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     try:
-        while step < tc.max_steps and not stop_signal:
+        while step < tc.max_steps and not (stop_signal and par is None):  # ---- parallel: see agree_stop
             frac = step / max(1, tc.max_steps)
             lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.decay_frac,
                                        tc.min_lr_ratio)
@@ -276,7 +276,12 @@ def train(run: RunConfig) -> dict[str, Any]:
                 last_ckpt = checkpoint(step)
             if step % tc.log_every == 0:
                 interval_start = time.time()  # evaluation and checkpoint time is not training speed
-            if tc.time_limit_min and time.time() - started > tc.time_limit_min * 60:
+            time_up = bool(tc.time_limit_min) and time.time() - started > tc.time_limit_min * 60
+            if par is not None:  # ---- parallel: ranks stop at the same step (agreed at log steps only)
+                if step % tc.log_every == 0 and par.agree_stop(time_up, stop_signal):
+                    break
+                continue
+            if time_up:
                 bar.write(f"time limit of {tc.time_limit_min} min reached at step {step}")
                 break
     finally:
