@@ -51,3 +51,25 @@ def test_cli(capsys):
     assert main(["--preset", "bench-1b", "--gpus", "8", "--ep", "8", "--seq", "2048"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s per GPU" in out and "memory/GPU" in out
+
+
+def test_node_limited_routing_caps_the_nodes_a_token_reaches():
+    import torch
+
+    from nanoseek.model.moe import Router
+    from nanoseek.parallel.expert import routing_traffic
+
+    # 64 experts on ep 16 ranks, 4 per node: 4 nodes. n_group = nodes makes group-limited routing node-limited.
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)
+    free = Router(preset("debug", hidden_size=32, n_routed_experts=64, num_experts_per_tok=8, n_group=1,
+                         topk_group=1, topk_method="noaux_tc"))
+    limited = Router(preset("debug", hidden_size=32, n_routed_experts=64, num_experts_per_tok=8, n_group=4,
+                            topk_group=2, topk_method="noaux_tc"))
+    torch.nn.init.normal_(free.weight)
+    limited.weight.data.copy_(free.weight)
+    t_free = routing_traffic(free(x)[1], 64, 16, 4)
+    t_lim = routing_traffic(limited(x)[1], 64, 16, 4)
+    assert t_free["pairs_off_rank"] == pytest.approx(t_lim["pairs_off_rank"], rel=0.1)  # ~K (ep-1)/ep both
+    # every token reaches at most topk_group = 2 nodes (so at most 2 remote ones); free routing reaches ~3 of 3
+    assert t_lim["remote_nodes"] <= 2 and t_lim["remote_nodes"] < 0.7 * t_free["remote_nodes"]

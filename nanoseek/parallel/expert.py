@@ -227,3 +227,25 @@ def install(model: nn.Module, group: dist.ProcessGroup, fp8_block: int = 0) -> i
 def is_expert_param(name: str) -> bool:
     """Parameters that live on one ep rank only (the routed experts' stacks)."""
     return name.endswith("experts.w13") or name.endswith("experts.w2")
+
+
+# ---------------------------------------------------------------------------- traffic
+@torch.no_grad()
+def routing_traffic(ids: torch.Tensor, num_experts: int, ep: int, ranks_per_node: int,
+                    rank: int = 0) -> dict[str, float]:
+    """What a rank's routing (ids (T, K)) sends, per token: (token, expert) pairs leaving the rank and
+    the node (what `dispatch` sends: one row per pair), and the distinct remote nodes a token reaches
+    (what a per-node deduplicating dispatch would send across nodes).
+
+    Node-limited routing is the model's group-limited routing with one expert group per node of the
+    ep group: --model.n_group = ep / ranks_per_node and --model.topk_group = M caps the nodes per token."""
+    T = ids.shape[0]
+    El = num_experts // ep
+    dest = ids // El  # (T, K) destination rank in the ep group
+    node = dest // ranks_per_node
+    home = rank // ranks_per_node
+    n_nodes = max(1, ep // ranks_per_node)
+    hit = torch.zeros(T, n_nodes, dtype=torch.bool, device=ids.device).scatter_(1, node, True)  # (T, nodes)
+    hit[:, home] = False
+    return {"pairs_off_rank": float((dest != rank).sum()) / T, "pairs_off_node": float((node != home).sum()) / T,
+            "remote_nodes": float(hit.sum()) / T}
