@@ -55,6 +55,8 @@ class Parallel:
             from nanoseek.parallel.launch import free_port
 
             os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if device.type == "cuda" and device.index is None:  # this process's GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         init_process_group(device, timeout_s)
         layout = Layout.resolve(dist.get_world_size(), pp, dp, ep)
         return cls(Mesh.build(layout, device), schedule, microbatches, fsdp, bf16, fp8_dispatch)
