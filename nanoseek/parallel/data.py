@@ -55,7 +55,9 @@ def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bo
     """FSDP2: each block (and MTP layer) a unit on the dp mesh, its routed experts a unit on the edp mesh.
 
     bf16: parameters gathered in bf16 for compute, gradients reduced in fp32 (MixedPrecisionPolicy).
-    Expert gradients are divided by dp (not edp): their ep ranks' tokens are already summed in.
+    FSDP averages expert gradients over edp; they must be divided by dp (their ep ranks' tokens are
+    already summed in), so `sync_gradients` scales them by 1 / ep afterwards (FSDP's own divide factor
+    would need PREMUL_SUM, which gloo lacks).
     The routers compute in fp32 (their own unit, as the checkpoints keep them). The MTP layers' merge
     and head norm run outside their forward, so they belong to the root unit (their experts do not).
     Buffers (router bias, load counts) stay whole on every rank. `ignored_params` stay whole, their
@@ -72,7 +74,6 @@ def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bo
         mlp = getattr(block, "mlp", None)
         if hasattr(mlp, "experts"):
             fully_shard(mlp.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-            mlp.experts.set_gradient_divide_factor(float(mesh.layout.dp))
             fully_shard(mlp.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
         if block in blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -83,10 +84,12 @@ def shard(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bo
 # ---------------------------------------------------------------------------- replicate
 @torch.no_grad()
 def sync_gradients(model: nn.Module, mesh: Mesh) -> None:
-    """All-reduce the gradients of a model that is not FSDP-sharded: mean over the ranks that saw
-    different tokens (dp for dense parameters; edp, divided by dp, for the expert shards)."""
+    """All-reduce the gradients FSDP does not hold: mean over the ranks that saw different tokens (dp
+    for dense parameters; edp, divided by dp, for the expert shards); FSDP's expert gradients / ep."""
     lo = mesh.layout
     for name, p in model.named_parameters():
+        if p.grad is not None and isinstance(p, DTensor) and lo.ep > 1 and is_expert_param(name):
+            p.grad.to_local().div_(lo.ep)  # FSDP averaged over edp; the mean is over dp = edp * ep
         if p.grad is None or isinstance(p, DTensor):
             continue
         expert = is_expert_param(name) and lo.ep > 1
