@@ -43,7 +43,7 @@ def _globalise(sd: dict[str, Any], mesh: Mesh, prefix: str = "", fsdp1: dict | N
     """A copy of the (nested) state dict with each expert shard (a plain tensor of El rows) viewed as a
     DTensor over the ep mesh: the model's and the optimizer's per-parameter states (which carry the
     parameter's name). The dicts are new (the optimizer's own state is not touched); tensors are shared.
-    An expert DTensor of FSDP over a 1-rank edp mesh is its local tensor (recorded in `fsdp1`)."""
+    An FSDP expert DTensor (Shard(0) over edp) becomes Shard(0) over ep then edp (recorded in `fsdp1`)."""
     if mesh.layout.ep == 1:
         return sd
     out: dict[str, Any] = {}
@@ -53,13 +53,13 @@ def _globalise(sd: dict[str, Any], mesh: Mesh, prefix: str = "", fsdp1: dict | N
             value = _globalise(value, mesh, f"{name}.", fsdp1)
             out[key] = value
             continue
-        if isinstance(value, DTensor) and _expert_key(name) and value.device_mesh.size() == 1:
+        if isinstance(value, DTensor) and _expert_key(name):  # FSDP over edp: Shard(0) over ep, then edp
+            local = value.to_local()
             if fsdp1 is not None:
-                fsdp1[id(value.to_local())] = (value.device_mesh, value.placements)
-            value = value.to_local()
-        if isinstance(value, DTensor) and _expert_key(name):
-            raise NotImplementedError("checkpoints of FSDP-sharded experts with ep > 1 are not written yet; "
-                                      "use --parallel.fsdp false with expert parallelism")
+                fsdp1[name] = (value.device_mesh, value.placements, value.shape, value.stride())
+            shape = (value.shape[0] * mesh.layout.ep, *value.shape[1:])
+            value = DTensor.from_local(local, mesh.ep_edp, [Shard(0), Shard(0)], run_check=False, shape=shape,
+                                       stride=torch.empty(shape, device="meta").stride())
         elif isinstance(value, torch.Tensor) and value.dim() > 0 and _expert_key(name):
             value = DTensor.from_local(value, mesh.sub("ep"), [Shard(0)], run_check=False)
         out[key] = value
@@ -102,17 +102,18 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, m
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def _localise(sd: dict[str, Any], fsdp1: dict) -> dict[str, Any]:
-    """Undo `_globalise`: ep-mesh DTensors back to their local shards (FSDP's DTensors stay)."""
+def _localise(sd: dict[str, Any], fsdp1: dict, prefix: str = "") -> dict[str, Any]:
+    """Undo `_globalise`: ep-mesh DTensors back to their local shards, FSDP's back to DTensors over edp."""
     out = {}
     for key, value in sd.items():
+        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out[key] = _localise(value, fsdp1)
-        elif isinstance(value, DTensor) and value.device_mesh.mesh_dim_names == ("ep",):
+            out[key] = _localise(value, fsdp1, f"{name}.")
+        elif isinstance(value, DTensor) and value.device_mesh.mesh_dim_names in (("ep",), ("ep_", "edp_")):
             local = value.to_local()
-            if id(local) in fsdp1:
-                emesh, placements = fsdp1[id(local)]
-                local = DTensor.from_local(local, emesh, placements, run_check=False)
+            if name in fsdp1:  # back to FSDP's DTensor over edp
+                emesh, placements, shape, stride = fsdp1[name]
+                local = DTensor.from_local(local, emesh, placements, run_check=False, shape=shape, stride=stride)
             out[key] = local
         else:
             out[key] = value

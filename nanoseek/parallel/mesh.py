@@ -102,6 +102,7 @@ class Mesh:
     mesh: DeviceMesh  # ("pp", "edp", "ep")
     device: torch.device
     dp_mesh: DeviceMesh  # flatten("edp", "ep")
+    ep_edp: DeviceMesh  # ("ep_", "edp_"): the global layout of FSDP-sharded expert stacks (checkpoints)
 
     @classmethod
     def build(cls, layout: Layout, device: torch.device) -> Mesh:
@@ -112,7 +113,10 @@ class Mesh:
                              "start as many processes as pp x dp")
         mesh = init_device_mesh(device.type, (layout.pp, layout.edp, layout.ep), mesh_dim_names=("pp", "edp", "ep"))
         flat = mesh["edp", "ep"]._flatten("dp")
-        return cls(layout, mesh, device, flat)
+        # the same ranks as (pp, ep, edp): an FSDP-sharded expert stack is Shard(0) over ep, then over edp
+        ranks = torch.arange(layout.world).view(layout.pp, layout.edp, layout.ep).transpose(1, 2)
+        ep_edp = DeviceMesh(device.type, ranks, mesh_dim_names=("pp_", "ep_", "edp_"))["ep_", "edp_"]
+        return cls(layout, mesh, device, flat, ep_edp)
 
     def sub(self, name: str) -> DeviceMesh:
         return self.dp_mesh if name == "dp" else self.mesh[name]

@@ -187,7 +187,7 @@ def check_train(pp: int = 1, ep: int = 1, schedule: str = "dualpipev", fsdp: boo
     dist.barrier()
 
 
-def check_resume(path: str, ep: int = 2, pp: int = 1, load_ep: int = 1, load_pp: int = 1) -> None:
+def check_resume(path: str, ep: int = 2, pp: int = 1, load_ep: int = 1, load_pp: int = 1, fsdp: bool = False) -> None:
     """Train 1 step, save (sharded), train a 2nd step; a fresh model that loads the checkpoint takes the
     same 2nd step: bit-identical in the same layout, to 1e-6 in another (load_ep, load_pp)."""
     from nanoseek.parallel import checkpoint as ckpt
@@ -198,7 +198,7 @@ def check_resume(path: str, ep: int = 2, pp: int = 1, load_ep: int = 1, load_pp:
     loss_fn = train_step.pretraining_loss(0.3, 0.01)
 
     def build(ep_: int, pp_: int, seed: int):
-        par = Parallel.setup(device, pp=pp_, ep=ep_, fsdp=False, timeout_s=120)
+        par = Parallel.setup(device, pp=pp_, ep=ep_, fsdp=fsdp, timeout_s=120)
         model = par.wrap(Transformer.from_config(cfg, device=device, seed=seed).train())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         return par, model, opt
@@ -238,6 +238,14 @@ def check_suite(ckpt_dir: str) -> None:
     check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
     check_train(pp=2, ep=1, schedule="dualpipev", steps=2, accum=2, batch=4, seq=8)
     check_resume(ckpt_dir, ep=2, pp=1, load_ep=1, load_pp=2)
+
+
+def check_suite4(ckpt_dir: str) -> None:
+    """The 4-process checks: pp 2 x ep 2 (DualPipeV); FSDP2 with dp 4 = edp 2 x ep 2; its sharded
+    checkpoint resumed exactly and loaded into pp 2 x dp 2."""
+    check_train(pp=2, ep=2, schedule="dualpipev", steps=1, accum=2, batch=4, seq=8)
+    check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
+    check_resume(ckpt_dir, ep=2, pp=1, load_ep=1, load_pp=2, fsdp=True)
 
 
 def check_one_gpu() -> None:
