@@ -131,6 +131,22 @@ class TrainConfig:
                          "seq_aux_alpha")}})
 
 
+# ---- parallel (issue 19; nanoseek/parallel): the ParallelConfig section
+@dataclass
+class ParallelConfig:
+    enable: bool = doc("run through the parallel code path also in one process (torchrun turns it on)", False)
+    pp: int = doc("pipeline-parallel ranks (0: 1)", 0)
+    dp: int = doc("data-parallel ranks, each seeing its own tokens (0: world size / pp)", 0)
+    ep: int = doc("expert-parallel ranks, taken out of dp (0: 1); must divide dp and n_routed_experts", 0)
+    schedule: str = doc("pipeline schedule for pp > 1: 'dualpipev', 'zbv' or '1f1b'", "dualpipev")
+    microbatches: int = doc("pipeline micro-batches per step (0: the smallest count >= stages that divides "
+                            "the rank's sequences)", 0)
+    fsdp: bool = doc("shard parameters, gradients and optimizer state with FSDP2 (else all-reduce gradients)",
+                     True)
+    fp8_dispatch: bool = doc("send expert-parallel dispatch in FP8 with 1x128 scales (combine stays bf16)", False)
+    timeout_s: float = doc("collective timeout: a dead rank makes the others fail after at most this", 600.0)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
@@ -140,12 +156,14 @@ class RunConfig:
     # what the user set (config file and command line), {section: {field: value}}, "preset" included;
     # None: every field counts as set (a RunConfig built in code). `--resume` checks these.
     explicit: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ---- parallel
 
     def to_dict(self) -> dict[str, Any]:
         model = dataclasses.asdict(self.model)
         model.pop("extra", None)
         return {"preset": self.preset, "model": model, "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train)}
+                "train": dataclasses.asdict(self.train),
+                "parallel": dataclasses.asdict(self.parallel)}  # ---- parallel
 
 
 MODEL_FIELD_HELP = {
@@ -175,7 +193,8 @@ def _fields(cls: type) -> dict[str, tuple[Any, str]]:
             for f in dataclasses.fields(cls) if f.name != "extra"}
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+            "parallel": ParallelConfig}  # ---- parallel
 
 
 def convert(value: str | Any, typ: Any, option: str) -> Any:
@@ -287,7 +306,8 @@ def parse_args(argv: list[str]) -> RunConfig:
     try:
         model = ModelConfig(**{**PRESETS[preset_name], **overrides["model"]})
         return RunConfig(model=model, data=DataConfig(**overrides["data"]),
-                         train=TrainConfig(**overrides["train"]), preset=preset_name, explicit=explicit)
+                         train=TrainConfig(**overrides["train"]), preset=preset_name, explicit=explicit,
+                         parallel=ParallelConfig(**overrides["parallel"]))  # ---- parallel
     except ValueError as e:  # name the option: "ModelConfig.hidden_size=-5: ..." -> "--model.hidden_size -5: ..."
         message = re.sub(r"ModelConfig\.(\w+)=", r"--model.\1 ", str(e))
         raise SystemExit(f"nanoseek train: {message}") from None
@@ -295,7 +315,8 @@ def parse_args(argv: list[str]) -> RunConfig:
 
 def _set(overrides: dict, section: str, name: str, value: Any, where: str) -> None:
     if section not in SECTIONS:
-        raise SystemExit(f"nanoseek train: unknown option {where!r}; options are --model.*, --data.*, --train.*")
+        raise SystemExit(f"nanoseek train: unknown option {where!r}; options are --model.*, --data.*, --train.*, "
+                         "--parallel.*")
     fields = _fields(SECTIONS[section])
     if name not in fields:
         close = difflib.get_close_matches(name, list(fields), n=1)

@@ -138,7 +138,8 @@ def accumulate_gradients(model: Transformer, batches: Sequence[Any], loss_fn: Lo
 
 def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: float, grad_clip: float,
                    bias_gamma: float, all_reduce: Callable[[torch.Tensor], None] | None = None,
-                   skip_nonfinite: bool = False, also_finite: Sequence[torch.Tensor] = ()) -> Metrics:
+                   skip_nonfinite: bool = False, also_finite: Sequence[torch.Tensor] = (),
+                   clip: Callable[[float], torch.Tensor] | None = None) -> Metrics:
     """Clip, step, zero the gradients, then the router-bias update of every MoE layer.
 
     grad_clip <= 0: no clipping (grad_norm is still reported). `all_reduce(loads)` (optional) sums the
@@ -151,11 +152,16 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: 
     dropped). The check stays on the device where the optimizer takes torch's `found_inf` (fused
     AdamW; the trainer's optimizer on CUDA); other optimizers read the flag on the host (free on the
     CPU). Also returns `finite` (bool device tensor: the step was applied).
+
+    `clip(grad_clip) -> norm` (optional) replaces the local clip: parallel training passes one that
+    takes the norm over every rank's gradient shards (`nanoseek.parallel.data.clip_gradients`).
     """
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if grad_clip > 0:
+    if clip is not None:  # parallel: the global norm over all ranks' shards (nanoseek/parallel/data.py)
+        grad_norm = clip(grad_clip)
+    elif grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])

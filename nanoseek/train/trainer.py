@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import signal
 import time
@@ -175,6 +176,10 @@ def train(run: RunConfig) -> dict[str, Any]:
         saved_train = saved.train if saved is not None else run.train
     tc, out_dir = run.train, Path(run.train.out_dir)
     device = resolve_device(tc.device)
+    par = None  # ---- parallel: torchrun or --parallel.enable (nanoseek/parallel/runtime.py)
+    if run.parallel.enable or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from nanoseek.parallel.runtime import from_config
+        par, device = from_config(run.parallel, tc, device)
     torch.manual_seed(tc.seed)
     if tc.dtype not in ("auto", "bf16", "fp32", "fp8"):
         raise SystemExit(f"nanoseek train: --train.dtype {tc.dtype!r} is unknown; use auto, bf16, fp32 or fp8")
@@ -195,7 +200,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     print(f"nanoseek train: run directory {out_dir.resolve()}")
 
     # ---- data
-    data = prepare_data(run.data, out_dir)
+    data = prepare_data(run.data, out_dir) if par is None else par.first(lambda: prepare_data(run.data, out_dir))
     tok = data.tokenizer
     if run.model.vocab_size != tok.vocab_size:
         run.model = dataclasses.replace(run.model, vocab_size=tok.vocab_size)  # the tokenizer decides
@@ -207,6 +212,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     # ---- model and optimizer
     model = Transformer.from_config(run.model, device=device, seed=tc.seed).train()
     n_params = sum(p.numel() for p in model.parameters())
+    if par is not None:  # ---- parallel: expert parallelism, pipeline stages, FSDP2
+        model = par.wrap(model)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":  # FP8 linears/experts (emulated on the CPU); the rest as bf16/fp32 would run
         install_fp8(model, cache_weights=tc.grad_accum > 1)  # quantize weights once per optimizer step
@@ -220,8 +227,11 @@ def train(run: RunConfig) -> dict[str, Any]:
     step, anchor = 0, None
     if ckpt_path is not None:
         try:
-            state = load_checkpoint(ckpt_path, model)
-            optimizer.load_state_dict(state["optimizer"])
+            if par is not None:  # ---- parallel: sharded checkpoint (model and optimizer)
+                state = par.load(ckpt_path, model, optimizer)
+            else:
+                state = load_checkpoint(ckpt_path, model)
+                optimizer.load_state_dict(state["optimizer"])
             loader.load_state_dict(state["loader"])
             torch.set_rng_state(state["rng"])
         except CheckpointError as e:
@@ -245,7 +255,8 @@ def train(run: RunConfig) -> dict[str, Any]:
 
     fpt = flops_per_token(run.model, run.data.seq_len, with_mtp=len(model.mtp) > 0)
     tokens_per_step = tc.batch_size * tc.grad_accum * run.data.seq_len
-    logger = MetricsLogger(out_dir, tc.tensorboard, purge_step=step + 1 if step else None)
+    logger = MetricsLogger(out_dir if par is None else par.log_dir(out_dir), tc.tensorboard,  # ---- parallel
+                           purge_step=step + 1 if step else None)
     record = run_record(run.to_dict(), device)
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"model: {n_params / 1e6:.2f}M parameters ({run.preset} preset), device {device}, "
@@ -268,6 +279,9 @@ def train(run: RunConfig) -> dict[str, Any]:
             return kept[-1] if kept else None
         state = {"step": at, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
                  "rng": torch.get_rng_state(), "schedule_anchor": list(anchor) if anchor else None}
+        if par is not None:  # ---- parallel: sharded (torch.distributed.checkpoint)
+            del state["optimizer"]
+            return par.save(out_dir, at, model, optimizer, state, record, tc.keep_last)
         try:
             return save_checkpoint(out_dir, at, model, state, data.tokenizer_dir, record, tc.keep_last)
         except (OSError, RuntimeError, SafetensorError) as e:
@@ -296,16 +310,24 @@ def train(run: RunConfig) -> dict[str, Any]:
     interval_start, interval_step = started, step
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     try:
-        while step < tc.max_steps and not stop_signal:
+        while step < tc.max_steps and not (stop_signal and par is None):  # ---- parallel: see agree_stop
             frac = step / max(1, tc.max_steps)
             lr = tc.lr * continued_multiplier(step, anchor=anchor, **schedule_settings(tc))
             batches = [next(loader) for _ in range(tc.grad_accum)]
             loss_fn = pretraining_loss(tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final,
                                        tc.seq_aux_alpha, ce=compiled_cross_entropy if tc.compile else cross_entropy)
-            out = accumulate_gradients(model, batches, loss_fn, autocast)
-            out |= optimizer_step(model, optimizer, lr=lr, grad_clip=tc.grad_clip,
-                                  bias_gamma=tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0,
-                                  skip_nonfinite=True, also_finite=list(out.values()))
+            gamma = tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0
+            if par is not None:  # ---- parallel: this rank's share of the batch; gradients and loads reduced
+                out = par.accumulate_gradients(model, batches, loss_fn, autocast, seq_aux_alpha=tc.seq_aux_alpha,
+                                               mtp_lambda=tc.mtp_lambda if frac < tc.mtp_switch_frac
+                                               else tc.mtp_lambda_final)
+                # the grad norm is global, so every rank skips the same steps
+                out |= par.optimizer_step(model, optimizer, lr=lr, grad_clip=tc.grad_clip, bias_gamma=gamma,
+                                          skip_nonfinite=True)
+            else:
+                out = accumulate_gradients(model, batches, loss_fn, autocast)
+                out |= optimizer_step(model, optimizer, lr=lr, grad_clip=tc.grad_clip, bias_gamma=gamma,
+                                      skip_nonfinite=True, also_finite=list(out.values()))
             guard.update(out["finite"])
             step += 1
             bar.update(1)
@@ -330,7 +352,8 @@ def train(run: RunConfig) -> dict[str, Any]:
                     loads = out["loads"]
                     load_history.append((step, (loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)).cpu().numpy()))
                 interval_start, interval_step = time.time(), step
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps \
+                    and (par is None or par.pipe is None):  # ---- parallel: no validation through stages yet
                 val = validation_loss(model, val_loader, tc.eval_batches, device, autocast)
                 logger.log(step, "val", {"loss": val})
                 bar.write(f"step {step:>6} | validation loss {val:.4f}")
@@ -339,7 +362,12 @@ def train(run: RunConfig) -> dict[str, Any]:
                 last_ckpt = checkpoint(step)
             if step % tc.log_every == 0:
                 interval_start = time.time()  # evaluation and checkpoint time is not training speed
-            if tc.time_limit_min and time.time() - started > tc.time_limit_min * 60:
+            time_up = bool(tc.time_limit_min) and time.time() - started > tc.time_limit_min * 60
+            if par is not None:  # ---- parallel: ranks stop at the same step (agreed at log steps only)
+                if step % tc.log_every == 0 and par.agree_stop(time_up, stop_signal):
+                    break
+                continue
+            if time_up:
                 bar.write(f"time limit of {tc.time_limit_min} min reached at step {step}")
                 break
         check_nonfinite()
@@ -350,6 +378,8 @@ def train(run: RunConfig) -> dict[str, Any]:
             signal.signal(s, handler)
 
     # ---- finish: validation, samples, accuracy, plots
+    if par is not None:  # ---- parallel: HF export gathered on rank 0; samples and accuracy: single-process runs
+        return _finish_parallel(par, model, run, data, val_loader, autocast, logger, step, last_ckpt, started, device)
     if stop_signal:
         logger.close()
         print(f"stopped by {stop_signal[0]} at step {step}; checkpoint {last_ckpt} (resume with --resume)")
@@ -377,6 +407,23 @@ def train(run: RunConfig) -> dict[str, Any]:
         summary["plots"] = [str(p) for p in plot_run(logger.path, load_history, out_dir)]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out_dir)
+    return summary
+
+
+def _finish_parallel(par, model, run, data, val_loader, autocast, logger, step, last_ckpt, started,
+                     device) -> dict[str, Any]:
+    """---- parallel: the end of a parallel run (validation without a pipeline, HF export, summary on rank 0)."""
+    val = (validation_loss(model, val_loader, run.train.eval_batches, device, autocast)
+           if par.pipe is None else float("nan"))
+    hf_dir = par.export(model, run.model, run.train.out_dir, data.tokenizer_dir)
+    summary = {"step": step, "val_loss": val, "checkpoint": str(last_ckpt), "hf_export": str(hf_dir),
+               "minutes": (time.time() - started) / 60, "parallel": dataclasses.asdict(par.layout)}
+    logger.log(step, "val", {"loss": val})
+    logger.close()
+    if par.is_logger:
+        (Path(run.train.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"done: {step} steps, validation loss {val:.4f}; HF export {hf_dir}; sharded checkpoint {last_ckpt}")
+    par.close()
     return summary
 
 
