@@ -1,6 +1,7 @@
 """`nanoseek rl` configuration: four sections, presets, config files and command-line overrides.
 
     nanoseek rl --ckpt runs/demo/checkpoints/step-000800                 # preset "default" (GRPO)
+    nanoseek rl --preset demo                   # after `nanoseek train`: the latest checkpoint of runs/demo
     nanoseek rl --ckpt DIR --preset dapo --rl.group_size 16 --train.lr 1e-6
     nanoseek rl --ckpt DIR --config rl.toml --prompts.source my_prompts.jsonl
     nanoseek rl --train.out_dir runs/rl --resume                         # continue exactly
@@ -130,6 +131,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
               "train": {"max_steps": 3, "ckpt_every": 0, "samples_every": 0, "plots": False, "tensorboard": False}},
 }
 
+PRESET_CKPT = {"demo": "runs/demo"}  # the demo continues `nanoseek train`'s run directory (its latest checkpoint)
+
 
 @dataclass
 class RLRun:
@@ -148,7 +151,7 @@ class RLRun:
 def help_text() -> str:
     lines = ["usage: nanoseek rl --ckpt DIR [--preset NAME] [--config FILE] [--resume [DIR]] [--SECTION.FIELD VALUE]",
              "", "R1-Zero: GRPO with rule-based rewards, from a pretrained checkpoint, on the project's engine.", "",
-             "  --ckpt DIR         the base model (HF format, with its tokenizer)",
+             "  --ckpt DIR         the base model (HF format, with its tokenizer), or a `nanoseek train` run directory",
              f"  --preset NAME      {', '.join(PRESETS)} (default: default)",
              "  --config FILE      TOML or JSON with [rl], [reward], [prompts], [train] sections",
              "  --resume [DIR]     continue from DIR, or from the latest checkpoint in train.out_dir", ""]
@@ -213,6 +216,7 @@ def parse_args(argv: list[str]) -> RLRun:
                 _set(values, f"{section}.{name}", value)
     for key, val in pairs:
         _set(values, key, val)
+    ckpt = ckpt or PRESET_CKPT.get(preset, "")
     run = RLRun(ckpt=ckpt, preset=preset, **{s: cls(**values[s]) for s, cls in SECTIONS.items()})
     validate(run)
     return run

@@ -218,6 +218,8 @@ def rl_train(run: RLRun, extra_rewards: dict[str, tuple[float, Reward]] | None =
     if resume is not None and not run.ckpt:
         saved = json.loads((resume / "run.json").read_text()) if (resume / "run.json").is_file() else {}
         run.ckpt = saved.get("config", {}).get("ckpt", "")
+    if resume is None and run.ckpt and not (Path(run.ckpt) / "config.json").is_file() and list_checkpoints(run.ckpt):
+        run.ckpt = str(list_checkpoints(run.ckpt)[-1])  # a `nanoseek train` run directory: its latest checkpoint
     source = resume or Path(run.ckpt)
     check_source(source)
     if resume is not None and run.ckpt and (Path(run.ckpt) / "config.json").is_file():
