@@ -12,7 +12,8 @@ Presets are named sets of overrides, so every variant is spelled out as plain se
     dr_grpo   Dr. GRPO: no std division, constant length normaliser
     dapo      DAPO: eps 0.2/0.28, token-level loss, dynamic sampling, soft overlong penalty, beta 0
               (--rl.overlong_filter true masks truncated responses instead)
-    demo      the CPU demo after `nanoseek train` (small groups, short responses, minutes)
+    demo      the CPU demo after `nanoseek train`: 8 prompts x 8 samples, 160 new tokens, flat groups dropped
+              (dynamic sampling without refill), 3 minutes of RL between two held-out evaluations
     debug     tiny and fast, for tests
 """
 
@@ -121,11 +122,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dapo": {"rl": {"eps_high": 0.28, "aggregation": "token", "dynamic_sampling": True, "beta": 0.0},
              "reward": {"overlong": 1.0}},
     "demo": {"rl": {"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 160, "beta": 0.0,
-                    "aggregation": "token", "eps_high": 0.28, "dynamic_sampling": True, "max_draws": 2,
+                    "aggregation": "token", "eps_high": 0.28, "dynamic_sampling": True, "max_draws": 1,
                     "micro_batch_size": 32, "temperature": 1.0},
-             "prompts": {"eval_problems": 300, "difficulty_max": 3},
-             "train": {"out_dir": "runs/demo-rl", "lr": 2e-4, "max_steps": 40, "time_limit_min": 4.0,
-                       "ckpt_every": 0, "samples_every": 10}},
+             "prompts": {"eval_problems": 300, "difficulty_max": 3, "eval_max_new_tokens": 256},
+             "train": {"out_dir": "runs/demo-rl", "lr": 2e-4, "max_steps": 60, "time_limit_min": 3.0,
+                       "ckpt_every": 0, "samples_every": 5}},
     "debug": {"rl": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 16, "micro_batch_size": 8},
               "prompts": {"eval_problems": 8, "difficulty_max": 1},
               "train": {"max_steps": 3, "ckpt_every": 0, "samples_every": 0, "plots": False, "tensorboard": False}},

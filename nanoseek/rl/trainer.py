@@ -78,6 +78,7 @@ def rl_loss_fn(run: RLRun):
                                 max_tokens=rl.max_new_tokens, engine_logp=batch["engine_logp"], tis_cap=rl.tis_cap,
                                 normaliser=(n_seqs, n_tokens))
         loss = loss * n_micro
+        stats["loss"] = loss.detach()  # averaged over the micro-batches: the mini-batch's loss
         m = mask.sum().clamp_min(1)
         stats["entropy"] = (entropy * mask).sum() / m
         stats["logp_mismatch"] = ((logp.detach() - batch["engine_logp"]).abs() * mask).sum() / m
