@@ -210,3 +210,15 @@ def test_config_presets_overrides_and_errors(tmp_path):
     cfg.write_text('ckpt = "base"\n[rl]\nmu = 2\n[train]\nlr = 3e-6\n')
     run = parse_args(["--config", str(cfg), "--rl.mu", "3"])
     assert run.ckpt == "base" and run.rl.mu == 3 and run.train.lr == 3e-6
+
+
+def test_wilson_interval_and_curriculum_weights():
+    from nanoseek.rl.evaluate import wilson
+    from nanoseek.rl.trainer import curriculum_weights
+
+    lo, hi = wilson(0, 300)
+    assert lo == 0 and 0 < hi < 0.02  # a sound interval at 0%
+    lo, hi = wilson(150, 300)
+    assert lo == pytest.approx(0.5 - 0.0561, abs=2e-3) and hi == pytest.approx(0.5 + 0.0561, abs=2e-3)
+    w = curriculum_weights({"add/1": 1.0, "add/2": 0.5, "mul/3": 0.0})
+    assert w[("add", 2)] > w[("add", 1)] == w[("mul", 3)] > 0  # most weight at the edge of competence

@@ -132,6 +132,21 @@ def test_rollouts_run_on_the_policy_and_logprobs_agree(base):
     agree()
 
 
+def test_evaluation_tables_and_run_directory_as_ckpt(base, tmp_path):
+    """Held-out evaluation (greedy pass@1, pass@k by kind) before and after; --ckpt may name a run directory."""
+    run_dir = tmp_path / "pretrain"
+    shutil.copytree(base, run_dir / "checkpoints" / "step-000007")
+    (run_dir / "checkpoints" / "step-000007" / "trainer_state.pt").write_bytes(b"")
+    summary = rl_train(parse_args([*FAST, "--ckpt", str(run_dir), "--train.out_dir", str(tmp_path / "rl"),
+                                   "--train.max_steps", "1", "--prompts.eval_problems", "6", "--prompts.pass_k", "2",
+                                   "--prompts.kinds", "add,countdown", "--prompts.difficulty_max", "3"]))
+    assert summary["ckpt"].endswith("step-000007")
+    before, after = summary["evals"]
+    assert before["n"] == 6 and set(before["by_kind"]) <= {"add", "countdown"}
+    assert before["pass_k"]["k"] == 2 and 0 <= before["pass_k"]["accuracy"] <= 1
+    assert after["step"] == 1 and before["step"] == 0
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_checkpoint_without_tokenizer(base, tmp_path):
     bare = tmp_path / "bare"
