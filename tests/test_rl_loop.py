@@ -206,6 +206,6 @@ def test_gpu_steps_with_cuda_graphs_bf16_and_small_logprob_gap(base, tmp_path):
                          "--train.max_steps", "12", "--rl.group_size", "8", "--rl.beta", "0.01",
                          "--rl.tis_cap", "2", "--rl.mu", "2"]), {"digits": (1.0, digit_share)})
     r = rows(tmp_path)
-    assert all(row["logp_mismatch"] < 0.05 for row in r), [row["logp_mismatch"] for row in r]
+    assert all(row["logp_mismatch"] < 0.1 for row in r), [row["logp_mismatch"] for row in r]
     rewards = [row["reward"] for row in r]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
