@@ -209,3 +209,18 @@ def test_gpu_steps_with_cuda_graphs_bf16_and_small_logprob_gap(base, tmp_path):
     assert all(row["logp_mismatch"] < 0.1 for row in r), [row["logp_mismatch"] for row in r]
     rewards = [row["reward"] for row in r]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+
+
+def test_sigint_finishes_the_step_and_saves(base, tmp_path):
+    import os
+    import signal
+
+    def interrupt(response, problem) -> float:  # a reward that presses Ctrl-C during the first rollout
+        os.kill(os.getpid(), signal.SIGINT)
+        return 0.0
+
+    summary = rl_train(parse_args([*FAST, "--ckpt", str(base), "--train.out_dir", str(tmp_path),
+                                   "--train.max_steps", "5"]), {"interrupt": (1.0, interrupt)})
+    assert summary["interrupted"] == "SIGINT" and summary["step"] == 1
+    assert (tmp_path / "checkpoints" / "step-000001" / "trainer_state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was restored
