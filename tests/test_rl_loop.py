@@ -224,3 +224,27 @@ def test_sigint_finishes_the_step_and_saves(base, tmp_path):
     assert summary["interrupted"] == "SIGINT" and summary["step"] == 1
     assert (tmp_path / "checkpoints" / "step-000001" / "trainer_state.pt").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was restored
+
+
+def test_router_loads_count_real_tokens_only(base):
+    """Padding is routed too; the counts behind the router-bias update must equal those of the unpadded
+    sequences run one by one."""
+    from nanoseek.rl.rollout import Rollout, count_real_tokens
+
+    model = nanoseek.load_pretrained(base).train()
+    rollouts = [Rollout(None, [5, 6, 7], [8, 9], [0.0, 0.0], "", False),
+                Rollout(None, [5, 6], [10, 11, 12, 13, 14, 15], [0.0] * 6, "", False)]
+    batch = pack(rollouts, pad_id=1)
+    with torch.no_grad(), count_real_tokens(model, batch["valid"]):
+        model(batch["input_ids"])
+    layers = [m for m in model.moe_layers if m.last_load is not None]  # the MTP module did not run
+    padded = [m.last_load.clone() for m in layers]
+    alone = [torch.zeros_like(x) for x in padded]
+    for r in rollouts:
+        with torch.no_grad():
+            model(torch.tensor([r.prompt_ids + r.token_ids[:-1]]))
+        for acc, m in zip(alone, layers):
+            acc += m.last_load
+    for a, b in zip(padded, alone):
+        assert torch.equal(a, b)
+        assert a.sum() == (4 + 7) * model.config.num_experts_per_tok  # 11 real tokens of 2 x 7 positions

@@ -12,6 +12,7 @@ A response's tokens sit at target positions len(prompt) - 1 .. len(prompt) + len
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 
 from nanoseek.infer.engine import ContextLengthError, Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model.moe import expert_counts
 from nanoseek.rl.rewards import AnyProblem, Response, RewardWeights, prompt_text, reflection_markers
 
 STOP = "</answer>"
@@ -95,7 +97,8 @@ def pack(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> 
     """Right-padded tensors of the update for a list of rollouts:
 
     input_ids (N, S), targets (N, S), mask (N, S) response targets (0 for truncated ones when
-    `mask_truncated`: DAPO's overlong filtering), engine_logp (N, S), advantages (N,).
+    `mask_truncated`: DAPO's overlong filtering), valid (N, S) real (not padding) input positions,
+    engine_logp (N, S), advantages (N,).
     """
     seqs = [r.prompt_ids + r.token_ids for r in rollouts]
     S = max(len(s) for s in seqs) - 1
@@ -103,16 +106,18 @@ def pack(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> 
     input_ids = torch.full((N, S), pad_id, dtype=torch.long)
     targets = torch.full((N, S), pad_id, dtype=torch.long)
     mask = torch.zeros(N, S)
+    valid = torch.zeros(N, S, dtype=torch.bool)
     engine_logp = torch.zeros(N, S)
     for i, (r, s) in enumerate(zip(rollouts, seqs)):
         t = torch.tensor(s)
         input_ids[i, :len(s) - 1] = t[:-1]
         targets[i, :len(s) - 1] = t[1:]
         start, end = len(r.prompt_ids) - 1, len(s) - 1
+        valid[i, :end] = True
         if not (mask_truncated and r.truncated):
             mask[i, start:end] = 1.0
         engine_logp[i, start:end] = torch.tensor(r.engine_logprobs[:end - start])
-    return {"input_ids": input_ids, "targets": targets, "mask": mask, "engine_logp": engine_logp,
+    return {"input_ids": input_ids, "targets": targets, "mask": mask, "valid": valid, "engine_logp": engine_logp,
             "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)}
 
 
@@ -123,6 +128,33 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+@contextlib.contextmanager
+def count_real_tokens(model, valid: torch.Tensor):
+    """Within this context, each MoE layer's `last_load` (the counts the router-bias update uses) covers the
+    real tokens only (valid (N, S)): padding is routed too, and would otherwise pull the biases towards the
+    experts the pad token prefers. Forward hooks from outside: the model is unchanged."""
+    flat = valid.flatten()
+    handles = []
+    for moe in model.moe_layers:
+        seen: dict[str, torch.Tensor] = {}
+
+        def on_gate(module, args, out, seen=seen):
+            seen["ids"] = out[1]  # (T, K) expert ids of the T = N * S tokens
+
+        def on_moe(module, args, out, seen=seen):
+            ids = seen.pop("ids", None)
+            if module.training and ids is not None and ids.shape[0] == flat.numel():
+                with torch.no_grad():
+                    module.last_load = expert_counts(ids[flat].flatten(), module.cfg.n_routed_experts).float()
+
+        handles += [moe.gate.register_forward_hook(on_gate), moe.register_forward_hook(on_moe)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()

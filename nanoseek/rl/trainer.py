@@ -39,6 +39,7 @@ from nanoseek.rl.loss import group_advantages, grpo_loss
 from nanoseek.rl.rewards import JsonlPrompts, Reward, RewardWeights, TaskPrompts, math_verify_reward
 from nanoseek.rl.rollout import (
     Rollout,
+    count_real_tokens,
     forward_logprobs,
     generate_groups,
     pack,
@@ -69,7 +70,8 @@ def rl_loss_fn(run: RLRun):
     def loss_fn(model, batch: dict[str, torch.Tensor]):
         x, y, mask = batch["input_ids"], batch["targets"], batch["mask"]
         use_mtp = rl.mtp_lambda > 0 and len(model.mtp) > 0
-        out = model(x, mtp_tokens=y if use_mtp else None)
+        with count_real_tokens(model, batch["valid"]):
+            out = model(x, mtp_tokens=y if use_mtp else None)
         logp, entropy = token_logprobs(out.logits, y)  # (N, S) each
         old = batch.get("old_logp", logp.detach())
         n_seqs, n_tokens, n_micro = (int(v) for v in batch["norm"].tolist())
