@@ -125,7 +125,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     "aggregation": "token", "eps_high": 0.28, "dynamic_sampling": True, "max_draws": 1,
                     "micro_batch_size": 32, "temperature": 1.0},
              "prompts": {"eval_problems": 300, "difficulty_max": 3, "eval_max_new_tokens": 256},
-             "train": {"out_dir": "runs/demo-rl", "lr": 2e-4, "max_steps": 60, "time_limit_min": 3.0,
+             "train": {"out_dir": "runs/demo-rl", "lr": 3e-5, "max_steps": 60, "time_limit_min": 3.0,
                        "ckpt_every": 0, "samples_every": 5}},
     "debug": {"rl": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 16, "micro_batch_size": 8},
               "prompts": {"eval_problems": 8, "difficulty_max": 1},
