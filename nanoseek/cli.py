@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("nanoseek.infer.cli", "generate_main", "generate text from a checkpoint"),
     "chat": ("nanoseek.infer.cli", "chat_main", "interactive chat with a checkpoint"),
     "serve": ("nanoseek.infer.cli", "serve_main", "OpenAI-compatible HTTP server"),
+    "rl": ("nanoseek.rl.cli", "main", "R1-Zero: GRPO with rule-based rewards from a checkpoint"),
     "plan": ("nanoseek.parallel.plan", "main", "memory, bubble, all-to-all and step time of a cluster layout"),
 }
 

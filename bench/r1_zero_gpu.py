@@ -1,0 +1,101 @@
+"""R1-Zero on one GPU (issue 17): pretrain a base for <= 8 minutes, then pure GRPO for <= 8 minutes, on two
+bases, and record held-out Countdown accuracy before/after (greedy pass@1 and pass@8), response length,
+format rate and reflection-marker frequency.
+
+    python bench/r1_zero_gpu.py --stage pretrain --base a     # (a) default corpus            ~8.5 min
+    python bench/r1_zero_gpu.py --stage rl --base a           #     GRPO on Countdown 3-4      ~9 min
+    python bench/r1_zero_gpu.py --stage pretrain --base b     # (b) no R1-template documents (--data.r1_share 0)
+    python bench/r1_zero_gpu.py --stage rl --base b
+    python bench/r1_zero_gpu.py --stage record                # bench/results/r1_zero_gpu-<date>.json + plots
+
+Each stage fits one 10-minute device command; run directories are runs/r1zero-{a,b}{,-rl} (kept between
+commands on a warm machine). Targets: (a) >= +20 points on held-out Countdown; (b) format rate from near 0
+to >= 90% and an accuracy gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# a ~46M-parameter V3-shaped model (MLA, 16 routed experts top-2 + 1 shared, MTP) over the 1024-token BPE
+MODEL = ["--model.hidden_size", "384", "--model.num_hidden_layers", "8", "--model.num_attention_heads", "6",
+         "--model.num_key_value_heads", "6", "--model.intermediate_size", "1536", "--model.moe_intermediate_size",
+         "256", "--model.n_routed_experts", "16", "--model.num_experts_per_tok", "2", "--model.n_group", "4",
+         "--model.topk_group", "2", "--model.q_lora_rank", "192", "--model.kv_lora_rank", "128",
+         "--model.qk_nope_head_dim", "48", "--model.qk_rope_head_dim", "16", "--model.v_head_dim", "48",
+         "--model.max_position_embeddings", "1024"]
+PRETRAIN = ["--preset", "demo", *MODEL, "--data.n_docs", "200000", "--data.difficulty_max", "4",
+            "--data.seq_len", "512", "--train.batch_size", "64", "--train.max_steps", "6000",
+            "--train.lr", "2e-3", "--train.warmup_steps", "100", "--train.compile", "true",
+            "--train.time_limit_min", "8", "--train.eval_every", "500", "--train.ckpt_every", "1000",
+            "--train.eval_problems", "0"]
+RL = ["--prompts.kinds", "countdown", "--prompts.difficulty_min", "3", "--prompts.difficulty_max", "4",
+      "--prompts.eval_problems", "512", "--prompts.pass_k", "8", "--prompts.eval_every", "50",
+      "--rl.group_size", "16", "--rl.prompts_per_step", "32", "--rl.max_new_tokens", "384",
+      "--rl.micro_batch_size", "64", "--rl.beta", "0", "--rl.aggregation", "token", "--rl.eps_high", "0.28",
+      "--rl.dynamic_sampling", "true", "--rl.max_draws", "3", "--train.lr", "1e-4", "--train.max_steps", "1000",
+      "--train.time_limit_min", "7", "--train.ckpt_every", "0", "--train.samples_every", "10",
+      "--train.log_every", "5", "--reward.format", "0.1"]
+
+
+def nanoseek(*args: str) -> None:
+    cmd = [sys.executable, "-m", "nanoseek.cli", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("pretrain", "rl", "record"), required=True)
+    p.add_argument("--base", choices=("a", "b"), default="a")
+    args = p.parse_args()
+    runs = ROOT / "runs"
+    base, rl = runs / f"r1zero-{args.base}", runs / f"r1zero-{args.base}-rl"
+    if args.stage == "pretrain":
+        extra = ["--data.r1_share", "0"] if args.base == "b" else []
+        nanoseek("train", *PRETRAIN, *extra, "--train.out_dir", str(base))
+    elif args.stage == "rl":
+        shutil.rmtree(rl, ignore_errors=True)
+        nanoseek("rl", "--ckpt", str(base), *RL, "--train.out_dir", str(rl))
+    else:
+        record = {"benchmark": "r1_zero_gpu", "date": time.strftime("%Y-%m-%d"), "pretrain": PRETRAIN, "rl": RL}
+        for b in ("a", "b"):
+            run_dir = runs / f"r1zero-{b}-rl"
+            if not (run_dir / "summary.json").is_file():
+                record[b] = {"missing": f"{run_dir}/summary.json"}
+                continue
+            summary = json.loads((run_dir / "summary.json").read_text())
+            train = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            train = [r for r in train if r["kind"] == "train"]
+            before, after = summary["evals"][0], summary["evals"][-1]
+            record[b] = {"steps": summary["step"], "minutes": summary["minutes"],
+                         "before": {k: before[k] for k in ("accuracy", "ci95", "format", "by_difficulty")}
+                         | {"pass_8": before.get("pass_k", {}).get("accuracy")},
+                         "after": {k: after[k] for k in ("accuracy", "ci95", "format", "by_difficulty")}
+                         | {"pass_8": after.get("pass_k", {}).get("accuracy")},
+                         "response_len_mean_over_steps": sum(r["response_len"] for r in train) / max(len(train), 1),
+                         "response_len_first_last": [train[0]["response_len"], train[-1]["response_len"]],
+                         "format_rate_first_last": [train[0]["format_rate"], train[-1]["format_rate"]],
+                         "reflection_first_last": [train[0]["reflection"], train[-1]["reflection"]],
+                         "run": json.loads((run_dir / "run.json").read_text())["hardware"],
+                         "plots": summary.get("plots", [])}
+        out = ROOT / "bench" / "results" / f"r1_zero_gpu-{record['date']}.json"
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        for b in ("a", "b"):
+            if b in record and "before" in record[b]:
+                plots = out.parent / f"r1_zero_gpu-{record['date']}-{b}"
+                plots.mkdir(exist_ok=True)
+                for png in record[b]["plots"]:
+                    shutil.copy2(png, plots / Path(png).name)
+        print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
