@@ -151,8 +151,11 @@ def load_all_reduce(mesh: Mesh) -> Callable[[torch.Tensor], None] | None:
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, *, lr: float, grad_clip: float,
-                   bias_gamma: float, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The shared optimizer step with two hooks: the global-norm clip and the router-load all-reduce."""
+                   bias_gamma: float, skip: frozenset[str] = frozenset(),
+                   skip_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+    """The shared optimizer step with two hooks: the global-norm clip and the router-load all-reduce.
+    skip_nonfinite: a step whose global grad norm is NaN/Inf changes nothing, on every rank alike."""
     return train_step.optimizer_step(model, optimizer, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma,
+                                     skip_nonfinite=skip_nonfinite,
                                      all_reduce=load_all_reduce(mesh),
                                      clip=lambda max_norm: clip_gradients(model, mesh, max_norm, skip))

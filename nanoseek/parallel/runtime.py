@@ -128,12 +128,18 @@ class Parallel:
         return {n: v for n, v in zip(names, stacked / self.layout.dp)}
 
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: float, grad_clip: float,
-                       bias_gamma: float) -> dict[str, torch.Tensor]:
+                       bias_gamma: float, skip_nonfinite: bool = False) -> dict[str, torch.Tensor]:
         skip = frozenset()
         if self.pipe is not None and self.pipe.tie_embeddings and not any(p.is_first for p in self.pipe.parts):
             skip = frozenset({"embed_tokens.weight"})  # the first rank's copy is the one counted
         return dp_.optimizer_step(model, optimizer, self.mesh, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma,
-                                  skip=skip)
+                                  skip=skip, skip_nonfinite=skip_nonfinite)
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (one all-reduce), so that all ranks take the same branch."""
+        t = torch.tensor([0 if flag else 1], device=self.mesh.device)
+        dist.all_reduce(t)
+        return int(t.item()) == 0
 
     def first(self, fn):
         """fn() on rank 0, then on the others (for work that caches files: data preparation)."""
@@ -151,21 +157,24 @@ class Parallel:
         return Path(out_dir) if self.is_logger else Path(out_dir) / "ranks" / f"rank{dist.get_rank()}"
 
     def save(self, out_dir, step: int, model: nn.Module, optimizer, state: dict, record: dict,
-              keep_last: int):
+             keep_last: int):
+        """A sharded checkpoint, atomic and checksummed like the single-process one: every rank writes its
+        shards into one temporary directory; rank 0 adds run.json, the manifest, and renames it into place."""
         import json
-        import shutil
         from pathlib import Path
 
         from nanoseek.parallel import checkpoint as ckpt
+        from nanoseek.train.checkpoint import prune_checkpoints, publish_checkpoint
 
         root = Path(out_dir) / "checkpoints"
-        path = ckpt.save(root / f"step-{step:06d}", model, optimizer, self.mesh, state)
+        final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp-sharded"
+        ckpt.save(tmp, model, optimizer, self.mesh, state)
         if self.is_logger:
-            (path / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-            kept = sorted(p for p in root.glob("step-*") if (p / ckpt.STATE_FILE).is_file())
-            for old in kept[:-keep_last] if keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        return path
+            (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            publish_checkpoint(tmp, final, step, fmt="nanoseek-sharded-checkpoint-1")
+            prune_checkpoints(out_dir, final, keep_last)
+        dist.barrier()
+        return final
 
     def load(self, path, model: nn.Module, optimizer) -> dict:
         from nanoseek.parallel import checkpoint as ckpt

@@ -45,6 +45,7 @@ from nanoseek.model.transformer import Transformer
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 REQUIRED = ("config.json", STATE_FILE, "run.json")  # + the weights (model.safetensors or an index)
+SHARDED_REQUIRED = (STATE_FILE, "run.json")  # + dcp/ (torch.distributed.checkpoint shards: parallel runs)
 
 
 def run_record(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -82,8 +83,13 @@ def clean_partial(out_dir: str | Path) -> list[Path]:
 
 def weights_finite(model: torch.nn.Module) -> bool:
     """True when every parameter and buffer is free of NaN/Inf (one host sync)."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    tensors = [_local(t) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2, expert meshes), else the tensor: checks stay local."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # ---------------------------------------------------------------------------- write
@@ -122,30 +128,44 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Transformer, state: d
             copy_tokenizer_files(tokenizer_dir, tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        paths = sorted(tmp.iterdir())
-        for f in paths:
-            _fsync(f)
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": digest} for f, digest in zip(paths, _sha256_all(paths))}
-        manifest = {"format": "nanoseek-checkpoint-1", "step": step, "finite": True, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
-        old = None
-        if final.exists():  # the same step again (a resumed run's last step): swap, then delete
-            old = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # prune only after the new one is in place: keep it and the keep_last - 1 newest before it
+    prune_checkpoints(out_dir, final, keep_last)
+    return final
+
+
+def publish_checkpoint(tmp: Path, final: Path, step: int, fmt: str = "nanoseek-checkpoint-1") -> None:
+    """Make a fully written temporary checkpoint directory the checkpoint `final`: fsync every file,
+    write the checksum manifest (relative paths, subdirectories included), fsync, then rename into
+    place (a checkpoint of the same step is swapped out, then deleted)."""
+    paths = sorted(f for f in tmp.rglob("*") if f.is_file())
+    for f in paths:
+        _fsync(f)
+    files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": digest}
+             for f, digest in zip(paths, _sha256_all(paths))}
+    manifest = {"format": fmt, "step": step, "finite": True, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _fsync(tmp / MANIFEST)
+    for d in sorted({f.parent for f in paths} | {tmp}, key=lambda d: -len(d.parts)):
+        _fsync(d)
+    old = None
+    if final.exists():  # the same step again (a resumed run's last step): swap, then delete
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(out_dir: str | Path, final: Path, keep_last: int) -> None:
+    """Keep `final` and the keep_last - 1 newest checkpoints before it (pruning runs only after the new
+    one is in place, so a failed write never costs an old checkpoint)."""
     older = [p for p in list_checkpoints(out_dir) if p.name < final.name]
     for p in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 # ---------------------------------------------------------------------------- read
@@ -161,8 +181,9 @@ def verify_checkpoint(path: str | Path) -> bool:
     if not path.is_dir():
         raise CheckpointError(f"{path}: is not a directory; pass a step-* checkpoint directory or a run's out_dir")
     manifest_path = path / MANIFEST
+    required = SHARDED_REQUIRED if (path / "dcp").is_dir() else REQUIRED
     if not manifest_path.is_file():
-        missing = [n for n in REQUIRED if not (path / n).is_file()]
+        missing = [n for n in required if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{path / missing[0]}: missing (and no {MANIFEST}: an incomplete or foreign "
                                   "checkpoint directory)")
@@ -173,7 +194,7 @@ def verify_checkpoint(path: str | Path) -> bool:
         assert isinstance(files, dict)
     except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
         raise CheckpointError(f"{manifest_path}: not a valid manifest (damaged)") from None
-    for name in REQUIRED:
+    for name in required:
         if name not in files:
             raise CheckpointError(f"{manifest_path}: does not list {name}")
     for name, meta in files.items():

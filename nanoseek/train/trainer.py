@@ -272,7 +272,10 @@ def train(run: RunConfig) -> dict[str, Any]:
 
     def checkpoint(at: int) -> Path | None:
         """Write checkpoint `at`, unless the model is NaN/Inf or the latest step was (then warn, keep the old)."""
-        if guard.in_streak() or not weights_finite(model) or not _optimizer_finite(optimizer):
+        finite = not guard.in_streak() and weights_finite(model) and _optimizer_finite(optimizer)
+        if par is not None:  # ---- parallel: each rank checks its shards; all ranks take the same branch
+            finite = par.all_true(finite)
+        if not finite:
             kept = list_checkpoints(out_dir)
             bar.write(f"warning: no checkpoint at step {at}: the model or its latest step is NaN/Inf; "
                       f"{'the last one is ' + str(kept[-1]) if kept else 'there is no earlier checkpoint'}")
@@ -467,8 +470,8 @@ def _sample_prompts(run: RunConfig, n: int, data: PreparedData, words: int = 6) 
 
 def _optimizer_finite(optimizer: torch.optim.Optimizer) -> bool:
     """True when every floating-point optimizer state tensor (moments) is free of NaN/Inf (one sync)."""
-    flags = [torch.isfinite(v).all() for st in optimizer.state.values() for v in st.values()
-             if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    flags = [torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all() for st in optimizer.state.values()
+             for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
 
