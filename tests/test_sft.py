@@ -38,7 +38,8 @@ def teacher(tmp_path_factory):
     copy_tokenizer_files(root / "tok", root / "teacher")
     data = root / "chats.jsonl"
     lines = [{"system": "Solve it.", "prompt": q, "completion": a} for q, a in QA]  # short rows, quick tests
-    lines.append({"messages": [{"role": "system", "content": "Solve."}, {"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": "5"},
+    lines.append({"messages": [{"role": "system", "content": "Solve."}, {"role": "user", "content": QA[0][0]},
+                               {"role": "assistant", "content": "5"},
                                {"role": "user", "content": QA[1][0]}, {"role": "assistant", "content": "42"}],
                   "source": "provenance is ignored"})
     data.write_text("".join(json.dumps(x) + "\n" for x in lines * 3))

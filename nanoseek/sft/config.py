@@ -92,7 +92,10 @@ def help_text() -> str:
                 continue
             tname = getattr(typ, "__name__", str(typ))
             option = f"--{section}.{name} {tname}"
-            lines.append(f"  {option:<46} {help_} [default: {getattr(defaults, name)!r}]")
+            default = repr(getattr(defaults, name))
+            if (section, name) == ("train", "max_steps"):
+                default = "from --sft.epochs"
+            lines.append(f"  {option:<46} {help_} [default: {default}]")
         lines.append("")
     lines.append("model: --model.FIELD VALUE as in `nanoseek train --help` (fresh --preset models only)")
     return "\n".join(lines)
