@@ -16,7 +16,17 @@ from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.hf import copy_tokenizer_files
 from nanoseek.model.transformer import Transformer
 from nanoseek.sft.config import parse_args
-from nanoseek.sft.data import IGNORE, Document, SFTDataError, collate, pack_rows, parse_example, read_examples, render
+from nanoseek.sft.data import (
+    IGNORE,
+    Document,
+    SFTDataError,
+    collate,
+    pack_rows,
+    parse_example,
+    read_examples,
+    render,
+    render_all,
+)
 from nanoseek.sft.loop import sft
 from nanoseek.sft.loss import mtp_targets, token_losses
 from nanoseek.sft.masking import install_document_masking
@@ -182,11 +192,15 @@ def test_distilled_student_from_a_fresh_preset(teacher, tmp_path):
     root, _ = teacher
     run("--preset", "debug", "--model.num_hidden_layers", "2", "--tokenizer", str(root / "teacher"),
         "--data", str(root / "chats.jsonl"), "--sft.epochs", "2", "--sft.mtp", "true", "--train.lr", "1e-2",
-        "--train.warmup_steps", "2", "--sft.pack", "false", "--train.out_dir", str(tmp_path / "student"))
+        "--train.warmup_steps", "2", "--sft.pack", "false", "--sft.val_examples", "3",
+        "--train.out_dir", str(tmp_path / "student"))
     records = [r for r in read_metrics(tmp_path / "student/metrics.jsonl") if r["kind"] == "train"]
-    assert len(records) == 16  # 15 padded rows in batches of 2: 8 batches per epoch, 2 epochs
+    assert len(records) == 12  # 12 padded rows (3 held out) in batches of 2: 6 batches per epoch, 2 epochs
     assert sum(r["loss"] for r in records[-4:]) / 4 < 0.7 * records[0]["loss"] and "mtp_loss" in records[0]
     ckpt = sorted((tmp_path / "student/checkpoints").iterdir())[-1]
+    summary = json.loads((tmp_path / "student/summary.json").read_text())
+    first_val = [r for r in read_metrics(tmp_path / "student/metrics.jsonl") if r["kind"] == "val"]
+    assert 0 < summary["val_loss"] < records[0]["loss"] and first_val[-1]["loss"] == summary["val_loss"]
     student = load_pretrained(ckpt)
     assert student.config.num_hidden_layers == 2 and student.config.vocab_size == teacher[1].vocab_size
 
@@ -223,6 +237,14 @@ def test_bad_runs_are_refused_with_the_fix(teacher, tmp_path):
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="has no chat template.*--sft.chat_template r1"):
         run("--ckpt", str(no_template), "--data", str(root / "chats.jsonl"), "--train.out_dir", str(tmp_path / "t"))
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.sft.loop import prepare_tokenizer
+
+    fixed = load_tokenizer(prepare_tokenizer(no_template, "r1", tmp_path / "r1"))  # the fix the message names
+    assert render(fixed, parse_example(json.dumps({"prompt": "q", "completion": "a"})))[1][-1] == 1
+    with pytest.raises(SFTDataError, match=r"bad.jsonl:1: .*system \(first only\)"):  # the template's own check
+        render_all(fixed, [(1, [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                                {"role": "assistant", "content": "a"}])], "bad.jsonl", 64)
     with pytest.raises(SystemExit, match="not both and not neither"):
         run("--ckpt", str(root / "teacher"), "--preset", "debug", "--data", str(root / "chats.jsonl"))
     with pytest.raises(SystemExit, match="--model.hidden_size: a checkpoint fixes"):

@@ -51,7 +51,7 @@ class SFTConfig:
 TRAIN_DEFAULTS: dict[str, Any] = dict(out_dir="runs/sft", batch_size=8, lr=3e-4, warmup_steps=10, schedule="cosine",
                                       min_lr_ratio=0.1, eval_every=50, ckpt_every=200, log_every=1, samples=0,
                                       eval_problems=0)
-UNUSED_TRAIN = {"samples", "eval_problems", "time_limit_min"}  # trainer fields SFT does not read
+UNUSED_TRAIN = {"samples", "eval_problems"}  # trainer fields SFT does not read (a warning if set)
 SECTIONS = {"model": ModelConfig, "sft": SFTConfig, "train": TrainConfig}
 SHORT = {"--ckpt": "--sft.ckpt", "--data": "--sft.data", "--tokenizer": "--sft.tokenizer"}
 

@@ -53,6 +53,7 @@ from nanoseek.train.checkpoint import (
     read_run_record,
     run_record,
     save_checkpoint,
+    verify_checkpoint,
     weights_finite,
 )
 from nanoseek.train.config import TrainConfig
@@ -113,7 +114,16 @@ def init_checkpoint(path_arg: str) -> Path:
     """--sft.ckpt -> a checkpoint directory: a run directory gives its newest intact step-*."""
     path = Path(path_arg)
     if (path / "checkpoints").is_dir():
-        return find_checkpoint(str(path), path)
+        problems = []
+        for step_dir in reversed(list_checkpoints(path)):
+            try:
+                verify_checkpoint(step_dir)
+                return step_dir
+            except CheckpointError as e:
+                problems.append(str(e))
+                print(f"--ckpt: skipping {step_dir.name}, damaged: {e}")
+        raise fail(f"--ckpt {path_arg}: no intact checkpoint in {path / 'checkpoints'}"
+                   + (f" ({'; '.join(problems)})" if problems else ""))
     if not (path / "config.json").is_file():
         raise fail(f"--ckpt {path_arg}: no config.json there; pass an HF checkpoint directory, a step-* "
                    "checkpoint or a run directory")
@@ -378,6 +388,9 @@ def sft(run: SFTRun) -> dict[str, Any]:
                 last_ckpt = checkpoint(step)
             if step % tc.log_every == 0:
                 interval_start = time.time()
+            if tc.time_limit_min and time.time() - started > tc.time_limit_min * 60:
+                bar.write(f"time limit of {tc.time_limit_min} min reached at step {step}")
+                break
         check_nonfinite()
         last_ckpt = checkpoint(step)
     finally:
