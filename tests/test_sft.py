@@ -252,3 +252,7 @@ def test_bad_runs_are_refused_with_the_fix(teacher, tmp_path):
             "--train.out_dir", str(tmp_path / "m"))
     with pytest.raises(SystemExit, match="did you mean --sft.epochs"):
         parse_args(["--sft.epoch", "2"])
+    from nanoseek.cli import main
+
+    with pytest.raises(SystemExit, match="--data FILE is required"):  # `nanoseek sft` reaches the loop
+        main(["sft", "--ckpt", str(root / "teacher"), "--train.out_dir", str(tmp_path / "d")])

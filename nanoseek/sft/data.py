@@ -160,14 +160,16 @@ def render_all(tokenizer: Tokenizer, examples: list[tuple[int, list[dict[str, st
                seq_len: int) -> tuple[list[Document], dict[str, int]]:
     """Render every example; documents longer than seq_len + 1 tokens are cut (counted), documents left
     with no trained token are dropped (counted). Template errors name the line."""
+    from jinja2 import TemplateError  # (a dependency of torch) as in Tokenizer.apply_chat_template
+
     docs, stats = [], {"examples": len(examples), "truncated": 0, "dropped": 0}
     for line, messages in examples:
         try:
             ids, mask = render(tokenizer, messages)
         except SFTDataError as e:
             raise SFTDataError(f"{path}:{line}: {e}") from None
-        except ValueError as e:  # the template's own raise_exception (e.g. a system turn not first)
-            raise SFTDataError(f"{path}:{line}: {e}") from None
+        except (ValueError, TemplateError) as e:  # the template's raise_exception (a system turn not first), jinja's
+            raise SFTDataError(f"{path}:{line}: the chat template fails ({type(e).__name__}: {e})") from None
         if len(ids) > seq_len + 1:
             ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
             stats["truncated"] += 1
