@@ -145,6 +145,26 @@ def test_packed_documents_compute_what_they_compute_alone():
     check_packing_equals_alone("cpu", contextlib.nullcontext(), 1e-5)
 
 
+def test_packed_step_with_activation_checkpointing_matches():
+    """Recomputation in backward sees the same document mask (it stays set until the next batch)."""
+    from nanoseek.sft.loss import sft_loss
+    from nanoseek.train.step import accumulate_gradients, enable_activation_checkpointing
+
+    docs = [Document(list(range(2 + i, 2 + i + n)), [0] * 2 + [1] * (n - 2), i) for i, n in enumerate([9, 6, 12])]
+    batch = collate(pack_rows(docs, 16), pad_id=0, packed=True)
+    grads = []
+    for checkpointed in (False, True):
+        model = Transformer.from_config(preset("debug"), seed=0)
+        mask = install_document_masking(model)
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        accumulate_gradients(model, [batch], sft_loss(mask, 0.3, 1e-4, mtp=True), contextlib.nullcontext())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_packing_on_the_gpu(tmp_path, teacher):
