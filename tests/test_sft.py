@@ -84,6 +84,11 @@ def test_assistant_mask_token_by_token(teacher):
     # prompt/completion is the one-turn conversation
     pc = parse_example(json.dumps({"prompt": "2+2?", "completion": "4"}))
     assert render(tok, pc) == render(tok, messages[:2])
+    dev = parse_example(json.dumps({"messages": [{"role": "developer", "content": "Be brief."}, *messages[:2]]}))
+    assert dev[0] == {"role": "system", "content": "Be brief."}  # OpenAI's newer name for system, as the server
+    ids, mask = render(tok, dev)
+    assert tok.decode(ids).startswith("Be brief.\nUser: 2+2?") and "".join(
+        tok.decode([i]) for i, m in zip(ids, mask) if m) == f" 4{eos}"
 
 
 def test_rows_and_batches():

@@ -2,7 +2,7 @@
 
 Input lines (JSONL, one example per line; other keys, e.g. provenance, are ignored):
 
-    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}    ("developer": system)
     {"prompt": "...", "completion": "..."}      (+ optional "system"): one user turn, one assistant turn
 
 Rendering. A conversation is cut into segments with the tokenizer's chat template, the way a server
@@ -107,11 +107,12 @@ def parse_example(line: str) -> list[dict[str, str]]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise SFTDataError(f"messages[{i}] must be an object with a string 'role'")
-            if m["role"] not in ROLES:
+            role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name, as the server
+            if role not in ROLES:
                 raise SFTDataError(f"messages[{i}].role {m['role']!r} is unknown; use one of {', '.join(ROLES)}")
             if not isinstance(m.get("content"), str):
                 raise SFTDataError(f"messages[{i}].content must be a string")
-            out.append({"role": m["role"], "content": m["content"]})
+            out.append({"role": role, "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise SFTDataError("'messages' has no assistant turn; the loss falls only on assistant tokens, so the "
                                "example would teach nothing (add the assistant's answer or drop the line)")
