@@ -263,9 +263,10 @@ def test_bad_runs_are_refused_with_the_fix(teacher, tmp_path):
     with pytest.raises(SystemExit, match="has no chat template.*--sft.chat_template r1"):
         run("--ckpt", str(no_template), "--data", str(root / "chats.jsonl"), "--train.out_dir", str(tmp_path / "t"))
     from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.sft.loop import prepare_tokenizer
+    from nanoseek.sft.loop import chat_tokenizer, write_tokenizer
 
-    fixed = load_tokenizer(prepare_tokenizer(no_template, "r1", tmp_path / "r1"))  # the fix the message names
+    assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()  # refused runs leave nothing behind
+    fixed = load_tokenizer(write_tokenizer(chat_tokenizer(no_template, "r1"), tmp_path / "r1"))  # the fix named
     assert render(fixed, parse_example(json.dumps({"prompt": "q", "completion": "a"})))[1][-1] == 1
     with pytest.raises(SFTDataError, match=r"bad.jsonl:1: .*system \(first only\)"):  # the template's own check
         render_all(fixed, [(1, [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.config import PRESETS, ModelConfig
-from nanoseek.data.tokenizer import CHAT_TEMPLATE, load_tokenizer
+from nanoseek.data.tokenizer import CHAT_TEMPLATE, Tokenizer, load_tokenizer
 from nanoseek.fp8 import install_fp8
 from nanoseek.hf import CheckpointError, load_pretrained
 from nanoseek.model.transformer import Transformer
@@ -130,32 +130,36 @@ def init_checkpoint(path_arg: str) -> Path:
     return path
 
 
-def prepare_tokenizer(source: Path, template: str, out_dir: Path) -> Path:
-    """Copy the tokenizer files of `source` to out_dir/tokenizer with the chat template in use written into
-    tokenizer_config.json, so every checkpoint (and a server loading it) renders chats the same way."""
-    from nanoseek.hf import copy_tokenizer_files
-
+def chat_tokenizer(source: Path, template: str) -> Tokenizer:
+    """The tokenizer of `source` with the chat template SFT renders with: its own (an error naming the fix
+    when it has none), 'r1' (the built-in R1 layout) or a .jinja file. Writes nothing."""
     if not (source / "tokenizer.json").is_file():
         raise fail(f"{source} has no tokenizer.json; pass --tokenizer DIR (e.g. the teacher's checkpoint)")
     tok = load_tokenizer(source)
     if template == "r1":
-        text = CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATE
     elif template:
         if not Path(template).is_file():
             raise fail(f"--sft.chat_template {template}: no such file; use '', 'r1' or a .jinja file")
-        text = Path(template).read_text(encoding="utf-8")
-    else:
-        text = tok.chat_template
-        if text is None:
-            raise fail(f"{source} has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja);"
-                       " SFT renders conversations with it. Add one, or pass --sft.chat_template r1 (the built-in R1 "
-                       "layout) or --sft.chat_template FILE.jinja")
+        tok.chat_template = Path(template).read_text(encoding="utf-8")
+    elif tok.chat_template is None:
+        raise fail(f"{source} has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); "
+                   "SFT renders conversations with it. Add one, or pass --sft.chat_template r1 (the built-in R1 "
+                   "layout) or --sft.chat_template FILE.jinja")
+    return tok
+
+
+def write_tokenizer(tok: Tokenizer, out_dir: Path) -> Path:
+    """Copy the tokenizer files to out_dir/tokenizer with the chat template in use written into
+    tokenizer_config.json, so every checkpoint (and a server loading it) renders chats the same way."""
+    from nanoseek.hf import copy_tokenizer_files
+
     dst = out_dir / "tokenizer"
     dst.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer_files(source, dst)
+    copy_tokenizer_files(tok.path, dst)
     config = json.loads((dst / "tokenizer_config.json").read_text()) if (dst / "tokenizer_config.json").is_file() \
         else {"eos_token": tok.eos_token}
-    config["chat_template"] = text
+    config["chat_template"] = tok.chat_template
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return dst
 
@@ -210,20 +214,15 @@ def sft(run: SFTRun) -> dict[str, Any]:
     else:
         chosen = resume_arg != "auto" and not (Path(resume_arg) / "checkpoints").is_dir()  # one step-* dir
         check_resume_target(ckpt_path, out_dir, chosen)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in clean_partial(out_dir):
-        print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
-    print(f"nanoseek sft: run directory {out_dir.resolve()}")
 
-    # ---- tokenizer and data (all checked before anything trains)
+    # ---- tokenizer and data, all checked before the run directory is touched
     init = init_checkpoint(sc.ckpt) if ckpt_path is None and sc.ckpt else None
     if ckpt_path is not None:
-        tok_dir = prepare_tokenizer(ckpt_path, "", out_dir)
+        tok = chat_tokenizer(ckpt_path, "")  # the template the run wrote into its checkpoints
     else:
         if init is None and not sc.tokenizer:
             raise fail("a fresh --preset model needs --tokenizer DIR (e.g. the teacher's checkpoint directory)")
-        tok_dir = prepare_tokenizer(Path(sc.tokenizer) if sc.tokenizer else init, sc.chat_template, out_dir)
-    tok = load_tokenizer(tok_dir)
+        tok = chat_tokenizer(Path(sc.tokenizer) if sc.tokenizer else init, sc.chat_template)
     try:
         examples = read_examples(sc.data)
         held_out = examples[len(examples) - sc.val_examples:] if sc.val_examples else []
@@ -235,6 +234,11 @@ def sft(run: SFTRun) -> dict[str, Any]:
     except SFTDataError as e:
         raise fail(str(e)) from None
     digest = file_digest(sc.data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in clean_partial(out_dir):
+        print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
+    print(f"nanoseek sft: run directory {out_dir.resolve()}")
+    tok_dir = write_tokenizer(tok, out_dir)
     arrange = (lambda d: pack_rows(d, sc.seq_len)) if sc.pack else pad_rows
     rows = arrange(docs)
     loader = SFTLoader(rows, tc.batch_size, sc.seed, tok.pad_id, sc.pack)
