@@ -7,7 +7,8 @@ Documents: lengths uniform in [seq/16, seq/2] tokens, the second half of each an
 loss mask). Variants, one SFT optimizer step each (accumulate_gradients + optimizer_step with the SFT
 loss, as `nanoseek sft` runs it), sharing one model and optimizer, alternated step by step:
 
-    packed   rows packed best-fit, DocumentMLA with the (B, 1, S, S) document mask   (what sft runs)
+    packed   rows packed best-fit, DocumentMLA with the (B, 1, S, S) SDPA mask   (sft's default, the reference)
+    flex     the same rows, FlexAttention's block mask, compiled (--sft.attention flex; CUDA only)
     causal   the same rows, plain causal attention (documents leak: a speed bound, not a correct choice)
     padded   one document per row, padded to the batch's longest row, plain causal (--sft.pack false)
 
@@ -55,6 +56,17 @@ def main() -> None:
     cfg = preset(args.preset)
     model = Transformer.from_config(cfg, device=device, seed=0).train()
     doc_mask = install_document_masking(model)
+    flex_model = None
+    if device.type == "cuda":  # the same weights and optimizer, a second module tree whose MLAs use flex
+        from nanoseek.model.swap import shared_copy
+        from nanoseek.sft.masking import DocumentMLA
+
+        flex_model = shared_copy(model)
+        flex_mask = None
+        for m in flex_model.modules():
+            if isinstance(m, DocumentMLA):
+                flex_mask = flex_mask or type(doc_mask)("flex")
+                m.doc_mask = flex_mask
     optimizer = build_optimizer(model, 1e-5, (0.9, 0.95), 1e-8, 0.1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -69,10 +81,12 @@ def main() -> None:
     padded_docs = [[d] for d in sorted(docs, key=lambda d: -len(d.ids))[:args.batch]]
     variants = {
         "packed": (packed, doc_mask),
+        **({"flex": (packed, flex_mask)} if flex_model is not None else {}),
         "causal": ({k: v for k, v in packed.items() if k != "doc_ids"}, None),
         "padded": (collate(padded_docs, pad_id=0, packed=False), None),
     }
-    real = {"packed": int((packed["doc_ids"] >= 0).sum()), "causal": int((packed["doc_ids"] >= 0).sum()),
+    in_rows = int((packed["doc_ids"] >= 0).sum())
+    real = {"packed": in_rows, "flex": in_rows, "causal": in_rows,
             "padded": sum(len(r[0].ids) - 1 for r in padded_docs)}
 
     def step(name: str) -> None:
@@ -80,7 +94,7 @@ def main() -> None:
         if mask is None:
             doc_mask.set(None)
         loss_fn = sft_loss(mask, 0.3, 1e-4, mtp=False)
-        out = accumulate_gradients(model, [batch], loss_fn, autocast)
+        out = accumulate_gradients(flex_model if name == "flex" else model, [batch], loss_fn, autocast)
         optimizer_step(model, optimizer, lr=1e-5, grad_clip=1.0, bias_gamma=1e-3)
         assert torch.isfinite(out["loss"]), name
 
@@ -112,9 +126,12 @@ def main() -> None:
         print(f"{name:>7}: {1e3 * med:8.2f} ms/step, {real[name] / med:12,.0f} real tok/s "
               f"({real[name]} real tokens in {tuple(variants[name][0]['input_ids'].shape)})")
     ratios = {"packed_over_causal_time": figures["packed"]["median_s"] / figures["causal"]["median_s"],
+              **({"flex_over_packed_time": figures["flex"]["median_s"] / figures["packed"]["median_s"]}
+                 if "flex" in figures else {}),
               "packed_over_padded_tok_s": figures["packed"]["real_tok_s"] / figures["padded"]["real_tok_s"]}
     print(f"document mask cost: {ratios['packed_over_causal_time']:.3f}x the causal step time; packed / padded "
-          f"real tokens/s: {ratios['packed_over_padded_tok_s']:.2f}x")
+          f"real tokens/s: {ratios['packed_over_padded_tok_s']:.2f}x"
+          + (f"; flex / sdpa mask step time: {ratios['flex_over_packed_time']:.3f}x" if "flex" in figures else ""))
     record = {
         "date": time.strftime("%Y-%m-%d"), "bench": "sft_packing",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

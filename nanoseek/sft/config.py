@@ -35,6 +35,8 @@ class SFTConfig:
     chat_template: str = doc("'' (the tokenizer's template), 'r1' (the built-in R1 layout) or a .jinja file", "")
     pack: bool = doc("pack several documents per row with document-causal attention (else one padded row each)",
                      True)
+    attention: str = doc("document-causal attention of packed rows: 'sdpa' (a dense boolean mask, the reference) "
+                         "or 'flex' (FlexAttention's block mask, skips empty blocks; compiled on CUDA)", "sdpa")
     seq_len: int = doc("positions per row; longer documents are cut (counted in the log)", 512)
     epochs: float = doc("passes over the data (sets --train.max_steps unless that is given)", 2.0)
     val_examples: int = doc("last N examples held out for a validation loss (0: none)", 0)
@@ -43,6 +45,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         _check(self, "sft", {"seq_len": (lambda v: v >= 2, "must be at least 2"),
+                             "attention": (lambda v: v in ("sdpa", "flex"), "must be 'sdpa' or 'flex'"),
                              "epochs": (lambda v: v > 0 and v == v and v != float("inf"), "must be a positive number"),
                              "val_examples": (lambda v: v >= 0, "must be 0 or more")})
 

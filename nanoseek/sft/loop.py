@@ -208,6 +208,9 @@ def sft(run: SFTRun) -> dict[str, Any]:
     for name in sorted(UNUSED_TRAIN & set(run.explicit.get("train", {}))):
         print(f"warning: --train.{name} is not used by nanoseek sft")
     device = resolve_device(tc.device)
+    if sc.pack and sc.attention == "flex" and device.type != "cuda":
+        raise fail(f"--sft.attention flex trains on CUDA only (FlexAttention has no backward on {device.type}); "
+                   "use --sft.attention sdpa")
     torch.manual_seed(tc.seed)
     if ckpt_path is None:
         check_fresh_out_dir(out_dir)
@@ -270,7 +273,7 @@ def sft(run: SFTRun) -> dict[str, Any]:
         raise fail(f"--sft.seq_len {sc.seq_len} exceeds the model's max_position_embeddings="
                    f"{model.config.max_position_embeddings}")
     model.train()
-    doc_mask = install_document_masking(model) if sc.pack else None
+    doc_mask = install_document_masking(model, sc.attention) if sc.pack else None
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":
         install_fp8(model)
