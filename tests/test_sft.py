@@ -96,8 +96,9 @@ def test_rows_and_batches():
     rows = pack_rows(docs, 10)
     assert sorted(d.line for row in rows for d in row) == list(range(5))  # each document once
     assert all(sum(len(d.ids) - 1 for d in row) <= 10 for row in rows) and len(rows) == 3  # 8+..., 26 positions
-    batch = collate(rows, pad_id=99, packed=True)
+    batch = collate(rows, pad_id=99, packed=True, pad_to=12)  # one shape for every packed batch
     B, S = batch["input_ids"].shape
+    assert (B, S) == (3, 12) and collate(rows, 99, True)["input_ids"].shape == (3, 10)
     for b, row in enumerate(rows):
         at = 0
         for k, d in enumerate(row):

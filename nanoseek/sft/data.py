@@ -211,9 +211,12 @@ def pad_rows(docs: list[Document]) -> list[list[Document]]:
     return [[d] for d in docs]
 
 
-def collate(rows: list[list[Document]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Rows of documents -> a batch of (B, S) tensors, S the longest row; see the module docstring."""
+def collate(rows: list[list[Document]], pad_id: int, packed: bool,
+            pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows of documents -> a batch of (B, S) tensors, S the longest row (or `pad_to`: one shape for every
+    packed batch, so compiled attention compiles once); see the module docstring."""
     S = max(sum(len(d.ids) - 1 for d in row) for row in rows)
+    S = max(S, pad_to or 0)
     B = len(rows)
     input_ids = torch.full((B, S), pad_id, dtype=torch.long)
     targets = torch.full((B, S), IGNORE, dtype=torch.long)
@@ -238,15 +241,18 @@ def collate(rows: list[list[Document]], pad_id: int, packed: bool) -> dict[str, 
 
 
 class SFTLoader:
-    """Endless batches of rows, reshuffled each epoch (seed + epoch), with an exact-resume state.
+    """Endless batches of rows, reshuffled each epoch (seed + epoch), with an exact-resume state; batches
+    are (B, pad_to) when pad_to is given (packed rows), else as long as their longest row.
 
     len(loader) = batches per epoch (the last one may be smaller); `state_dict` / `load_state_dict`
     hold the epoch and the batch index within it."""
 
-    def __init__(self, rows: list[list[Document]], batch_size: int, seed: int, pad_id: int, packed: bool):
+    def __init__(self, rows: list[list[Document]], batch_size: int, seed: int, pad_id: int, packed: bool,
+                 pad_to: int | None = None):
         if not rows:
             raise ValueError("SFTLoader: no rows")
         self.rows, self.batch_size, self.seed, self.pad_id, self.packed = rows, batch_size, seed, pad_id, packed
+        self.pad_to = pad_to
         self.epoch, self.step = 0, 0
         self._order = self._shuffle(0)
 
@@ -266,7 +272,7 @@ class SFTLoader:
             self._order = self._shuffle(self.epoch)
         take = self._order[self.step * self.batch_size:(self.step + 1) * self.batch_size]
         self.step += 1
-        return collate([self.rows[i] for i in take], self.pad_id, self.packed)
+        return collate([self.rows[i] for i in take], self.pad_id, self.packed, self.pad_to)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "rows": len(self.rows), "batch_size": self.batch_size}

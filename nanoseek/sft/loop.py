@@ -244,8 +244,10 @@ def sft(run: SFTRun) -> dict[str, Any]:
     tok_dir = write_tokenizer(tok, out_dir)
     arrange = (lambda d: pack_rows(d, sc.seq_len)) if sc.pack else pad_rows
     rows = arrange(docs)
-    loader = SFTLoader(rows, tc.batch_size, sc.seed, tok.pad_id, sc.pack)
-    val_loader = SFTLoader(arrange(val_docs), tc.batch_size, sc.seed, tok.pad_id, sc.pack) if val_docs else None
+    pad_to = sc.seq_len if sc.pack else None  # packed batches: one shape
+    loader = SFTLoader(rows, tc.batch_size, sc.seed, tok.pad_id, sc.pack, pad_to)
+    val_loader = SFTLoader(arrange(val_docs), tc.batch_size, sc.seed, tok.pad_id, sc.pack, pad_to) if val_docs \
+        else None
     trained = sum(d.trained for d in docs)
     positions = sum(len(d.ids) - 1 for d in docs)
     print(f"data: {len(docs)} documents ({stats['truncated']} cut to {sc.seq_len}, {stats['dropped']} dropped with no "
