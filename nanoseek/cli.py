@@ -1,6 +1,7 @@
-"""`nanoseek <command>`: train, generate, chat, serve. A bare `nanoseek` prints the usage.
+"""`nanoseek <command>`: train, sft, generate, chat, serve. A bare `nanoseek` prints the usage.
 
     nanoseek train [--preset NAME] [--config FILE] [--section.field VALUE ...]
+    nanoseek sft --ckpt DIR --data FILE [--section.field VALUE ...]
     nanoseek generate --ckpt DIR --prompt "..."
     nanoseek chat --ckpt DIR
     nanoseek serve --ckpt DIR --host 127.0.0.1 --port 8000
@@ -12,6 +13,7 @@ import sys
 
 COMMANDS = {
     "train": ("nanoseek.train.cli", "main", "pretrain a model (default: the embedded demo)"),
+    "sft": ("nanoseek.sft.loop", "main", "supervised fine-tuning on chat data (docs/sft.md)"),
     "generate": ("nanoseek.infer.cli", "generate_main", "generate text from a checkpoint"),
     "chat": ("nanoseek.infer.cli", "chat_main", "interactive chat with a checkpoint"),
     "serve": ("nanoseek.infer.cli", "serve_main", "OpenAI-compatible HTTP server"),
