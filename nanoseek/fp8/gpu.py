@@ -26,50 +26,100 @@ from nanoseek.fp8 import kernels as K
 
 DENSE_GEMM = "auto"  # "scaled_mm", "triton", or "auto": _scaled_mm where this torch takes blockwise scales
 
+# The ways of asking this torch for a blockwise-scaled GEMM, tried in order by the probe:
+#   "v2": F.scaled_mm (aten._scaled_mm_v2, torch >= 2.10) with the scaling recipe named explicitly
+#         (BlockWise1x128 / BlockWise128x128), the route torchao 0.18's Float8BlockwiseLinear takes;
+#   "v1": torch._scaled_mm, which infers the recipe from the scale tensors' shapes.
+# and the row padding of 128x128 scale tensors: cuBLASLt reads them K-major with the K-block count
+# rounded up to 4 (16-byte aligned columns of fp32); 1 = unpadded, as older ATen checks wanted.
+_CANDIDATES = (("v2", 4), ("v2", 1), ("v1", 4), ("v1", 1))
+PROBE_ERRORS: list[str] = []  # what each rejected candidate raised or got wrong, for the warning and the bench
+
+
+def _recipes():
+    """(1x128, 128x128) scaling recipes of F.scaled_mm, or None where this torch has no such API."""
+    import torch.nn.functional as F
+    kinds = getattr(F, "ScalingType", None)
+    if not hasattr(F, "scaled_mm") or kinds is None:
+        return None
+    return kinds.BlockWise1x128, kinds.BlockWise128x128
+
+
+def _blockwise_mm(api: str, a, b, sa, sb, b_tiles: bool) -> torch.Tensor:
+    """a (M, K) e4m3 row-major with 1x128 scales sa (M, K/128), strides (1, M); b (K, N) e4m3 column-major with
+    128x128 scales sb (K/128, N/128) K-major (b_tiles) or 1x128-along-K scales sb (N, K/128), strides (1, N)
+    -> (M, N) bf16."""
+    if api == "v2":
+        import torch.nn.functional as F
+        one, tile = _recipes()
+        return F.scaled_mm(a, b, scale_a=sa, scale_recipe_a=one, scale_b=sb, scale_recipe_b=tile if b_tiles else one,
+                           output_dtype=torch.bfloat16)
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
 
 @functools.cache
-def _scaled_mm_pad(device_index: int) -> int | None:
-    """Row padding of 128x128 scale tensors this torch's `_scaled_mm` accepts: 1 (row stride = K/128, as
-    in ATen's older check) or 4 (row stride rounded up to 4, the newer check); None if it takes neither
-    (CUDA < 12.9, a GPU below SM 9.0). Probed once per device."""
+def _scaled_mm_route(device_index: int) -> tuple[str, int] | None:
+    """(api, scale row padding) of the first candidate whose forward (1x128 x 128x128) and weight-gradient
+    (1x128 x 1x128) products are right on this device; None if none is (CUDA < 12.9, a GPU below SM 9.0, a
+    torch without blockwise scaling). Probed once per device; PROBE_ERRORS keeps why each one was rejected."""
     dev = torch.device("cuda", device_index)
     # two K blocks and two N blocks with different scales: a misread scale layout changes the product
     x = torch.ones(128, 256, device=dev)
     x[:, 128:] = 2
     c = torch.tensor([[1.0, 2.0], [4.0, 8.0]], device=dev)  # w's 128x128 block values
     w = c.repeat_interleave(128, 0).repeat_interleave(128, 1)  # (256, 256)
-    want = (x @ w.t())  # (128, 256): 128 * (c[n, 0] + 2 c[n, 1]) per N block
-    for pad in (1, 4):
-        qx, sx = K.quantize_act(x, with_t=False)
+    want = x @ w.t()  # (128, 256): 128 * (c[n, 0] + 2 c[n, 1]) per N block
+    # weight gradient over 256 tokens (two 128x1 tiles with different scales); powers of two times the
+    # tiles' amax / 448, so every e4m3 value is exact and a misread scale layout shows
+    tok = torch.arange(256, device=dev)
+    g = (2.0 ** (tok % 4) * (1 + tok // 128))[:, None].repeat(1, 256)  # (256 tokens, 256 outputs)
+    g[:, 128:] *= 2
+    xx = x.repeat(2, 1)  # (256 tokens, 256 inputs)
+    xx[128:] *= 4
+    want_dw = g.t() @ xx  # (256, 256)
+    qx, sx = K.quantize_act(x, with_t=False)
+    _, _, qgt, sgt = K.quantize_act(g, with_t=True)  # qgt (256 outputs, 256 tokens), sgt (2, 256)
+    _, _, qxt, sxt = K.quantize_act(xx, with_t=True)  # qxt (256 inputs, 256 tokens), sxt (2, 256)
+    for api, pad in _CANDIDATES:
+        if api == "v2" and _recipes() is None:
+            PROBE_ERRORS.append("v2: this torch has no torch.nn.functional.scaled_mm / ScalingType")
+            continue
         qw, _, sw, _ = K.quantize_weight(w, pad_rows_to=pad)
         try:
-            y = torch._scaled_mm(qx, qw.t(), scale_a=sx.t(), scale_b=sw.t(), out_dtype=torch.bfloat16)
-        except (RuntimeError, ValueError):
+            y = _blockwise_mm(api, qx, qw.t(), sx.t(), sw.t(), True)
+            dw = _blockwise_mm(api, qgt, qxt.t(), sgt.t(), sxt.t(), False)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+            PROBE_ERRORS.append(f"{api} pad {pad}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
             continue
-        if torch.allclose(y.float(), want, rtol=1e-2):
-            return pad
+        ok_y = torch.allclose(y.float(), want, rtol=1e-2)
+        ok_dw = torch.allclose(dw.float(), want_dw, rtol=1e-2)
+        if ok_y and ok_dw:
+            return api, pad
+        PROBE_ERRORS.append(f"{api} pad {pad}: ran but gave wrong numbers (forward ok: {ok_y}, wgrad ok: {ok_dw})")
     return None
 
 
 def dense_backend(device: torch.device) -> tuple[str, int]:
-    """("scaled_mm", scale row padding) or ("triton", 1) for the dense linears on `device`."""
+    """("scaled_mm:v1" or "scaled_mm:v2", scale row padding) or ("triton", 1) for the dense linears on `device`."""
     if DENSE_GEMM == "triton":
         return "triton", 1
-    pad = _scaled_mm_pad(device.index if device.index is not None else torch.cuda.current_device())
-    if pad is not None:
-        return "scaled_mm", pad
+    route = _scaled_mm_route(device.index if device.index is not None else torch.cuda.current_device())
+    if route is not None:
+        return f"scaled_mm:{route[0]}", route[1]
+    errors = "; ".join(PROBE_ERRORS)
     if DENSE_GEMM == "scaled_mm":
-        raise RuntimeError("torch._scaled_mm on this build takes no 1x128 x 128x128 blockwise scaling (it needs "
-                           "CUDA >= 12.9 and an SM 9.0 GPU); set nanoseek.fp8.gpu.DENSE_GEMM = 'triton'")
+        raise RuntimeError("torch._scaled_mm / F.scaled_mm on this build takes no 1x128 x 128x128 blockwise scaling "
+                           "(it needs CUDA >= 12.9 and an SM 9.0 GPU); set nanoseek.fp8.gpu.DENSE_GEMM = 'triton'. "
+                           f"What each layout raised: {errors}")
     if not getattr(dense_backend, "warned", False):
         dense_backend.warned = True
         warnings.warn("FP8: torch._scaled_mm takes no blockwise scales here; dense FP8 linears use the Triton "
-                      "blockwise GEMM instead", stacklevel=2)
+                      f"blockwise GEMM instead. What each layout raised: {errors}", stacklevel=2)
     return "triton", 1
 
 
-def _mm(a, b, sa, sb) -> torch.Tensor:
-    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+def _mm(backend: str, a, b, sa, sb, b_tiles: bool = True) -> torch.Tensor:
+    return _blockwise_mm(backend.split(":")[1], a, b, sa, sb, b_tiles)
 
 
 def _one_group(M: int, device: torch.device):
@@ -95,8 +145,8 @@ class FP8LinearGPU(torch.autograd.Function):
         qx, sx, qxt, sxt = K.quantize_act(x.contiguous(), with_t=True)  # (Mp, K) (K/128, Mp) (K, Mp) (Mp/128, K)
         # (N, K) (K, N) (N/128, K/128) (K/128, N/128)
         qw, qwt, sw, swt = wq if wq is not None else K.quantize_weight(w, pad_rows_to=pad)
-        if backend == "scaled_mm":
-            y = _mm(qx, qw.t(), sx.t(), sw.t())[:M]  # (M, N)
+        if backend.startswith("scaled_mm"):
+            y = _mm(backend, qx, qw.t(), sx.t(), sw.t())[:M]  # (M, N)
         else:  # the experts' kernel with one group
             ends, tiles = _one_group(M, x.device)
             y = K.grouped_gemm(qx, sx, qw[None], sw[None], tiles, ends, M)
@@ -109,9 +159,10 @@ class FP8LinearGPU(torch.autograd.Function):
         qxt, sxt, qwt, swt = ctx.saved_tensors
         M = ctx.M
         qg, sg, qgt, sgt = K.quantize_act(dy.contiguous(), with_t=True)  # (Mp, N) (N/128, Mp) (N, Mp) (Mp/128, N)
-        if ctx.backend == "scaled_mm":
-            dx = _mm(qg, qwt.t(), sg.t(), swt.t())[:M]  # (M, K)
-            dw = _mm(qgt, qxt.t(), sgt.t(), sxt).float()  # (N, K): A (N, Mp), B (Mp, K), 1x128 along tokens
+        if ctx.backend.startswith("scaled_mm"):
+            dx = _mm(ctx.backend, qg, qwt.t(), sg.t(), swt.t())[:M]  # (M, K)
+            # (N, K): A = dy^T (N, Mp) with scales (N, Mp/128); B = x (Mp, K) column-major, scales (K, Mp/128)
+            dw = _mm(ctx.backend, qgt, qxt.t(), sgt.t(), sxt.t(), b_tiles=False).float()
         else:
             ends, tiles = _one_group(M, dy.device)
             dx = K.grouped_gemm(qg, sg, qwt[None], swt[None], tiles, ends, M)  # (M, K)

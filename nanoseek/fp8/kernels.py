@@ -31,8 +31,16 @@ def cdiv(a: int, b: int) -> int:
 
 @triton.jit
 def _scale_of(amax):
-    """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block."""
-    return tl.where(amax > 0, amax / 448.0, 1.0)
+    """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block. Triton's `/`
+    on fp32 is the approximate division (off by an ulp in ~20% of cases); `div_rn` is IEEE round-to-nearest,
+    the division the emulation's torch `/` does, so scales and e4m3 values match it bit for bit."""
+    return tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+
+
+@triton.jit
+def _to_e4m3(x, s):
+    """x / s (IEEE division, as the emulation), clamped to +-448, cast to e4m3 (round to nearest even)."""
+    return tl.clamp(tl.div_rn(x, s), -448.0, 448.0).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -46,12 +54,12 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
     ax = tl.abs(x)
     s_row = _scale_of(tl.max(ax, axis=1))  # (BLOCK,) one per row
-    q = tl.clamp(x / s_row[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    q = _to_e4m3(x, s_row[:, None])
     tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q)
     tl.store(s_ptr + pid_k * Mp + rm, s_row)
     if WITH_T:
         s_col = _scale_of(tl.max(ax, axis=0))  # (BLOCK,) one per column over these 128 rows
-        qt = tl.clamp(x / s_col[None, :], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+        qt = _to_e4m3(x, s_col[None, :])
         tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt.to(tl.uint8, bitcast=True)))
         tl.store(st_ptr + pid_m * K + rk, s_col)
 
@@ -82,7 +90,7 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_ro
     base = e.to(tl.int64) * N * K
     w = tl.load(w_ptr + base + rn[:, None] * K + rk[None, :]).to(tl.float32)
     scale = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
-    q = tl.clamp(w / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    q = _to_e4m3(w, scale)
     tl.store(q_ptr + base + rn[:, None] * K + rk[None, :], q)
     tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
     tl.store(s_ptr + e * nb * s_row + pid_n * s_row + pid_k, scale)
@@ -145,7 +153,7 @@ def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, C, TC,
     x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=rr[:, None] < r1, other=0.0)
     x = x.to(tl.float32)
     s = _scale_of(tl.max(tl.abs(x), axis=0))  # (BLOCK,)
-    q = tl.clamp(x / s[None, :], -448.0, 448.0).to(tl.float8e4nv)
+    q = _to_e4m3(x, s[None, :])
     cols = t * BLOCK + tl.arange(0, BLOCK)
     tl.store(qt_ptr + rc[:, None].to(tl.int64) * TC + cols[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
     tl.store(st_ptr + t * C + rc, s)
@@ -165,7 +173,7 @@ def quantize_group_cols(x: torch.Tensor, tiles):
     return qt, st
 
 
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4, 5)]
 
 
 def _autotuned(kernel):
