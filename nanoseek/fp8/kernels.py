@@ -173,7 +173,10 @@ def quantize_group_cols(x: torch.Tensor, tiles):
     return qt, st
 
 
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4, 5)]
+# NANOSEEK_FP8_ONE_CONFIG=1 skips the search (one config: 8 warps, 3 stages), for correctness runs where
+# compiling eight variants per shape would dominate
+_CONFIGS = ([triton.Config({}, num_warps=8, num_stages=3)] if os.environ.get("NANOSEEK_FP8_ONE_CONFIG") == "1" else
+            [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4, 5)])
 
 
 def _autotuned(kernel):
