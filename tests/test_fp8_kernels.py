@@ -115,12 +115,15 @@ def _reference_quantized(x, w, ends):
     return qa, sa.t().contiguous(), qw, sw
 
 
+@pytest.mark.parametrize("block_n", [None, 256])
 @pytest.mark.parametrize("device", DEVICES)
-def test_grouped_gemm_forward_and_dgrad(device):
+def test_grouped_gemm_forward_and_dgrad(device, block_n):
+    """Both tile widths; with 256-wide tiles N = 128 and K = 384 leave a half-masked last tile."""
     from nanoseek.fp8 import kernels as K
     from nanoseek.fp8.reference import ROW, TILE, dequantize, group_bounds
     torch.manual_seed(0)
-    E, N, Kd = len(COUNTS), 128, 256  # forward: 2 K blocks (promotion); dgrad (N <-> K): 2 N blocks
+    # forward: 2-3 K blocks (promotion); dgrad (N <-> K): 2-3 N blocks
+    E, N, Kd = len(COUNTS), 128, 256 if block_n is None else 384
     R = sum(COUNTS)
     ends = routed_rows("cpu", COUNTS)
     x, w = torch.randn(R, Kd), torch.randn(E, N, Kd) * torch.logspace(-1, 1, E)[:, None, None]
@@ -130,7 +133,7 @@ def test_grouped_gemm_forward_and_dgrad(device):
     for e, (s, t) in enumerate(group_bounds(ends)):
         want[s:t] = xd[s:t] @ dequantize(qw[e], sw[e], TILE).t()
     d = device
-    got = K.grouped_gemm(qa.to(d), sa.to(d), qw.to(d), sw.to(d), K.tile_table(ends.to(d), R), ends.to(d), R)
+    got = K.grouped_gemm(qa.to(d), sa.to(d), qw.to(d), sw.to(d), K.tile_table(ends.to(d), R), ends.to(d), R, block_n)
     torch.testing.assert_close(got.float().cpu(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
     # dgrad: the same kernel over the transposed weights and their transposed scales
     dy = torch.randn(R, N)
@@ -140,7 +143,8 @@ def test_grouped_gemm_forward_and_dgrad(device):
     for e, (s, t) in enumerate(group_bounds(ends)):
         want[s:t] = dyd[s:t] @ dequantize(qw[e], sw[e], TILE)
     qwt, swt = qw.transpose(1, 2).contiguous(), sw.transpose(1, 2)  # scales: any strides
-    got = K.grouped_gemm(qg.to(d), sg.to(d), qwt.to(d), swt.to(d), K.tile_table(ends.to(d), R), ends.to(d), R)
+    got = K.grouped_gemm(qg.to(d), sg.to(d), qwt.to(d), swt.to(d), K.tile_table(ends.to(d), R), ends.to(d), R,
+                         block_n)
     torch.testing.assert_close(got.float().cpu(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
 
 

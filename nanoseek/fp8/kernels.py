@@ -175,26 +175,33 @@ def quantize_group_cols(x: torch.Tensor, tiles):
 
 # NANOSEEK_FP8_ONE_CONFIG=1 skips the search (one config: 8 warps, 3 stages), for correctness runs where
 # compiling eight variants per shape would dominate
-_CONFIGS = ([triton.Config({}, num_warps=8, num_stages=3)] if os.environ.get("NANOSEEK_FP8_ONE_CONFIG") == "1" else
+_ONE = os.environ.get("NANOSEEK_FP8_ONE_CONFIG") == "1"
+_CONFIGS = ([triton.Config({}, num_warps=8, num_stages=3)] if _ONE else
             [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4, 5)])
+# the grouped GEMM also picks its tile width: 128 or 256 output columns (two weight blocks' scales per
+# K step; a wider tile reads each A tile once for twice the products)
+_GEMM_CONFIGS = ([triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)] if _ONE else
+                 [triton.Config({"BLOCK_N": 128}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)] +
+                 [triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=s) for s in (2, 3)])
 
 
-def _autotuned(kernel):
-    """Autotune num_warps / num_stages per (N, K) on the GPU; the CPU interpreter has no benchmarker."""
+def _autotuned(kernel, configs=None):
+    """Autotune the launch config per (N, K) on the GPU; the CPU interpreter has no benchmarker."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
-    return triton.autotune(configs=_CONFIGS, key=["N", "K"])(kernel)
+    return triton.autotune(configs=configs or _CONFIGS, key=["N", "K"])(kernel)
 
 
-@_autotuned
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_start, tile_end, ends, E, Mp, N, K,
-                         sb_e, sb_n, sb_k, BLOCK: tl.constexpr):
-    """C[rows of tile t, n-block] = sum_k-blocks (A_q B_q) * sa[row] * sb[e, n-block, k-block].
+def _grouped_gemm_kernel_body(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_start, tile_end, ends, E, Mp, N, K,
+                              sb_e, sb_n, sb_k, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C[rows of tile t, BLOCK_N columns] = sum_k-blocks (A_q B_q) * sa[row] * sb[e, n-block of the column,
+    k-block].
 
     A (Mp, K) e4m3 row-major with 1x128 scales sa (K/128, Mp); B of expert e as (N, K) e4m3 K-contiguous at
     b_ptr + e*N*K; its 128x128 block scales at sb_ptr + e*sb_e + n*sb_n + k*sb_k. FP32 accumulation,
-    promoted (scaled and added) once per 128 of K."""
+    promoted (scaled and added) once per 128 of K. Columns past N (a 256-wide tile over N = 128 * odd)
+    are masked."""
     t, pid_n = tl.program_id(0), tl.program_id(1)
     r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
     if r1 <= r0:
@@ -203,33 +210,48 @@ def _grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_start, tile_e
     offs_e = tl.arange(0, 256)
     e = tl.sum((tl.load(ends + offs_e, mask=offs_e < E, other=2**30) <= r0).to(tl.int32))
     rm = r0 + tl.arange(0, BLOCK)
-    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK)
     live = rm < r1  # a tile starts at its group's first row, so it may run past the padded rows
+    col = rn < N
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
     b_ptrs = b_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]  # (BK, BN)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    sb_ptrs = sb_ptr + e * sb_e + (rn // BLOCK) * sb_n  # (BN,) each column's weight-block scale
+    acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK)):
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        b = tl.load(b_ptrs)
-        sa = tl.load(sa_ptr + kb * Mp + rm, mask=live, other=0.0)  # (BLOCK,)
-        sb = tl.load(sb_ptr + e * sb_e + pid_n * sb_n + kb * sb_k)
-        acc += tl.dot(a, b) * (sa[:, None] * sb)
+        if BLOCK_N == BLOCK:
+            b = tl.load(b_ptrs)
+            sb = tl.load(sb_ptr + e * sb_e + pid_n * sb_n + kb * sb_k)
+            scale = tl.load(sa_ptr + kb * Mp + rm, mask=live, other=0.0)[:, None] * sb  # (BM, 1)
+        else:
+            b = tl.load(b_ptrs, mask=col[None, :], other=0.0)
+            sb = tl.load(sb_ptrs + kb * sb_k, mask=col, other=0.0)  # (BN,)
+            scale = tl.load(sa_ptr + kb * Mp + rm, mask=live, other=0.0)[:, None] * sb[None, :]  # (BM, BN)
+        acc += tl.dot(a, b) * scale
         a_ptrs += BLOCK
         b_ptrs += BLOCK
     tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=live[:, None])
+             mask=live[:, None] & col[None, :])
 
 
-def grouped_gemm(qa, sa, qb, sb, tiles, ends, R: int) -> torch.Tensor:
+_grouped_gemm_kernel = _autotuned(_grouped_gemm_kernel_body, _GEMM_CONFIGS)
+
+
+def grouped_gemm(qa, sa, qb, sb, tiles, ends, R: int, block_n: int | None = None) -> torch.Tensor:
     """qa (Mp, K) / sa (K/128, Mp) row-quantized rows; qb (E, N, K) e4m3; sb (E, N/128, K/128) (any strides)
-    -> (R, N) bf16, each row times its expert's B^T."""
+    -> (R, N) bf16, each row times its expert's B^T. block_n (128 or 256) pins the tile width (tests);
+    None lets the autotuner choose."""
     E, N, K = qb.shape
     assert E <= 256, "the grouped kernel finds a tile's expert among at most 256 groups"
     c = torch.empty(R, N, dtype=torch.bfloat16, device=qa.device)
     T = tiles[0].numel()
-    _grouped_gemm_kernel[(T, N // BLOCK)](qa, sa, qb, sb, c, tiles[0], tiles[1], ends, E, qa.shape[0], N, K,
-                                          sb.stride(0), sb.stride(1), sb.stride(2), BLOCK=BLOCK)
+    kernel, extra = _grouped_gemm_kernel, {}
+    if block_n is not None or os.environ.get("TRITON_INTERPRET") == "1":
+        kernel, extra = _grouped_gemm_kernel_body, {"BLOCK_N": block_n or BLOCK, "num_warps": 8, "num_stages": 3}
+    kernel[lambda meta: (T, cdiv(N, meta["BLOCK_N"]))](
+        qa, sa, qb, sb, c, tiles[0], tiles[1], ends, E, qa.shape[0], N, K, sb.stride(0), sb.stride(1), sb.stride(2),
+        BLOCK=BLOCK, **extra)
     return c
 
 
