@@ -49,8 +49,8 @@ def dense(M: int, Kd: int, N: int, out: dict) -> None:
     r["quant_dy_GBps"] = (M * N * 2 + 2 * M * N) / r["quant_dy_ms"] / 1e6
     f = 2.0 * M * Kd * N
     if backend.startswith("scaled_mm"):
-        r["fwd_gemm_ms"] = bench(lambda: gpu._mm(backend, qx, qw.t(), sx.t(), sw.t()))
-        r["dgrad_gemm_ms"] = bench(lambda: gpu._mm(backend, qg, qwt.t(), sg.t(), swt.t()))
+        r["fwd_gemm_ms"] = bench(lambda: gpu._mm(backend, qx, qw.t(), sx.t(), gpu._tile_scales(sw)))
+        r["dgrad_gemm_ms"] = bench(lambda: gpu._mm(backend, qg, qwt.t(), sg.t(), gpu._tile_scales(swt)))
         r["wgrad_gemm_ms"] = bench(lambda: gpu._mm(backend, qgt, qxt.t(), sgt.t(), sxt.t(), b_tiles=False))
     ends, tiles = gpu._one_group(M, x.device)
     r["triton_fwd_gemm_ms"] = bench(lambda: K.grouped_gemm(qx, sx, qw[None], sw[None], tiles, ends, M))

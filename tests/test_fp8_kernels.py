@@ -70,6 +70,18 @@ def test_quantize_weight_blocks_and_transpose(device):
     same_q(qt.cpu(), rq.transpose(1, 2), device)
 
 
+def test_tile_scales_take_the_padded_k_major_shape():
+    """`gpu._tile_scales`: the 128x128 scales of W (N, K) as B = W^T's (padded K/128, N/128) K-major tensor, the
+    shape ATen's blockwise GEMM checks; the padding is the ones `quantize_weight` left there."""
+    from nanoseek.fp8.gpu import _tile_scales
+    s = torch.ones(3, 4)  # N/128 = 3 rows, K/128 = 2 padded to 4
+    s[:, :2] = torch.arange(1.0, 7.0).view(3, 2)
+    got = _tile_scales(s[:, :2])
+    assert got.shape == (4, 3) and got.stride() == (1, 4)
+    assert torch.equal(got[:2], s[:, :2].t()) and (got[2:] == 1).all()
+    assert torch.equal(_tile_scales(s[:, :2].contiguous()), s[:, :2].t())  # unpadded: the plain transpose
+
+
 def routed_rows(device: str, counts: list[int]) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)  # (E,) end rows
 
@@ -176,7 +188,10 @@ def test_grouped_wgrad(device):
     got = K.grouped_wgrad(tile_columns(qg, tiles, T), pad(sg).to(d), tile_columns(qx, tiles, T), pad(sx).to(d),
                           tiles, E)
     assert got.dtype == torch.float32 and (got[1] == 0).all() and (got[5] == 0).all()
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # Hopper's FP8 MMA keeps ~14 mantissa bits inside each 128-long partial sum before the fp32 promotion (the
+    # limited accumulation precision V3 promotes around): 1e-4 of the largest value failed in 0.1% of the
+    # elements on the H200 (worst 3.2e-4), so the bound is the forward test's 1e-3
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)

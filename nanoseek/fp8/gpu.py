@@ -86,7 +86,7 @@ def _scaled_mm_route(device_index: int) -> tuple[str, int] | None:
             continue
         qw, _, sw, _ = K.quantize_weight(w, pad_rows_to=pad)
         try:
-            y = _blockwise_mm(api, qx, qw.t(), sx.t(), sw.t(), True)
+            y = _blockwise_mm(api, qx, qw.t(), sx.t(), _tile_scales(sw), True)
             dw = _blockwise_mm(api, qgt, qxt.t(), sgt.t(), sxt.t(), False)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
             PROBE_ERRORS.append(f"{api} pad {pad}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
@@ -122,6 +122,14 @@ def _mm(backend: str, a, b, sa, sb, b_tiles: bool = True) -> torch.Tensor:
     return _blockwise_mm(backend.split(":")[1], a, b, sa, sb, b_tiles)
 
 
+def _tile_scales(s: torch.Tensor) -> torch.Tensor:
+    """128x128 scales s (N/128, K/128) of W (N, K), rows padded in memory (`quantize_weight`) -> the
+    (padded K/128, N/128) K-major tensor the blockwise GEMM takes for B = W^T: cuBLASLt reads whole
+    padded columns, and ATen checks the padded shape ("scale_b must have shape 4 x 2", torch 2.11 on
+    the H200, for K/128 = 2). The padding holds ones and is never multiplied."""
+    return s.as_strided((s.shape[0], s.stride(0)), (s.stride(0), 1)).t()
+
+
 def _one_group(M: int, device: torch.device):
     ends = torch.full((1,), M, dtype=torch.int32, device=device)
     return ends, K.tile_table(ends, M)
@@ -146,7 +154,7 @@ class FP8LinearGPU(torch.autograd.Function):
         # (N, K) (K, N) (N/128, K/128) (K/128, N/128)
         qw, qwt, sw, swt = wq if wq is not None else K.quantize_weight(w, pad_rows_to=pad)
         if backend.startswith("scaled_mm"):
-            y = _mm(backend, qx, qw.t(), sx.t(), sw.t())[:M]  # (M, N)
+            y = _mm(backend, qx, qw.t(), sx.t(), _tile_scales(sw))[:M]  # (M, N)
         else:  # the experts' kernel with one group
             ends, tiles = _one_group(M, x.device)
             y = K.grouped_gemm(qx, sx, qw[None], sw[None], tiles, ends, M)
@@ -160,7 +168,7 @@ class FP8LinearGPU(torch.autograd.Function):
         M = ctx.M
         qg, sg, qgt, sgt = K.quantize_act(dy.contiguous(), with_t=True)  # (Mp, N) (N/128, Mp) (N, Mp) (Mp/128, N)
         if ctx.backend.startswith("scaled_mm"):
-            dx = _mm(ctx.backend, qg, qwt.t(), sg.t(), swt.t())[:M]  # (M, K)
+            dx = _mm(ctx.backend, qg, qwt.t(), sg.t(), _tile_scales(swt))[:M]  # (M, K)
             # (N, K): A = dy^T (N, Mp) with scales (N, Mp/128); B = x (Mp, K) column-major, scales (K, Mp/128)
             dw = _mm(ctx.backend, qgt, qxt.t(), sgt.t(), sxt.t(), b_tiles=False).float()
         else:

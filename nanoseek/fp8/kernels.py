@@ -30,17 +30,27 @@ def cdiv(a: int, b: int) -> int:
 
 
 @triton.jit
+def _div_rn(x, y):
+    """x / y rounded to nearest (IEEE), after broadcasting both to one shape: `tl.div_rn` itself broadcasts
+    nothing, and on Triton 3.6 (H200, 2026-12-06) a 128x128 tile divided by a scalar scale gave wrong e4m3
+    values in a third of the elements (and NaN bytes) while tile / (128, 1) came out right."""
+    x, y = tl.broadcast(x, y)
+    return tl.div_rn(x, y)
+
+
+@triton.jit
 def _scale_of(amax):
     """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block. Triton's `/`
-    on fp32 is the approximate division (off by an ulp in ~20% of cases); `div_rn` is IEEE round-to-nearest,
-    the division the emulation's torch `/` does, so scales and e4m3 values match it bit for bit."""
-    return tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+    on fp32 is the approximate division (off by an ulp in ~20% of the scales on the H100); `div_rn` is IEEE
+    round-to-nearest, the division the emulation's torch `/` does, so scales and e4m3 values match it bit
+    for bit."""
+    return tl.where(amax > 0, _div_rn(amax, tl.zeros_like(amax) + 448.0), 1.0)
 
 
 @triton.jit
 def _to_e4m3(x, s):
     """x / s (IEEE division, as the emulation), clamped to +-448, cast to e4m3 (round to nearest even)."""
-    return tl.clamp(tl.div_rn(x, s), -448.0, 448.0).to(tl.float8e4nv)
+    return tl.clamp(_div_rn(x, s), -448.0, 448.0).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -82,7 +92,9 @@ def quantize_act(x: torch.Tensor, with_t: bool):
 def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_row,
                          BLOCK: tl.constexpr):
     """One 128x128 block of expert e's w (E, N, K): q (E, N, K), qt (E, K, N), scale into s[e, n, k] (row
-    stride s_row) and st[e, k, n] (row stride st_row)."""
+    stride s_row) and st[e, k, n] (row stride st_row). The transposed copy quantizes the block read a second
+    time in transposed order (an L2 hit) rather than `tl.trans` of q: on Triton 3.6 (H200, 2026-12-06) the
+    register transpose of the same q that was just stored put wrong bytes in a third of qt."""
     e, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nb, kb = tl.cdiv(N, BLOCK), tl.cdiv(K, BLOCK)
     rn = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -92,7 +104,8 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_ro
     scale = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
     q = _to_e4m3(w, scale)
     tl.store(q_ptr + base + rn[:, None] * K + rk[None, :], q)
-    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
+    wt = tl.load(w_ptr + base + rn[None, :] * K + rk[:, None]).to(tl.float32)  # (BK, BN) the same block
+    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], _to_e4m3(wt, scale))
     tl.store(s_ptr + e * nb * s_row + pid_n * s_row + pid_k, scale)
     tl.store(st_ptr + e * kb * st_row + pid_k * st_row + pid_n, scale)
 
@@ -110,7 +123,7 @@ def quantize_weight(w: torch.Tensor, pad_rows_to: int = 1):
     qt = torch.empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.ones(E, nb, s_row, dtype=torch.float32, device=w.device)
     st = torch.ones(E, kb, st_row, dtype=torch.float32, device=w.device)
-    _quant_weight_kernel[(E, nb, kb)](w3, q, qt.view(torch.uint8), s, st, N, K, s_row, st_row, BLOCK=BLOCK, num_warps=8)
+    _quant_weight_kernel[(E, nb, kb)](w3, q, qt, s, st, N, K, s_row, st_row, BLOCK=BLOCK, num_warps=8)
     out = (q, qt, s[..., :kb], st[..., :nb])
     return tuple(t[0] for t in out) if squeeze else out
 
