@@ -29,6 +29,26 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU interpreter: no autotuning (no benchmarker)
+# NANOSEEK_FP8_ONE_CONFIG=1 skips every search (one config each), for correctness runs where compiling
+# several variants per shape would dominate
+_ONE = os.environ.get("NANOSEEK_FP8_ONE_CONFIG") == "1"
+_QUANT_LAUNCH = {"num_warps": 8} if _INTERPRET else {}  # launch options where the quantizers are not autotuned
+
+
+def _quant_tuned(key: list[str]):
+    """Autotune a quantizer's warps (4, 8 or 16 per 128x128 tile) per `key`. A tile's 128x128 fp32 values
+    fill the registers of 8 warps, so few tiles are resident per SM and little memory traffic is in flight
+    (1.0 TB/s of the H200's 4.1 TB/s copy rate at 8 warps, 2026-12-06); more warps spread the same tile
+    thinner. The kernels are idempotent, so the search's repeated launches are harmless."""
+    def wrap(kernel):
+        if _INTERPRET:
+            return kernel
+        warps = (8,) if _ONE else (4, 8, 16)
+        return triton.autotune(configs=[triton.Config({}, num_warps=w) for w in warps], key=key)(kernel)
+    return wrap
+
+
 @triton.jit
 def _div_rn(x, y):
     """x / y rounded to nearest (IEEE), after broadcasting both to one shape: `tl.div_rn` itself broadcasts
@@ -53,6 +73,7 @@ def _to_e4m3(x, s):
     return tl.clamp(_div_rn(x, s), -448.0, 448.0).to(tl.float8e4nv)
 
 
+@_quant_tuned(["K", "WITH_T"])
 @triton.jit
 def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
                       BLOCK: tl.constexpr, WITH_T: tl.constexpr):
@@ -84,10 +105,11 @@ def quantize_act(x: torch.Tensor, with_t: bool):
     qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if with_t else q
     st = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device) if with_t else s
     _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](x, q, s, qt.view(torch.uint8), st, M, Mp, K, BLOCK=BLOCK,
-                                                  WITH_T=with_t, num_warps=8)
+                                                  WITH_T=with_t, **_QUANT_LAUNCH)
     return (q, s, qt, st) if with_t else (q, s)
 
 
+@_quant_tuned(["N", "K"])
 @triton.jit
 def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_row,
                          BLOCK: tl.constexpr):
@@ -123,7 +145,7 @@ def quantize_weight(w: torch.Tensor, pad_rows_to: int = 1):
     qt = torch.empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.ones(E, nb, s_row, dtype=torch.float32, device=w.device)
     st = torch.ones(E, kb, st_row, dtype=torch.float32, device=w.device)
-    _quant_weight_kernel[(E, nb, kb)](w3, q, qt, s, st, N, K, s_row, st_row, BLOCK=BLOCK, num_warps=8)
+    _quant_weight_kernel[(E, nb, kb)](w3, q, qt, s, st, N, K, s_row, st_row, BLOCK=BLOCK, **_QUANT_LAUNCH)
     out = (q, qt, s[..., :kb], st[..., :nb])
     return tuple(t[0] for t in out) if squeeze else out
 
@@ -152,6 +174,7 @@ def tile_table(ends: torch.Tensor, R: int):
     return tile_start.to(i32), tile_end.to(i32), first.to(i32), n_tiles.to(i32)
 
 
+@_quant_tuned(["C"])
 @triton.jit
 def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, C, TC, BLOCK: tl.constexpr):
     """Tile t (<= 128 rows of one expert) x 128 columns of x (R, C): scales per column over the tile's
@@ -182,15 +205,13 @@ def quantize_group_cols(x: torch.Tensor, tiles):
     qt = torch.empty(C, T * BLOCK, dtype=torch.float8_e4m3fn, device=x.device)  # unused tiles stay unwritten
     st = torch.ones(T, C, dtype=torch.float32, device=x.device)
     _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, tile_start, tile_end, C, T * BLOCK,
-                                              BLOCK=BLOCK, num_warps=8)
+                                              BLOCK=BLOCK, **_QUANT_LAUNCH)
     return qt, st
 
 
-# NANOSEEK_FP8_ONE_CONFIG=1 skips the search (one config: 8 warps, 3 stages), for correctness runs where
-# compiling several variants per shape would dominate. The search sets are small on purpose: on the H200
+# The GEMMs' search sets are small on purpose: on the H200
 # (2026-12-06, Triton 3.6) 8 warps with 3 (or 4) stages won at every shape measured, over 4 warps and over
 # 2 or 5 stages, and 256-wide tiles never won, so each autotuned shape compiles three variants.
-_ONE = os.environ.get("NANOSEEK_FP8_ONE_CONFIG") == "1"
 _CONFIGS = ([triton.Config({}, num_warps=8, num_stages=3)] if _ONE else
             [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (8, 4), (4, 4))])
 # the grouped GEMM's tile width (BLOCK_N: 128 or 256 output columns; a 256-wide tile takes two weight blocks'
@@ -200,7 +221,7 @@ _GEMM_CONFIGS = [triton.Config({"BLOCK_N": 128}, num_warps=c.num_warps, num_stag
 
 def _autotuned(kernel, configs=None):
     """Autotune the launch config per (N, K) on the GPU; the CPU interpreter has no benchmarker."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _INTERPRET:
         return kernel
     return triton.autotune(configs=configs or _CONFIGS, key=["N", "K"])(kernel)
 
