@@ -62,15 +62,23 @@ def _div_rn(x, y):
 def _scale_of(amax):
     """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block. Triton's `/`
     on fp32 is the approximate division (off by an ulp in ~20% of the scales on the H100); `div_rn` is IEEE
-    round-to-nearest, the division the emulation's torch `/` does, so scales and e4m3 values match it bit
-    for bit."""
+    round-to-nearest, the division the emulation's torch `/` does, so scales match it bit for bit."""
     return tl.where(amax > 0, _div_rn(amax, tl.zeros_like(amax) + 448.0), 1.0)
 
 
 @triton.jit
-def _to_e4m3(x, s):
-    """x / s (IEEE division, as the emulation), clamped to +-448, cast to e4m3 (round to nearest even)."""
-    return tl.clamp(_div_rn(x, s), -448.0, 448.0).to(tl.float8e4nv)
+def _inv_of(amax):
+    """Quantization multiplier of a block: 448 / amax (IEEE), or 1 for an all-zero block. One division per
+    block; each value is then multiplied (IEEE, as the emulation does), not divided."""
+    nonzero = amax > 0
+    return tl.where(nonzero, _div_rn(tl.zeros_like(amax) + 448.0, tl.where(nonzero, amax, 1.0)), 1.0)
+
+
+@triton.jit
+def _to_e4m3(y):
+    """y = x * (448 / amax), clamped to +-448 (rounding can overshoot by an ulp), cast to e4m3 (round to
+    nearest even)."""
+    return tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
 
 
 @_quant_tuned(["K", "WITH_T"])
@@ -84,13 +92,15 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    s_row = _scale_of(tl.max(ax, axis=1))  # (BLOCK,) one per row
-    q = _to_e4m3(x, s_row[:, None])
+    a_row = tl.max(ax, axis=1)  # (BLOCK,) one per row
+    s_row = _scale_of(a_row)
+    q = _to_e4m3(x * _inv_of(a_row)[:, None])
     tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q)
     tl.store(s_ptr + pid_k * Mp + rm, s_row)
     if WITH_T:
-        s_col = _scale_of(tl.max(ax, axis=0))  # (BLOCK,) one per column over these 128 rows
-        qt = _to_e4m3(x, s_col[None, :])
+        a_col = tl.max(ax, axis=0)  # (BLOCK,) one per column over these 128 rows
+        s_col = _scale_of(a_col)
+        qt = _to_e4m3(x * _inv_of(a_col)[None, :])
         tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt.to(tl.uint8, bitcast=True)))
         tl.store(st_ptr + pid_m * K + rk, s_col)
 
@@ -123,11 +133,12 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_ro
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
     base = e.to(tl.int64) * N * K
     w = tl.load(w_ptr + base + rn[:, None] * K + rk[None, :]).to(tl.float32)
-    scale = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
-    q = _to_e4m3(w, scale)
+    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+    scale, inv = _scale_of(amax), _inv_of(amax)
+    q = _to_e4m3(w * inv)
     tl.store(q_ptr + base + rn[:, None] * K + rk[None, :], q)
     wt = tl.load(w_ptr + base + rn[None, :] * K + rk[:, None]).to(tl.float32)  # (BK, BN) the same block
-    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], _to_e4m3(wt, scale))
+    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], _to_e4m3(wt * inv))
     tl.store(s_ptr + e * nb * s_row + pid_n * s_row + pid_k, scale)
     tl.store(st_ptr + e * kb * st_row + pid_k * st_row + pid_n, scale)
 
@@ -188,8 +199,9 @@ def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, C, TC,
     rc = pid_c * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=rr[:, None] < r1, other=0.0)
     x = x.to(tl.float32)
-    s = _scale_of(tl.max(tl.abs(x), axis=0))  # (BLOCK,)
-    q = _to_e4m3(x, s[None, :])
+    amax = tl.max(tl.abs(x), axis=0)  # (BLOCK,)
+    s = _scale_of(amax)
+    q = _to_e4m3(x * _inv_of(amax)[None, :])
     cols = t * BLOCK + tl.arange(0, BLOCK)
     tl.store(qt_ptr + rc[:, None].to(tl.int64) * TC + cols[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
     tl.store(st_ptr + t * C + rc, s)
