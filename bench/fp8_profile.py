@@ -84,6 +84,7 @@ def experts(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) -> No
     tiles = K.tile_table(ends, R)
     r["quant_rows_x_ms"] = bench(lambda: K.quantize_act(xs, False))
     r["quant_cols_x_ms"] = bench(lambda: K.quantize_group_cols(xs, tiles))
+    r["quant_rows_and_cols_x_ms"] = bench(lambda: K.quantize_group_cols(xs, tiles, with_rows=True))  # one pass
     r["quant_w13_ms"] = bench(lambda: K.quantize_weight(w13))
     r["quant_w2_ms"] = bench(lambda: K.quantize_weight(w2))
     qx, sx = K.quantize_act(xs, False)

@@ -112,6 +112,12 @@ def test_tile_table_and_group_col_quantization(device):
     pad = torch.ones(7 * 128, dtype=torch.bool)
     pad[live_cols] = False
     assert (qt.cpu()[:, :7 * 128][:, pad].float() == 0).all()  # and zeros past its last row
+    # with the rows' 1x128 quantization from the same pass: the same bytes as quantize_act's rows
+    q, s, qt2, st2 = K.quantize_group_cols(x.to(device), K.tile_table(ends, R), with_rows=True)
+    q_rows, s_rows = K.quantize_act(x.to(device), with_t=False)
+    assert torch.equal(q[:R].view(torch.uint8), q_rows[:R].view(torch.uint8)) and torch.equal(s[:, :R], s_rows[:, :R])
+    assert torch.equal(qt2[:, live_cols].view(torch.uint8), qt[:, live_cols].view(torch.uint8))
+    assert torch.equal(st2[:7], st[:7])
 
 
 def _reference_quantized(x, w, ends):

@@ -193,11 +193,11 @@ class FP8GroupedLinearGPU(torch.autograd.Function):
         x = x.contiguous()
         R = x.shape[0]
         tiles = tiles if tiles is not None else K.tile_table(ends, R)
-        qx, sx = K.quantize_act(x, with_t=False)  # (Rp, K), (K/128, Rp)
+        # one read of x: rows (Rp, K), (K/128, Rp) and the experts' 128x1 tile columns (K, T*128), (T, K)
+        qx, sx, qxt, sxt = K.quantize_group_cols(x, tiles, with_rows=True)
         # (E, N, K) (E, K, N) (E, N/128, K/128) (E, K/128, N/128)
         qw, qwt, sw, swt = wq if wq is not None else K.quantize_weight(w)
         y = K.grouped_gemm(qx, sx, qw, sw, tiles, ends, R)  # (R, N)
-        qxt, sxt = K.quantize_group_cols(x, tiles)  # (K, R), (T, K)
         ctx.save_for_backward(qxt, sxt, qwt, swt, ends, *tiles)
         ctx.x_dtype = x.dtype
         return y.to(out_dtype)
@@ -207,9 +207,8 @@ class FP8GroupedLinearGPU(torch.autograd.Function):
         qxt, sxt, qwt, swt, ends, *tiles = ctx.saved_tensors
         dy = dy.contiguous()
         R = dy.shape[0]
-        qg, sg = K.quantize_act(dy, with_t=False)  # (Rp, N), (N/128, Rp)
+        qg, sg, qgt, sgt = K.quantize_group_cols(dy, tiles, with_rows=True)  # (Rp, N) (N/128, Rp) (N, T*128) (T, N)
         dx = K.grouped_gemm(qg, sg, qwt, swt, tiles, ends, R)  # (R, K)
-        qgt, sgt = K.quantize_group_cols(dy, tiles)  # (N, R), (T, N)
         dw = K.grouped_wgrad(qgt, sgt, qxt, sxt, tiles, qwt.shape[0])  # (E, N, K) fp32
         return dx.to(ctx.x_dtype), dw, None, None, None, None
 

@@ -185,21 +185,31 @@ def tile_table(ends: torch.Tensor, R: int):
     return tile_start.to(i32), tile_end.to(i32), first.to(i32), n_tiles.to(i32)
 
 
-@_quant_tuned(["C"])
+@_quant_tuned(["C", "WITH_ROWS"])
 @triton.jit
-def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, C, TC, BLOCK: tl.constexpr):
+def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, q_ptr, s_ptr, tile_start, tile_end, C, TC, Rp,
+                             BLOCK: tl.constexpr, WITH_ROWS: tl.constexpr):
     """Tile t (<= 128 rows of one expert) x 128 columns of x (R, C): scales per column over the tile's
     rows -> st (T, C); values written transposed into the tile's own 128 columns of qt (C, T*128), rows
-    past the tile's end as zeros (aligned, unmasked loads for the wgrad kernel)."""
+    past the tile's end as zeros (aligned, unmasked loads for the wgrad kernel). With WITH_ROWS, the same
+    pass also writes the rows' 1x128 quantization q (Rp, C) and scales s (C/128, Rp) (the tiles cover every
+    row once; rows past R stay unwritten, the grouped GEMM never reads them)."""
     t, pid_c = tl.program_id(0), tl.program_id(1)
     r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
     if r1 <= r0:
         return
     rr = r0 + tl.arange(0, BLOCK)
     rc = pid_c * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=rr[:, None] < r1, other=0.0)
+    live = rr < r1
+    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=live[:, None], other=0.0)
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)  # (BLOCK,)
+    ax = tl.abs(x)
+    if WITH_ROWS:
+        a_row = tl.max(ax, axis=1)  # (BLOCK,) one per row
+        tl.store(q_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], _to_e4m3(x * _inv_of(a_row)[:, None]),
+                 mask=live[:, None])
+        tl.store(s_ptr + pid_c * Rp + rr, _scale_of(a_row), mask=live)
+    amax = tl.max(ax, axis=0)  # (BLOCK,) one per column over the tile's rows
     s = _scale_of(amax)
     q = _to_e4m3(x * _inv_of(amax)[None, :])
     cols = t * BLOCK + tl.arange(0, BLOCK)
@@ -207,18 +217,23 @@ def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, C, TC,
     tl.store(st_ptr + t * C + rc, s)
 
 
-def quantize_group_cols(x: torch.Tensor, tiles):
+def quantize_group_cols(x: torch.Tensor, tiles, with_rows: bool = False):
     """x (R, C) -> qt (C, T*128) e4m3, tile t's 128x1 quantized rows in columns [128 t, 128 t + 128) (zeros
-    past its last row; tiles restart at each expert's group), and st (T, C) fp32 scales."""
+    past its last row; tiles restart at each expert's group), and st (T, C) fp32 scales. with_rows: also
+    q (Rp, C) e4m3 / s (C/128, Rp), the rows' 1x128 quantization (`quantize_act`'s, rows past R unwritten),
+    from the same read of x; returns (q, s, qt, st) then."""
     assert x.is_contiguous() and x.shape[1] % BLOCK == 0
     R, C = x.shape
     tile_start, tile_end = tiles[0], tiles[1]
     T = tile_start.numel()
+    Rp = cdiv(R, BLOCK) * BLOCK
     qt = torch.empty(C, T * BLOCK, dtype=torch.float8_e4m3fn, device=x.device)  # unused tiles stay unwritten
     st = torch.ones(T, C, dtype=torch.float32, device=x.device)
-    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, tile_start, tile_end, C, T * BLOCK,
-                                              BLOCK=BLOCK, **_QUANT_LAUNCH)
-    return qt, st
+    q = torch.empty(Rp, C, dtype=torch.float8_e4m3fn, device=x.device) if with_rows else qt
+    s = torch.empty(C // BLOCK, Rp, dtype=torch.float32, device=x.device) if with_rows else st
+    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, q, s, tile_start, tile_end, C, T * BLOCK,
+                                              Rp, BLOCK=BLOCK, WITH_ROWS=with_rows, **_QUANT_LAUNCH)
+    return (q, s, qt, st) if with_rows else (qt, st)
 
 
 # The GEMMs' search sets are small on purpose: on the H200
