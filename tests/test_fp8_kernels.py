@@ -288,3 +288,32 @@ def test_padded_partial_linear_through_gpu_kernels(device, monkeypatch):
         assert got.shape == want.shape
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < tol, err
+
+
+def _emulated_blockwise_mm(a, b, sa, sb, b_tiles: bool, misread: bool = False) -> torch.Tensor:
+    """What cuBLAS's blockwise GEMM computes, from the layouts `gpu._blockwise_mm` documents: a (M, K) with
+    1x128 scales sa (M, K/128); b (K, N) with 128x128 scales sb (padded K/128, N/128) or 1x128-along-K scales
+    sb (N, K/128). misread: read b's 128x128 scales transposed (a layout bug the probe must catch)."""
+    M, Kd = a.shape
+    N = b.shape[1]
+    ad = a.float() * sa.repeat_interleave(128, 1)[:, :Kd]
+    if b_tiles:
+        kb = Kd // 128
+        tiles = sb[:kb] if misread else sb[:kb].t()  # (N/128, K/128); misread: K-major taken as N-major (square)
+        bd = b.float() * tiles.t().repeat_interleave(128, 0).repeat_interleave(128, 1)[:Kd, :N]
+    else:
+        bd = b.float() * sb.t().repeat_interleave(128, 0)[:Kd]
+    return (ad @ bd).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+@pytest.mark.parametrize("misread", [False, True])
+def test_scaled_mm_probe_checks_the_products(device, misread, monkeypatch):
+    """The blockwise-GEMM probe's operands, through an emulated GEMM: right layouts pass at 3 and 4 blocks, a
+    transposed reading of the weight scales is caught (the probe's values make every layout error show)."""
+    from nanoseek.fp8 import gpu
+    monkeypatch.setattr(gpu, "_blockwise_mm", lambda api, a, b, sa, sb, b_tiles: _emulated_blockwise_mm(
+        a, b, sa, sb, b_tiles, misread))
+    for nb in (3, 4):
+        why = gpu._probe_once("v2", 4, torch.device(device), nb)
+        assert (why is None) != misread, why

@@ -57,55 +57,65 @@ def _blockwise_mm(api: str, a, b, sa, sb, b_tiles: bool) -> torch.Tensor:
     return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
 
 
-@functools.cache
-def _scaled_mm_route(device_index: int) -> tuple[str, int] | None:
-    """(api, scale row padding) of the first candidate whose forward (1x128 x 128x128) and weight-gradient
-    (1x128 x 1x128) products are right on this device; None if none is (CUDA < 12.9, a GPU below SM 9.0, a
-    torch without blockwise scaling). Probed once per device; PROBE_ERRORS keeps why each one was rejected."""
-    dev = torch.device("cuda", device_index)
-    # two K blocks and two N blocks with different scales: a misread scale layout changes the product
-    x = torch.ones(128, 256, device=dev)
-    x[:, 128:] = 2
-    c = torch.tensor([[1.0, 2.0], [4.0, 8.0]], device=dev)  # w's 128x128 block values
-    w = c.repeat_interleave(128, 0).repeat_interleave(128, 1)  # (256, 256)
-    want = x @ w.t()  # (128, 256): 128 * (c[n, 0] + 2 c[n, 1]) per N block
-    # weight gradient over 256 tokens (two 128x1 tiles with different scales); powers of two times the
-    # tiles' amax / 448, so every e4m3 value is exact and a misread scale layout shows
-    tok = torch.arange(256, device=dev)
-    g = (2.0 ** (tok % 4) * (1 + tok // 128))[:, None].repeat(1, 256)  # (256 tokens, 256 outputs)
-    g[:, 128:] *= 2
-    xx = x.repeat(2, 1)  # (256 tokens, 256 inputs)
-    xx[128:] *= 4
-    want_dw = g.t() @ xx  # (256, 256)
+def _probe_once(api: str, pad: int, dev: torch.device, nb: int) -> str | None:
+    """Run candidate (api, pad) on operands of nb 128-blocks per dimension (K, N, and tokens for the wgrad);
+    None if both products are right, else why not. Every value is a power of two times its block's
+    amax / 448, so every e4m3 value is exact and a misread scale layout changes the product."""
+    blocks = torch.arange(nb, device=dev)
+    x = (2.0 ** (blocks % 3)).repeat_interleave(128)[None, :].repeat(128, 1)  # (128, 128 nb)
+    c = 2.0 ** ((blocks[:, None] + 2 * blocks[None, :]) % 4)  # w's 128x128 block values
+    w = c.repeat_interleave(128, 0).repeat_interleave(128, 1)  # (128 nb, 128 nb)
+    tok = torch.arange(128 * nb, device=dev)
+    g = (2.0 ** (tok % 4) * (1 + (tok // 128) % 3))[:, None] * x[:1]  # (tokens, outputs)
+    xx = x[:1] * (4.0 ** ((tok // 128) % 2))[:, None]  # (tokens, inputs)
     qx, sx = K.quantize_act(x, with_t=False)
-    _, _, qgt, sgt = K.quantize_act(g, with_t=True)  # qgt (256 outputs, 256 tokens), sgt (2, 256)
-    _, _, qxt, sxt = K.quantize_act(xx, with_t=True)  # qxt (256 inputs, 256 tokens), sxt (2, 256)
+    _, _, qgt, sgt = K.quantize_act(g, with_t=True)  # (outputs, tokens), (tokens/128, outputs)
+    _, _, qxt, sxt = K.quantize_act(xx, with_t=True)  # (inputs, tokens), (tokens/128, inputs)
+    qw, _, sw, _ = K.quantize_weight(w, pad_rows_to=pad)
+    try:
+        y = _blockwise_mm(api, qx, qw.t(), sx.t(), _tile_scales(sw), True)
+        dw = _blockwise_mm(api, qgt, qxt.t(), sgt.t(), sxt.t(), False)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    ok_y = torch.allclose(y.float(), x @ w.t(), rtol=1e-2)
+    ok_dw = torch.allclose(dw.float(), g.t() @ xx, rtol=1e-2)
+    return None if ok_y and ok_dw else f"ran but gave wrong numbers (forward ok: {ok_y}, wgrad ok: {ok_dw})"
+
+
+@functools.cache
+def _scaled_mm_route(device_index: int) -> tuple[str, int, bool] | None:
+    """(api, scale row padding, any block count) of the first candidate whose forward (1x128 x 128x128) and
+    weight-gradient (1x128 x 1x128) products are right on this device with 4 blocks per dimension; the last
+    item says whether 3 blocks work too (else a linear whose K, N or token blocks are not multiples of 4
+    takes the Triton GEMM). None if no candidate works (CUDA < 12.9, a GPU below SM 9.0, a torch without
+    blockwise scaling). Probed once per device; PROBE_ERRORS keeps why each candidate was rejected."""
+    dev = torch.device("cuda", device_index)
     for api, pad in _CANDIDATES:
         if api == "v2" and _recipes() is None:
             PROBE_ERRORS.append("v2: this torch has no torch.nn.functional.scaled_mm / ScalingType")
             continue
-        qw, _, sw, _ = K.quantize_weight(w, pad_rows_to=pad)
-        try:
-            y = _blockwise_mm(api, qx, qw.t(), sx.t(), _tile_scales(sw), True)
-            dw = _blockwise_mm(api, qgt, qxt.t(), sgt.t(), sxt.t(), False)
-        except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
-            PROBE_ERRORS.append(f"{api} pad {pad}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-            continue
-        ok_y = torch.allclose(y.float(), want, rtol=1e-2)
-        ok_dw = torch.allclose(dw.float(), want_dw, rtol=1e-2)
-        if ok_y and ok_dw:
-            return api, pad
-        PROBE_ERRORS.append(f"{api} pad {pad}: ran but gave wrong numbers (forward ok: {ok_y}, wgrad ok: {ok_dw})")
+        why = _probe_once(api, pad, dev, 4)
+        if why is None:
+            odd = _probe_once(api, pad, dev, 3)
+            if odd is not None:
+                PROBE_ERRORS.append(f"{api} pad {pad} with 3 blocks (Triton GEMM for such shapes): {odd}")
+            return api, pad, odd is None
+        PROBE_ERRORS.append(f"{api} pad {pad}: {why}")
     return None
 
 
-def dense_backend(device: torch.device) -> tuple[str, int]:
-    """("scaled_mm:v1" or "scaled_mm:v2", scale row padding) or ("triton", 1) for the dense linears on `device`."""
+def dense_backend(device: torch.device, blocks: tuple[int, ...] = ()) -> tuple[str, int]:
+    """("scaled_mm:v1" or "scaled_mm:v2", scale row padding) or ("triton", scale row padding) for a dense linear
+    on `device` whose GEMMs have `blocks` 128-blocks along K, N and tokens (the Triton GEMM takes a shape
+    this torch's blockwise GEMM refused in the probe)."""
     if DENSE_GEMM == "triton":
         return "triton", 1
     route = _scaled_mm_route(device.index if device.index is not None else torch.cuda.current_device())
     if route is not None:
-        return f"scaled_mm:{route[0]}", route[1]
+        api, pad, any_blocks = route
+        if any_blocks or all(b % 4 == 0 for b in blocks):
+            return f"scaled_mm:{api}", pad
+        return "triton", pad
     errors = "; ".join(PROBE_ERRORS)
     if DENSE_GEMM == "scaled_mm":
         raise RuntimeError("torch._scaled_mm / F.scaled_mm on this build takes no 1x128 x 128x128 blockwise scaling "
@@ -153,7 +163,7 @@ class FP8LinearGPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, wq=None) -> torch.Tensor:
         M = x.shape[0]
-        backend, pad = dense_backend(x.device)
+        backend, pad = dense_backend(x.device, (x.shape[1] // K.BLOCK, w.shape[0] // K.BLOCK, K.cdiv(M, K.BLOCK)))
         qx, sx, qxt, sxt = K.quantize_act(x.contiguous(), with_t=True)  # (Mp, K) (K/128, Mp) (K, Mp) (Mp/128, K)
         # (N, K) (K, N) (N/128, K/128) (K/128, N/128)
         qw, qwt, sw, swt = wq if wq is not None else K.quantize_weight(w, pad_rows_to=pad)
