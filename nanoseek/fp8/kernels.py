@@ -37,7 +37,8 @@ _QUANT_LAUNCH = {"num_warps": 8} if _INTERPRET else {}  # launch options where t
 
 
 def _quant_tuned(key: list[str]):
-    """Autotune a quantizer's warps (4, 8 or 16 per 128x128 tile) per `key`. A tile's 128x128 fp32 values
+    """Autotune a quantizer's warps (4, 8 or 16 per 128x128 tile) per `key` (row counts included: the probe's tiny
+    operands must not pick the warps of a 16k-token layer). A tile's 128x128 fp32 values
     fill the registers of 8 warps, so few tiles are resident per SM and little memory traffic is in flight
     (1.0 TB/s of the H200's 4.1 TB/s copy rate at 8 warps, 2026-12-06); more warps spread the same tile
     thinner. The kernels are idempotent, so the search's repeated launches are harmless."""
@@ -81,7 +82,7 @@ def _to_e4m3(y):
     return tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
 
 
-@_quant_tuned(["K", "WITH_T"])
+@_quant_tuned(["M", "K", "WITH_T"])
 @triton.jit
 def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
                       BLOCK: tl.constexpr, WITH_T: tl.constexpr):
@@ -185,7 +186,7 @@ def tile_table(ends: torch.Tensor, R: int):
     return tile_start.to(i32), tile_end.to(i32), first.to(i32), n_tiles.to(i32)
 
 
-@_quant_tuned(["C", "WITH_ROWS"])
+@_quant_tuned(["TC", "C", "WITH_ROWS"])
 @triton.jit
 def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, q_ptr, s_ptr, tile_start, tile_end, C, TC, Rp,
                              BLOCK: tl.constexpr, WITH_ROWS: tl.constexpr):
