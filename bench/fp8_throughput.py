@@ -160,11 +160,11 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
     """One training step of preset `name` (fp32 master weights, AdamW, bf16 autocast, MTP trained, eager), as
     bench/train_throughput.py runs it, without and with `install_fp8`: tokens/s, peak memory."""
     from nanoseek import Transformer
-    from nanoseek.fp8 import install_fp8
+    from nanoseek.fp8 import gpu, install_fp8
     from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token
     from nanoseek.train.optim import build_optimizer
     from nanoseek.train.step import train_step
-
+    gpu.DENSE_GEMM = "auto"  # the per-layer section leaves it at whichever variant ran last
     cfg = preset(name)
     out: dict = {"batch_size": batch_size, "seq_len": seq}
     if torch.cuda.get_device_properties(0).total_memory < 120 * 2**30 and name in SMALL_GPU_LAYERS:
@@ -229,6 +229,9 @@ def main() -> None:
     check_fp8_device(device)
     M = args.tokens
     results: dict = {}
+    from nanoseek.fp8 import gpu
+    dense_route = {"backend": gpu.dense_backend(device), "probe_errors": gpu.PROBE_ERRORS}
+    print(f"dense FP8 GEMM route: {dense_route}", flush=True)
     try:
         import torchao
         torchao_version = torchao.__version__
@@ -245,6 +248,7 @@ def main() -> None:
         "config": {"tokens": M, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
                    "dense": DENSE, "experts": {"shapes": EXPERTS, "n_experts": 64, "top_k": 6},
                    "step_models": STEP_MODELS},
+        "dense_gemm_route": dense_route,
         "results": results,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"fp8_throughput-{record['date']}.json")

@@ -108,8 +108,12 @@ class FP8RoutedExperts(RoutedExperts):
         experts = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
         ends = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)  # (E,) end row per expert
         if self.backend == "gpu":
-            from nanoseek.fp8.gpu import fp8_grouped_linear as grouped
+            from nanoseek.fp8.gpu import expert_tiles, fp8_grouped_linear
             from nanoseek.fp8.gpu import quantize_expert_weights as quantize
+            tiles = expert_tiles(ends, T * K)  # one tile table for both GEMMs (the same rows)
+
+            def grouped(x, w, ends, out_dtype, wq):
+                return fp8_grouped_linear(x, w, ends, out_dtype, wq, tiles)
         else:
             grouped, quantize = fp8_grouped_emulated, quantize_experts
         with torch.autocast(x.device.type, enabled=False):

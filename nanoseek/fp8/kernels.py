@@ -29,12 +29,60 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU interpreter: no autotuning (no benchmarker)
+# NANOSEEK_FP8_ONE_CONFIG=1 skips every search (one config each), for correctness runs where compiling
+# several variants per shape would dominate
+_ONE = os.environ.get("NANOSEEK_FP8_ONE_CONFIG") == "1"
+_QUANT_LAUNCH = {"num_warps": 8} if _INTERPRET else {}  # launch options where the quantizers are not autotuned
+
+
+def _quant_tuned(key: list[str]):
+    """Autotune a quantizer's warps (4, 8 or 16 per 128x128 tile) per `key` (row counts included: the probe's tiny
+    operands must not pick the warps of a 16k-token layer). A tile's 128x128 fp32 values
+    fill the registers of 8 warps, so few tiles are resident per SM and little memory traffic is in flight
+    (1.0 TB/s of the H200's 4.1 TB/s copy rate at 8 warps, 2026-12-06); more warps spread the same tile
+    thinner. The kernels are idempotent, so the search's repeated launches are harmless."""
+    def wrap(kernel):
+        if _INTERPRET:
+            return kernel
+        warps = (8,) if _ONE else (4, 8, 16)
+        return triton.autotune(configs=[triton.Config({}, num_warps=w) for w in warps], key=key)(kernel)
+    return wrap
+
+
+@triton.jit
+def _div_rn(x, y):
+    """x / y rounded to nearest (IEEE), after broadcasting both to one shape: `tl.div_rn` itself broadcasts
+    nothing, and on Triton 3.6 (H200, 2026-12-06) a 128x128 tile divided by a scalar scale gave wrong e4m3
+    values in a third of the elements (and NaN bytes) while tile / (128, 1) came out right."""
+    x, y = tl.broadcast(x, y)
+    return tl.div_rn(x, y)
+
+
 @triton.jit
 def _scale_of(amax):
-    """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block."""
-    return tl.where(amax > 0, amax / 448.0, 1.0)
+    """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block. Triton's `/`
+    on fp32 is the approximate division (off by an ulp in ~20% of the scales on the H100); `div_rn` is IEEE
+    round-to-nearest, the division the emulation's torch `/` does, so scales match it bit for bit."""
+    return tl.where(amax > 0, _div_rn(amax, tl.zeros_like(amax) + 448.0), 1.0)
 
 
+@triton.jit
+def _inv_of(amax):
+    """Quantization multiplier of a block: 448 / amax (IEEE), or 1 for an all-zero block. One division per
+    block; each value is then multiplied (IEEE, as the emulation does), not divided."""
+    nonzero = amax > 0
+    return tl.where(nonzero, _div_rn(tl.zeros_like(amax) + 448.0, tl.where(nonzero, amax, 1.0)), 1.0)
+
+
+@triton.jit
+def _to_e4m3(y):
+    """y = x * (448 / amax), clamped to +-448 (rounding can overshoot by an ulp), cast to e4m3 (round to
+    nearest even)."""
+    return tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
+
+
+@_quant_tuned(["M", "K", "WITH_T"])
 @triton.jit
 def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
                       BLOCK: tl.constexpr, WITH_T: tl.constexpr):
@@ -45,13 +93,15 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    s_row = _scale_of(tl.max(ax, axis=1))  # (BLOCK,) one per row
-    q = tl.clamp(x / s_row[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    a_row = tl.max(ax, axis=1)  # (BLOCK,) one per row
+    s_row = _scale_of(a_row)
+    q = _to_e4m3(x * _inv_of(a_row)[:, None])
     tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q)
     tl.store(s_ptr + pid_k * Mp + rm, s_row)
     if WITH_T:
-        s_col = _scale_of(tl.max(ax, axis=0))  # (BLOCK,) one per column over these 128 rows
-        qt = tl.clamp(x / s_col[None, :], -448.0, 448.0).to(q_ptr.dtype.element_ty)
+        a_col = tl.max(ax, axis=0)  # (BLOCK,) one per column over these 128 rows
+        s_col = _scale_of(a_col)
+        qt = _to_e4m3(x * _inv_of(a_col)[None, :])
         tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt.to(tl.uint8, bitcast=True)))
         tl.store(st_ptr + pid_m * K + rk, s_col)
 
@@ -66,25 +116,30 @@ def quantize_act(x: torch.Tensor, with_t: bool):
     qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if with_t else q
     st = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device) if with_t else s
     _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](x, q, s, qt.view(torch.uint8), st, M, Mp, K, BLOCK=BLOCK,
-                                                  WITH_T=with_t, num_warps=8)
+                                                  WITH_T=with_t, **_QUANT_LAUNCH)
     return (q, s, qt, st) if with_t else (q, s)
 
 
+@_quant_tuned(["N", "K"])
 @triton.jit
 def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K, s_row, st_row,
                          BLOCK: tl.constexpr):
     """One 128x128 block of expert e's w (E, N, K): q (E, N, K), qt (E, K, N), scale into s[e, n, k] (row
-    stride s_row) and st[e, k, n] (row stride st_row)."""
+    stride s_row) and st[e, k, n] (row stride st_row). The transposed copy quantizes the block read a second
+    time in transposed order (an L2 hit) rather than `tl.trans` of q: on Triton 3.6 (H200, 2026-12-06) the
+    register transpose of the same q that was just stored put wrong bytes in a third of qt."""
     e, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     nb, kb = tl.cdiv(N, BLOCK), tl.cdiv(K, BLOCK)
     rn = pid_n * BLOCK + tl.arange(0, BLOCK)
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
     base = e.to(tl.int64) * N * K
     w = tl.load(w_ptr + base + rn[:, None] * K + rk[None, :]).to(tl.float32)
-    scale = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
-    q = tl.clamp(w / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+    scale, inv = _scale_of(amax), _inv_of(amax)
+    q = _to_e4m3(w * inv)
     tl.store(q_ptr + base + rn[:, None] * K + rk[None, :], q)
-    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
+    wt = tl.load(w_ptr + base + rn[None, :] * K + rk[:, None]).to(tl.float32)  # (BK, BN) the same block
+    tl.store(qt_ptr + base + rk[:, None] * N + rn[None, :], _to_e4m3(wt * inv))
     tl.store(s_ptr + e * nb * s_row + pid_n * s_row + pid_k, scale)
     tl.store(st_ptr + e * kb * st_row + pid_k * st_row + pid_n, scale)
 
@@ -102,7 +157,7 @@ def quantize_weight(w: torch.Tensor, pad_rows_to: int = 1):
     qt = torch.empty(E, K, N, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.ones(E, nb, s_row, dtype=torch.float32, device=w.device)
     st = torch.ones(E, kb, st_row, dtype=torch.float32, device=w.device)
-    _quant_weight_kernel[(E, nb, kb)](w3, q, qt.view(torch.uint8), s, st, N, K, s_row, st_row, BLOCK=BLOCK, num_warps=8)
+    _quant_weight_kernel[(E, nb, kb)](w3, q, qt, s, st, N, K, s_row, st_row, BLOCK=BLOCK, **_QUANT_LAUNCH)
     out = (q, qt, s[..., :kb], st[..., :nb])
     return tuple(t[0] for t in out) if squeeze else out
 
@@ -131,59 +186,84 @@ def tile_table(ends: torch.Tensor, R: int):
     return tile_start.to(i32), tile_end.to(i32), first.to(i32), n_tiles.to(i32)
 
 
+@_quant_tuned(["TC", "C", "WITH_ROWS"])
 @triton.jit
-def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, tile_start, tile_end, C, TC, BLOCK: tl.constexpr):
+def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, q_ptr, s_ptr, tile_start, tile_end, C, TC, Rp,
+                             BLOCK: tl.constexpr, WITH_ROWS: tl.constexpr):
     """Tile t (<= 128 rows of one expert) x 128 columns of x (R, C): scales per column over the tile's
     rows -> st (T, C); values written transposed into the tile's own 128 columns of qt (C, T*128), rows
-    past the tile's end as zeros (aligned, unmasked loads for the wgrad kernel)."""
+    past the tile's end as zeros (aligned, unmasked loads for the wgrad kernel). With WITH_ROWS, the same
+    pass also writes the rows' 1x128 quantization q (Rp, C) and scales s (C/128, Rp) (the tiles cover every
+    row once; rows past R stay unwritten, the grouped GEMM never reads them)."""
     t, pid_c = tl.program_id(0), tl.program_id(1)
     r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
     if r1 <= r0:
         return
     rr = r0 + tl.arange(0, BLOCK)
     rc = pid_c * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=rr[:, None] < r1, other=0.0)
+    live = rr < r1
+    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=live[:, None], other=0.0)
     x = x.to(tl.float32)
-    s = _scale_of(tl.max(tl.abs(x), axis=0))  # (BLOCK,)
-    q = tl.clamp(x / s[None, :], -448.0, 448.0).to(tl.float8e4nv)
+    ax = tl.abs(x)
+    if WITH_ROWS:
+        a_row = tl.max(ax, axis=1)  # (BLOCK,) one per row
+        tl.store(q_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], _to_e4m3(x * _inv_of(a_row)[:, None]),
+                 mask=live[:, None])
+        tl.store(s_ptr + pid_c * Rp + rr, _scale_of(a_row), mask=live)
+    amax = tl.max(ax, axis=0)  # (BLOCK,) one per column over the tile's rows
+    s = _scale_of(amax)
+    q = _to_e4m3(x * _inv_of(amax)[None, :])
     cols = t * BLOCK + tl.arange(0, BLOCK)
     tl.store(qt_ptr + rc[:, None].to(tl.int64) * TC + cols[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
     tl.store(st_ptr + t * C + rc, s)
 
 
-def quantize_group_cols(x: torch.Tensor, tiles):
+def quantize_group_cols(x: torch.Tensor, tiles, with_rows: bool = False):
     """x (R, C) -> qt (C, T*128) e4m3, tile t's 128x1 quantized rows in columns [128 t, 128 t + 128) (zeros
-    past its last row; tiles restart at each expert's group), and st (T, C) fp32 scales."""
+    past its last row; tiles restart at each expert's group), and st (T, C) fp32 scales. with_rows: also
+    q (Rp, C) e4m3 / s (C/128, Rp), the rows' 1x128 quantization (`quantize_act`'s, rows past R unwritten),
+    from the same read of x; returns (q, s, qt, st) then."""
     assert x.is_contiguous() and x.shape[1] % BLOCK == 0
     R, C = x.shape
     tile_start, tile_end = tiles[0], tiles[1]
     T = tile_start.numel()
+    Rp = cdiv(R, BLOCK) * BLOCK
     qt = torch.empty(C, T * BLOCK, dtype=torch.float8_e4m3fn, device=x.device)  # unused tiles stay unwritten
     st = torch.ones(T, C, dtype=torch.float32, device=x.device)
-    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, tile_start, tile_end, C, T * BLOCK,
-                                              BLOCK=BLOCK, num_warps=8)
-    return qt, st
+    q = torch.empty(Rp, C, dtype=torch.float8_e4m3fn, device=x.device) if with_rows else qt
+    s = torch.empty(C // BLOCK, Rp, dtype=torch.float32, device=x.device) if with_rows else st
+    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, q, s, tile_start, tile_end, C, T * BLOCK,
+                                              Rp, BLOCK=BLOCK, WITH_ROWS=with_rows, **_QUANT_LAUNCH)
+    return (q, s, qt, st) if with_rows else (qt, st)
 
 
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
+# The GEMMs' search sets are small on purpose: on the H200
+# (2026-12-06, Triton 3.6) 8 warps with 3 (or 4) stages won at every shape measured, over 4 warps and over
+# 2 or 5 stages, and 256-wide tiles never won, so each autotuned shape compiles three variants.
+_CONFIGS = ([triton.Config({}, num_warps=8, num_stages=3)] if _ONE else
+            [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (8, 4), (4, 4))])
+# the grouped GEMM's tile width (BLOCK_N: 128 or 256 output columns; a 256-wide tile takes two weight blocks'
+# scales per K step) stays a parameter (`grouped_gemm(block_n=256)`, tested) outside the search
+_GEMM_CONFIGS = [triton.Config({"BLOCK_N": 128}, num_warps=c.num_warps, num_stages=c.num_stages) for c in _CONFIGS]
 
 
-def _autotuned(kernel):
-    """Autotune num_warps / num_stages per (N, K) on the GPU; the CPU interpreter has no benchmarker."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+def _autotuned(kernel, configs=None):
+    """Autotune the launch config per (N, K) on the GPU; the CPU interpreter has no benchmarker."""
+    if _INTERPRET:
         return kernel
-    return triton.autotune(configs=_CONFIGS, key=["N", "K"])(kernel)
+    return triton.autotune(configs=configs or _CONFIGS, key=["N", "K"])(kernel)
 
 
-@_autotuned
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_start, tile_end, ends, E, Mp, N, K,
-                         sb_e, sb_n, sb_k, BLOCK: tl.constexpr):
-    """C[rows of tile t, n-block] = sum_k-blocks (A_q B_q) * sa[row] * sb[e, n-block, k-block].
+def _grouped_gemm_kernel_body(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_start, tile_end, ends, E, Mp, N, K,
+                              sb_e, sb_n, sb_k, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C[rows of tile t, BLOCK_N columns] = sum_k-blocks (A_q B_q) * sa[row] * sb[e, n-block of the column,
+    k-block].
 
     A (Mp, K) e4m3 row-major with 1x128 scales sa (K/128, Mp); B of expert e as (N, K) e4m3 K-contiguous at
     b_ptr + e*N*K; its 128x128 block scales at sb_ptr + e*sb_e + n*sb_n + k*sb_k. FP32 accumulation,
-    promoted (scaled and added) once per 128 of K."""
+    promoted (scaled and added) once per 128 of K. Columns past N (a 256-wide tile over N = 128 * odd)
+    are masked."""
     t, pid_n = tl.program_id(0), tl.program_id(1)
     r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
     if r1 <= r0:
@@ -192,33 +272,48 @@ def _grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_start, tile_e
     offs_e = tl.arange(0, 256)
     e = tl.sum((tl.load(ends + offs_e, mask=offs_e < E, other=2**30) <= r0).to(tl.int32))
     rm = r0 + tl.arange(0, BLOCK)
-    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK)
     live = rm < r1  # a tile starts at its group's first row, so it may run past the padded rows
+    col = rn < N
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
     b_ptrs = b_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]  # (BK, BN)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    sb_ptrs = sb_ptr + e * sb_e + (rn // BLOCK) * sb_n  # (BN,) each column's weight-block scale
+    acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK)):
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        b = tl.load(b_ptrs)
-        sa = tl.load(sa_ptr + kb * Mp + rm, mask=live, other=0.0)  # (BLOCK,)
-        sb = tl.load(sb_ptr + e * sb_e + pid_n * sb_n + kb * sb_k)
-        acc += tl.dot(a, b) * (sa[:, None] * sb)
+        if BLOCK_N == BLOCK:
+            b = tl.load(b_ptrs)
+            sb = tl.load(sb_ptr + e * sb_e + pid_n * sb_n + kb * sb_k)
+            scale = tl.load(sa_ptr + kb * Mp + rm, mask=live, other=0.0)[:, None] * sb  # (BM, 1)
+        else:
+            b = tl.load(b_ptrs, mask=col[None, :], other=0.0)
+            sb = tl.load(sb_ptrs + kb * sb_k, mask=col, other=0.0)  # (BN,)
+            scale = tl.load(sa_ptr + kb * Mp + rm, mask=live, other=0.0)[:, None] * sb[None, :]  # (BM, BN)
+        acc += tl.dot(a, b) * scale
         a_ptrs += BLOCK
         b_ptrs += BLOCK
     tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=live[:, None])
+             mask=live[:, None] & col[None, :])
 
 
-def grouped_gemm(qa, sa, qb, sb, tiles, ends, R: int) -> torch.Tensor:
+_grouped_gemm_kernel = _autotuned(_grouped_gemm_kernel_body, _GEMM_CONFIGS)
+
+
+def grouped_gemm(qa, sa, qb, sb, tiles, ends, R: int, block_n: int | None = None) -> torch.Tensor:
     """qa (Mp, K) / sa (K/128, Mp) row-quantized rows; qb (E, N, K) e4m3; sb (E, N/128, K/128) (any strides)
-    -> (R, N) bf16, each row times its expert's B^T."""
+    -> (R, N) bf16, each row times its expert's B^T. block_n (128 or 256) pins the tile width (tests);
+    None lets the autotuner choose."""
     E, N, K = qb.shape
     assert E <= 256, "the grouped kernel finds a tile's expert among at most 256 groups"
     c = torch.empty(R, N, dtype=torch.bfloat16, device=qa.device)
     T = tiles[0].numel()
-    _grouped_gemm_kernel[(T, N // BLOCK)](qa, sa, qb, sb, c, tiles[0], tiles[1], ends, E, qa.shape[0], N, K,
-                                          sb.stride(0), sb.stride(1), sb.stride(2), BLOCK=BLOCK)
+    kernel, extra = _grouped_gemm_kernel, {}
+    if block_n is not None or os.environ.get("TRITON_INTERPRET") == "1":
+        kernel, extra = _grouped_gemm_kernel_body, {"BLOCK_N": block_n or BLOCK, "num_warps": 8, "num_stages": 3}
+    kernel[lambda meta: (T, cdiv(N, meta["BLOCK_N"]))](
+        qa, sa, qb, sb, c, tiles[0], tiles[1], ends, E, qa.shape[0], N, K, sb.stride(0), sb.stride(1), sb.stride(2),
+        BLOCK=BLOCK, **extra)
     return c
 
 
