@@ -68,7 +68,7 @@ def test_cache_bytes_per_token(model):
     assert latent == model.new_cache(1, 4).bytes_per_token() == 4 * 4 * (32 + 8)  # 3 layers + 1 MTP
     assert expanded == 4 * 4 * 4 * (24 + 16)
     v3_latent, v3_expanded = cache_bytes_per_token(preset("v3-671b", num_nextn_predict_layers=0), torch.bfloat16)
-    assert v3_latent == 61 * 576 * 2  # 70 KB per token (REFERENCE.md section 6)
+    assert v3_latent == 61 * 576 * 2  # 70 KB per token (DeepSeek-V3: 61 layers x (512 + 64) latent values)
     assert v3_expanded / v3_latent == pytest.approx(40960 / 576)
     assert "latent 640 B vs expanded per-head K/V 2,560 B" in Engine(model).cache_report()
 
