@@ -1,6 +1,7 @@
 """Blockwise FP8 (e4m3) training, emulated in plain PyTorch: the reference the GPU kernels are tested against.
 
-The DeepSeek-V3 recipe (DeepSeek-V3 report, arXiv:2412.19437, section 3.3). A tensor is cut into blocks; each block gets its own
+The DeepSeek-V3 recipe (DeepSeek-V3 report, arXiv:2412.19437, section 3.3). A tensor is cut into blocks;
+each block gets its own
 scale s = amax(|block|) / 448 (448 = largest e4m3 value), is stored as q = e4m3(x * (448 / amax)) and read back
 as q * s. A partial last block is simply a smaller block; an all-zero block gets s = 1 (q = 0).
 

@@ -10,7 +10,8 @@ Estimates (all per GPU; formulas in docs/parallel.md):
                   ZeRO-1 for the optimizer only: --sharding)
     activations   per token and layer from the saved tensors of MLA and the MoE (bf16), times the
                   micro-batches in flight: 1F1B pp, ZBV and DualPipeV pp + 1 (chunks of L / 2pp layers)
-    bubble        arXiv:2401.10241 / DeepSeek-V3 Table 2: 1F1B (pp-1)(F+B); ZB1P/ZBV (pp-1)(F+B-2W); DualPipe(V) (pp/2-1)(F&B+B-3W),
+    bubble        (arXiv:2401.10241; DeepSeek-V3 Table 2) 1F1B (pp-1)(F+B); ZB1P/ZBV (pp-1)(F+B-2W);
+                  DualPipe(V) (pp/2-1)(F&B+B-3W),
                   with F, B (input grad) = F, W = F per chunk and micro-batch, F&B = F + B
     all-to-all    dispatch (FP8 with 1x128 scales, or bf16) + combine (bf16) per token and MoE layer, forward
                   and backward; uniform routing: K (ep-1)/ep copies leave the rank; across nodes, one copy
