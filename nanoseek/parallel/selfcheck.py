@@ -198,11 +198,11 @@ def check_train(pp: int = 1, ep: int = 1, schedule: str = "dualpipev", fsdp: boo
     return losses
 
 
-def check_overlap(pp: int = 2, ep: int = 1, **kw) -> None:
+def check_overlap(pp: int = 2, ep: int = 1, steps: int = 2, batch: int = 4, **kw) -> None:
     """DualPipeV with the overlapped OVERLAP_F_B == without it == one process (check_train does the
     latter for each; here the two pipelined runs' losses to 1e-6). With ep 1 the expert-parallel experts
     are installed on a 1-rank group, so the turn-taking runs on 2 processes."""
-    kw = {"steps": 2, "accum": 2, "batch": 4, "seq": 8, "microbatches": 8} | kw
+    kw = {"steps": steps, "batch": batch, "accum": 2, "seq": 8, "microbatches": 8} | kw
     with_ = check_train(pp=pp, ep=ep, overlap=True, ep_experts=True, **kw)
     without = check_train(pp=pp, ep=ep, overlap=False, ep_experts=True, **kw)
     for i, (a, b) in enumerate(zip(with_, without)):
@@ -265,7 +265,7 @@ def check_suite(ckpt_dir: str) -> None:
 def check_suite4(ckpt_dir: str) -> None:
     """The 4-process checks: pp 2 x ep 2 (DualPipeV); FSDP2 with dp 4 = edp 2 x ep 2; its sharded
     checkpoint resumed exactly and loaded into pp 2 x dp 2."""
-    check_overlap(pp=2, ep=2, steps=1)  # pp 2 x ep 2 DualPipeV, the all-to-alls overlapped and not
+    check_overlap(pp=2, ep=2, steps=1, batch=8)  # pp 2 x ep 2 DualPipeV, the all-to-alls overlapped and not
     check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
     check_resume(ckpt_dir, ep=2, pp=1, load_ep=1, load_pp=2, fsdp=True)
 
