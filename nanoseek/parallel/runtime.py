@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,16 +82,13 @@ class Parallel:
             from nanoseek.parallel.pipeline import Pipeline
 
             self.pipe = Pipeline.build(model, self.mesh, self.schedule, self.microbatches, overlap=self.overlap)
-            if self.fsdp and lo.dp > 1 and self.schedule != "1f1b":
-                warnings.warn(f"--parallel.fsdp with the {self.schedule} schedule is not supported yet (FSDP2 misses "
-                              "the weight gradients of its split backward); the dp ranks keep whole copies and "
-                              "all-reduce gradients instead", stacklevel=2)
-                self.fsdp = False
             if self.fsdp and lo.dp > 1:
                 shared = {p for part in self.pipe.parts for n, p in part.named_parameters() if "embed" in n}
                 for part in self.pipe.parts:  # each stage an FSDP root: the schedule then defers the
-                    # gradient reduce-scatter to its last backward (REDUCE_GRAD), after the weight passes
-                    dp_.shard(part, self.mesh, bf16=self.bf16, ignored_params=shared)
+                    # gradient reduce-scatter to its last backward (REDUCE_GRAD), after the weight passes.
+                    # No reshard after forward (torchtitan's choice with pp too): with the V schedules a
+                    # unit resharded between micro-batches loses one micro-batch's gradient (checked)
+                    dp_.shard(part, self.mesh, bf16=self.bf16, ignored_params=shared, reshard_after_forward=False)
             return model
         if self.fsdp and lo.dp > 1:
             dp_.shard(model, self.mesh, bf16=self.bf16)

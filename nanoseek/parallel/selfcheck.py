@@ -263,9 +263,11 @@ def check_suite(ckpt_dir: str) -> None:
 
 
 def check_suite4(ckpt_dir: str) -> None:
-    """The 4-process checks: pp 2 x ep 2 (DualPipeV); FSDP2 with dp 4 = edp 2 x ep 2; its sharded
-    checkpoint resumed exactly and loaded into pp 2 x dp 2."""
-    check_overlap(pp=2, ep=2, steps=1, batch=8)  # pp 2 x ep 2 DualPipeV, the all-to-alls overlapped and not
+    """The 4-process checks: pp 2 x ep 2 DualPipeV with FSDP2 over dp, the all-to-alls overlapped and not;
+    ZBV pp 2 x dp 2 with FSDP2 (split backward); FSDP2 with dp 4 = edp 2 x ep 2; its sharded checkpoint
+    resumed exactly and loaded into pp 2 x dp 2."""
+    check_overlap(pp=2, ep=2, steps=1, batch=8, fsdp=True)
+    check_train(pp=2, ep=1, schedule="zbv", fsdp=True, steps=1, accum=2, batch=4, seq=8)
     check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
     check_resume(ckpt_dir, ep=2, pp=1, load_ep=1, load_pp=2, fsdp=True)
 
