@@ -67,12 +67,13 @@ def test_no_import_cycles_between_modules():
 
 
 def test_parallel_and_train_meet_only_at_the_shared_step():
-    # parallel builds on train's split step (step.py) and FLOP count (metrics.py); of train, only the
-    # trainer reaches parallel (lazily, under torchrun). Module-level direction: step <- parallel <- trainer.
+    # parallel builds on train's split step (step.py), FLOP count (metrics.py) and checkpoint publishing
+    # (checkpoint.py: atomic rename, manifest, pruning); of train, only the trainer reaches parallel
+    # (lazily, under torchrun). Module-level direction: step, metrics, checkpoint <- parallel <- trainer.
     graph = module_graph()
     down = {t for m, ts in graph.items() if m.startswith("nanoseek.parallel") for t in ts
             if t.startswith("nanoseek.train")}
     up = {m for m, ts in graph.items() if m.startswith("nanoseek.train")
           and any(t.startswith("nanoseek.parallel") for t in ts)}
-    assert down <= {"nanoseek.train.step", "nanoseek.train.metrics"}, down
+    assert down <= {"nanoseek.train.step", "nanoseek.train.metrics", "nanoseek.train.checkpoint"}, down
     assert up <= {"nanoseek.train.trainer"}, up
