@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 -m nanoseek.parallel.selfcheck dispatch
     torchrun --nproc_per_node 4 -m nanoseek.parallel.selfcheck train --pp 2 --ep 2 --schedule dualpipev
     torchrun --nproc_per_node 2 -m nanoseek.parallel.selfcheck train --ep 2 --fsdp 1
+    torchrun --nproc_per_node 4 -m nanoseek.parallel.selfcheck overlap --pp 2 --ep 2 --fsdp 1
 
 `train`: every rank builds the same tiny model (same seed) twice. The reference copy runs the shared
 single-process step (`train.step`) on the whole global batch; the other is wrapped (expert parallel,
@@ -293,7 +294,7 @@ def check_dead_rank(dead: int = 1) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["dispatch", "train"])
+    ap.add_argument("what", choices=["dispatch", "train", "overlap"])
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--schedule", default="dualpipev")
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.what == "dispatch":
         check_dispatch()
+    elif a.what == "overlap":  # DualPipeV overlapped vs not vs one process (needs pp 2, ep >= 1)
+        check_overlap(a.pp, a.ep, steps=1, batch=8 * a.ep, fsdp=bool(a.fsdp))
     else:
         check_train(a.pp, a.ep, a.schedule, bool(a.fsdp))
     dist.destroy_process_group()
