@@ -10,6 +10,7 @@ import torch
 
 from nanoseek.parallel.launch import spawn
 from nanoseek.parallel.mesh import Layout
+from nanoseek.parallel.overlap import Baton
 from nanoseek.parallel.pipeline import AttachAux, default_microbatches, stage_layers, stages_of_rank
 
 
@@ -52,9 +53,33 @@ def test_attach_aux_gives_the_aux_loss_gradient_one():
     torch.testing.assert_close(w.grad, w.detach() * 0.5 * 2)
 
 
+def test_baton_alternates_at_each_switch_and_lets_the_survivor_finish():
+    import threading
+
+    baton, seen = Baton(timeout_s=10), []
+
+    def run(me: int, steps: list[str]) -> None:
+        baton.start(me)
+        for i, s in enumerate(steps):
+            seen.append(s)
+            if i < len(steps) - 1:
+                baton.switch()  # as after starting an all-to-all
+        baton.finish(me)
+
+    threads = [threading.Thread(target=run, args=(0, ["f1", "f2", "f3", "f4"])),
+               threading.Thread(target=run, args=(1, ["b1", "b2"]))]
+    for t in reversed(threads):  # start order must not matter: the forward always goes first
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == ["f1", "b1", "f2", "b2", "f3", "f4"]
+    assert baton.switches == 3  # f1->b1, b1->f2, f2->b2; then the backward is done and f runs on
+
+
 @pytest.mark.multiprocess
 def test_dispatch_expert_fsdp_dualpipev_and_resume_match_one_process(tmp_path):
-    # one process group for: dispatch/combine exact; ep 2 + FSDP2 and DualPipeV pp 2 vs one process
+    # one process group for: dispatch/combine exact; ep 2 + FSDP2 and DualPipeV pp 2 (its OVERLAP_F_B
+    # overlapped and not) vs one process
     # (loss 1e-6, gradients 1e-5, router biases equal, weights after 2 steps); a sharded checkpoint saved
     # with ep 2 resumes bit-exactly with ep 2 and to 1e-6 with pp 2
     spawn("nanoseek.parallel.selfcheck:check_suite", 2, (str(tmp_path / "ckpt"),), timeout_s=300)
@@ -63,7 +88,8 @@ def test_dispatch_expert_fsdp_dualpipev_and_resume_match_one_process(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_four_processes_pipeline_x_expert_and_fsdp_over_edp_match_one_process(tmp_path):
-    # pp 2 x ep 2 (DualPipeV); FSDP2 with dp 4 = edp 2 x ep 2; its checkpoint resumed exactly and in pp 2 x dp 2
+    # DualPipeV pp 2 x ep 2 + FSDP2 (overlapped and not); ZBV pp 2 x dp 2 + FSDP2; FSDP2 with dp 4 =
+    # edp 2 x ep 2; its checkpoint resumed exactly and in pp 2 x dp 2
     spawn("nanoseek.parallel.selfcheck:check_suite4", 4, (str(tmp_path / "ckpt"),), timeout_s=400)
 
 

@@ -14,7 +14,9 @@ experts (rank r holds experts r*El .. (r+1)*El - 1), P = T*K (token, expert) pai
 
 Autograd: `AllToAll` is one function whose backward is the all-to-all with the splits swapped, so
 the backward of dispatch is a combine (rows flow home and the K copies of a token add up in the
-gather's backward) and the backward of combine is a dispatch.
+gather's backward) and the backward of combine is a dispatch. Inside DualPipeV's overlapped
+forward/backward (`overlap.py`) every row all-to-all starts asynchronously and hands the turn to the
+other micro-batch while it runs.
 
 `install(model, ep_group)` swaps every `RoutedExperts` for an `ExpertParallelExperts` holding only its
 El experts (`swap.replace_modules` + `adopt`); routing, shared experts and balance statistics stay the
@@ -32,6 +34,7 @@ from torch import nn
 
 from nanoseek.model.moe import RoutedExperts, autocast_input, expert_counts, stable_argsort
 from nanoseek.model.swap import adopt, replace_modules
+from nanoseek.parallel.overlap import exchange
 
 
 # ---------------------------------------------------------------------------- the collective
@@ -42,14 +45,14 @@ class AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        exchange([(out, x.contiguous())], out_splits, in_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        exchange([(back, grad.contiguous())], in_splits, out_splits, ctx.group)
         return back, None, None, None
 
 
@@ -88,15 +91,14 @@ class AllToAllFP8(torch.autograd.Function):
         q, scales = quantize_rows(x, block)
         q_out = torch.empty((sum(out_splits), x.shape[1]), dtype=torch.uint8, device=x.device)
         s_out = scales.new_empty((sum(out_splits), scales.shape[1]))
-        dist.all_to_all_single(q_out, q.view(torch.uint8), out_splits, in_splits, group=group)
-        dist.all_to_all_single(s_out, scales, out_splits, in_splits, group=group)
+        exchange([(q_out, q.view(torch.uint8)), (s_out, scales)], out_splits, in_splits, group)
         return dequantize_rows(q_out.view(torch.float8_e4m3fn), s_out, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        exchange([(back, grad.contiguous())], in_splits, out_splits, ctx.group)
         return back, None, None, None, None
 
 

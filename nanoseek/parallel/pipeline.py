@@ -21,8 +21,9 @@ on each MoE layer attaches alpha * L_bal to the layer's output (`AttachAux`: ide
 aux gradient 1 in backward, the trick Megatron uses) and adds the layer's expert counts to
 `load_since_update` (record_load's job, per micro-batch).
 
-The schedule's OVERLAP_F_B actions (DualPipeV) run their forward and backward one after the other:
-overlapping one micro-batch's all-to-all with the other's compute is not written yet.
+The schedule's OVERLAP_F_B actions (DualPipeV) run through `overlap.make_overlap_f_b`: the forward and
+the backward in two threads taking turns at each all-to-all, so one micro-batch's all-to-all runs while
+the other computes (`overlap=False`: one after the other, as the stock runtime does).
 """
 
 from __future__ import annotations
@@ -35,11 +36,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleDualPipeV, ScheduleZBVZeroBubble
+from torch.distributed.pipelining.schedules import (
+    OVERLAP_F_B,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleZBVZeroBubble,
+)
 
 from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.mesh import Mesh
+from nanoseek.parallel.overlap import make_overlap_f_b
 from nanoseek.train.step import cross_entropy
 
 SCHEDULE_CLASSES = {"dualpipev": ScheduleDualPipeV, "zbv": ScheduleZBVZeroBubble, "1f1b": Schedule1F1B}
@@ -171,10 +178,13 @@ class Pipeline:
     tie_embeddings: bool = False  # 1F1B with MTP: embedding copies on the first and last rank
     alpha: list[float] = field(default_factory=lambda: [0.0])
     act_dtype: torch.dtype = torch.float32  # the residual stream between stages (the embedding's dtype)
+    overlap: bool = True  # DualPipeV: run OVERLAP_F_B's forward and backward interleaved (overlap.py)
+    overlap_stats: dict = field(default_factory=dict)  # {"actions", "switches"} of the overlapped actions
     _schedules: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, model: Transformer, mesh: Mesh, schedule: str, microbatches: int = 0) -> Pipeline:
+    def build(cls, model: Transformer, mesh: Mesh, schedule: str, microbatches: int = 0,
+              overlap: bool = True) -> Pipeline:
         pp, rank = mesh.layout.pp, mesh.rank_in("pp")
         act_dtype = model.embed_tokens.weight.dtype
         n_stages = pp if schedule == "1f1b" else 2 * pp
@@ -193,7 +203,7 @@ class Pipeline:
             model.embed_tokens = None
         pipe = cls(mesh, schedule, microbatches, parts, n_stages,
                    tie_embeddings=schedule == "1f1b" and model.config.num_nextn_predict_layers > 0,
-                   act_dtype=act_dtype)
+                   act_dtype=act_dtype, overlap=overlap)
         for part in parts:
             for m in part.modules():
                 if isinstance(m, MoE):
@@ -238,7 +248,10 @@ class Pipeline:
         loss_fn = lambda out, target: out.sum() / microbatches  # noqa: E731
         if self.schedule_name == "1f1b":
             return cls(stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)
-        return cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+        sched = cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+        if self.schedule_name == "dualpipev" and self.overlap:
+            sched.register_custom_function(OVERLAP_F_B, make_overlap_f_b(device, stats=self.overlap_stats))
+        return sched
 
     def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]], autocast: contextlib.AbstractContextManager,
             *, mtp_lambda: float, seq_aux_alpha: float) -> dict[str, torch.Tensor]:

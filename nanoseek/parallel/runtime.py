@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +39,13 @@ class Parallel:
     fsdp: bool = True
     bf16: bool = False
     fp8_dispatch: bool = False
+    overlap: bool = True  # DualPipeV: overlap one micro-batch's all-to-all with the other's compute
     pipe: Any = None  # pipeline.Pipeline once wrapped with pp > 1
 
     @classmethod
     def setup(cls, device: torch.device, *, pp: int = 0, dp: int = 0, ep: int = 0, schedule: str = "dualpipev",
               microbatches: int = 0, fsdp: bool = True, bf16: bool = False, timeout_s: float = 600.0,
-              fp8_dispatch: bool = False) -> Parallel:
+              fp8_dispatch: bool = False, overlap: bool = True) -> Parallel:
         """Initialise torch.distributed from torchrun's environment (a 1-process group without one)
         and build the mesh."""
         if schedule not in SCHEDULES:
@@ -59,7 +59,7 @@ class Parallel:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         init_process_group(device, timeout_s)
         layout = Layout.resolve(dist.get_world_size(), pp, dp, ep)
-        return cls(Mesh.build(layout, device), schedule, microbatches, fsdp, bf16, fp8_dispatch)
+        return cls(Mesh.build(layout, device), schedule, microbatches, fsdp, bf16, fp8_dispatch, overlap)
 
     @property
     def layout(self) -> Layout:
@@ -81,17 +81,14 @@ class Parallel:
         if lo.pp > 1:
             from nanoseek.parallel.pipeline import Pipeline
 
-            self.pipe = Pipeline.build(model, self.mesh, self.schedule, self.microbatches)
-            if self.fsdp and lo.dp > 1 and self.schedule != "1f1b":
-                warnings.warn(f"--parallel.fsdp with the {self.schedule} schedule is not supported yet (FSDP2 misses "
-                              "the weight gradients of its split backward); the dp ranks keep whole copies and "
-                              "all-reduce gradients instead", stacklevel=2)
-                self.fsdp = False
+            self.pipe = Pipeline.build(model, self.mesh, self.schedule, self.microbatches, overlap=self.overlap)
             if self.fsdp and lo.dp > 1:
                 shared = {p for part in self.pipe.parts for n, p in part.named_parameters() if "embed" in n}
                 for part in self.pipe.parts:  # each stage an FSDP root: the schedule then defers the
-                    # gradient reduce-scatter to its last backward (REDUCE_GRAD), after the weight passes
-                    dp_.shard(part, self.mesh, bf16=self.bf16, ignored_params=shared)
+                    # gradient reduce-scatter to its last backward (REDUCE_GRAD), after the weight passes.
+                    # No reshard after forward (torchtitan's choice with pp too): with the V schedules a
+                    # unit resharded between micro-batches loses one micro-batch's gradient (checked)
+                    dp_.shard(part, self.mesh, bf16=self.bf16, ignored_params=shared, reshard_after_forward=False)
             return model
         if self.fsdp and lo.dp > 1:
             dp_.shard(model, self.mesh, bf16=self.bf16)
@@ -222,7 +219,7 @@ def from_config(pc, tc, device: torch.device) -> tuple[Parallel | None, torch.de
     try:
         par = Parallel.setup(device, pp=pc.pp, dp=pc.dp, ep=pc.ep, schedule=pc.schedule,
                              microbatches=pc.microbatches, fsdp=pc.fsdp, bf16=bf16, timeout_s=pc.timeout_s,
-                             fp8_dispatch=pc.fp8_dispatch)
+                             fp8_dispatch=pc.fp8_dispatch, overlap=pc.overlap)
     except ValueError as e:
         raise SystemExit(f"nanoseek train: {e}") from None
     if tc.batch_size % par.layout.dp:

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 -m nanoseek.parallel.selfcheck dispatch
     torchrun --nproc_per_node 4 -m nanoseek.parallel.selfcheck train --pp 2 --ep 2 --schedule dualpipev
     torchrun --nproc_per_node 2 -m nanoseek.parallel.selfcheck train --ep 2 --fsdp 1
+    torchrun --nproc_per_node 4 -m nanoseek.parallel.selfcheck overlap --pp 2 --ep 2 --fsdp 1
 
 `train`: every rank builds the same tiny model (same seed) twice. The reference copy runs the shared
 single-process step (`train.step`) on the whole global batch; the other is wrapped (expert parallel,
@@ -140,16 +141,22 @@ def compare_grads(model, ref, layout: Layout, ep_rank: int, atol: float = 1e-5) 
 
 
 def check_train(pp: int = 1, ep: int = 1, schedule: str = "dualpipev", fsdp: bool = False, steps: int = 2,
-                accum: int = 2, batch: int = 4, seq: int = 16, microbatches: int = 0, mtp_lambda: float = 0.3) -> None:
+                accum: int = 2, batch: int = 4, seq: int = 16, microbatches: int = 0, mtp_lambda: float = 0.3,
+                overlap: bool = True, ep_experts: bool = False) -> list[torch.Tensor]:
+    """Returns the losses of the wrapped model, one per step. ep_experts: install the expert-parallel
+    experts even with ep 1 (their all-to-alls then run on a 1-rank group: the overlap's turn points)."""
     device = _device()
     par = Parallel.setup(device, pp=pp, ep=ep, schedule=schedule, fsdp=fsdp, microbatches=microbatches,
-                         timeout_s=120)
+                         timeout_s=120, overlap=overlap)
     lo = par.layout
     cfg = tiny_config()
     alpha, gamma, lr, clip = 0.01, 0.01, 0.1, 0.5
     ref = Transformer.from_config(cfg, device=device, seed=0).train()
     model = Transformer.from_config(cfg, device=device, seed=0).train()
+    if ep_experts and lo.ep == 1:
+        ep_.install(model, par.mesh.group("ep"))
     model = par.wrap(model)
+    losses = []
     # SGD: Adam's first step moves every weight by about lr * sign(g), which turns rounding-level gradient
     # differences (another summation order) into lr-sized weight differences at the next step
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9, weight_decay=0.1)
@@ -160,6 +167,7 @@ def check_train(pp: int = 1, ep: int = 1, schedule: str = "dualpipev", fsdp: boo
     for i, batches in enumerate(_batches(cfg, steps, accum, batch, seq, device)):
         want = train_step.accumulate_gradients(ref, batches, loss_fn, null)
         got = par.accumulate_gradients(model, batches, loss_fn, null, mtp_lambda=mtp_lambda, seq_aux_alpha=alpha)
+        losses.append(got["loss"])
         for key in ("loss", "mtp_loss"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0,
                                        msg=lambda m, i=i, key=key: f"step {i} {key}: {m}")
@@ -182,9 +190,24 @@ def check_train(pp: int = 1, ep: int = 1, schedule: str = "dualpipev", fsdp: boo
             r = r[ep_rank * (r.shape[0] // lo.ep):(ep_rank + 1) * (r.shape[0] // lo.ep)]
         torch.testing.assert_close(_full(p.detach()), r, rtol=1e-5, atol=1e-5,
                                    msg=lambda m, name=name: f"weight {name} after {steps} steps: {m}")
+    if par.pipe is not None and schedule == "dualpipev" and overlap and (lo.ep > 1 or ep_experts):
+        stats = par.pipe.overlap_stats  # the overlapped path ran and took turns at the all-to-alls
+        assert stats.get("actions", 0) > 0 and stats.get("switches", 0) > 0, f"no overlapped actions ran: {stats}"
     if dist.get_rank() == 0:
-        print(f"selfcheck train ok: {lo}, schedule {schedule}, fsdp {fsdp}, {steps} steps")
+        print(f"selfcheck train ok: {lo}, schedule {schedule}, fsdp {fsdp}, overlap {overlap}, {steps} steps")
     dist.barrier()
+    return losses
+
+
+def check_overlap(pp: int = 2, ep: int = 1, steps: int = 2, batch: int = 4, **kw) -> None:
+    """DualPipeV with the overlapped OVERLAP_F_B == without it == one process (check_train does the
+    latter for each; here the two pipelined runs' losses to 1e-6). With ep 1 the expert-parallel experts
+    are installed on a 1-rank group, so the turn-taking runs on 2 processes."""
+    kw = {"steps": steps, "batch": batch, "accum": 2, "seq": 8, "microbatches": 8} | kw
+    with_ = check_train(pp=pp, ep=ep, overlap=True, ep_experts=True, **kw)
+    without = check_train(pp=pp, ep=ep, overlap=False, ep_experts=True, **kw)
+    for i, (a, b) in enumerate(zip(with_, without)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=lambda m, i=i: f"step {i} overlap vs not: {m}")
 
 
 def check_resume(path: str, ep: int = 2, pp: int = 1, load_ep: int = 1, load_pp: int = 1, fsdp: bool = False) -> None:
@@ -236,14 +259,16 @@ def check_suite(ckpt_dir: str) -> None:
     expert parallel + FSDP2, DualPipeV, sharded resume (ep 2 -> ep 2 exact, ep 2 -> pp 2)."""
     check_dispatch()
     check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
-    check_train(pp=2, ep=1, schedule="dualpipev", steps=2, accum=2, batch=4, seq=8)
+    check_overlap(pp=2, ep=1)  # DualPipeV pp 2, overlapped and not
     check_resume(ckpt_dir, ep=2, pp=1, load_ep=1, load_pp=2)
 
 
 def check_suite4(ckpt_dir: str) -> None:
-    """The 4-process checks: pp 2 x ep 2 (DualPipeV); FSDP2 with dp 4 = edp 2 x ep 2; its sharded
-    checkpoint resumed exactly and loaded into pp 2 x dp 2."""
-    check_train(pp=2, ep=2, schedule="dualpipev", steps=1, accum=2, batch=4, seq=8)
+    """The 4-process checks: pp 2 x ep 2 DualPipeV with FSDP2 over dp, the all-to-alls overlapped and not;
+    ZBV pp 2 x dp 2 with FSDP2 (split backward); FSDP2 with dp 4 = edp 2 x ep 2; its sharded checkpoint
+    resumed exactly and loaded into pp 2 x dp 2."""
+    check_overlap(pp=2, ep=2, steps=1, batch=8, fsdp=True)
+    check_train(pp=2, ep=1, schedule="zbv", fsdp=True, steps=1, accum=2, batch=4, seq=8)
     check_train(pp=1, ep=2, fsdp=True, steps=2, accum=2, batch=4, seq=8)
     check_resume(ckpt_dir, ep=2, pp=1, load_ep=1, load_pp=2, fsdp=True)
 
@@ -269,7 +294,7 @@ def check_dead_rank(dead: int = 1) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["dispatch", "train"])
+    ap.add_argument("what", choices=["dispatch", "train", "overlap"])
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--schedule", default="dualpipev")
@@ -277,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.what == "dispatch":
         check_dispatch()
+    elif a.what == "overlap":  # DualPipeV overlapped vs not vs one process (needs pp 2, ep >= 1)
+        check_overlap(a.pp, a.ep, steps=1, batch=8 * a.ep, fsdp=bool(a.fsdp))
     else:
         check_train(a.pp, a.ep, a.schedule, bool(a.fsdp))
     dist.destroy_process_group()

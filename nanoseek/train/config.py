@@ -144,6 +144,7 @@ class ParallelConfig:
     fsdp: bool = doc("shard parameters, gradients and optimizer state with FSDP2 (else all-reduce gradients)",
                      True)
     fp8_dispatch: bool = doc("send expert-parallel dispatch in FP8 with 1x128 scales (combine stays bf16)", False)
+    overlap: bool = doc("dualpipev: overlap one micro-batch's all-to-all with the other's compute", True)
     timeout_s: float = doc("collective timeout: a dead rank makes the others fail after at most this", 600.0)
 
 
