@@ -19,7 +19,7 @@ from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.hf import copy_tokenizer_files
 from nanoseek.model.transformer import Transformer
 from nanoseek.pipeline import eval_cmd, sample_cmd
-from nanoseek.pipeline.backend import EngineBackend, HTTPBackend, cut_at_stop
+from nanoseek.pipeline.backend import EngineBackend, HTTPBackend, ckpt_step, cut_at_stop
 from nanoseek.pipeline.eval_cmd import evaluate, load_problems, pass_at_k
 from nanoseek.pipeline.sample_cmd import balance, foreign_share, readability, rejection_sample, repeated_line
 from nanoseek.rl.rewards import UserProblem
@@ -121,6 +121,14 @@ def test_eval_errors_name_the_problem():
 def test_cut_at_stop_keeps_the_closing_tag():
     assert cut_at_stop("<answer> 5 </answer> trailing") == "<answer> 5 </answer>"
     assert cut_at_stop("no tag") == "no tag"
+
+
+def test_ckpt_step_from_manifest_or_name(tmp_path):
+    (tmp_path / "step-000120").mkdir()
+    assert ckpt_step(tmp_path / "step-000120") == 120
+    (tmp_path / "step-000120" / "manifest.json").write_text('{"step": 121}')
+    assert ckpt_step(tmp_path / "step-000120") == 121
+    assert ckpt_step(tmp_path) is None
 
 
 # ---------------------------------------------------------------------------- local vs server

@@ -13,6 +13,7 @@ special-token rules), so a local run sees exactly what a served model sees.
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -42,14 +43,16 @@ def resolve_ckpt(path: str | Path) -> Path:
 
 
 def ckpt_step(path: Path) -> int | None:
-    """The training step a checkpoint was written at (its manifest.json), None if unknown."""
+    """The training step a checkpoint was written at (its manifest.json, else a step-NNNNNN directory name),
+    None if unknown (e.g. a plain save_pretrained directory)."""
     manifest = path / "manifest.json"
     if manifest.is_file():
         try:
             return int(json.loads(manifest.read_text()).get("step"))
         except (ValueError, TypeError):
-            return None
-    return None
+            pass
+    m = re.fullmatch(r"step-(\d+)", path.name)
+    return int(m[1]) if m else None
 
 
 class EngineBackend:
