@@ -54,6 +54,33 @@ def ckpt(tmp_path_factory) -> Path:
     return root / "ckpt"
 
 
+MEMO = " <think> 2 plus 3 </think> <answer> 5 </answer>"
+
+
+@pytest.fixture(scope="module")
+def taught(ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint fitted (200 Adam steps, ~7 s) to answer "What is 2 + 3?" with MEMO, so that
+    sampling and evaluation see real correct, well-formed completions."""
+    from nanoseek.rl.rewards import prompt_text
+
+    tok = load_tokenizer(ckpt)
+    model = nanoseek.load_pretrained(ckpt).train()
+    prompt = tok.encode_prompt(prompt_text("What is 2 + 3?", "r1"))
+    ids = torch.tensor([prompt + tok.encode(MEMO)])  # (1, T); no EOS: only the stop string ends it
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(200):
+        logits = model(ids[:, :-1]).logits  # (1, T-1, V)
+        loss = torch.nn.functional.cross_entropy(logits[0, len(prompt) - 1:], ids[0, len(prompt):])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    out = tmp_path_factory.mktemp("taught") / "step-000200"
+    nanoseek.save_pretrained(model.eval(), out)
+    copy_tokenizer_files(ckpt, out)
+    return out
+
+
 # ---------------------------------------------------------------------------- pass@k
 def test_pass_at_k_matches_hand_computation():
     # n=5 samples, c=2 correct, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10
@@ -132,7 +159,7 @@ def test_ckpt_step_from_manifest_or_name(tmp_path):
 
 
 # ---------------------------------------------------------------------------- local vs server
-def test_local_and_server_eval_agree(ckpt, tmp_path):
+def test_local_and_server_eval_agree(taught, tmp_path):
     """The same problems evaluated on the engine and through the project's server (in-process, over HTTP):
     identical greedy texts, so identical pass@1, format rate and lengths; seeded samples agree too."""
     from server_fixtures import running
@@ -140,13 +167,13 @@ def test_local_and_server_eval_agree(ckpt, tmp_path):
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.server import create_app
 
-    problems = load_problems("add,sub", "1-2", 4, None, 0)
-    local = EngineBackend(ckpt, "cpu", max_batch_size=8)
-    opts = dict(k=2, max_new_tokens=6, seed=3, tokenizer=local.tokenizer)
+    problems = [*load_problems("add,sub", "1-2", 3, None, 0), UserProblem("What is 2 + 3?", "5", "add", 1)]
+    local = EngineBackend(taught, "cpu", max_batch_size=8)
+    opts = dict(k=2, max_new_tokens=20, seed=3, tokenizer=local.tokenizer)
     here = evaluate(local, problems, **opts)
-    engine = Engine(nanoseek.load_pretrained(ckpt), load_tokenizer(ckpt), max_batch_size=4, max_len=512)
+    engine = Engine(nanoseek.load_pretrained(taught), load_tokenizer(taught), max_batch_size=4, max_len=512)
     prompts = [p.prompt for p in problems[:2]]
-    sampled = dict(temperature=1.0, top_p=0.9, max_tokens=6, seed=11)
+    sampled = dict(temperature=3.0, top_p=1.0, max_tokens=6, seed=11)  # hot: the taught model is peaked
     with running(create_app(engine, "tiny")) as url:
         remote = evaluate(HTTPBackend(url + "/v1", "tiny"), problems, **opts)
         remote_samples = HTTPBackend(url + "/v1", "tiny").complete(prompts, 3, **sampled)
@@ -154,6 +181,7 @@ def test_local_and_server_eval_agree(ckpt, tmp_path):
     assert local_samples == remote_samples and len(set(local_samples[0])) > 1  # seeded, and really sampled
     assert [e["completion"] for e in here["examples"]] == [e["completion"] for e in remote["examples"]]
     assert here["examples"][0]["completion"]  # something was generated
+    assert here["pass@1"] == 0.25 and here["by_difficulty"]["add/1"]["pass@1"] > 0  # the taught problem
     for key in ("pass@1", "format_rate", "reflection_rate", "mean_length_chars", "mean_length_tokens", "pass@2",
                 "by_difficulty"):
         assert here[key] == remote[key], key
@@ -219,16 +247,36 @@ def test_rejection_sampling_output_loads_in_the_sft_reader(ckpt, tmp_path):
     assert tok.decode(ids).startswith(R1_SYSTEM + "\nUser: What is 2 + 3?\nAssistant:")
 
 
-def test_sample_cli_on_a_tiny_checkpoint(ckpt, tmp_path, capsys):
-    """End to end on the engine: every drawn completion is counted and the rates are printed. (A random model
-    answers nothing right, so the written file is empty; the filters are tested above.)"""
+def test_sample_cli_end_to_end_on_the_engine(taught, tmp_path, capsys):
+    """K samples per prompt on the engine: correct ones kept, wrong ones (the same completion against a
+    different expected answer) rejected, duplicates dropped; the file reads in the SFT reader with provenance."""
+    prompts = tmp_path / "p.jsonl"
+    lines = [{"prompt": "What is 2 + 3?", "answer": "5", "kind": "add", "difficulty": 1},
+             {"prompt": "What is 2 + 3?", "answer": "6", "kind": "trap", "difficulty": 1}]
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "s.jsonl"
-    assert sample_cmd.main(["--ckpt", str(ckpt), "--prompts", "synthetic", "--num-prompts", "3", "--tasks", "add",
-                            "--difficulty", "1-1", "--n", "2", "--max-new-tokens", "4", "--device", "cpu",
-                            "--out", str(out)]) == 0
+    assert sample_cmd.main(["--ckpt", str(taught), "--prompts", str(prompts), "--n", "4", "--top-p", "0.9",
+                            "--max-new-tokens", "24", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "add/1" in printed and "wrote" in printed and out.is_file()
-    assert "       6" in printed  # 3 prompts x 2 drawn
+    assert "add/1" in printed and "trap/1" in printed and "wrong 4" in printed and "duplicate 3" in printed
+    examples = read_examples(out)
+    assert len(examples) == 1 and examples[0][1][2] == {"role": "assistant", "content": MEMO.strip()}
+    line = json.loads(out.read_text())
+    assert line["provenance"]["step"] == 200 and line["provenance"]["settings"]["n"] == 4
+    assert line["reward"] == {"accuracy": 1.0, "format": 1.0} and line["kind"] == "add"
+
+
+def test_eval_of_a_taught_checkpoint(taught, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 2 + 3?", "answer": "5"}) + "\n"
+                       + json.dumps({"prompt": "What is 2 + 3?", "answer": "6", "kind": "trap"}) + "\n")
+    out = tmp_path / "e.json"
+    assert eval_cmd.main(["--ckpt", str(taught), "--prompts", str(prompts), "--k", "2", "--samples", "3",
+                          "--top-p", "0.9", "--max-new-tokens", "24", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["pass@1"] == 0.5 and result["format_rate"] == 1.0
+    assert result["by_kind"]["jsonl"]["pass@1"] == 1.0 and result["by_kind"]["trap"]["pass@2"] == 0.0
+    assert result["examples"][0]["completion"] == MEMO
 
 
 def test_sample_bad_input_names_the_problem(ckpt, tmp_path):

@@ -16,6 +16,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,8 @@ class EngineBackend:
 
     def complete(self, prompts: list[str], n: int, *, temperature: float, top_p: float, max_tokens: int,
                  seed: int) -> list[list[str]]:
-        """n texts per prompt (cut at the stop); prompt i's choice j draws with seed + i * n + j."""
+        """n texts per prompt (cut at the stop); prompt i's choice j draws with seed + i * n + j (on servers that
+        add j to a request's seed, as this project's does)."""
         from nanoseek.infer.engine import ContextLengthError
         from nanoseek.infer.sampling import SamplingParams
 
@@ -105,6 +107,7 @@ class HTTPBackend:
     model: str
     api_key: str = ""
     timeout: float = 600.0
+    concurrency: int = 8
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -130,14 +133,16 @@ class HTTPBackend:
 
     def complete(self, prompts: list[str], n: int, *, temperature: float, top_p: float, max_tokens: int,
                  seed: int) -> list[list[str]]:
-        out = []
-        for i, prompt in enumerate(prompts):  # one request per prompt: its n choices share one prefill
-            body = {"model": self.model, "prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
+        def one(i: int) -> list[str]:  # one request per prompt: its n choices share one prefill
+            body = {"model": self.model, "prompt": prompts[i], "n": n, "temperature": temperature, "top_p": top_p,
                     "max_tokens": max_tokens}
             if temperature > 0:
                 body["seed"] = seed + i * n
             choices = sorted(self._post(body)["choices"], key=lambda c: c["index"])
             if len(choices) != n:
                 raise SystemExit(f"{self.url} returned {len(choices)} choices for n={n}")
-            out.append([cut_at_stop(c["text"]) for c in choices])
-        return out
+            return [cut_at_stop(c["text"]) for c in choices]
+
+        # concurrent requests: the server batches them; each prompt's seed fixes its samples, whatever the order
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return list(pool.map(one, range(len(prompts))))
