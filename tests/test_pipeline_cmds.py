@@ -75,7 +75,7 @@ def taught(ckpt, tmp_path_factory) -> Path:
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
-    out = tmp_path_factory.mktemp("taught") / "step-000200"
+    out = tmp_path_factory.mktemp("taught") / "run" / "checkpoints" / "step-000200"
     nanoseek.save_pretrained(model.eval(), out)
     copy_tokenizer_files(ckpt, out)
     return out
@@ -255,7 +255,8 @@ def test_sample_cli_end_to_end_on_the_engine(taught, tmp_path, capsys):
              {"prompt": "What is 2 + 3?", "answer": "6", "kind": "trap", "difficulty": 1}]
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "s.jsonl"
-    assert sample_cmd.main(["--ckpt", str(taught), "--prompts", str(prompts), "--n", "4", "--top-p", "0.9",
+    run_dir = taught.parent.parent  # a run directory: its latest checkpoint is used
+    assert sample_cmd.main(["--ckpt", str(run_dir), "--prompts", str(prompts), "--n", "4", "--top-p", "0.9",
                             "--max-new-tokens", "24", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "add/1" in printed and "trap/1" in printed and "wrong 4" in printed and "duplicate 3" in printed

@@ -30,17 +30,10 @@ def cut_at_stop(text: str, stop: str = STOP) -> str:
 
 
 def resolve_ckpt(path: str | Path) -> Path:
-    """A checkpoint directory (config.json) or a `nanoseek train`/`rl` run directory (its latest checkpoint)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    from nanoseek.train.checkpoint import list_checkpoints
+    """A checkpoint directory, or a run directory's latest step-* checkpoint (as `nanoseek generate` resolves it)."""
+    from nanoseek.infer.cli import resolve_ckpt as resolve
 
-    found = list_checkpoints(path) if path.is_dir() else []
-    if not found:
-        raise SystemExit(f"--ckpt {path}: no checkpoint there (no config.json, no step_* directories); pass a "
-                         "directory written by save_pretrained / `nanoseek train` / `nanoseek rl`")
-    return Path(found[-1])
+    return resolve(path)
 
 
 def ckpt_step(path: Path) -> int | None:
