@@ -292,3 +292,16 @@ def test_sample_bad_input_names_the_problem(ckpt, tmp_path):
     missing.write_text('{"prompt": "What is 1 + 1?"}\n')
     with pytest.raises(SystemExit, match="line 1 has no 'answer'"):
         sample_cmd.main([*base, "--prompts", str(missing)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,cuda_graph", [("float32", False), ("bfloat16", True)])
+def test_eval_on_the_gpu_matches_the_cpu(taught, dtype, cuda_graph):
+    """The taught problem on CUDA (fp32 eager; bf16 with CUDA graphs): the same greedy completion as on the CPU."""
+    problems = [UserProblem("What is 2 + 3?", "5", "add", 1)]
+    cpu = evaluate(EngineBackend(taught, "cpu"), problems, k=0, max_new_tokens=24)
+    gpu = evaluate(EngineBackend(taught, "cuda", dtype=dtype, cuda_graph=cuda_graph), problems, k=0,
+                   max_new_tokens=24)
+    assert gpu["examples"][0]["completion"] == cpu["examples"][0]["completion"] == MEMO
+    assert gpu["pass@1"] == 1.0 and gpu["format_rate"] == 1.0

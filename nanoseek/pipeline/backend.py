@@ -52,7 +52,8 @@ def ckpt_step(path: Path) -> int | None:
 class EngineBackend:
     """Completions on the project's Engine over a checkpoint (greedy when temperature == 0)."""
 
-    def __init__(self, ckpt: str | Path, device: str = "auto", max_batch_size: int = 64):
+    def __init__(self, ckpt: str | Path, device: str = "auto", max_batch_size: int = 64, dtype: str = "auto",
+                 cuda_graph: bool = False):
         import torch
 
         from nanoseek.data.tokenizer import load_tokenizer
@@ -63,12 +64,22 @@ class EngineBackend:
         if not (self.path / "tokenizer.json").is_file():
             raise SystemExit(f"{self.path} has no tokenizer.json: evaluation decodes and scores text; copy the "
                              "tokenizer the model was trained with next to its weights")
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           "cpu" if device == "auto" else device)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: CUDA is not available here; use --device cpu")
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if dtype not in ("auto", *dtypes):
+            raise SystemExit(f"--dtype {dtype!r}: use auto, float32 or bfloat16")
+        torch_dtype = dtypes.get(dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         self.tokenizer = load_tokenizer(self.path)
-        model = load_pretrained(self.path, dtype=torch.float32, device=dev).eval()
+        model = load_pretrained(self.path, dtype=torch_dtype, device=device).eval()
+        if self.tokenizer.vocab_size > model.config.vocab_size:
+            raise SystemExit(f"{self.path}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                             f"{model.config.vocab_size}; pair the checkpoint with its own tokenizer")
         self.engine = Engine(model, self.tokenizer, max_batch_size=max_batch_size,
-                             max_len=model.config.max_position_embeddings)
+                             max_len=model.config.max_position_embeddings,
+                             cuda_graph=cuda_graph and device.startswith("cuda"))
         self.name = str(self.path)
 
     def encode(self, prompt: str) -> list[int]:

@@ -127,12 +127,21 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nanoseek eval", description=__doc__.split("\n\n")[0])
+def add_backend_args(ap: argparse.ArgumentParser) -> None:
+    """Where completions come from: --ckpt on the engine, or --url/--model on an OpenAI-compatible server."""
     ap.add_argument("--ckpt", help="checkpoint or run directory (its latest checkpoint)")
-    ap.add_argument("--url", help="evaluate an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
+    ap.add_argument("--url", help="use an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
     ap.add_argument("--model", default="", help="the model id on --url")
     ap.add_argument("--api-key", default="", help="bearer token for --url")
+    ap.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    ap.add_argument("--dtype", default="auto", help="float32 | bfloat16; auto: bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--max-batch-size", type=int, default=64, help="sequences the engine decodes at once")
+    ap.add_argument("--cuda-graph", action="store_true", help="decode with CUDA graphs (GPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nanoseek eval", description=__doc__.split("\n\n")[0])
+    add_backend_args(ap)
     ap.add_argument("--tasks", default=",".join(KINDS), help=f"comma-separated task kinds of {KINDS}")
     ap.add_argument("--difficulty", default="1-3", help="difficulty range, e.g. 1-3")
     ap.add_argument("--prompts", help="a JSONL file of {prompt, answer} to evaluate instead of the tasks")
@@ -143,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the pass@k samples")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
     ap.add_argument("--out", help="JSON report path (default: stdout table only)")
     return ap
 
@@ -161,7 +169,7 @@ def make_backend(args):
 
             tok = load_tokenizer(resolve_ckpt(args.ckpt))
         return HTTPBackend(args.url, args.model, args.api_key), tok
-    backend = EngineBackend(args.ckpt, args.device)
+    backend = EngineBackend(args.ckpt, args.device, args.max_batch_size, args.dtype, args.cuda_graph)
     return backend, backend.tokenizer
 
 

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from nanoseek.data.tasks import KINDS, R1_SYSTEM, format_ok
-from nanoseek.pipeline.eval_cmd import parse_range
+from nanoseek.pipeline.eval_cmd import add_backend_args, parse_range
 from nanoseek.rl.rewards import AnyProblem, TaskPrompts, accuracy, load_jsonl_prompts, prompt_text
 
 _PRINTABLE = set(chr(c) for c in range(32, 127)) | {"\n", "\t"}
@@ -169,10 +169,7 @@ def report(stats: dict, written: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", help="checkpoint or run directory (its latest checkpoint)")
-    ap.add_argument("--url", help="sample from an OpenAI-compatible server instead (with --model)")
-    ap.add_argument("--model", default="")
-    ap.add_argument("--api-key", default="")
+    add_backend_args(ap)
     ap.add_argument("--prompts", required=True, help="a JSONL file of {prompt, answer}, or 'synthetic'")
     ap.add_argument("--num-prompts", type=int, default=200, help="synthetic prompts (or the first N of the file)")
     ap.add_argument("--tasks", default=",".join(KINDS), help="synthetic task kinds")
@@ -187,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-prompt", type=int, default=0, help="at most this many kept per prompt (0: no cap)")
     ap.add_argument("--per-bucket", type=int, default=0, help="at most this many per kind/difficulty (0: no cap)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True, help="the SFT JSONL to write")
     return ap
 
