@@ -87,9 +87,13 @@ def balance(kept: list[dict], per_prompt: int, per_bucket: int, seed: int) -> li
     return out
 
 
-def load_prompts(spec: str, count: int, tasks: str, difficulty: str, seed: int) -> list[AnyProblem]:
-    """'synthetic': `count` training-split task problems (never the held-out ones eval uses); else a JSONL file."""
+def load_prompts(spec: str, count: int | None, tasks: str, difficulty: str, seed: int) -> list[AnyProblem]:
+    """'synthetic': `count` (default 200) training-split task problems (never the held-out ones eval uses);
+    else a JSONL file (its first `count` lines, default all)."""
+    if count is not None and count < 1:
+        raise SystemExit(f"--num-prompts {count}: sample at least one prompt")
     if spec == "synthetic":
+        count = 200 if count is None else count
         kinds = tuple(k.strip() for k in tasks.split(",") if k.strip())
         try:
             return TaskPrompts(kinds, parse_range(difficulty), seed).train_batch(0, count)
@@ -171,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanoseek sample", description=__doc__.split("\n\n")[0])
     add_backend_args(ap)
     ap.add_argument("--prompts", required=True, help="a JSONL file of {prompt, answer}, or 'synthetic'")
-    ap.add_argument("--num-prompts", type=int, default=200, help="synthetic prompts (or the first N of the file)")
+    ap.add_argument("--num-prompts", type=int, default=None,
+                    help="synthetic prompts (default 200), or the first N of the file (default: all)")
     ap.add_argument("--tasks", default=",".join(KINDS), help="synthetic task kinds")
     ap.add_argument("--difficulty", default="1-3", help="synthetic difficulty range")
     ap.add_argument("--n", type=int, default=8, help="K: completions sampled per prompt")
