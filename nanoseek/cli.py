@@ -1,7 +1,9 @@
-"""`nanoseek <command>`: train, sft, generate, chat, serve. A bare `nanoseek` prints the usage.
+"""`nanoseek <command>`: train, sft, eval, sample, generate, chat, serve. A bare `nanoseek` prints the usage.
 
     nanoseek train [--preset NAME] [--config FILE] [--section.field VALUE ...]
     nanoseek sft --ckpt DIR --data FILE [--section.field VALUE ...]
+    nanoseek eval --ckpt DIR [--tasks add,mul] [--k 8] [--out FILE]
+    nanoseek sample --ckpt DIR --prompts FILE|synthetic --n K --out FILE
     nanoseek generate --ckpt DIR --prompt "..."
     nanoseek chat --ckpt DIR
     nanoseek serve --ckpt DIR --host 127.0.0.1 --port 8000
@@ -18,6 +20,8 @@ COMMANDS = {
     "chat": ("nanoseek.infer.cli", "chat_main", "interactive chat with a checkpoint"),
     "serve": ("nanoseek.infer.cli", "serve_main", "OpenAI-compatible HTTP server"),
     "rl": ("nanoseek.rl.cli", "main", "R1-Zero: GRPO with rule-based rewards from a checkpoint"),
+    "eval": ("nanoseek.pipeline.eval_cmd", "main", "pass@1, pass@k, format rate of a checkpoint or server"),
+    "sample": ("nanoseek.pipeline.sample_cmd", "main", "rejection sampling into SFT-ready JSONL"),
     "plan": ("nanoseek.parallel.plan", "main", "memory, bubble, all-to-all and step time of a cluster layout"),
 }
 
