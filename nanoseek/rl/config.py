@@ -45,6 +45,8 @@ class RLConfig:
     ref_reset_every: int = doc("replace the reference model by the policy every N steps (R1: 400; 0 never)", 0)
     aggregation: str = doc("'sequence' (GRPO), 'token' (DAPO) or 'constant' (Dr. GRPO: / max_new_tokens)",
                            "sequence")
+    neg_weight: float = doc("weight of negative advantages (1: GRPO; 0: only better-than-average responses "
+                            "are reinforced, as in rejection-sampling fine-tuning; in between: W-REINFORCE)", 1.0)
     mu: int = doc("update epochs over each rollout batch", 1)
     minibatches: int = doc("optimizer steps per epoch: the rollout batch is split into this many", 1)
     micro_batch_size: int = doc("responses per forward/backward (gradient accumulation inside a mini-batch)",
@@ -259,6 +261,8 @@ def validate(run: RLRun) -> None:
     if not (0 <= rl.eps_low < 1 and rl.eps_high >= 0):
         raise SystemExit(f"nanoseek rl: clip range eps_low={rl.eps_low}, eps_high={rl.eps_high}: need "
                          "0 <= eps_low < 1 and eps_high >= 0")
+    if not 0 <= rl.neg_weight <= 1:
+        raise SystemExit(f"nanoseek rl: --rl.neg_weight {rl.neg_weight} must lie in [0, 1] (1: GRPO)")
     if rl.beta < 0:
         raise SystemExit(f"nanoseek rl: --rl.beta {rl.beta} must be >= 0 (0: no reference model)")
     if rl.minibatches > rl.prompts_per_step * rl.group_size:
