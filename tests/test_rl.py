@@ -12,7 +12,7 @@ import torch
 
 from nanoseek.data.tasks import make_problem, render, split_of
 from nanoseek.rl.config import parse_args
-from nanoseek.rl.loss import group_advantages, grpo_loss, k3_kl
+from nanoseek.rl.loss import group_advantages, grpo_loss, k3_kl, weight_negatives
 from nanoseek.rl.rewards import (
     OverlongPenalty,
     Response,
@@ -119,6 +119,22 @@ def test_group_advantages_normalise_per_group():
     assert torch.allclose(dr[2], torch.tensor([1.0, -1.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match="G=1"):
         group_advantages(torch.ones(3, 1))
+
+
+def test_weight_negatives_scales_only_below_average_responses():
+    a = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # one success in four: +1.5 / -0.5 (x 1/std)
+    assert torch.equal(weight_negatives(a, 1.0), a)  # GRPO unchanged
+    half = weight_negatives(a, 0.5)
+    assert half[0, 0] == a[0, 0] and torch.allclose(half[0, 1:], a[0, 1:] / 2)
+    none = weight_negatives(a, 0.0)
+    assert none[0, 0] > 0 and torch.equal(none[0, 1:], torch.zeros(3))
+    # with only positive advantages, a loss step can only raise the log-probs of the reinforced response
+    logp = torch.zeros(4, 3, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), none[0], torch.ones(4, 3), aggregation="token")
+    loss.backward()
+    assert (logp.grad[0] < 0).all() and torch.equal(logp.grad[1:], torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="neg_weight"):
+        weight_negatives(a, 1.5)
 
 
 # ---------------------------------------------------------------------------- rewards and prompts

@@ -43,6 +43,17 @@ def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float =
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
 
 
+def weight_negatives(advantages: torch.Tensor, neg_weight: float) -> torch.Tensor:
+    """Advantages (any shape) with the negative ones scaled by `neg_weight` in [0, 1].
+
+    1 is GRPO. 0 keeps only the push towards better-than-average responses (rejection-sampling
+    fine-tuning weighted by the advantage): when most samples fail, the many pushes down on wrong
+    responses also lower the shared tokens (numbers, steps) of right answers elsewhere."""
+    if not 0.0 <= neg_weight <= 1.0:
+        raise ValueError(f"neg_weight {neg_weight} must lie in [0, 1] (1: GRPO, 0: positive advantages only)")
+    return torch.where(advantages < 0, advantages * neg_weight, advantages)
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || pi_ref) from samples of pi: exp(d) - d - 1 with d = ref - logp.
     Non-negative (e^d >= 1 + d), zero where the two log-probs agree, unbiased for the KL in expectation."""

@@ -35,7 +35,7 @@ from nanoseek.hf import load_pretrained, read_config
 from nanoseek.infer.engine import Engine
 from nanoseek.rl.config import RLRun
 from nanoseek.rl.evaluate import evaluate, summary_line
-from nanoseek.rl.loss import group_advantages, grpo_loss
+from nanoseek.rl.loss import group_advantages, grpo_loss, weight_negatives
 from nanoseek.rl.rewards import JsonlPrompts, Reward, RewardWeights, TaskPrompts, math_verify_reward
 from nanoseek.rl.rollout import (
     Rollout,
@@ -412,6 +412,8 @@ def train_step(run: RLRun, step: int, engine: Engine, model, optimizer, ref, pro
         return m | {"skipped": 1, "update_s": 0.0, "lr": tc.lr}
     rewards = torch.tensor([[r.reward for r in g] for g in groups])  # (P, G)
     adv = group_advantages(rewards, rl.scale_std)
+    if rl.neg_weight != 1.0:  # down-weight the push-down on below-average responses
+        adv = weight_negatives(adv, rl.neg_weight)
     for g, a in zip(groups, adv.tolist()):
         for r, ai in zip(g, a):
             r.advantage = ai
