@@ -14,10 +14,15 @@ TORCH_CPU := torch==2.13.0
 
 install: .venv/.installed
 
-# the embedded demo into runs/demo; a second `make demo` is refused (runs/demo holds a run):
-# continue it with `.venv/bin/nanoseek train --resume`, or delete runs/demo first
+# The R1-Zero story on the CPU: pretraining into runs/demo (reused when it is already there: delete
+# runs/demo to pretrain again), then GRPO from its latest checkpoint into runs/demo-rl (started over
+# each time), with held-out accuracy before and after.
 demo: install
-	.venv/bin/nanoseek train
+	@if [ -d runs/demo/checkpoints ]; then \
+	  echo "make demo: runs/demo holds a pretrained run; reusing it (delete runs/demo to pretrain again)"; \
+	else .venv/bin/nanoseek train; fi
+	rm -rf runs/demo-rl
+	.venv/bin/nanoseek rl --preset demo
 
 test: install
 	$(PY) -m ruff check nanoseek tests bench
