@@ -1,0 +1,355 @@
+"""The R1 pipeline at demo scale on the CPU, stage by stage, each stage scored the same way (issue 21).
+
+    python bench/r1_pipeline.py                   # the whole pipeline (reuses runs/demo as the base)
+    python bench/r1_pipeline.py --skip-existing   # rerun: finished stages and evaluations are reused
+    python bench/r1_pipeline.py --quick           # a smoke run of a minute or two (tiny budgets, tiny evals)
+
+DeepSeek-R1 (arXiv:2501.12948; REFERENCE.md section 5) is not trained by RL alone. This script runs the
+project's own commands (`nanoseek train / rl / sample / sft / eval`, each as a subprocess, so every stage is
+a command a user can rerun by hand; the command lines are in the record) and compares five rows:
+
+    1. base          the demo pretraining checkpoint (runs/demo, or `nanoseek train --preset demo`)
+    2. R1-Zero       `nanoseek rl --preset demo` from the base: RL only, no SFT
+    3. cold start    `nanoseek sample` on the R1-Zero model (verified, readable, deduplicated) is the
+                     cold-start SFT set for a fresh copy of the base; then the same RL from that SFT model
+    4. RS + SFT      `nanoseek sample` from row 3's model into a larger set; SFT of the base on it (R1's
+                     stage 3 fine-tunes the *base* on the rejection-sampled set, not the RL model)
+    5. distillation  a smaller student (the demo preset with fewer layers, its own short pretraining with
+                     the base's tokenizer) SFT'd on row 4's teacher set, against the same student trained by
+                     `nanoseek rl --preset demo` for the same wall-clock as the student's SFT loop
+
+Every model is scored by `nanoseek eval` on the same held-out problems: the RL demo's task (Countdown with
+3 numbers, the held-out split RL and sampling never draw from), greedy pass@1 with a 95% Wilson interval,
+pass@8 from 8 samples at temperature 1, format rate and mean completion length in tokens.
+
+Output: a table on stdout; bench/results/r1_pipeline-<date>.json (device, torch version, settings, git
+commit, every stage's command and wall-clock, every evaluation); the same table as markdown (.md next to it).
+Stage outputs live in --work (default runs/pipeline); with --skip-existing a stage whose output and
+record are there is reused (its recorded time is reported, marked as reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = ["--tasks", "countdown", "--difficulty", "3"]  # the RL demo's task: Countdown with 3 numbers
+NEW_TOKENS = "160"  # the RL demo's response limit, used for sampling and evaluation alike
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """Budgets of every stage. --quick shrinks them to a smoke run; every value is an option."""
+    s = dict(eval_n=args.eval_n, eval_k=args.eval_k, rl_minutes=args.rl_minutes, cs_prompts=args.cs_prompts,
+             rs_prompts=args.rs_prompts, samples_per_prompt=args.samples_per_prompt, per_prompt=args.per_prompt,
+             sft_lr=args.sft_lr, sft_epochs=args.sft_epochs, student_layers=args.student_layers,
+             student_steps=args.student_steps, student_minutes=args.student_minutes, student_lr=args.student_lr,
+             rl_max_steps=200, sft_max_steps=0)
+    if args.quick:
+        s.update(eval_n=16, eval_k=2, rl_minutes=0.3, cs_prompts=16, rs_prompts=24, samples_per_prompt=4,
+                 student_steps=20, student_minutes=0.5, rl_max_steps=3, sft_max_steps=3)
+    return s
+
+
+class Pipeline:
+    """Runs stages as subprocesses, logs each to WORK/logs/<stage>.log, records commands and timings in
+    WORK/stages.json (what --skip-existing reads back)."""
+
+    def __init__(self, work: Path, threads: int, skip_existing: bool, python: str = sys.executable):
+        self.work, self.threads, self.skip, self.python = work, threads, skip_existing, python
+        self.work.mkdir(parents=True, exist_ok=True)
+        (work / "logs").mkdir(exist_ok=True)
+        self.record_file = work / "stages.json"
+        self.stages: dict[str, dict] = {}
+        if skip_existing and self.record_file.is_file():
+            self.stages = json.loads(self.record_file.read_text())
+
+    def done(self, name: str, output: Path) -> bool:
+        rec = self.stages.get(name)
+        return self.skip and rec is not None and rec.get("status") == "done" and output.exists()
+
+    def run(self, name: str, argv: list[str], output: Path, extra: dict | None = None) -> dict:
+        """`python -m nanoseek ARGV`, unless --skip-existing finds it done. A failure stops the pipeline,
+        naming the stage, its log and the log's last lines."""
+        if self.done(name, output):
+            rec = self.stages[name]
+            rec["reused"] = True
+            print(f"[{name}] reused ({rec['seconds'] / 60:.1f} min when it ran): {output}")
+            return rec
+        if output.is_dir():
+            shutil.rmtree(output)  # the commands refuse to start a new run in a directory holding one
+        elif output.exists():
+            output.unlink()
+        log = self.work / "logs" / f"{name}.log"
+        cmd = [self.python, "-m", "nanoseek", *argv]
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONPATH": str(ROOT)}
+        print(f"[{name}] nanoseek {' '.join(argv)}", flush=True)
+        t = time.time()
+        with log.open("w") as f:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        seconds = time.time() - t
+        if rc != 0 or not output.exists():
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            why = f"exited with {rc}" if rc else f"did not write {output}"
+            raise SystemExit(f"r1_pipeline: stage {name!r} {why}; its log is {log}. Last lines:\n{tail}")
+        rec = {"status": "done", "command": "nanoseek " + " ".join(argv), "seconds": seconds, "log": str(log),
+               "output": str(output), "reused": False, **(extra or {})}
+        self.stages[name] = rec
+        self.record_file.write_text(json.dumps(self.stages, indent=2) + "\n")
+        print(f"[{name}] {seconds / 60:.1f} min", flush=True)
+        return rec
+
+    def note(self, name: str, **fields) -> None:
+        self.stages[name].update(fields)
+        self.record_file.write_text(json.dumps(self.stages, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def count_lines(path: Path) -> int:
+    return sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
+
+
+def need_samples(path: Path, what: str, option: str) -> None:
+    """SFT on an empty file would stop with a less helpful message: say which knob fixes it."""
+    if count_lines(path) == 0:
+        raise SystemExit(f"r1_pipeline: {path} holds no accepted samples for {what} (no sampled completion was "
+                         f"correct and readable); sample more prompts with {option} or use a stronger base "
+                         "(--quick needs the demo base runs/demo)")
+
+
+def run_pipeline(args: argparse.Namespace) -> dict:
+    s = settings(args)
+    work = Path(args.work)
+    p = Pipeline(work, args.threads, args.skip_existing)
+    started = time.time()
+    rl_common = ["--preset", "demo", "--prompts.eval_problems", "0", "--train.plots", "false",
+                 "--train.tensorboard", "false", "--train.max_steps", str(s["rl_max_steps"])]
+    sft_common = ["--train.tensorboard", "false", "--train.ckpt_every", "0"]
+    if s["sft_max_steps"]:
+        sft_common += ["--train.max_steps", str(s["sft_max_steps"])]
+    sample_common = [*TASK, "--n", str(s["samples_per_prompt"]), "--max-new-tokens", NEW_TOKENS,
+                     "--per-prompt", str(s["per_prompt"])]
+
+    # 1. the base: a finished demo pretraining run, else pretrain one
+    base = Path(args.base)
+    if (base / "checkpoints").is_dir() and any((base / "checkpoints").glob("step-*")):
+        summary = read_json(base / "summary.json")
+        p.stages["base"] = {"status": "done", "command": "reused " + str(base), "reused": True,
+                            "seconds": 60 * summary.get("minutes", 0.0), "output": str(base),
+                            "steps": summary.get("step"), "note": "pretraining loop minutes from its summary.json"}
+        print(f"[base] reusing {base} ({summary.get('step')} steps; delete it to pretrain again)")
+    else:
+        base_args = ["train", "--preset", "demo", "--train.out_dir", str(base)]
+        if args.quick:
+            base_args += ["--train.max_steps", "30", "--train.eval_problems", "0"]
+        p.run("base", base_args, base / "checkpoints")
+        p.note("base", steps=read_json(base / "summary.json").get("step"))
+
+    # 2. R1-Zero: RL only
+    r1z = work / "r1zero"
+    p.run("r1zero", ["rl", *rl_common, "--ckpt", str(base), "--train.out_dir", str(r1z),
+                     "--train.time_limit_min", str(s["rl_minutes"])], r1z / "summary.json")
+    p.note("r1zero", steps=read_json(r1z / "summary.json").get("step"))
+
+    # 3. cold start: R1-Zero's verified, readable samples -> SFT of a fresh base -> the same RL
+    cs_data = work / "coldstart.jsonl"
+    p.run("coldstart_sample", ["sample", "--ckpt", str(r1z), "--prompts", "synthetic", "--num-prompts",
+                               str(s["cs_prompts"]), *sample_common, "--seed", "1", "--out", str(cs_data)], cs_data)
+    p.note("coldstart_sample", examples=count_lines(cs_data))
+    need_samples(cs_data, "the cold start", "--cs-prompts")
+    cs_sft = work / "coldstart-sft"
+    p.run("coldstart_sft", ["sft", "--ckpt", str(base), "--data", str(cs_data), "--train.out_dir", str(cs_sft),
+                            "--train.lr", str(s["sft_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
+          cs_sft / "summary.json")
+    p.note("coldstart_sft", steps=read_json(cs_sft / "summary.json").get("step"))
+    cs_rl = work / "coldstart-rl"
+    p.run("coldstart_rl", ["rl", *rl_common, "--ckpt", str(cs_sft), "--train.out_dir", str(cs_rl),
+                           "--train.time_limit_min", str(s["rl_minutes"])], cs_rl / "summary.json")
+    p.note("coldstart_rl", steps=read_json(cs_rl / "summary.json").get("step"))
+
+    # 4. rejection sampling from row 3's model into a larger set; SFT of the base on it
+    rs_data = work / "rejection.jsonl"
+    p.run("rs_sample", ["sample", "--ckpt", str(cs_rl), "--prompts", "synthetic", "--num-prompts",
+                        str(s["rs_prompts"]), *sample_common, "--seed", "2", "--out", str(rs_data)], rs_data)
+    p.note("rs_sample", examples=count_lines(rs_data))
+    need_samples(rs_data, "rejection-sampling SFT", "--rs-prompts")
+    rs_sft = work / "rs-sft"
+    p.run("rs_sft", ["sft", "--ckpt", str(base), "--data", str(rs_data), "--train.out_dir", str(rs_sft),
+                     "--train.lr", str(s["sft_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
+          rs_sft / "summary.json")
+    p.note("rs_sft", steps=read_json(rs_sft / "summary.json").get("step"))
+
+    # 5. distillation: a smaller student, pretrained briefly with the base's tokenizer; SFT on the teacher's
+    #    set vs RL alone for the same wall-clock (the student's SFT loop minutes, from its summary.json)
+    student = work / "student-base"
+    p.run("student_pretrain", ["train", "--preset", "demo", "--model.num_hidden_layers", str(s["student_layers"]),
+                               "--data.tokenizer", str(resolve_latest(base)), "--train.out_dir", str(student),
+                               "--train.max_steps", str(s["student_steps"]), "--train.time_limit_min",
+                               str(s["student_minutes"]), "--train.eval_problems", "0", "--train.samples", "0",
+                               "--train.ckpt_every", "0", "--train.tensorboard", "false"], student / "summary.json")
+    p.note("student_pretrain", steps=read_json(student / "summary.json").get("step"))
+    st_sft = work / "student-sft"
+    p.run("student_sft", ["sft", "--ckpt", str(student), "--data", str(rs_data), "--train.out_dir", str(st_sft),
+                          "--train.lr", str(s["student_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
+          st_sft / "summary.json")
+    sft_minutes = read_json(st_sft / "summary.json")["minutes"]
+    p.note("student_sft", steps=read_json(st_sft / "summary.json").get("step"), loop_minutes=sft_minutes)
+    st_rl = work / "student-rl"
+    p.run("student_rl", ["rl", *rl_common, "--ckpt", str(student), "--train.out_dir", str(st_rl),
+                         "--train.time_limit_min", f"{sft_minutes:.4f}"], st_rl / "summary.json")
+    rl_summary = read_json(st_rl / "summary.json")
+    p.note("student_rl", steps=rl_summary.get("step"), loop_minutes=rl_summary.get("minutes"))
+
+    # every model, the same evaluation
+    models = [("1", "base", base), ("2", "R1-Zero", r1z), ("3a", "cold-start SFT", cs_sft),
+              ("3", "cold-start SFT + RL", cs_rl), ("4", "RS + SFT", rs_sft), ("5a", "student, pretrained", student),
+              ("5", "student, distilled (SFT)", st_sft), ("5b", "student, RL only", st_rl)]
+    evals = {}
+    for row, _, ckpt in models:
+        out = work / "evals" / f"row{row}.json"
+        p.run(f"eval_row{row}", ["eval", "--ckpt", str(ckpt), *TASK, "--n", str(s["eval_n"]), "--k",
+                                 str(s["eval_k"]), "--max-new-tokens", NEW_TOKENS, "--out", str(out)], out)
+        evals[row] = read_json(out)
+    wall = time.time() - started
+    return build_record(args, s, p.stages, models, evals, wall)
+
+
+def resolve_latest(run_dir: Path) -> Path:
+    """A run directory's newest step-* checkpoint (it holds tokenizer.json), or the path itself."""
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    return steps[-1] if steps else run_dir
+
+
+STAGE_OF_ROW = {"1": ["base"], "2": ["r1zero"], "3a": ["coldstart_sample", "coldstart_sft"], "3": ["coldstart_rl"],
+                "4": ["rs_sample", "rs_sft"], "5a": ["student_pretrain"], "5": ["student_sft"], "5b": ["student_rl"]}
+
+
+def rows(models: list, evals: dict, stages: dict, k: int) -> list[dict]:
+    """One table row per model: the evaluation's figures and the minutes of the stages that made it."""
+    out = []
+    for row, name, ckpt in models:
+        e = evals[row]
+        steps = [stages[s].get("steps") for s in STAGE_OF_ROW[row] if stages.get(s, {}).get("steps") is not None]
+        out.append({"row": row, "model": name, "checkpoint": str(ckpt), "n": e["n"], "pass@1": e["pass@1"],
+                    "pass@1_ci95": e["pass@1_ci95"], f"pass@{k}": e.get(f"pass@{k}"),
+                    "format_rate": e["format_rate"], "mean_length_tokens": e.get("mean_length_tokens"),
+                    "stage_minutes": sum(stages[s]["seconds"] for s in STAGE_OF_ROW[row] if s in stages) / 60,
+                    "steps": steps[-1] if steps else None})
+    return out
+
+
+def targets(table: list[dict], total_min: float, limit_min: float) -> dict:
+    """The issue's targets, checked on the measured figures (no interval test: the record keeps the CIs)."""
+    r = {t["row"]: t for t in table}
+    return {"pipeline_at_least_r1zero": {row: r[row]["pass@1"] >= r["2"]["pass@1"] for row in ("3", "4")},
+            "pipeline_higher_format": {row: r[row]["format_rate"] > r["2"]["format_rate"] for row in ("3", "4")},
+            "distilled_beats_student_rl": r["5"]["pass@1"] > r["5b"]["pass@1"],
+            "minutes_excluding_base": total_min, "within_minutes": total_min <= limit_min, "limit_minutes": limit_min}
+
+
+def markdown(table: list[dict], k: int) -> str:
+    lines = [f"| row | model | greedy pass@1 [95% CI] | pass@{k} | format | mean length (tokens) | steps | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        lo, hi = t["pass@1_ci95"]
+        pk = "" if t.get(f"pass@{k}") is None else f"{100 * t[f'pass@{k}']:.1f}%"
+        length = "" if t["mean_length_tokens"] is None else f"{t['mean_length_tokens']:.0f}"
+        lines.append(f"| {t['row']} | {t['model']} | {100 * t['pass@1']:.1f}% [{100 * lo:.1f}-{100 * hi:.1f}] | {pk} "
+                     f"| {100 * t['format_rate']:.0f}% | {length} | {t['steps'] or ''} | {t['stage_minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: float) -> dict:
+    import torch
+
+    k = s["eval_k"]
+    table = rows(models, evals, stages, k)
+    ran = {n: r for n, r in stages.items() if n != "base"}
+    total_min = sum(r["seconds"] for r in ran.values()) / 60
+    eval_min = sum(r["seconds"] for n, r in ran.items() if n.startswith("eval_")) / 60
+    return {"benchmark": "r1_pipeline", "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
+            "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__,
+            "python": platform.python_version(), "git_commit": git_commit(), "settings": s,
+            "task": "countdown, 3 numbers, held-out split (nanoseek eval --tasks countdown --difficulty 3)",
+            "compute_match": "student RL gets the wall-clock of the student's SFT loop (model loading excluded "
+                             "in both; the teacher's sampling is not charged to the student)",
+            "timing": {"script_wall_minutes": wall / 60, "stages_minutes_excluding_base": total_min,
+                       "of_which_evaluation_minutes": eval_min,
+                       "base_pretraining_minutes": stages["base"]["seconds"] / 60,
+                       "base_reused": stages["base"].get("reused", False),
+                       "any_stage_reused": any(r.get("reused") for r in ran.values())},
+            "targets": targets(table, total_min, 15.0), "table": table, "stages": stages,
+            "evals": {row: evals[row] for row, _, _ in models}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="runs/demo", help="the base run directory (pretrained there if missing)")
+    ap.add_argument("--work", default=None, help="stage outputs (default runs/pipeline, --quick: runs/pipeline-quick)")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/r1_pipeline-<date>.json; "
+                                                "--quick: WORK/r1_pipeline-quick.json)")
+    ap.add_argument("--skip-existing", action="store_true", help="reuse stages whose outputs are in --work")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny budgets and evaluations")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every stage")
+    ap.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation")
+    ap.add_argument("--eval-k", type=int, default=8, help="pass@k (k samples per problem at temperature 1)")
+    ap.add_argument("--rl-minutes", type=float, default=2.5, help="RL time limit of rows 2 and 3")
+    ap.add_argument("--cs-prompts", type=int, default=128, help="prompts sampled for the cold-start set")
+    ap.add_argument("--rs-prompts", type=int, default=384, help="prompts sampled for the rejection-sampling set")
+    ap.add_argument("--samples-per-prompt", type=int, default=8, help="completions drawn per prompt")
+    ap.add_argument("--per-prompt", type=int, default=2, help="accepted completions kept per prompt")
+    ap.add_argument("--sft-lr", type=float, default=1e-4, help="SFT learning rate (docs/sft.md: 1e-4 keeps accuracy)")
+    ap.add_argument("--sft-epochs", type=float, default=2.0, help="SFT passes over the sampled sets")
+    ap.add_argument("--student-layers", type=int, default=2, help="the student: demo preset with this many layers")
+    ap.add_argument("--student-steps", type=int, default=400, help="the student's pretraining steps")
+    ap.add_argument("--student-minutes", type=float, default=3.0, help="time limit of the student's pretraining")
+    ap.add_argument("--student-lr", type=float, default=1e-4, help="learning rate of the student's SFT")
+    args = ap.parse_args(argv)
+    for name in ("eval_n", "eval_k", "cs_prompts", "rs_prompts", "samples_per_prompt", "student_layers",
+                 "student_steps", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"r1_pipeline: --{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    args.work = args.work or ("runs/pipeline-quick" if args.quick else "runs/pipeline")
+    record = run_pipeline(args)
+    date = record["date"]
+    out = Path(args.out or (Path(args.work) / "r1_pipeline-quick.json" if args.quick
+                            else ROOT / "bench" / "results" / f"r1_pipeline-{date}.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    md = markdown(record["table"], record["settings"]["eval_k"])
+    out.with_suffix(".md").write_text(md + "\n")
+    t, tm = record["targets"], record["timing"]
+    print("\n" + md + "\n")
+    print(f"stages {tm['stages_minutes_excluding_base']:.1f} min excluding the base's pretraining "
+          f"({tm['of_which_evaluation_minutes']:.1f} of them evaluation); base pretraining "
+          f"{tm['base_pretraining_minutes']:.1f} min{' (reused)' if tm['base_reused'] else ''}; "
+          f"script wall-clock {tm['script_wall_minutes']:.1f} min")
+    print(f"targets: rows 3/4 >= R1-Zero pass@1 {t['pipeline_at_least_r1zero']}, higher format "
+          f"{t['pipeline_higher_format']}, distilled > student RL {t['distilled_beats_student_rl']}, "
+          f"within 15 min {t['within_minutes']}")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""bench/r1_pipeline.py's record code: the table, the target checks and a failing stage's message (< 5 s)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.r1_pipeline import STAGE_OF_ROW, Pipeline, markdown, rows, targets  # noqa: E402
+
+ROWS = ["1", "2", "3a", "3", "4", "5a", "5", "5b"]
+
+
+def fake_eval(p1: float, p8: float, fmt: float, length: float) -> dict:
+    return {"n": 200, "pass@1": p1, "pass@1_ci95": [p1 - 0.05, p1 + 0.05], "pass@8": p8, "format_rate": fmt,
+            "mean_length_tokens": length}
+
+
+def table_for(p1: dict[str, float], fmt: dict[str, float]):
+    models = [(r, f"model {r}", Path(f"runs/x/{r}")) for r in ROWS]
+    evals = {r: fake_eval(p1[r], min(1.0, 2 * p1[r]), fmt[r], 50 + i) for i, r in enumerate(ROWS)}
+    stages = {s: {"seconds": 60.0 * (i + 1), "steps": 10 * (i + 1)}
+              for i, s in enumerate(s for r in ROWS for s in STAGE_OF_ROW[r])}
+    return rows(models, evals, stages, 8), stages
+
+
+def test_table_carries_each_rows_figures_and_stage_minutes():
+    p1 = dict(zip(ROWS, [0.10, 0.12, 0.20, 0.22, 0.25, 0.02, 0.08, 0.03]))
+    table, stages = table_for(p1, dict.fromkeys(ROWS, 1.0))
+    by_row = {t["row"]: t for t in table}
+    assert [t["row"] for t in table] == ROWS
+    assert by_row["4"]["pass@1"] == 0.25 and by_row["4"]["pass@8"] == 0.5
+    # row 3a is made by two stages (sampling and SFT): both count, the last one's steps are shown
+    expected = (stages["coldstart_sample"]["seconds"] + stages["coldstart_sft"]["seconds"]) / 60
+    assert by_row["3a"]["stage_minutes"] == pytest.approx(expected)
+    assert by_row["3a"]["steps"] == stages["coldstart_sft"]["steps"]
+    md = markdown(table, 8).splitlines()
+    assert len(md) == 2 + len(ROWS)
+    assert md[6].startswith("| 4 | model 4 | 25.0% [20.0-30.0] | 50.0% | 100% | 54 |")
+
+
+def test_targets_follow_the_figures():
+    p1 = dict(zip(ROWS, [0.10, 0.12, 0.20, 0.11, 0.25, 0.02, 0.08, 0.03]))
+    fmt = dict(zip(ROWS, [0.9, 0.9, 1.0, 1.0, 0.9, 0.5, 1.0, 0.6]))
+    table, _ = table_for(p1, fmt)
+    t = targets(table, total_min=16.0, limit_min=15.0)
+    assert t["pipeline_at_least_r1zero"] == {"3": False, "4": True}
+    assert t["pipeline_higher_format"] == {"3": True, "4": False}
+    assert t["distilled_beats_student_rl"] is True
+    assert t["within_minutes"] is False
+    p1["5b"] = 0.08  # a tie is not a win
+    table, _ = table_for(p1, fmt)
+    assert targets(table, 14.0, 15.0)["distilled_beats_student_rl"] is False
+
+
+def test_failed_stage_names_the_stage_and_its_log(tmp_path):
+    p = Pipeline(tmp_path / "work", threads=1, skip_existing=False)
+    with pytest.raises(SystemExit, match=r"stage 'nothing' did not write .*missing.*its log is .*nothing\.log"):
+        p.run("nothing", ["--version"], tmp_path / "missing")  # exits 0 but writes no output
+    with pytest.raises(SystemExit, match=r"stage 'bad' exited with 2"):
+        p.run("bad", ["eval", "--no-such-option"], tmp_path / "missing")
+    assert not (tmp_path / "work" / "stages.json").exists()  # nothing recorded as done
