@@ -53,7 +53,7 @@ def settings(args: argparse.Namespace) -> dict:
              student_steps=args.student_steps, student_minutes=args.student_minutes, student_lr=args.student_lr,
              rl_max_steps=200, sft_max_steps=0)
     if args.quick:
-        s.update(eval_n=16, eval_k=2, rl_minutes=0.3, cs_prompts=16, rs_prompts=24, samples_per_prompt=4,
+        s.update(eval_n=16, eval_k=2, rl_minutes=0.3, cs_prompts=48, rs_prompts=64, samples_per_prompt=8,
                  student_steps=20, student_minutes=0.5, rl_max_steps=3, sft_max_steps=3)
     return s
 
@@ -71,14 +71,16 @@ class Pipeline:
         if skip_existing and self.record_file.is_file():
             self.stages = json.loads(self.record_file.read_text())
 
-    def done(self, name: str, output: Path) -> bool:
+    def done(self, name: str, argv: list[str], output: Path) -> bool:
+        """Reusable: --skip-existing, recorded as done with the same command line, and its output is there."""
         rec = self.stages.get(name)
-        return self.skip and rec is not None and rec.get("status") == "done" and output.exists()
+        return (self.skip and rec is not None and rec.get("status") == "done" and output.exists()
+                and rec.get("command") == "nanoseek " + " ".join(argv))
 
     def run(self, name: str, argv: list[str], output: Path, extra: dict | None = None) -> dict:
-        """`python -m nanoseek ARGV`, unless --skip-existing finds it done. A failure stops the pipeline,
-        naming the stage, its log and the log's last lines."""
-        if self.done(name, output):
+        """`python -m nanoseek ARGV`, unless --skip-existing finds it done with the same command line (a
+        changed setting reruns it). A failure stops the pipeline, naming the stage, its log and its last lines."""
+        if self.done(name, argv, output):
             rec = self.stages[name]
             rec["reused"] = True
             print(f"[{name}] reused ({rec['seconds'] / 60:.1f} min when it ran): {output}")
