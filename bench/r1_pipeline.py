@@ -37,7 +37,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ def settings(args: argparse.Namespace) -> dict:
              rs_prompts=args.rs_prompts, samples_per_prompt=args.samples_per_prompt, per_prompt=args.per_prompt,
              sft_lr=args.sft_lr, sft_epochs=args.sft_epochs, student_layers=args.student_layers,
              student_steps=args.student_steps, student_minutes=args.student_minutes, student_lr=args.student_lr,
+             student_epochs=args.student_epochs, sample_temperature=args.sample_temperature,
              rl_max_steps=200, sft_max_steps=0)
     if args.quick:
         s.update(eval_n=16, eval_k=2, rl_minutes=0.3, cs_prompts=48, rs_prompts=64, samples_per_prompt=8,
@@ -68,30 +71,37 @@ class Pipeline:
         (work / "logs").mkdir(exist_ok=True)
         self.record_file = work / "stages.json"
         self.stages: dict[str, dict] = {}
+        self.lock = threading.Lock()  # evaluations run concurrently and share the record file
         if skip_existing and self.record_file.is_file():
             self.stages = json.loads(self.record_file.read_text())
 
-    def done(self, name: str, argv: list[str], output: Path) -> bool:
-        """Reusable: --skip-existing, recorded as done with the same command line, and its output is there."""
+    def done(self, name: str, argv: list[str], output: Path, after: tuple[str, ...]) -> bool:
+        """Reusable: --skip-existing, recorded as done with the same command line, its output is there, and
+        every stage it reads (`after`) finished before it (else its input changed since: it reruns)."""
         rec = self.stages.get(name)
-        return (self.skip and rec is not None and rec.get("status") == "done" and output.exists()
-                and rec.get("command") == "nanoseek " + " ".join(argv))
+        if not (self.skip and rec is not None and rec.get("status") == "done" and output.exists()
+                and rec.get("command") == "nanoseek " + " ".join(argv)):
+            return False
+        return all(self.stages.get(u, {}).get("finished", float("inf")) <= rec.get("finished", 0) for u in after)
 
-    def run(self, name: str, argv: list[str], output: Path, extra: dict | None = None) -> dict:
+    def run(self, name: str, argv: list[str], output: Path, after: tuple[str, ...] = (),
+            threads: int | None = None) -> dict:
         """`python -m nanoseek ARGV`, unless --skip-existing finds it done with the same command line (a
         changed setting reruns it). A failure stops the pipeline, naming the stage, its log and its last lines."""
-        if self.done(name, argv, output):
+        if self.done(name, argv, output, after):
             rec = self.stages[name]
             rec["reused"] = True
             print(f"[{name}] reused ({rec['seconds'] / 60:.1f} min when it ran): {output}")
             return rec
-        if output.is_dir():
-            shutil.rmtree(output)  # the commands refuse to start a new run in a directory holding one
+        run_dir = output.parent if output.name in ("summary.json", "checkpoints") else None
+        if run_dir is not None and run_dir.is_dir() and self.work.resolve() in run_dir.resolve().parents:
+            shutil.rmtree(run_dir)  # train/sft/rl refuse to start a new run in a directory holding one
+            # (only inside --work: a --base elsewhere is never deleted; `nanoseek train` names the fix)
         elif output.exists():
             output.unlink()
         log = self.work / "logs" / f"{name}.log"
         cmd = [self.python, "-m", "nanoseek", *argv]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads), "PYTHONPATH": str(ROOT)}
         print(f"[{name}] nanoseek {' '.join(argv)}", flush=True)
         t = time.time()
         with log.open("w") as f:
@@ -102,9 +112,11 @@ class Pipeline:
             why = f"exited with {rc}" if rc else f"did not write {output}"
             raise SystemExit(f"r1_pipeline: stage {name!r} {why}; its log is {log}. Last lines:\n{tail}")
         rec = {"status": "done", "command": "nanoseek " + " ".join(argv), "seconds": seconds, "log": str(log),
-               "output": str(output), "reused": False, **(extra or {})}
-        self.stages[name] = rec
-        self.record_file.write_text(json.dumps(self.stages, indent=2) + "\n")
+               "output": str(output), "reused": False,
+               "finished": time.time()}
+        with self.lock:
+            self.stages[name] = rec
+            self.record_file.write_text(json.dumps(self.stages, indent=2) + "\n")
         print(f"[{name}] {seconds / 60:.1f} min", flush=True)
         return rec
 
@@ -140,6 +152,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     if s["sft_max_steps"]:
         sft_common += ["--train.max_steps", str(s["sft_max_steps"])]
     sample_common = [*TASK, "--n", str(s["samples_per_prompt"]), "--max-new-tokens", NEW_TOKENS,
+                     "--temperature", str(s["sample_temperature"]),
                      "--per-prompt", str(s["per_prompt"])]
 
     # 1. the base: a finished demo pretraining run, else pretrain one
@@ -148,47 +161,50 @@ def run_pipeline(args: argparse.Namespace) -> dict:
         summary = read_json(base / "summary.json")
         p.stages["base"] = {"status": "done", "command": "reused " + str(base), "reused": True,
                             "seconds": 60 * summary.get("minutes", 0.0), "output": str(base),
-                            "steps": summary.get("step"), "note": "pretraining loop minutes from its summary.json"}
+                            "steps": summary.get("step"), "note": "pretraining loop minutes from its summary.json",
+                            "finished": resolve_latest(base).stat().st_mtime}
         print(f"[base] reusing {base} ({summary.get('step')} steps; delete it to pretrain again)")
     else:
         base_args = ["train", "--preset", "demo", "--train.out_dir", str(base)]
         if args.quick:
             base_args += ["--train.max_steps", "30", "--train.eval_problems", "0"]
-        p.run("base", base_args, base / "checkpoints")
+        p.run("base", base_args, base / "checkpoints")  # never reused: the branch above reuses a finished base
         p.note("base", steps=read_json(base / "summary.json").get("step"))
 
     # 2. R1-Zero: RL only
     r1z = work / "r1zero"
     p.run("r1zero", ["rl", *rl_common, "--ckpt", str(base), "--train.out_dir", str(r1z),
-                     "--train.time_limit_min", str(s["rl_minutes"])], r1z / "summary.json")
+                     "--train.time_limit_min", str(s["rl_minutes"])], r1z / "summary.json", ("base",))
     p.note("r1zero", steps=read_json(r1z / "summary.json").get("step"))
 
     # 3. cold start: R1-Zero's verified, readable samples -> SFT of a fresh base -> the same RL
     cs_data = work / "coldstart.jsonl"
     p.run("coldstart_sample", ["sample", "--ckpt", str(r1z), "--prompts", "synthetic", "--num-prompts",
-                               str(s["cs_prompts"]), *sample_common, "--seed", "1", "--out", str(cs_data)], cs_data)
+                               str(s["cs_prompts"]), *sample_common, "--seed", "1", "--out", str(cs_data)],
+          cs_data, ("r1zero",))
     p.note("coldstart_sample", examples=count_lines(cs_data))
     need_samples(cs_data, "the cold start", "--cs-prompts")
     cs_sft = work / "coldstart-sft"
     p.run("coldstart_sft", ["sft", "--ckpt", str(base), "--data", str(cs_data), "--train.out_dir", str(cs_sft),
                             "--train.lr", str(s["sft_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
-          cs_sft / "summary.json")
+          cs_sft / "summary.json", ("base", "coldstart_sample"))
     p.note("coldstart_sft", steps=read_json(cs_sft / "summary.json").get("step"))
     cs_rl = work / "coldstart-rl"
     p.run("coldstart_rl", ["rl", *rl_common, "--ckpt", str(cs_sft), "--train.out_dir", str(cs_rl),
-                           "--train.time_limit_min", str(s["rl_minutes"])], cs_rl / "summary.json")
+                           "--train.time_limit_min", str(s["rl_minutes"])], cs_rl / "summary.json", ("coldstart_sft",))
     p.note("coldstart_rl", steps=read_json(cs_rl / "summary.json").get("step"))
 
     # 4. rejection sampling from row 3's model into a larger set; SFT of the base on it
     rs_data = work / "rejection.jsonl"
     p.run("rs_sample", ["sample", "--ckpt", str(cs_rl), "--prompts", "synthetic", "--num-prompts",
-                        str(s["rs_prompts"]), *sample_common, "--seed", "2", "--out", str(rs_data)], rs_data)
+                        str(s["rs_prompts"]), *sample_common, "--seed", "2", "--out", str(rs_data)],
+          rs_data, ("coldstart_rl",))
     p.note("rs_sample", examples=count_lines(rs_data))
     need_samples(rs_data, "rejection-sampling SFT", "--rs-prompts")
     rs_sft = work / "rs-sft"
     p.run("rs_sft", ["sft", "--ckpt", str(base), "--data", str(rs_data), "--train.out_dir", str(rs_sft),
                      "--train.lr", str(s["sft_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
-          rs_sft / "summary.json")
+          rs_sft / "summary.json", ("base", "rs_sample"))
     p.note("rs_sft", steps=read_json(rs_sft / "summary.json").get("step"))
 
     # 5. distillation: a smaller student, pretrained briefly with the base's tokenizer; SFT on the teacher's
@@ -198,17 +214,19 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                                "--data.tokenizer", str(resolve_latest(base)), "--train.out_dir", str(student),
                                "--train.max_steps", str(s["student_steps"]), "--train.time_limit_min",
                                str(s["student_minutes"]), "--train.eval_problems", "0", "--train.samples", "0",
-                               "--train.ckpt_every", "0", "--train.tensorboard", "false"], student / "summary.json")
+                               "--train.ckpt_every", "0", "--train.tensorboard", "false"], student / "summary.json",
+          ("base",))
     p.note("student_pretrain", steps=read_json(student / "summary.json").get("step"))
     st_sft = work / "student-sft"
     p.run("student_sft", ["sft", "--ckpt", str(student), "--data", str(rs_data), "--train.out_dir", str(st_sft),
-                          "--train.lr", str(s["student_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
-          st_sft / "summary.json")
+                          "--train.lr", str(s["student_lr"]), "--sft.epochs", str(s["student_epochs"]), *sft_common],
+          st_sft / "summary.json", ("student_pretrain", "rs_sample"))
     sft_minutes = read_json(st_sft / "summary.json")["minutes"]
     p.note("student_sft", steps=read_json(st_sft / "summary.json").get("step"), loop_minutes=sft_minutes)
     st_rl = work / "student-rl"
     p.run("student_rl", ["rl", *rl_common, "--ckpt", str(student), "--train.out_dir", str(st_rl),
-                         "--train.time_limit_min", f"{sft_minutes:.4f}"], st_rl / "summary.json")
+                         "--train.time_limit_min", f"{sft_minutes:.4f}"], st_rl / "summary.json",
+          ("student_pretrain", "student_sft"))
     rl_summary = read_json(st_rl / "summary.json")
     p.note("student_rl", steps=rl_summary.get("step"), loop_minutes=rl_summary.get("minutes"))
 
@@ -216,12 +234,20 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     models = [("1", "base", base), ("2", "R1-Zero", r1z), ("3a", "cold-start SFT", cs_sft),
               ("3", "cold-start SFT + RL", cs_rl), ("4", "RS + SFT", rs_sft), ("5a", "student, pretrained", student),
               ("5", "student, distilled (SFT)", st_sft), ("5b", "student, RL only", st_rl)]
-    evals = {}
-    for row, _, ckpt in models:
-        out = work / "evals" / f"row{row}.json"
-        p.run(f"eval_row{row}", ["eval", "--ckpt", str(ckpt), *TASK, "--n", str(s["eval_n"]), "--k",
-                                 str(s["eval_k"]), "--max-new-tokens", NEW_TOKENS, "--out", str(out)], out)
-        evals[row] = read_json(out)
+    # every model, the same evaluation; --eval-jobs of them at once (fixed work: concurrency changes only
+    # the wall-clock, which is recorded for the whole phase)
+    t_eval = time.time()
+    jobs = [(f"eval_row{row}", ["eval", "--ckpt", str(ckpt), *TASK, "--n", str(s["eval_n"]), "--k", str(s["eval_k"]),
+                                "--max-new-tokens", NEW_TOKENS, "--out", str(work / "evals" / f"row{row}.json")],
+             work / "evals" / f"row{row}.json", tuple(STAGE_OF_ROW[row])) for row, _, ckpt in models]
+    threads = max(1, args.threads // args.eval_jobs)
+    with ThreadPoolExecutor(args.eval_jobs) as pool:
+        list(pool.map(lambda job: p.run(*job, threads=threads), jobs))
+    evals = {row: read_json(work / "evals" / f"row{row}.json") for row, _, _ in models}
+    ran_now = [j[0] for j in jobs if not p.stages[j[0]].get("reused")]
+    p.stages["evaluation"] = {"status": "done", "seconds": time.time() - t_eval if ran_now else
+                              sum(p.stages[j[0]]["seconds"] for j in jobs) / args.eval_jobs,
+                              "jobs": args.eval_jobs, "threads_each": threads, "reused": not ran_now}
     wall = time.time() - started
     return build_record(args, s, p.stages, models, evals, wall)
 
@@ -286,9 +312,9 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
 
     k = s["eval_k"]
     table = rows(models, evals, stages, k)
-    ran = {n: r for n, r in stages.items() if n != "base"}
+    ran = {n: r for n, r in stages.items() if n != "base" and not n.startswith("eval_")}  # + the eval phase
     total_min = sum(r["seconds"] for r in ran.values()) / 60
-    eval_min = sum(r["seconds"] for n, r in ran.items() if n.startswith("eval_")) / 60
+    eval_min = stages["evaluation"]["seconds"] / 60
     return {"benchmark": "r1_pipeline", "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
             "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__,
@@ -314,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-existing", action="store_true", help="reuse stages whose outputs are in --work")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budgets and evaluations")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every stage")
+    ap.add_argument("--eval-jobs", type=int, default=2, help="evaluations run at once (threads split among them)")
     ap.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation")
     ap.add_argument("--eval-k", type=int, default=8, help="pass@k (k samples per problem at temperature 1)")
     ap.add_argument("--rl-minutes", type=float, default=2.5, help="RL time limit of rows 2 and 3")
@@ -326,10 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--student-layers", type=int, default=2, help="the student: demo preset with this many layers")
     ap.add_argument("--student-steps", type=int, default=400, help="the student's pretraining steps")
     ap.add_argument("--student-minutes", type=float, default=3.0, help="time limit of the student's pretraining")
-    ap.add_argument("--student-lr", type=float, default=1e-4, help="learning rate of the student's SFT")
+    ap.add_argument("--student-lr", type=float, default=5e-4,
+                    help="learning rate of the student's SFT (higher than --sft-lr: the student is far from converged)")
+    ap.add_argument("--student-epochs", type=float, default=4.0, help="the student's SFT passes over the teacher set")
+    ap.add_argument("--sample-temperature", type=float, default=1.0, help="temperature of the rejection sampling")
     args = ap.parse_args(argv)
     for name in ("eval_n", "eval_k", "cs_prompts", "rs_prompts", "samples_per_prompt", "student_layers",
-                 "student_steps", "threads"):
+                 "student_steps", "threads", "eval_jobs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"r1_pipeline: --{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     args.work = args.work or ("runs/pipeline-quick" if args.quick else "runs/pipeline")

@@ -63,3 +63,18 @@ def test_failed_stage_names_the_stage_and_its_log(tmp_path):
     with pytest.raises(SystemExit, match=r"stage 'bad' exited with 2"):
         p.run("bad", ["eval", "--no-such-option"], tmp_path / "missing")
     assert not (tmp_path / "work" / "stages.json").exists()  # nothing recorded as done
+
+
+def test_skip_existing_reuses_only_unchanged_stages_with_older_inputs(tmp_path):
+    work = tmp_path / "work"
+    out = tmp_path / "out.json"
+    out.write_text("{}")
+    p = Pipeline(work, threads=1, skip_existing=True)
+    p.stages = {"train": {"status": "done", "command": "nanoseek train --x 1", "finished": 100.0},
+                "eval": {"status": "done", "command": "nanoseek eval --ckpt A", "finished": 200.0}}
+    assert p.done("eval", ["eval", "--ckpt", "A"], out, ("train",))
+    assert not p.done("eval", ["eval", "--ckpt", "B"], out, ("train",))  # another command line
+    assert not p.done("eval", ["eval", "--ckpt", "A"], tmp_path / "gone", ("train",))  # output missing
+    p.stages["train"]["finished"] = 300.0  # its input was rebuilt after it: stale, even with the same command
+    assert not p.done("eval", ["eval", "--ckpt", "A"], out, ("train",))
+    assert not Pipeline(tmp_path / "w2", 1, skip_existing=False).done("eval", ["eval", "--ckpt", "A"], out, ())
