@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="learning rate of the student's SFT (higher than --sft-lr: the student is far from converged)")
     ap.add_argument("--student-epochs", type=float, default=4.0, help="the student's SFT passes over the teacher set")
     ap.add_argument("--sample-temperature", type=float, default=0.7,
-                    help="temperature of the rejection sampling (0.7 accepts more than 1.0: 5.2% vs 3.7% of R1-Zero's)")
+                    help="temperature of the rejection sampling (0.7 accepted 5.2%% of R1-Zero's samples, 1.0 3.7%%)")
     args = ap.parse_args(argv)
     for name in ("eval_n", "eval_k", "cs_prompts", "rs_prompts", "samples_per_prompt", "student_layers",
                  "student_steps", "threads", "eval_jobs"):
