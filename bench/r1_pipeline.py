@@ -145,7 +145,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     s = settings(args)
     work = Path(args.work)
     p = Pipeline(work, args.threads, args.skip_existing)
-    started = time.time()
+    started, commit = time.time(), git_commit()  # the code as it starts (edits during a run do not count)
     rl_common = ["--preset", "demo", "--prompts.eval_problems", "0", "--train.plots", "false",
                  "--train.tensorboard", "false", "--train.max_steps", str(s["rl_max_steps"])]
     sft_common = ["--train.tensorboard", "false", "--train.ckpt_every", "0"]
@@ -249,7 +249,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                               sum(p.stages[j[0]]["seconds"] for j in jobs) / args.eval_jobs,
                               "jobs": args.eval_jobs, "threads_each": threads, "reused": not ran_now}
     wall = time.time() - started
-    return build_record(args, s, p.stages, models, evals, wall)
+    return build_record(args, s, p.stages, models, evals, wall, commit)
 
 
 def resolve_latest(run_dir: Path) -> Path:
@@ -307,7 +307,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: float) -> dict:
+def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: float, commit: str) -> dict:
     import torch
 
     k = s["eval_k"]
@@ -318,7 +318,7 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
     return {"benchmark": "r1_pipeline", "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
             "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__,
-            "python": platform.python_version(), "git_commit": git_commit(), "settings": s,
+            "python": platform.python_version(), "git_commit": commit, "settings": s,
             "task": "countdown, 3 numbers, held-out split (nanoseek eval --tasks countdown --difficulty 3)",
             "compute_match": "student RL gets the wall-clock of the student's SFT loop (model loading excluded "
                              "in both; the teacher's sampling is not charged to the student)",
