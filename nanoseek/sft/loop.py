@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import resource
 import signal
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.guard import NonFiniteGuard
-from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token
+from nanoseek.train.metrics import MetricsLogger, flops_per_token, step_metrics
 from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
 from nanoseek.train.resume import (
     MAY_CHANGE,
@@ -373,17 +372,11 @@ def sft(run: SFTRun) -> dict[str, Any]:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - interval_start
-                metrics = {k: float(v) for k, v in out.items() if v.dim() == 0 and k != "finite"}
+                metrics = step_metrics(out, steps=step - interval_step, elapsed=elapsed, lr=lr,
+                                       tokens=(step - interval_step) * positions_done, flops_per_tok=fpt,
+                                       device=device, skipped_steps=guard.total)
                 metrics["trained"] *= tc.grad_accum  # assistant tokens in the step (the loss averaged per batch)
-                metrics["maxvio_layers"] = [round(v, 4) for v in out["maxvio_layers"].tolist()]
-                tok_s = (step - interval_step) * positions_done / elapsed
-                metrics.update(lr=lr, tok_s=tok_s, step_s=elapsed / (step - interval_step),
-                               epoch=loader.epoch + loader.step / len(loader), skipped_steps=int(guard.total))
-                if device.type == "cuda":
-                    metrics["mfu"] = tok_s * fpt / H100_BF16_PEAK
-                    metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                else:
-                    metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                metrics["epoch"] = loader.epoch + loader.step / len(loader)
                 logger.log(step, "train", metrics)
                 bar.write(_log_line(step, tc.max_steps, metrics) + f" | epoch {metrics['epoch']:.2f}")
                 check_nonfinite()

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import resource
 import signal
 import time
 import warnings
@@ -51,7 +50,7 @@ from nanoseek.train.checkpoint import (
 from nanoseek.train.config import DataConfig, RunConfig, TrainConfig
 from nanoseek.train.evaluate import greedy_complete, heldout_accuracy, validation_loss
 from nanoseek.train.guard import NonFiniteGuard
-from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
+from nanoseek.train.metrics import MetricsLogger, flops_per_token, plot_run, step_metrics
 from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
 from nanoseek.train.resume import (
     check_fresh_out_dir,
@@ -338,16 +337,9 @@ def train(run: RunConfig) -> dict[str, Any]:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - interval_start
-                tok_s = (step - interval_step) * tokens_per_step / elapsed
-                metrics = {k: float(v) for k, v in out.items() if v.dim() == 0 and k != "finite"}
-                metrics["maxvio_layers"] = [round(v, 4) for v in out["maxvio_layers"].tolist()]
-                metrics.update(lr=lr, tok_s=tok_s, step_s=elapsed / (step - interval_step))
-                if device.type == "cuda":
-                    metrics["mfu"] = tok_s * fpt / H100_BF16_PEAK
-                    metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                else:
-                    metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                metrics["skipped_steps"] = int(guard.total)
+                metrics = step_metrics(out, steps=step - interval_step, elapsed=elapsed, lr=lr,
+                                       tokens=(step - interval_step) * tokens_per_step, flops_per_tok=fpt,
+                                       device=device, skipped_steps=guard.total)
                 logger.log(step, "train", metrics)
                 bar.write(_log_line(step, tc.max_steps, metrics))
                 check_nonfinite()
