@@ -49,6 +49,7 @@ from nanoseek.train.checkpoint import (
     clean_partial,
     list_checkpoints,
     load_checkpoint,
+    lock_run_dir,
     read_run_record,
     run_record,
     save_checkpoint,
@@ -237,6 +238,7 @@ def sft(run: SFTRun) -> dict[str, Any]:
         raise fail(str(e)) from None
     digest = file_digest(sc.data)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out_dir, "sft")
     for leftover in clean_partial(out_dir):
         print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
     print(f"nanoseek sft: run directory {out_dir.resolve()}")

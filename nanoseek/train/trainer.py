@@ -43,6 +43,7 @@ from nanoseek.train.checkpoint import (
     clean_partial,
     list_checkpoints,
     load_checkpoint,
+    lock_run_dir,
     run_record,
     save_checkpoint,
     weights_finite,
@@ -194,6 +195,8 @@ def train(run: RunConfig) -> dict[str, Any]:
         chosen = resume_arg != "auto" and not (Path(resume_arg) / "checkpoints").is_dir()  # one step-* dir
         check_resume_target(ckpt_path, out_dir, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if par is None or par.is_logger:  # one claim per run (the ranks of a parallel run share the directory)
+        lock_run_dir(out_dir, "train")
     for leftover in clean_partial(out_dir):
         print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
     print(f"nanoseek train: run directory {out_dir.resolve()}")
