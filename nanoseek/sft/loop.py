@@ -279,7 +279,8 @@ def sft(run: SFTRun) -> dict[str, Any]:
     doc_mask = install_document_masking(model, sc.attention) if sc.pack else None
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":
-        install_fp8(model)
+        install_fp8(model, cache_weights=tc.grad_accum > 1, recompute_swiglu=tc.fp8_recompute_swiglu,
+                    pad_partial_blocks=tc.fp8_pad_partial)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments)
     if tc.activation_checkpointing:
