@@ -7,6 +7,7 @@ format rate and reflection-marker frequency.
     python bench/r1_zero_gpu.py --stage pretrain --base b     # (b) no R1-template documents (--data.r1_share 0)
     python bench/r1_zero_gpu.py --stage rl --base b
     python bench/r1_zero_gpu.py --stage record                # bench/results/r1_zero_gpu-<date>.json + plots
+    python bench/r1_zero_gpu.py --stage both --base a --pretrain-minutes 4 --rl-minutes 3.5   # one command
 
 Each stage fits one 10-minute device command; run directories are runs/r1zero-{a,b}{,-rl} (kept between
 commands on a warm machine). Targets: (a) >= +20 points on held-out Countdown; (b) format rate from near 0
@@ -53,19 +54,26 @@ def nanoseek(*args: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("pretrain", "rl", "record"), required=True)
+    p.add_argument("--stage", choices=("pretrain", "rl", "both", "record"), required=True,
+                   help="both: pretrain then RL in one command (with shorter limits, one device call per base)")
     p.add_argument("--base", choices=("a", "b"), default="a")
+    p.add_argument("--pretrain-minutes", type=float, default=8.0, help="pretraining time limit (issue: <= 8)")
+    p.add_argument("--rl-minutes", type=float, default=7.0, help="GRPO time limit, evaluations excluded (<= 8)")
+    p.add_argument("--out", default=None, help="record JSON (default bench/results/r1_zero_gpu-<date>.json)")
     args = p.parse_args()
     runs = ROOT / "runs"
     base, rl = runs / f"r1zero-{args.base}", runs / f"r1zero-{args.base}-rl"
-    if args.stage == "pretrain":
+    if args.stage in ("pretrain", "both"):
         extra = ["--data.r1_share", "0"] if args.base == "b" else []
-        nanoseek("train", *PRETRAIN, *extra, "--train.out_dir", str(base))
-    elif args.stage == "rl":
+        nanoseek("train", *PRETRAIN, *extra, "--train.time_limit_min", str(args.pretrain_minutes),
+                 "--train.out_dir", str(base))
+    if args.stage in ("rl", "both"):
         shutil.rmtree(rl, ignore_errors=True)
-        nanoseek("rl", "--ckpt", str(base), *RL, "--train.out_dir", str(rl))
-    else:
-        record = {"benchmark": "r1_zero_gpu", "date": time.strftime("%Y-%m-%d"), "pretrain": PRETRAIN, "rl": RL}
+        nanoseek("rl", "--ckpt", str(base), *RL, "--train.time_limit_min", str(args.rl_minutes),
+                 "--train.out_dir", str(rl))
+    if args.stage in ("record", "both"):
+        record = {"benchmark": "r1_zero_gpu", "date": time.strftime("%Y-%m-%d"), "pretrain": PRETRAIN, "rl": RL,
+                  "pretrain_minutes": args.pretrain_minutes, "rl_minutes": args.rl_minutes}
         for b in ("a", "b"):
             run_dir = runs / f"r1zero-{b}-rl"
             if not (run_dir / "summary.json").is_file():
@@ -86,7 +94,7 @@ def main() -> None:
                          "reflection_first_last": [train[0]["reflection"], train[-1]["reflection"]],
                          "run": json.loads((run_dir / "run.json").read_text())["hardware"],
                          "plots": summary.get("plots", [])}
-        out = ROOT / "bench" / "results" / f"r1_zero_gpu-{record['date']}.json"
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"r1_zero_gpu-{record['date']}.json"
         out.write_text(json.dumps(record, indent=2) + "\n")
         for b in ("a", "b"):
             if b in record and "before" in record[b]:

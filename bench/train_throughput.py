@@ -1,4 +1,4 @@
-"""Training throughput: nanoseek's training step against transformers' DeepseekV3ForCausalLM.
+"""Training throughput: nanoseek's training step against transformers' DeepseekV3ForCausalLM and torchtitan.
 
     python bench/train_throughput.py                          # one H200: bench-1b, 8 x 2048, bf16
     python bench/train_throughput.py --variants eager,compile --steps 12
@@ -8,8 +8,14 @@ Both sides run a full optimizer step (forward, backward, fused AdamW) on the sam
 the same process. nanoseek: fp32 master weights under bf16 autocast, grouped-GEMM experts, cuDNN
 SDPA, MTP depth 1 trained (as `nanoseek train` does). Peer: bf16 weights, `experts_implementation=
 "grouped_mm"`, `attn_implementation="sdpa"`, no MTP (transformers has none). Tokens/s, MFU
-(docs/performance.md's formula, with MTP FLOPs only where MTP is trained) and peak memory are medians over the
-timed steps; the result JSON lands in bench/results/.
+(docs/performance.md's formula, with MTP FLOPs only where MTP is trained) and peak memory are medians over
+the timed steps; the result JSON lands in bench/results/.
+
+Second peer (when `torchtitan` imports; CUDA only): torchtitan's DeepSeekV3Model with the same shapes,
+bf16 weights, SDPA, grouped-GEMM experts, each block compiled by its own `apply_compile`, fused AdamW
+and its expert-bias update; compare it with the `compile+bf16+nomtp` variant (the same work). Carry its
+wheels: torchtitan 0.2.2, torchdata, tyro, docstring-parser, typeguard, shtab, tomli (`datasets` is
+stubbed when missing).
 """
 
 from __future__ import annotations
@@ -121,6 +127,93 @@ def run_transformers(cfg, batch, device, args) -> dict:
     return measure(step, model, device, args, flops_per_token(no_mtp, args.seq, with_mtp=False))
 
 
+def import_torchtitan():
+    """torchtitan's DeepSeek-V3 model, or None. Its package imports `datasets` (for its data loaders, which
+    this benchmark does not use); where `datasets` is missing, a stub module stands in for it."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("torchtitan") is None:
+        return None
+    if importlib.util.find_spec("datasets") is None:
+        stub = types.ModuleType("datasets")
+
+        def missing(name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return type(name, (), {})  # a placeholder class per imported name, never instantiated here
+
+        stub.__getattr__ = missing
+        sys.modules["datasets"] = sys.modules["datasets.distributed"] = stub
+    import torchtitan
+    from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
+    from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+    from torchtitan.models.moe import MoEArgs
+
+    return torchtitan, DeepSeekV3ModelArgs, DeepSeekV3Model, MoEArgs
+
+
+def run_torchtitan(cfg, batch, device, args) -> dict | None:
+    """torchtitan's DeepSeekV3Model with the same shapes: bf16 weights, SDPA attention, the standard MoE
+    (grouped GEMMs on CUDA), each block compiled by torchtitan's own `apply_compile` (as its trainer does),
+    fused AdamW, and its load-balancing expert-bias update (sign rule, an optimizer pre-hook in its trainer)
+    run before each optimizer step. No MTP (torchtitan has none)."""
+    found = import_torchtitan()
+    if found is None:
+        print("torchtitan: not installed, skipped", flush=True)
+        return None
+    torchtitan, Args, Model, MoEArgs = found
+    if device.type != "cuda":
+        print("torchtitan: its MoE router needs CUDA (torch.histc on integer ids), skipped", flush=True)
+        return None
+    margs = Args(vocab_size=cfg.vocab_size, dim=cfg.hidden_size, inter_dim=cfg.intermediate_size,
+                 moe_inter_dim=cfg.moe_intermediate_size, n_layers=cfg.num_hidden_layers,
+                 n_dense_layers=cfg.first_k_dense_replace, n_heads=cfg.num_attention_heads, norm_eps=cfg.rms_norm_eps,
+                 moe_args=MoEArgs(num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts,
+                                  score_func=cfg.scoring_func, route_norm=cfg.norm_topk_prob,
+                                  route_scale=cfg.routed_scaling_factor, top_k=cfg.num_experts_per_tok,
+                                  num_expert_groups=cfg.n_group, num_limited_groups=cfg.topk_group,
+                                  use_grouped_mm=device.type == "cuda", load_balance_coeff=1e-3),
+                 q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                 qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, attn_type="sdpa",
+                 max_seq_len=args.seq, rope_theta=cfg.rope_theta)
+    margs.moe_impl = "standard"  # set by its trainer from the job config
+    with torch.device(device):
+        model = Model(margs)
+    with torch.no_grad():  # as its trainer does (it initialises after materialising the meta model)
+        model.init_weights(buffer_device=device)
+    model = model.to(torch.bfloat16).train()
+    if device.type == "cuda":
+        from types import SimpleNamespace
+
+        from torchtitan.models.llama4.infra.parallelize import apply_compile
+
+        apply_compile(model, SimpleNamespace(backend="inductor"), ep_enabled=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    moes = [block.moe for block in model.layers.values() if block.moe_enabled]
+    x, y = batch
+
+    def step():
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with torch.no_grad():  # torchtitan's expert-bias update, from the step's expert loads
+            for moe in moes:
+                load = moe.tokens_per_expert.float()
+                delta = moe.load_balance_coeff * torch.sign(load.mean() - load)
+                moe.expert_bias.add_(delta - delta.mean())
+                moe.tokens_per_expert.zero_()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    no_mtp = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    result = measure(step, model, device, args, flops_per_token(no_mtp, args.seq, with_mtp=False))
+    result["version"] = getattr(torchtitan, "__version__", "unknown")
+    return result
+
+
 def measure(step, model, device, args, fpt: float) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,7 +239,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="eager,compile,compile+nomtp",
                    help="comma list of eager or compile, each optionally +bf16 (bf16 weights) or +nomtp (no MTP)")
-    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--no-torchtitan", action="store_true", help="skip torchtitan (also skipped if not installed)")
     p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/train_throughput-<date>.json)")
@@ -163,12 +257,20 @@ def main() -> None:
         print(f"nanoseek-{variant}: {json.dumps({k: v for k, v in r.items() if k != 'step_s_all'})}", flush=True)
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
+    peers = {}
     if not args.no_peer:
-        results["transformers"] = run_transformers(cfg, batch, device, args)
-        print(f"transformers: {json.dumps({k: v for k, v in results['transformers'].items() if k != 'step_s_all'})}")
-        for name, r in results.items():
-            if name != "transformers":
-                r["speedup_vs_transformers"] = r["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+        peers["transformers"] = run_transformers(cfg, batch, device, args)
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    if not args.no_torchtitan:
+        titan = run_torchtitan(cfg, batch, device, args)
+        if titan is not None:
+            peers["torchtitan"] = titan
+    for peer, r in peers.items():
+        print(f"{peer}: {json.dumps({k: v for k, v in r.items() if k != 'step_s_all'})}", flush=True)
+        for mine in results.values():
+            mine[f"speedup_vs_{peer}"] = mine["tokens_per_s"] / r["tokens_per_s"]
+    results.update(peers)
 
     import transformers
 
@@ -185,7 +287,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, r in results.items():
-        extra = f", {r['speedup_vs_transformers']:.2f}x transformers" if "speedup_vs_transformers" in r else ""
+        extra = "".join(f", {r[f'speedup_vs_{peer}']:.2f}x {peer}" for peer in peers if f"speedup_vs_{peer}" in r)
         print(f"{name:>22}: {r['tokens_per_s']:>10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
               f"peak {r.get('peak_mem_gb', 0):5.1f} GB{extra}")
     print(f"wrote {out}")

@@ -235,7 +235,7 @@ def test_fp8_linear_under_autocast_returns_bf16_and_fp32_master_grads():
 
 def test_debug_preset_trains_with_train_dtype_fp8(tmp_path, monkeypatch):
     """8 steps of 2 micro-batches (so the per-step weight cache is on) of a 2-layer debug model learn, with
-    V3's BF16 AdamW moments."""
+    V3's BF16 AdamW moments and the SwiGLU recompute."""
     from nanoseek.train.config import parse_args
     from nanoseek.train.trainer import train
     args = ["--preset", "debug", "--data.n_docs", "200", "--data.val_docs", "20", "--data.vocab_size", "300",
@@ -243,7 +243,8 @@ def test_debug_preset_trains_with_train_dtype_fp8(tmp_path, monkeypatch):
             "1", "--train.eval_every", "0", "--train.samples", "0", "--train.eval_problems", "0",
             "--train.tensorboard", "false", "--train.warmup_steps", "2", "--train.lr", "3e-3",
             "--train.max_steps", "8", "--train.grad_accum", "2", "--model.num_hidden_layers", "2",
-            "--train.dtype", "fp8", "--train.bf16_moments", "true", "--train.out_dir", str(tmp_path)]
+            "--train.dtype", "fp8", "--train.bf16_moments", "true", "--train.fp8_recompute_swiglu", "true",
+            "--train.out_dir", str(tmp_path)]
     calls, quantized = [], []
     get = WeightCache.get
 

@@ -73,3 +73,29 @@ def test_node_limited_routing_caps_the_nodes_a_token_reaches():
     assert t_free["pairs_off_rank"] == pytest.approx(t_lim["pairs_off_rank"], rel=0.1)  # ~K (ep-1)/ep both
     # every token reaches at most topk_group = 2 nodes (so at most 2 remote ones); free routing reaches ~3 of 3
     assert t_lim["remote_nodes"] <= 2 and t_lim["remote_nodes"] < 0.7 * t_free["remote_nodes"]
+
+
+def test_scaling_bench_reads_comm_overlap_and_idle_time_from_a_trace(tmp_path):
+    """bench/parallel_scaling.py's profile maths on a hand-made trace: compute kernels at [0, 10) and
+    [20, 30) us, an NCCL all-to-all at [5, 25) us: 20 us of comm, 10 of it under compute; busy 30 of 60 us."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "parallel_scaling.py"
+    spec = importlib.util.spec_from_file_location("parallel_scaling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    kernel = [{"cat": "kernel", "name": "sm90_gemm", "ts": 0, "dur": 10},
+              {"cat": "kernel", "name": "ncclDevKernel_AllToAll_RING", "ts": 5, "dur": 20},
+              {"cat": "kernel", "name": "triton_fused", "ts": 20, "dur": 10},
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 60}]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": kernel}))
+    stats = bench.kernel_stats(str(trace), steps=1, step_s=60e-6)
+    assert stats["comm_ms"] == pytest.approx(0.020)
+    assert stats["comm_ms_by_kind"] == {"alltoall": pytest.approx(0.020)}
+    assert stats["hidden"] == pytest.approx(0.5)
+    assert stats["busy"] == pytest.approx(0.5)
+    assert bench.union_length([(0, 2), (1, 3), (5, 6)]) == 4
+    assert bench.overlap_length([(0, 10)], [(2, 4), (3, 5), (8, 12)]) == 5

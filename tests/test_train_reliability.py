@@ -343,3 +343,23 @@ def test_cuda_guard_skips_on_the_device_without_a_sync():
     assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in after)  # the good step did
     note, stop = guard.check()
     assert stop and "skipped 2 step(s)" in note and guard.last_bad_step() == 3
+
+
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
+    """Two runs in one out_dir would prune and overwrite each other's checkpoints: the second is refused,
+    naming the holder; the holder itself may claim its directory again (a resume in the same session)."""
+    import subprocess
+    import sys
+
+    from nanoseek.train.checkpoint import lock_run_dir
+
+    lock_run_dir(tmp_path, "train")
+    lock_run_dir(tmp_path, "train")  # the same process: allowed
+    code = f"from nanoseek.train.checkpoint import lock_run_dir; lock_run_dir({str(tmp_path)!r}, 'rl')"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0
+    assert "is in use by pid" in other.stderr and "--train.out_dir" in other.stderr
+    free = tmp_path / "elsewhere"
+    free.mkdir()
+    code = f"from nanoseek.train.checkpoint import lock_run_dir; lock_run_dir({str(free)!r}, 'rl')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0

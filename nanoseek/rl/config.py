@@ -21,14 +21,10 @@ Presets are named sets of overrides, so every variant is spelled out as plain se
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from nanoseek.train.config import _fields, convert, doc
+from nanoseek.train.config import _fields, doc, read_config_file, set_option, split_argv
 
 
 @dataclass
@@ -172,53 +168,17 @@ def help_text() -> str:
 
 def parse_args(argv: list[str]) -> RLRun:
     """An RLRun from a preset, an optional config file and `--section.field value` pairs."""
-    preset, config_file, ckpt = "default", None, ""
-    pairs: list[tuple[str, Any]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(help_text())
-            raise SystemExit(0)
-        key, eq, val = arg.partition("=")
-        if not key.startswith("--"):
-            raise SystemExit(f"nanoseek rl: unexpected argument {arg!r} (options look like --train.lr 1e-5)")
-        if key == "--resume" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            pairs.append(("train.resume", "auto"))
-            i += 1
-            continue
-        if not eq:
-            if i + 1 == len(argv):
-                raise SystemExit(f"nanoseek rl: {key} needs a value")
-            val, i = argv[i + 1], i + 1
-        i += 1
-        if key == "--preset":
-            preset = val
-        elif key == "--config":
-            config_file = val
-        elif key == "--ckpt":
-            ckpt = val
-        elif key == "--resume":
-            pairs.append(("train.resume", val))
-        else:
-            pairs.append((key[2:], val))
+    named, pairs = split_argv(argv, "rl", help_text, special=("--preset", "--config", "--ckpt"))
+    preset, ckpt = named.get("--preset", "default"), named.get("--ckpt", "")
     if preset not in PRESETS:
         raise SystemExit(f"nanoseek rl: unknown preset {preset!r}; choose one of {list(PRESETS)}")
     values: dict[str, dict[str, Any]] = {s: dict(PRESETS[preset].get(s, {})) for s in SECTIONS}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise SystemExit(f"nanoseek rl: config file {path} not found")
-        try:
-            loaded = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise SystemExit(f"nanoseek rl: cannot parse {path}: {e}") from None
-        ckpt = loaded.pop("ckpt", ckpt) if not ckpt else ckpt
+    if "--config" in named:
+        top, loaded = read_config_file(named["--config"], "rl", SECTIONS, top_level=("ckpt",))
+        ckpt = ckpt or top.get("ckpt", "")
         for section, items in loaded.items():
-            if section not in SECTIONS or not isinstance(items, dict):
-                raise SystemExit(f"nanoseek rl: {path}: unknown section {section!r}; use {list(SECTIONS)}")
             for name, value in items.items():
-                _set(values, f"{section}.{name}", value)
+                _set(values, f"{section}.{name}", value, f"{named['--config']}: {section}.{name}")
     for key, val in pairs:
         _set(values, key, val)
     ckpt = ckpt or PRESET_CKPT.get(preset, "")
@@ -227,22 +187,10 @@ def parse_args(argv: list[str]) -> RLRun:
     return run
 
 
-def _set(values: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+def _set(values: dict[str, dict[str, Any]], key: str, value: Any, where: str = "") -> None:
     section, _, name = key.partition(".")
-    if section not in SECTIONS:
-        raise SystemExit(f"nanoseek rl: unknown option --{key}; options are --{'.*, --'.join(SECTIONS)}.*")
-    fields = _fields(SECTIONS[section])
-    if name not in fields:
-        close = difflib.get_close_matches(name, list(fields), n=1)
-        hint = f"; did you mean --{section}.{close[0]}?" if close else "; see `nanoseek rl --help`"
-        raise SystemExit(f"nanoseek rl: unknown option --{key}{hint}")
-    typ = fields[name][0]
-    value = convert(value, typ, f"--{key}")
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if typ in (int, float, bool, str) and not isinstance(value, typ):
-        raise SystemExit(f"nanoseek rl: --{key} expects {typ.__name__}, got {value!r}")
-    values[section][name] = value
+    set_option(values, SECTIONS, section, name, value, where or f"--{key}", "rl",
+               f"--{'.*, --'.join(SECTIONS)}.*")
 
 
 def validate(run: RLRun) -> None:

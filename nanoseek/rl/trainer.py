@@ -47,7 +47,7 @@ from nanoseek.rl.rollout import (
     sample_seed,
     token_logprobs,
 )
-from nanoseek.train.checkpoint import list_checkpoints, run_record, save_checkpoint
+from nanoseek.train.checkpoint import list_checkpoints, lock_run_dir, run_record, save_checkpoint
 from nanoseek.train.metrics import MetricsLogger
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.step import accumulate_gradients, optimizer_step
@@ -216,6 +216,7 @@ def rl_train(run: RLRun, extra_rewards: dict[str, tuple[float, Reward]] | None =
     rl, tc = run.rl, run.train
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out_dir, "rl")
     device = resolve_device(tc.device)
     resume = find_resume(run, out_dir)
     if resume is not None and not run.ckpt:

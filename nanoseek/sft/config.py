@@ -12,17 +12,12 @@ command line (`--section.field VALUE`). `--ckpt`, `--data`, `--tokenizer` are sh
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import re
-import tomllib
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nanoseek.config import PRESETS, ModelConfig
-from nanoseek.train.config import TrainConfig, _check, _fields, convert, doc
+from nanoseek.train.config import TrainConfig, _check, _fields, doc, read_config_file, set_option, split_argv
 
 
 @dataclass
@@ -106,54 +101,19 @@ def help_text() -> str:
 
 def parse_args(argv: list[str]) -> SFTRun:
     """Build an SFTRun from defaults, an optional config file and `--section.field value` pairs."""
-    preset_name, preset_set, config_file = "demo", False, None
+    named, pairs = split_argv(argv, "sft", help_text, aliases=SHORT)
+    preset_name, preset_set = named.get("--preset", "demo"), "--preset" in named
     overrides: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(help_text())
-            raise SystemExit(0)
-        key, eq, val = arg.partition("=")
-        if not key.startswith("--"):
-            raise SystemExit(f"nanoseek sft: unexpected argument {arg!r} (options look like --data chats.jsonl)")
-        if key == "--resume" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            pairs.append(("--train.resume", "auto"))
-            i += 1
-            continue
-        if not eq:
-            if i + 1 == len(argv):
-                raise SystemExit(f"nanoseek sft: {key} needs a value")
-            val = argv[i + 1]
-            i += 1
-        i += 1
-        if key == "--preset":
-            preset_name, preset_set = val, True
-        elif key == "--config":
-            config_file = val
-        elif key == "--resume":
-            pairs.append(("--train.resume", val))
-        else:
-            pairs.append((SHORT.get(key, key), val))
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise SystemExit(f"nanoseek sft: config file {path} not found")
-        try:
-            loaded = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise SystemExit(f"nanoseek sft: cannot parse {path}: {e}") from None
-        if "preset" in loaded:
-            preset_name, preset_set = loaded.pop("preset"), True
+    if "--config" in named:
+        top, loaded = read_config_file(named["--config"], "sft", SECTIONS)
+        if "preset" in top:
+            preset_name, preset_set = top["preset"], True
         for section, values in loaded.items():
-            if section not in SECTIONS or not isinstance(values, dict):
-                raise SystemExit(f"nanoseek sft: {path}: unknown section {section!r}; use {sorted(SECTIONS)}")
             for name, value in values.items():
-                _set_option(overrides, section, name, value, f"{path}: {section}.{name}")
+                _set_option(overrides, section, name, value, f"{named['--config']}: {section}.{name}")
     for key, val in pairs:
-        section, _, name = key[2:].partition(".")
-        _set_option(overrides, section, name, val, key)
+        section, _, name = key.partition(".")
+        _set_option(overrides, section, name, val, f"--{key}")
     if preset_name not in PRESETS:
         raise SystemExit(f"nanoseek sft: unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
     explicit = {s: dict(v) for s, v in overrides.items()}
@@ -171,22 +131,6 @@ def parse_args(argv: list[str]) -> SFTRun:
 
 
 def _set_option(overrides: dict, section: str, name: str, value: Any, where: str) -> None:
-    """Check and convert one option (the trainer's converter, SFT's sections and messages)."""
-    if section not in SECTIONS:
-        raise SystemExit(f"nanoseek sft: unknown option {where!r}; options are --ckpt, --data, --preset, --tokenizer, "
-                         "--sft.*, --train.*, --model.* (see `nanoseek sft --help`)")
-    fields = _fields(SECTIONS[section])
-    if name not in fields:
-        close = difflib.get_close_matches(name, list(fields), n=1)
-        hint = f"; did you mean --{section}.{close[0]}?" if close else "; see `nanoseek sft --help`"
-        raise SystemExit(f"nanoseek sft: unknown option {where!r}{hint}")
-    typ = fields[name][0]
-    try:
-        value = convert(value, typ, where)
-    except SystemExit as e:
-        raise SystemExit(str(e).replace("nanoseek train:", "nanoseek sft:")) from None
-    base = typing.get_args(typ)[0] if type(None) in typing.get_args(typ) else typ
-    if value is not None and base in (int, float, bool, str) and not isinstance(value, base):
-        if not (base is float and isinstance(value, int) and not isinstance(value, bool)):
-            raise SystemExit(f"nanoseek sft: {where} expects {base.__name__}, got {value!r}")
-    overrides[section][name] = value
+    """Check and convert one option (the trainer's checks, SFT's sections and messages)."""
+    set_option(overrides, SECTIONS, section, name, value, where, "sft",
+               "--ckpt, --data, --preset, --tokenizer, --sft.*, --train.*, --model.* (see `nanoseek sft --help`)")

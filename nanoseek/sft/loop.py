@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import resource
 import signal
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from nanoseek.train.checkpoint import (
     clean_partial,
     list_checkpoints,
     load_checkpoint,
+    lock_run_dir,
     read_run_record,
     run_record,
     save_checkpoint,
@@ -58,7 +58,7 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.guard import NonFiniteGuard
-from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token
+from nanoseek.train.metrics import MetricsLogger, flops_per_token, step_metrics
 from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
 from nanoseek.train.resume import (
     MAY_CHANGE,
@@ -238,6 +238,7 @@ def sft(run: SFTRun) -> dict[str, Any]:
         raise fail(str(e)) from None
     digest = file_digest(sc.data)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out_dir, "sft")
     for leftover in clean_partial(out_dir):
         print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
     print(f"nanoseek sft: run directory {out_dir.resolve()}")
@@ -278,7 +279,8 @@ def sft(run: SFTRun) -> dict[str, Any]:
     doc_mask = install_document_masking(model, sc.attention) if sc.pack else None
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":
-        install_fp8(model)
+        install_fp8(model, cache_weights=tc.grad_accum > 1, recompute_swiglu=tc.fp8_recompute_swiglu,
+                    pad_partial_blocks=tc.fp8_pad_partial)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments)
     if tc.activation_checkpointing:
@@ -373,17 +375,11 @@ def sft(run: SFTRun) -> dict[str, Any]:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - interval_start
-                metrics = {k: float(v) for k, v in out.items() if v.dim() == 0 and k != "finite"}
+                metrics = step_metrics(out, steps=step - interval_step, elapsed=elapsed, lr=lr,
+                                       tokens=(step - interval_step) * positions_done, flops_per_tok=fpt,
+                                       device=device, skipped_steps=guard.total)
                 metrics["trained"] *= tc.grad_accum  # assistant tokens in the step (the loss averaged per batch)
-                metrics["maxvio_layers"] = [round(v, 4) for v in out["maxvio_layers"].tolist()]
-                tok_s = (step - interval_step) * positions_done / elapsed
-                metrics.update(lr=lr, tok_s=tok_s, step_s=elapsed / (step - interval_step),
-                               epoch=loader.epoch + loader.step / len(loader), skipped_steps=int(guard.total))
-                if device.type == "cuda":
-                    metrics["mfu"] = tok_s * fpt / H100_BF16_PEAK
-                    metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                else:
-                    metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                metrics["epoch"] = loader.epoch + loader.step / len(loader)
                 logger.log(step, "train", metrics)
                 bar.write(_log_line(step, tc.max_steps, metrics) + f" | epoch {metrics['epoch']:.2f}")
                 check_nonfinite()

@@ -72,6 +72,39 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir())
 
 
+_HELD_LOCKS: dict[Path, Any] = {}  # run directory -> its open lock file, kept for the life of the process
+
+
+def lock_run_dir(out_dir: str | Path, command: str) -> None:
+    """Claim `out_dir` for this process: a second run started on the same directory would prune, overwrite
+    and clean up the first one's checkpoints. An advisory lock (`flock`) on `out_dir/.lock` is held until
+    the process exits (the OS drops it even after a crash); a second claimant exits with an error naming
+    the holder. A process may claim a directory it holds again (a resume in the same Python session).
+    Not available on Windows (no `fcntl`): there this is a no-op."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = (Path(out_dir) / ".lock").resolve()
+    if path in _HELD_LOCKS:
+        return
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SystemExit(f"nanoseek {command}: {out_dir} is in use by {holder}; two runs in one directory would "
+                         "overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another "
+                         "--train.out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()} (nanoseek {command})\n")
+    handle.flush()
+    _HELD_LOCKS[path] = handle
+
+
 def clean_partial(out_dir: str | Path) -> list[Path]:
     """Remove `.step-*.tmp-*` / `.step-*.old-*` directories that killed runs left behind; return them."""
     root = Path(out_dir) / "checkpoints"

@@ -16,6 +16,7 @@ import json
 import re
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,9 @@ class TrainConfig:
     bias_freeze_frac: float = doc("fraction of steps after which gamma is 0", 1.0)
     seq_aux_alpha: float = doc("complementary sequence-wise balance loss weight alpha", 1e-4)
     dtype: str = doc("'auto' (bf16 autocast on cuda, fp32 on cpu), 'bf16', 'fp32' or 'fp8' (docs/fp8.md)", "auto")
+    fp8_recompute_swiglu: bool = doc("with dtype fp8: recompute silu(gate) in backward instead of storing it", False)
+    fp8_pad_partial: bool = doc("with dtype fp8 on the GPU: run linears whose sizes are not multiples of 128 on "
+                                "zero-padded copies instead of leaving them in BF16", False)
     compile: bool = doc("torch.compile each transformer block", False)
     activation_checkpointing: bool = doc("recompute each block in backward to save memory", False)
     eval_every: int = doc("validation every N steps (0: only at the end)", 100)
@@ -198,7 +202,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "parallel": ParallelConfig}  # ---- parallel
 
 
-def convert(value: str | Any, typ: Any, option: str) -> Any:
+def convert(value: str | Any, typ: Any, option: str, command: str = "train") -> Any:
     """Turn a command-line string (or a config-file value) into the field's type."""
     if not isinstance(value, str):
         return value
@@ -223,7 +227,7 @@ def convert(value: str | Any, typ: Any, option: str) -> Any:
         return json.loads(value)  # dicts (rope_scaling)
     except (ValueError, json.JSONDecodeError):
         name = getattr(typ, "__name__", str(typ))
-        raise SystemExit(f"nanoseek train: {option} expects {name}, got {value!r}") from None
+        raise SystemExit(f"nanoseek {command}: {option} expects {name}, got {value!r}") from None
 
 
 def help_text() -> str:
@@ -247,10 +251,16 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> RunConfig:
-    """Build a RunConfig from presets, an optional config file and `--section.field value` pairs."""
-    preset_name, config_file, preset_set = "demo", None, False
-    overrides: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+def split_argv(argv: list[str], command: str, help_text: Callable[[], str],
+               special: tuple[str, ...] = ("--preset", "--config"),
+               aliases: dict[str, str] | None = None) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Split `--key value` / `--key=value` arguments, as every `nanoseek` training command takes them.
+
+    Returns (named, pairs): `named` holds the `special` keys (--preset, --config, --ckpt ...) by name;
+    `pairs` holds ("section.field", value) for the rest, in order, with `aliases` applied first
+    (e.g. sft's --data -> --sft.data). `--resume` alone means train.resume "auto"; `--resume DIR`, DIR.
+    """
+    named: dict[str, str] = {}
     pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(argv):
@@ -260,45 +270,84 @@ def parse_args(argv: list[str]) -> RunConfig:
             raise SystemExit(0)
         key, eq, val = arg.partition("=")
         if not key.startswith("--"):
-            raise SystemExit(f"nanoseek train: unexpected argument {arg!r} (options look like --train.lr 1e-3)")
+            raise SystemExit(f"nanoseek {command}: unexpected argument {arg!r} (options look like --train.lr 1e-3)")
         if key == "--resume" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            pairs.append(("--train.resume", "auto"))
+            pairs.append(("train.resume", "auto"))
             i += 1
             continue
         if not eq:
             if i + 1 == len(argv):
-                raise SystemExit(f"nanoseek train: {key} needs a value")
+                raise SystemExit(f"nanoseek {command}: {key} needs a value")
             val = argv[i + 1]
             i += 1
         i += 1
-        if key == "--preset":
-            preset_name, preset_set = val, True
-        elif key == "--config":
-            config_file = val
+        key = (aliases or {}).get(key, key)
+        if key in special:
+            named[key] = val
         elif key == "--resume":
-            pairs.append(("--train.resume", val))
+            pairs.append(("train.resume", val))
         else:
-            pairs.append((key, val))
+            pairs.append((key[2:], val))
+    return named, pairs
+
+
+def read_config_file(file: str, command: str, sections: dict[str, type],
+                     top_level: tuple[str, ...] = ("preset",)) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A TOML or JSON config file: (its top-level keys among `top_level`, its {section: {field: value}})."""
+    path = Path(file)
+    if not path.is_file():
+        raise SystemExit(f"nanoseek {command}: config file {path} not found")
+    try:
+        loaded = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"nanoseek {command}: cannot parse {path}: {e}") from None
+    top = {key: loaded.pop(key) for key in top_level if key in loaded}
+    for section, values in loaded.items():
+        if section not in sections or not isinstance(values, dict):
+            raise SystemExit(f"nanoseek {command}: {path}: unknown section {section!r}; use {sorted(sections)}")
+    return top, loaded
+
+
+def set_option(values: dict[str, dict[str, Any]], sections: dict[str, type], section: str, name: str, value: Any,
+               where: str, command: str, known: str) -> None:
+    """Check one option against its section's dataclass, convert it to the field's type, store it.
+
+    `where` names the option in errors (`--train.lr` or `run.toml: train.lr`); `known` lists the valid ones.
+    """
+    if section not in sections:
+        raise SystemExit(f"nanoseek {command}: unknown option {where!r}; options are {known}")
+    fields = _fields(sections[section])
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f"; did you mean --{section}.{close[0]}?" if close else f"; see `nanoseek {command} --help`"
+        raise SystemExit(f"nanoseek {command}: unknown option {where!r}{hint}")
+    typ = fields[name][0]
+    value = convert(value, typ, where, command)
+    base = typing.get_args(typ)[0] if type(None) in typing.get_args(typ) else typ
+    if value is not None and base in (int, float, bool, str) and not isinstance(value, base):
+        if not (base is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise SystemExit(f"nanoseek {command}: {where} expects {base.__name__}, got {value!r}")
+        value = float(value)
+    values[section][name] = value
+
+
+def parse_args(argv: list[str]) -> RunConfig:
+    """Build a RunConfig from presets, an optional config file and `--section.field value` pairs."""
+    named, pairs = split_argv(argv, "train", help_text)
+    preset_name, preset_set = named.get("--preset", "demo"), "--preset" in named
+    overrides: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    if "--config" in named:
+        top, loaded = read_config_file(named["--config"], "train", SECTIONS)
+        if "preset" in top:
+            preset_name, preset_set = top["preset"], True
+        for section, values in loaded.items():
+            for name, value in values.items():
+                _set(overrides, section, name, value, f"{named['--config']}: {section}.{name}")
+    for key, val in pairs:
+        section, _, name = key.partition(".")
+        _set(overrides, section, name, val, f"--{key}")
     if preset_name not in PRESETS:
         raise SystemExit(f"nanoseek train: unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise SystemExit(f"nanoseek train: config file {path} not found")
-        try:
-            loaded = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise SystemExit(f"nanoseek train: cannot parse {path}: {e}") from None
-        if "preset" in loaded:
-            preset_name, preset_set = loaded.pop("preset"), True
-        for section, values in loaded.items():
-            if section not in SECTIONS or not isinstance(values, dict):
-                raise SystemExit(f"nanoseek train: {path}: unknown section {section!r}; use {sorted(SECTIONS)}")
-            for name, value in values.items():
-                _set(overrides, section, name, value, f"{path}: {section}.{name}")
-    for key, val in pairs:
-        section, _, name = key[2:].partition(".")
-        _set(overrides, section, name, val, key)
     explicit: dict[str, Any] = {s: dict(v) for s, v in overrides.items()}
     if preset_set:
         explicit["preset"] = preset_name
@@ -315,18 +364,5 @@ def parse_args(argv: list[str]) -> RunConfig:
 
 
 def _set(overrides: dict, section: str, name: str, value: Any, where: str) -> None:
-    if section not in SECTIONS:
-        raise SystemExit(f"nanoseek train: unknown option {where!r}; options are --model.*, --data.*, --train.*, "
-                         "--parallel.*")
-    fields = _fields(SECTIONS[section])
-    if name not in fields:
-        close = difflib.get_close_matches(name, list(fields), n=1)
-        hint = f"; did you mean --{section}.{close[0]}?" if close else "; see `nanoseek train --help`"
-        raise SystemExit(f"nanoseek train: unknown option {where!r}{hint}")
-    typ = fields[name][0]
-    value = convert(value, typ, where)
-    base = typing.get_args(typ)[0] if type(None) in typing.get_args(typ) else typ
-    if value is not None and base in (int, float, bool, str) and not isinstance(value, base):
-        if not (base is float and isinstance(value, int) and not isinstance(value, bool)):
-            raise SystemExit(f"nanoseek train: {where} expects {base.__name__}, got {value!r}")
-    overrides[section][name] = value
+    set_option(overrides, SECTIONS, section, name, value, where, "train",
+               "--model.*, --data.*, --train.*, --parallel.*")

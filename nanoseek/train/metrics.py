@@ -73,6 +73,27 @@ class MetricsLogger:
             self.writer.close()
 
 
+def step_metrics(out: dict[str, Any], *, steps: int, elapsed: float, tokens: float, lr: float,
+                 flops_per_tok: float, device: Any, skipped_steps: int) -> dict[str, Any]:
+    """The dense per-interval record every training loop logs: the step's scalars from the split training
+    step (`out`), the router's per-layer max violation, lr, tokens/s over the interval (`tokens` trained in
+    its `steps` steps), seconds per step, MFU and peak memory (GPU allocator, or the process's RSS on CPU)."""
+    import resource
+
+    import torch
+
+    metrics = {k: float(v) for k, v in out.items() if v.dim() == 0 and k != "finite"}
+    metrics["maxvio_layers"] = [round(v, 4) for v in out["maxvio_layers"].tolist()]
+    tok_s = tokens / elapsed
+    metrics.update(lr=lr, tok_s=tok_s, step_s=elapsed / steps, skipped_steps=int(skipped_steps))
+    if device.type == "cuda":
+        metrics["mfu"] = tok_s * flops_per_tok / H100_BF16_PEAK
+        metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return metrics
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import resource
 import signal
 import time
 import warnings
@@ -44,6 +43,7 @@ from nanoseek.train.checkpoint import (
     clean_partial,
     list_checkpoints,
     load_checkpoint,
+    lock_run_dir,
     run_record,
     save_checkpoint,
     weights_finite,
@@ -51,7 +51,7 @@ from nanoseek.train.checkpoint import (
 from nanoseek.train.config import DataConfig, RunConfig, TrainConfig
 from nanoseek.train.evaluate import greedy_complete, heldout_accuracy, validation_loss
 from nanoseek.train.guard import NonFiniteGuard
-from nanoseek.train.metrics import H100_BF16_PEAK, MetricsLogger, flops_per_token, plot_run
+from nanoseek.train.metrics import MetricsLogger, flops_per_token, plot_run, step_metrics
 from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
 from nanoseek.train.resume import (
     check_fresh_out_dir,
@@ -195,6 +195,8 @@ def train(run: RunConfig) -> dict[str, Any]:
         chosen = resume_arg != "auto" and not (Path(resume_arg) / "checkpoints").is_dir()  # one step-* dir
         check_resume_target(ckpt_path, out_dir, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if par is None or par.is_logger:  # one claim per run (the ranks of a parallel run share the directory)
+        lock_run_dir(out_dir, "train")
     for leftover in clean_partial(out_dir):
         print(f"removed {leftover.name}, a partial checkpoint left by a killed run")
     print(f"nanoseek train: run directory {out_dir.resolve()}")
@@ -216,7 +218,8 @@ def train(run: RunConfig) -> dict[str, Any]:
         model = par.wrap(model)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":  # FP8 linears/experts (emulated on the CPU); the rest as bf16/fp32 would run
-        install_fp8(model, cache_weights=tc.grad_accum > 1)  # quantize weights once per optimizer step
+        install_fp8(model, cache_weights=tc.grad_accum > 1,  # quantize weights once per optimizer step
+                    recompute_swiglu=tc.fp8_recompute_swiglu, pad_partial_blocks=tc.fp8_pad_partial)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments)
     if tc.activation_checkpointing:
@@ -338,16 +341,9 @@ def train(run: RunConfig) -> dict[str, Any]:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - interval_start
-                tok_s = (step - interval_step) * tokens_per_step / elapsed
-                metrics = {k: float(v) for k, v in out.items() if v.dim() == 0 and k != "finite"}
-                metrics["maxvio_layers"] = [round(v, 4) for v in out["maxvio_layers"].tolist()]
-                metrics.update(lr=lr, tok_s=tok_s, step_s=elapsed / (step - interval_step))
-                if device.type == "cuda":
-                    metrics["mfu"] = tok_s * fpt / H100_BF16_PEAK
-                    metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                else:
-                    metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                metrics["skipped_steps"] = int(guard.total)
+                metrics = step_metrics(out, steps=step - interval_step, elapsed=elapsed, lr=lr,
+                                       tokens=(step - interval_step) * tokens_per_step, flops_per_tok=fpt,
+                                       device=device, skipped_steps=guard.total)
                 logger.log(step, "train", metrics)
                 bar.write(_log_line(step, tc.max_steps, metrics))
                 check_nonfinite()
