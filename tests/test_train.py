@@ -376,3 +376,28 @@ def test_activation_checkpointing_keeps_names_and_checkpoints(tmp_path):
         return len(packed)
 
     assert saved_outside_checkpoints(model) < saved_outside_checkpoints(plain) / 2  # blocks keep no activations
+
+
+def test_data_kinds_restricts_the_synthetic_corpus(tmp_path):
+    """--data.kinds countdown: a Countdown-only corpus (its own cache key); the default key is the one data
+    caches had before the option existed (so old run directories keep their cached shards)."""
+    import dataclasses
+    import hashlib
+
+    from nanoseek.train.config import DataConfig
+    from nanoseek.train.trainer import prepare_data
+
+    cfg = DataConfig(n_docs=40, val_docs=4, vocab_size=300, seq_len=16, kinds="countdown")
+    data = prepare_data(cfg, tmp_path, log=lambda *_: None)
+    key = data.train_dir.parent.name
+    default = DataConfig(n_docs=40, val_docs=4, vocab_size=300, seq_len=16)
+    old_key = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(default).items() if k != "kinds"},
+                                        sort_keys=True).encode()).hexdigest()[:12]
+    assert key != old_key
+    assert prepare_data(default, tmp_path, log=lambda *_: None).train_dir.parent.name == old_key
+    from nanoseek.data.corpus import synthetic_corpus
+
+    only = synthetic_corpus(40, 0, (1, 3), 0.5, 0.15, kinds=cfg.kind_list())
+    mixed = synthetic_corpus(40, 0, (1, 3), 0.5, 0.15, kinds=default.kind_list())
+    assert all("the numbers" in d for d in only)  # every Countdown prompt phrasing names "the numbers"
+    assert not all("the numbers" in d for d in mixed)

@@ -294,7 +294,8 @@ def test_bad_settings_are_named():
                            (["--train.lr", "nan"], "--train.lr nan: must be a positive finite number"),
                            (["--train.max_steps", "-1"], "--train.max_steps -1"),
                            (["--data.seq_len", "1"], "--data.seq_len 1"),
-                           (["--data.vocab_size", "100"], "--data.vocab_size 100: must be at least 262")]:
+                           (["--data.vocab_size", "100"], "--data.vocab_size 100: must be at least 262"),
+                           (["--data.kinds", "countdown,div"], "--data.kinds 'countdown,div': must be a comma")]:
         with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
             parse_args(flags)
 

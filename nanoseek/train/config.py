@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.data.tasks import KINDS
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -40,6 +41,7 @@ class DataConfig:
     difficulty_max: int = doc("synthetic: highest difficulty", 3)
     r1_share: float = doc("synthetic: share of solutions in the <think>/<answer> template", 0.5)
     answer_only_share: float = doc("synthetic: share of answer-only solutions", 0.15)
+    kinds: str = doc("synthetic: comma-separated task kinds to draw from (add, sub, mul, countdown); '' = all", "")
     tokenizer: str = doc("'' trains a byte-level BPE on the corpus; else a directory holding tokenizer.json", "")
     vocab_size: int = doc("vocabulary size of a trained tokenizer (the model's vocab_size follows it)", 1024)
     seq_len: int = doc("training sequence length (tokens per packed window)", 256)
@@ -52,8 +54,14 @@ class DataConfig:
             "difficulty_max": (lambda v: v >= self.difficulty_min, "must be at least --data.difficulty_min"),
             "r1_share": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
             "answer_only_share": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+            "kinds": (lambda v: all(k in KINDS for k in self.kind_list()),
+                      f"must be a comma-separated list of {', '.join(KINDS)} (or empty for all)"),
             "vocab_size": (lambda v: v >= 262, "must be at least 262 (256 bytes + 6 special tokens)"),
             "seq_len": (lambda v: v >= 2, "must be at least 2")})
+
+    def kind_list(self) -> tuple[str, ...]:
+        """The task kinds of the synthetic corpus (all of them when `kinds` is empty)."""
+        return tuple(k.strip() for k in self.kinds.split(",") if k.strip()) or KINDS
 
 
 def _check(obj: Any, section: str, rules: dict[str, tuple[Any, str]]) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data.loader import PackedLoader
-from nanoseek.data.tasks import r1_prompt, sample_problems, verify
+from nanoseek.data.tasks import KINDS, r1_prompt, sample_problems, verify
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -57,12 +57,12 @@ def greedy_complete(model: Transformer, tokenizer: Tokenizer, prompts: list[str]
 
 
 def heldout_accuracy(model: Transformer, tokenizer: Tokenizer, n: int, seed: int, difficulty: tuple[int, int],
-                     max_new_tokens: int = 256) -> dict:
+                     max_new_tokens: int = 256, kinds: tuple[str, ...] = KINDS) -> dict:
     """Greedy accuracy on held-out problems (never in the training corpus), per task kind.
 
     Prompts use the R1 template; a completion counts if the task's exact verifier accepts it.
     """
-    problems = sample_problems(n, seed, difficulty_range=difficulty, split="heldout", unique=True)
+    problems = sample_problems(n, seed, kinds, difficulty_range=difficulty, split="heldout", unique=True)
     texts = greedy_complete(model, tokenizer, [r1_prompt(p.prompt) for p in problems], max_new_tokens,
                             stop="</answer>")
     hits: dict[str, list[int]] = defaultdict(list)

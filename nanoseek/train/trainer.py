@@ -83,7 +83,10 @@ class PreparedData:
 
 def prepare_data(cfg: DataConfig, out_dir: Path, log=print) -> PreparedData:
     """Corpus -> tokenizer -> token shards, cached under out_dir/data keyed by the data config."""
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    keyed = dataclasses.asdict(cfg)
+    if not keyed["kinds"]:  # all kinds: the key data caches made before the option existed had
+        del keyed["kinds"]
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     root = out_dir / "data" / key
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else root / "tokenizer"
     train_dir, val_dir = root / "train", root / "val"
@@ -95,9 +98,10 @@ def prepare_data(cfg: DataConfig, out_dir: Path, log=print) -> PreparedData:
     t0 = time.time()
     if cfg.source == "synthetic":
         difficulty = (cfg.difficulty_min, cfg.difficulty_max)
-        train_docs = synthetic_corpus(cfg.n_docs, cfg.seed, difficulty, cfg.r1_share, cfg.answer_only_share)
+        train_docs = synthetic_corpus(cfg.n_docs, cfg.seed, difficulty, cfg.r1_share, cfg.answer_only_share,
+                                      kinds=cfg.kind_list())
         val_docs = synthetic_corpus(cfg.val_docs, cfg.seed + 1, difficulty, cfg.r1_share, cfg.answer_only_share,
-                                    split="heldout")
+                                    split="heldout", kinds=cfg.kind_list())
     else:
         try:
             docs = load_user_texts(cfg.source, cfg.text_field)
@@ -396,7 +400,8 @@ def train(run: RunConfig) -> dict[str, Any]:
             summary["samples"] = [{"prompt": p, "completion": o} for p, o in zip(prompts, outs)]
         if tc.eval_problems and run.data.source == "synthetic":
             acc = heldout_accuracy(model, tok, tc.eval_problems, seed=run.data.seed + 12345,
-                                   difficulty=(run.data.difficulty_min, run.data.difficulty_max))
+                                   difficulty=(run.data.difficulty_min, run.data.difficulty_max),
+                                   kinds=run.data.kind_list())
             summary["heldout"] = acc
             logger.log(step, "eval", {"heldout_accuracy": acc["accuracy"],
                                       **{f"acc_{k}": v for k, v in acc["per_kind"].items()}})
@@ -459,8 +464,8 @@ def _sample_prompts(run: RunConfig, n: int, data: PreparedData, words: int = 6) 
         return prompts or ["The"]
     from nanoseek.data.tasks import r1_prompt, sample_problems
 
-    problems = sample_problems(n, run.data.seed + 999, difficulty_range=(run.data.difficulty_min,
-                                                                        run.data.difficulty_max), split="heldout")
+    problems = sample_problems(n, run.data.seed + 999, run.data.kind_list(),
+                               difficulty_range=(run.data.difficulty_min, run.data.difficulty_max), split="heldout")
     return [r1_prompt(p.prompt) for p in problems]
 
 
