@@ -17,6 +17,9 @@ response is 256 tokens: the worst case), temperature 1, a random-initialised V3-
               loaded by transformers) if `trl` imports, else skipped with a note (target: >= 10x its
               completion tokens/s; issue 17 quotes 5.8 s/step and 4.5k tokens/s for TRL 1.16).
 
+TRL on the lent GPU machines: carry trl 1.16.0, datasets 5.2.0, dill 0.4.1 and multiprocess 0.70.19 as wheels
+(pandas, pyarrow and accelerate are already there). The TRL path ran end to end on the CPU (`--tiny`).
+
 Medians over --repeats after one warm-up (CUDA graphs captured, blocks compiled). Writes
 bench/results/grpo_throughput-<date>.json.
 """
