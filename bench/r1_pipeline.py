@@ -3,12 +3,16 @@
     python bench/r1_pipeline.py                   # the whole pipeline (reuses runs/demo as the base)
     python bench/r1_pipeline.py --skip-existing   # rerun: finished stages and evaluations are reused
     python bench/r1_pipeline.py --quick           # a smoke run of a minute or two (tiny budgets, tiny evals)
+    python bench/r1_pipeline.py --base-r1-share 0.05 --work runs/pipeline-fmt
+                                                  # its own base, pretrained with 5% of the corpus in the R1
+                                                  # template (the default base's is 50%: every row writes it)
 
 DeepSeek-R1 (arXiv:2501.12948; REFERENCE.md section 5) is not trained by RL alone. This script runs the
 project's own commands (`nanoseek train / rl / sample / sft / eval`, each as a subprocess, so every stage is
 a command a user can rerun by hand; the command lines are in the record) and compares five rows:
 
-    1. base          the demo pretraining checkpoint (runs/demo, or `nanoseek train --preset demo`)
+    1. base          the demo pretraining checkpoint (runs/demo, or `nanoseek train --preset demo`; with
+                     --base-r1-share X, `nanoseek train --preset demo --data.r1_share X` into WORK/base)
     2. R1-Zero       `nanoseek rl --preset demo` from the base: RL only, no SFT
     3. cold start    `nanoseek sample` on the R1-Zero model (verified, readable, deduplicated) is the
                      cold-start SFT set for a fresh copy of the base; then the same RL from that SFT model
@@ -54,7 +58,7 @@ def settings(args: argparse.Namespace) -> dict:
              sft_lr=args.sft_lr, sft_epochs=args.sft_epochs, student_layers=args.student_layers,
              student_steps=args.student_steps, student_minutes=args.student_minutes, student_lr=args.student_lr,
              student_epochs=args.student_epochs, sample_temperature=args.sample_temperature,
-             rl_max_steps=200, sft_max_steps=0)
+             base_r1_share=args.base_r1_share, rl_max_steps=200, sft_max_steps=0)
     if args.quick:
         s.update(eval_n=16, eval_k=2, rl_minutes=0.3, cs_prompts=48, rs_prompts=64, samples_per_prompt=8,
                  student_steps=20, student_minutes=0.5, rl_max_steps=3, sft_max_steps=3)
@@ -155,17 +159,21 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                      "--temperature", str(s["sample_temperature"]),
                      "--per-prompt", str(s["per_prompt"])]
 
-    # 1. the base: a finished demo pretraining run, else pretrain one
+    # 1. the base: a finished demo pretraining run, else pretrain one (with --base-r1-share, its own corpus
+    #    share of the R1 template; the student's pretraining then uses the same corpus)
     base = Path(args.base)
+    share = [] if s["base_r1_share"] is None else ["--data.r1_share", str(s["base_r1_share"])]
     if (base / "checkpoints").is_dir() and any((base / "checkpoints").glob("step-*")):
+        check_base_share(base, s["base_r1_share"])
         summary = read_json(base / "summary.json")
         p.stages["base"] = {"status": "done", "command": "reused " + str(base), "reused": True,
                             "seconds": 60 * summary.get("minutes", 0.0), "output": str(base),
                             "steps": summary.get("step"), "note": "pretraining loop minutes from its summary.json",
+                            "r1_share": read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share"),
                             "finished": resolve_latest(base).stat().st_mtime}
         print(f"[base] reusing {base} ({summary.get('step')} steps; delete it to pretrain again)")
     else:
-        base_args = ["train", "--preset", "demo", "--train.out_dir", str(base)]
+        base_args = ["train", "--preset", "demo", "--train.out_dir", str(base), *share]
         if args.quick:
             base_args += ["--train.max_steps", "30", "--train.eval_problems", "0"]
         p.run("base", base_args, base / "checkpoints")  # never reused: the branch above reuses a finished base
@@ -214,7 +222,8 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                                "--data.tokenizer", str(resolve_latest(base)), "--train.out_dir", str(student),
                                "--train.max_steps", str(s["student_steps"]), "--train.time_limit_min",
                                str(s["student_minutes"]), "--train.eval_problems", "0", "--train.samples", "0",
-                               "--train.ckpt_every", "0", "--train.tensorboard", "false"], student / "summary.json",
+                               "--train.ckpt_every", "0", "--train.tensorboard", "false", *share],
+          student / "summary.json",
           ("base",))
     p.note("student_pretrain", steps=read_json(student / "summary.json").get("step"))
     st_sft = work / "student-sft"
@@ -250,6 +259,17 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                               "jobs": args.eval_jobs, "threads_each": threads, "reused": not ran_now}
     wall = time.time() - started
     return build_record(args, s, p.stages, models, evals, wall, commit)
+
+
+def check_base_share(base: Path, share: float | None) -> None:
+    """A reused base must have been pretrained on the corpus asked for (--base-r1-share), else the rows
+    would not show what the option is for; its run.json records the share."""
+    if share is None:
+        return
+    recorded = read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share")
+    if recorded is None or abs(recorded - share) > 1e-12:
+        raise SystemExit(f"r1_pipeline: the base {base} was pretrained with --data.r1_share {recorded}, not "
+                         f"--base-r1-share {share}; delete it, or pass another --work or --base")
 
 
 def resolve_latest(run_dir: Path) -> Path:
@@ -333,7 +353,12 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="runs/demo", help="the base run directory (pretrained there if missing)")
+    ap.add_argument("--base", default=None, help="the base run directory, pretrained there if missing (default "
+                                                 "runs/demo; with --base-r1-share: WORK/base)")
+    ap.add_argument("--base-r1-share", type=float, default=None,
+                    help="pretrain the base (and the student) with this share of the corpus in the R1 "
+                         "<think>/<answer> template (nanoseek train --data.r1_share; the default base has 0.5, "
+                         "so every row writes the format)")
     ap.add_argument("--work", default=None, help="stage outputs (default runs/pipeline, --quick: runs/pipeline-quick)")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/r1_pipeline-<date>.json; "
                                                 "--quick: WORK/r1_pipeline-quick.json)")
@@ -363,7 +388,10 @@ def main(argv: list[str] | None = None) -> None:
                  "student_steps", "threads", "eval_jobs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"r1_pipeline: --{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.base_r1_share is not None and not 0 <= args.base_r1_share <= 1:
+        raise SystemExit(f"r1_pipeline: --base-r1-share {args.base_r1_share}: must lie in [0, 1]")
     args.work = args.work or ("runs/pipeline-quick" if args.quick else "runs/pipeline")
+    args.base = args.base or (str(Path(args.work) / "base") if args.base_r1_share is not None else "runs/demo")
     record = run_pipeline(args)
     date = record["date"]
     out = Path(args.out or (Path(args.work) / "r1_pipeline-quick.json" if args.quick

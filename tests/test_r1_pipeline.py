@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.r1_pipeline import STAGE_OF_ROW, Pipeline, markdown, rows, targets  # noqa: E402
+from bench.r1_pipeline import STAGE_OF_ROW, Pipeline, check_base_share, markdown, rows, targets  # noqa: E402
 
 ROWS = ["1", "2", "3a", "3", "4", "5a", "5", "5b"]
 
@@ -78,3 +78,13 @@ def test_skip_existing_reuses_only_unchanged_stages_with_older_inputs(tmp_path):
     p.stages["train"]["finished"] = 300.0  # its input was rebuilt after it: stale, even with the same command
     assert not p.done("eval", ["eval", "--ckpt", "A"], out, ("train",))
     assert not Pipeline(tmp_path / "w2", 1, skip_existing=False).done("eval", ["eval", "--ckpt", "A"], out, ())
+
+
+def test_reused_base_must_have_the_asked_r1_share(tmp_path):
+    (tmp_path / "run.json").write_text('{"config": {"data": {"r1_share": 0.05}}}')
+    check_base_share(tmp_path, None)  # the default base: no check
+    check_base_share(tmp_path, 0.05)
+    with pytest.raises(SystemExit, match=r"pretrained with --data.r1_share 0.05, not --base-r1-share 0.5"):
+        check_base_share(tmp_path, 0.5)
+    with pytest.raises(SystemExit, match=r"--data.r1_share None"):
+        check_base_share(tmp_path / "elsewhere", 0.05)  # no run.json: cannot tell, refuse
