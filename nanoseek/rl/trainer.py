@@ -51,6 +51,7 @@ from nanoseek.train.checkpoint import list_checkpoints, lock_run_dir, run_record
 from nanoseek.train.metrics import MetricsLogger
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.step import accumulate_gradients, optimizer_step
+from nanoseek.train.trainer import resolve_device
 
 
 def fail(message: str) -> SystemExit:
@@ -150,15 +151,6 @@ def logprobs_of(model, rollouts: list[Rollout], run: RLRun, pad_id: int, device,
 
 
 # ---------------------------------------------------------------------------- set-up
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise fail(f"--train.device {name} asked for, but CUDA is not available")
-    return device
-
-
 def find_resume(run: RLRun, out_dir: Path) -> Path | None:
     if not run.train.resume:
         return None
@@ -217,7 +209,7 @@ def rl_train(run: RLRun, extra_rewards: dict[str, tuple[float, Reward]] | None =
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(out_dir, "rl")
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "rl")
     resume = find_resume(run, out_dir)
     if resume is not None and not run.ckpt:
         saved = json.loads((resume / "run.json").read_text()) if (resume / "run.json").is_file() else {}

@@ -207,7 +207,7 @@ def sft(run: SFTRun) -> dict[str, Any]:
         raise fail(f"--train.dtype {tc.dtype!r} is unknown; use auto, bf16, fp32 or fp8")
     for name in sorted(UNUSED_TRAIN & set(run.explicit.get("train", {}))):
         print(f"warning: --train.{name} is not used by nanoseek sft")
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "sft")
     if sc.pack and sc.attention == "flex" and device.type != "cuda":
         raise fail(f"--sft.attention flex trains on CUDA only (FlexAttention has no backward on {device.type}); "
                    "use --sft.attention sdpa")

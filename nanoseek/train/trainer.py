@@ -152,12 +152,13 @@ def open_loader(shard_dir: Path, seq_len: int, batch_size: int, seed: int, what:
 
 
 # ---------------------------------------------------------------------------- the loop
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, command: str = "train") -> torch.device:
+    """`--train.device`: "auto" (CUDA where present, else the CPU) or a torch device name CUDA must back."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"nanoseek train: --train.device {name} asked for, but CUDA is not available")
+        raise SystemExit(f"nanoseek {command}: --train.device {name} asked for, but CUDA is not available")
     return device
 
 
