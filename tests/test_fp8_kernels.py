@@ -1,10 +1,9 @@
 """FP8 Triton kernels against the emulation (`nanoseek.fp8.reference`).
 
 Runs on a CUDA GPU, or on the CPU under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-without a GPU). The interpreter's fp32 -> e4m3 cast mis-rounds values that round up into the next
-binade (e.g. 127.4 -> 64 instead of 128) and truncates subnormals; on the CPU the quantizers' values are
-compared with those excluded, and the GEMM kernels are fed operands quantized by the reference, so their check is exact
-up to fp32 summation order and the bf16 output.
+without a GPU). The quantizers round to the e4m3 grid in fp32 before the cast (`kernels._to_e4m3`), so their
+values match the emulation exactly on both; the GEMM kernels are fed operands quantized by the reference, so
+their check is exact up to fp32 summation order and the bf16 output.
 """
 
 from __future__ import annotations
@@ -23,15 +22,39 @@ DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not t
            pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1"))]
 
 
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from nanoseek.fp8.kernels import _to_e4m3
+
+    @triton.jit
+    def _cast_kernel(x_ptr, o_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(o_ptr + i, _to_e4m3(tl.load(x_ptr + i)))
+
+
 def same_q(got: torch.Tensor, want: torch.Tensor, device: str) -> None:
-    """e4m3 tensors equal; under the interpreter, up to its binade-carry mis-rounding (got = want / 2 with
-    want a power of two) and one subnormal step (2^-9) up to the smallest normal 2^-6."""
+    """e4m3 tensors equal, value for value."""
     g, w = got.float(), want.float()
-    if device == "cpu":
-        carry = (g != w) & (g * 2 == w) & (torch.frexp(w.abs())[0] == 0.5)
-        subnormal = (w.abs() <= 2 ** -6) & ((g - w).abs() <= 2 ** -9)
-        g = torch.where(carry | subnormal, w, g)
     assert torch.equal(g, w), f"{(g != w).sum().item()} of {g.numel()} values differ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_e4m3_rounding_is_round_to_nearest_even(device):
+    """Every e4m3 value, every midpoint between neighbours (ties), the fp32 values just either side of each
+    midpoint, random values across the range and past +-448: the kernels' rounding equals torch's cast."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([grid, mids, torch.nextafter(mids, torch.tensor(1e9)), torch.nextafter(mids, torch.tensor(-1e9)),
+                   torch.randn(3000, generator=g) * 60, torch.randn(1000, generator=g) * 0.01,
+                   torch.tensor([500.0, -1000.0, 447.9, 1e-9])])
+    x = torch.nn.functional.pad(x, (0, 8192 - x.numel()))
+    out = torch.empty(8192, dtype=torch.float8_e4m3fn, device=device)
+    _cast_kernel[(1,)](x.to(device), out, 8192)
+    same_q(out.cpu(), x.clamp(-448, 448).to(torch.float8_e4m3fn), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -45,14 +45,17 @@ def caches(model) -> list[WeightCache]:
                                                  getattr(m, "w2_cache", None)) if isinstance(c, WeightCache)]
 
 
-def test_weight_cache_matches_uncached_over_accumulation_and_steps():
+@pytest.mark.parametrize("fused", [False, True])
+def test_weight_cache_matches_uncached_over_accumulation_and_steps(fused):
     """2 optimizer steps of 3 micro-batches: identical losses, gradients and weights; one quantization per
-    weight per step (a stale cache after the step would change step 2's numbers)."""
+    weight per step (a stale cache after the step would change step 2's numbers). fused: torch's fused AdamW
+    (the trainer's on CUDA), which writes the weights without bumping their version counters."""
     runs = {}
     for cached in (False, True):
         model = Transformer.from_config(preset("debug", **CFG), seed=0).train()
         install_fp8(model, backend="emulate", cache_weights=cached)
-        opt = build_optimizer(model, 1e-2, (0.9, 0.95), 1e-8, 0.1)
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True) if fused
+               else build_optimizer(model, 1e-2, (0.9, 0.95), 1e-8, 0.1))
         losses, grads = [], []
         data = batches(6)
         for step in range(2):

@@ -4,8 +4,11 @@ Weight cache. A weight changes only at the optimizer step, but with gradient acc
 forward would quantize it again (a read of the fp32 master and a write of its e4m3 copies). `WeightCache`
 keeps the quantized copy and reuses it while the weight is unchanged. "Unchanged" is PyTorch's version
 counter: every in-place write to the tensor (the optimizer step, `copy_` when a checkpoint loads) bumps
-`w._version`, so the next forward quantizes afresh. Writes through `w.data` are not counted by autograd;
-after such a write call `clear_weight_caches(model)`. Cost: the cached copy lives between steps
+`w._version`, so the next forward quantizes afresh. torch's fused AdamW (the trainer's optimizer on CUDA)
+writes the parameters without bumping it (torch 2.11 and 2.13), so a cache that trusted the counter alone
+would keep the first step's weights for the whole run; `WeightCache` therefore installs, once, a global
+optimizer step hook that bumps the version of every parameter an optimizer has just stepped. Writes
+through `w.data` are not counted by autograd; after such a write call `clear_weight_caches(model)`. Cost: the cached copy lives between steps
 (about 1 byte per weight for the emulation, 2 on the GPU, which keeps the transposed copy too).
 
 SwiGLU recompute. a = silu(g) * u feeds the down projection. Autograd would keep g, u (views of the
@@ -21,13 +24,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
+
+
+_VERSION_HOOK: list = []  # the handle of the global optimizer step hook, once installed
+
+
+def bump_stepped_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Optimizer step post-hook: count the step as an in-place write of each parameter it updated."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                torch.autograd.graph.increment_version(p)
 
 
 class WeightCache:
     """The quantized form of one weight, reused while the weight's storage and version are unchanged."""
 
     def __init__(self) -> None:
+        if not _VERSION_HOOK:  # fused optimizers do not bump versions themselves (module docstring)
+            _VERSION_HOOK.append(register_optimizer_step_post_hook(bump_stepped_versions))
         self.key: tuple | None = None
         self.value: Any = None
         self.quantizations = 0  # how many times the weight was quantized (tests, statistics)
