@@ -105,7 +105,8 @@ def main() -> None:
                                "new_tokens": new, "micro_batch": args.micro, "compile": not args.no_compile,
                                "model": dataclasses.asdict(cfg)}}
     compile_ = cuda and not args.no_compile
-    engine = Engine(model, None, max_batch_size=P * G, max_len=L + new + 8, cuda_graph=cuda, compile=compile_)
+    engine = Engine(model, None, max_batch_size=P * G, max_len=L + new + 8, cuda_graph=cuda, compile=compile_,
+                    autocast=torch.bfloat16 if cuda else None)  # as `nanoseek rl` builds it
     params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, logprobs=True, seed=0)
     outs: list = []
 

@@ -234,3 +234,30 @@ def test_sampling_settings_are_checked_where_they_enter():
 
     _, top_k, top_p = settings_tensors([SamplingParams(top_k=2**63, top_p=1e-46)], "cpu")
     assert top_k.item() == 2**31 - 1 and top_p.item() > 0  # clamped to values that keep the meaning
+
+
+def test_autocast_engine_decodes_fp32_weights_in_bf16():
+    """Engine(autocast=bf16) over fp32 weights (`nanoseek rl`'s policy on a GPU) computes in bf16: its
+    log-probs move off the fp32 engine's by bf16 rounding, and stay within bf16's reach of the training
+    forward under the same autocast (teacher-forced on the engine's tokens). The two bf16 paths differ in
+    association (a cached, absorbed-MLA decode against a full expanded forward), so they do not agree
+    bit for bit; `nanoseek rl` logs this gap and takes the ratio's log-probs from the training forward."""
+    from nanoseek.rl.rollout import forward_logprobs
+
+    model = tiny_model()
+    prompts = random_prompts([5, 9], model.config.vocab_size, seed=3)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True, logprobs=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    logprobs = {}
+    for dtype in (None, torch.bfloat16):
+        out = Engine(model, max_batch_size=2, max_len=32, autocast=dtype).generate(prompts, params)
+        logprobs[dtype] = torch.tensor([x for o in out for x in o.logprobs])
+        if dtype is not None:
+            for p, o in zip(prompts, out):
+                ids = torch.tensor([p + o.token_ids])
+                trainer = forward_logprobs(model, ids[:, :-1], ids[:, 1:], autocast)[0, len(p) - 1:]
+                assert (trainer - torch.tensor(o.logprobs)).abs().max() < 0.1
+    moved = (logprobs[None] - logprobs[torch.bfloat16]).abs().max()
+    assert 1e-4 < moved < 0.1, moved
+    with pytest.raises(ValueError, match="autocast=torch.float32"):
+        Engine(model, autocast=torch.float32)

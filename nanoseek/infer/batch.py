@@ -129,10 +129,11 @@ class Batch:
         decode one step. The engine's `run` and the server's scheduler both loop on this."""
         events = self.release_cancelled()
         admit = take(len(self.free_rows()))
-        if admit:
-            events += self.admit(admit, stats)
-        if self.busy:
-            events += self.step(stats)
+        with self.engine.compute():
+            if admit:
+                events += self.admit(admit, stats)
+            if self.busy:
+                events += self.step(stats)
         return events
 
     # ------------------------------------------------------------------ per-row settings

@@ -262,7 +262,8 @@ def rl_train(run: RLRun, extra_rewards: dict[str, tuple[float, Reward]] | None =
         weights.extra["math_verify"] = (run.reward.math_verify, math_verify_reward())
     weights.extra.update(extra_rewards or {})
     engine = Engine(model, tok, max_batch_size=rl.prompts_per_step * rl.group_size, max_len=max_pos,
-                    cuda_graph=tc.cuda_graph and device.type == "cuda", compile=tc.compile)
+                    cuda_graph=tc.cuda_graph and device.type == "cuda", compile=tc.compile,
+                    autocast=torch.bfloat16 if use_bf16 else None)  # rollouts compute as the update does
 
     logger = MetricsLogger(out_dir, tc.tensorboard)
     record = run_record(run.to_dict(), device)
