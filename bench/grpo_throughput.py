@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nanoseek import Transformer, preset, save_pretrained  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
@@ -49,6 +50,7 @@ from nanoseek.rl.rollout import Rollout, pack  # noqa: E402
 from nanoseek.rl.trainer import chunks, rl_loss_fn  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss  # noqa: E402
+from kernel_timing import source_revision  # noqa: E402
 
 # ~120M total parameters, DeepSeek-V3's layout at a small width
 RL_120M = dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, moe_intermediate_size=256,
@@ -99,6 +101,7 @@ def main() -> None:
     P, G, L, new = args.prompts, args.group, args.prompt_len, args.new
     prompts = [torch.randint(2, cfg.vocab_size, (L,), generator=g).tolist() for _ in range(P)]
     record: dict = {"benchmark": "grpo_throughput", "date": time.strftime("%Y-%m-%d"),
+                    "commit": source_revision(),
                     "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                     "versions": {"torch": torch.__version__, "python": platform.python_version()},
                     "config": {"params_M": n_params / 1e6, "prompts": P, "group": G, "prompt_len": L,

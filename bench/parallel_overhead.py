@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss  # noqa: E402
+from kernel_timing import source_revision  # noqa: E402
 
 
 def timed(step_fn, steps: int, warmup: int, device: torch.device) -> list[float]:
@@ -135,6 +137,7 @@ def main() -> None:
           f"tok/s: {b} vs {a} {100 * overhead:+.2f}%" + ("" if args.overlap_ab else " (target < 3%)"))
     result = {
         "name": name, "layout": str(par.layout), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": source_revision(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "cuda": torch.version.cuda},
