@@ -49,7 +49,7 @@ from nanoseek.rl.config import parse_args  # noqa: E402
 from nanoseek.rl.rollout import Rollout, pack  # noqa: E402
 from nanoseek.rl.trainer import chunks, rl_loss_fn  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
-from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss  # noqa: E402
+from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss, to_device  # noqa: E402
 from kernel_timing import source_revision  # noqa: E402
 
 # ~120M total parameters, DeepSeek-V3's layout at a small width
@@ -141,8 +141,8 @@ def main() -> None:
     batches = []
     for part in parts:
         b = pack(part, 0)
-        b["norm"] = torch.tensor([len(rollouts), n_tokens, len(parts)])
-        batches.append({k: v.to(device) for k, v in b.items()})
+        b["norm"] = (len(rollouts), n_tokens, len(parts))
+        batches.append(to_device(b, device))
 
     def update():
         accumulate_gradients(model, batches, loss_fn, autocast)

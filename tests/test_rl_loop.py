@@ -248,3 +248,38 @@ def test_router_loads_count_real_tokens_only(base):
     for a, b in zip(padded, alone):
         assert torch.equal(a, b)
         assert a.sum() == (4 + 7) * model.config.num_experts_per_tok  # 11 real tokens of 2 x 7 positions
+
+
+def test_update_scores_only_positions_after_the_shortest_prompt(base):
+    """The update's head and log-softmax skip positions before the first response target (`first_target`):
+    loss, statistics and every gradient equal the full-length computation's, with prompts of two lengths,
+    old and reference log-probs (beta > 0) and the MTP loss (which keeps the full length)."""
+    from nanoseek.rl.rollout import Rollout
+    from nanoseek.rl.trainer import rl_loss_fn
+
+    run = parse_args(["--ckpt", "unused", "--rl.beta", "0.04", "--rl.mtp_lambda", "0.3", "--rl.tis_cap", "2"])
+    g = torch.Generator().manual_seed(0)
+    rollouts = [Rollout(None, [5, 6, 7, 8, 9], [10, 11, 12], [-1.0, -2.0, -0.5], "", False),
+                Rollout(None, [5, 6, 7], [13, 14, 15, 16, 17], [-1.5] * 5, "", False)]
+    for r, a in zip(rollouts, (0.7, -0.7)):
+        r.advantage = a
+    batch = pack(rollouts, pad_id=1)
+    assert batch["first_target"] == 2
+    S = batch["input_ids"].shape[1]
+    batch["old_logp"] = -torch.rand(2, S, generator=g) * batch["mask"]
+    batch["ref_logp"] = -torch.rand(2, S, generator=g) * batch["mask"]
+    batch["norm"] = (2, 8, 1)
+    results = []
+    for first in (batch["first_target"], 0):
+        model = nanoseek.load_pretrained(base).train()
+        loss, stats = rl_loss_fn(run)(model, {**batch, "first_target": first})
+        loss.backward()
+        results.append((loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}))
+    (l0, s0, g0), (l1, s1, g1) = results
+    torch.testing.assert_close(l0, l1, rtol=1e-6, atol=1e-7)
+    for k in s1:
+        torch.testing.assert_close(s0[k], s1[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert g0.keys() == g1.keys()
+    for n in g1:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -159,7 +159,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, kv_len: int | None = None,
-                mtp_tokens: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
+                mtp_tokens: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                logits_from: int = 0) -> ModelOutput:
         """input_ids (B, S) -> ModelOutput.
 
         positions (B, S): token positions (default 0..S-1). With `cache`: positions None is a
@@ -169,6 +170,8 @@ class Transformer(nn.Module):
         mtp_tokens[:, i + k - 1] at position i; its last k - 1 positions see padding.
         `logits_at` (B,): the one position per row whose logits are wanted (a prefill needs only
         each prompt's last); the output head then runs on those rows only and logits is (B, 1, V).
+        `logits_from`: the head runs on positions logits_from.. only, logits (B, S - logits_from, V) (an RL
+        update scores only the responses, which start after the prompts). `hidden` is always (B, S, D).
         """
         B, S = input_ids.shape
         pos = positions if positions is not None else torch.arange(S, device=input_ids.device).expand(B, S)
@@ -180,7 +183,7 @@ class Transformer(nn.Module):
         if logits_at is not None:
             logits = self.lm_head(hidden[torch.arange(B, device=hidden.device), logits_at][:, None])  # (B, 1, V)
         else:
-            logits = self.lm_head(hidden)
+            logits = self.lm_head(hidden[:, logits_from:] if logits_from else hidden)
         out = ModelOutput(logits=logits, hidden=hidden)
         if mtp_tokens is not None:
             h_prev = hidden

@@ -98,7 +98,9 @@ def pack(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> 
 
     input_ids (N, S), targets (N, S), mask (N, S) response targets (0 for truncated ones when
     `mask_truncated`: DAPO's overlong filtering), valid (N, S) real (not padding) input positions,
-    engine_logp (N, S), advantages (N,).
+    engine_logp (N, S), advantages (N,); and first_target, an int: the first position whose target is a
+    response token in any row (the shortest prompt's length - 1). Positions before it are prompt in
+    every row, so the update's output head can skip them (`Transformer.forward(logits_from=...)`).
     """
     seqs = [r.prompt_ids + r.token_ids for r in rollouts]
     S = max(len(s) for s in seqs) - 1
@@ -118,7 +120,8 @@ def pack(rollouts: list[Rollout], pad_id: int, mask_truncated: bool = False) -> 
             mask[i, start:end] = 1.0
         engine_logp[i, start:end] = torch.tensor(r.engine_logprobs[:end - start])
     return {"input_ids": input_ids, "targets": targets, "mask": mask, "valid": valid, "engine_logp": engine_logp,
-            "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)}
+            "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
+            "first_target": min(len(r.prompt_ids) - 1 for r in rollouts)}
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,14 +161,16 @@ def count_real_tokens(model, valid: torch.Tensor):
 
 
 @torch.no_grad()
-def forward_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
-    """log p(targets) (N, S) under `model` without gradients, in eval mode (the same maths as training:
-    eval only stops the MoE layers' balance statistics), under the training autocast."""
+def forward_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, autocast,
+                     logits_from: int = 0) -> torch.Tensor:
+    """log p(targets[:, logits_from:]) (N, S - logits_from) under `model` without gradients, in eval mode
+    (the same maths as training: eval only stops the MoE layers' balance statistics), under the training
+    autocast."""
     was = model.training
     model.eval()
     try:
         with autocast:
-            logits = model(input_ids).logits
-        return token_logprobs(logits, targets)[0]
+            logits = model(input_ids, logits_from=logits_from).logits
+        return token_logprobs(logits, targets[:, logits_from:])[0]
     finally:
         model.train(was)

@@ -69,27 +69,30 @@ def rl_loss_fn(run: RLRun):
     rl = run.rl
 
     def loss_fn(model, batch: dict[str, torch.Tensor]):
-        x, y, mask = batch["input_ids"], batch["targets"], batch["mask"]
+        x, y, full_mask = batch["input_ids"], batch["targets"], batch["mask"]
         use_mtp = rl.mtp_lambda > 0 and len(model.mtp) > 0
+        s0 = batch.get("first_target", 0)  # positions before s0 are prompt in every row: not scored
         with count_real_tokens(model, batch["valid"]):
-            out = model(x, mtp_tokens=y if use_mtp else None)
-        logp, entropy = token_logprobs(out.logits, y)  # (N, S) each
-        old = batch.get("old_logp", logp.detach())
-        n_seqs, n_tokens, n_micro = (int(v) for v in batch["norm"].tolist())
+            out = model(x, mtp_tokens=y if use_mtp else None, logits_from=s0)
+        logp, entropy = token_logprobs(out.logits, y[:, s0:])  # (N, S - s0) each
+        mask, engine_logp = full_mask[:, s0:], batch["engine_logp"][:, s0:]
+        old = batch["old_logp"][:, s0:] if "old_logp" in batch else logp.detach()
+        ref = batch["ref_logp"][:, s0:] if "ref_logp" in batch else None
+        n_seqs, n_tokens, n_micro = (int(v) for v in batch["norm"])
         loss, stats = grpo_loss(logp, old, batch["advantages"], mask, eps_low=rl.eps_low, eps_high=rl.eps_high,
-                                beta=rl.beta, ref_logp=batch.get("ref_logp"), aggregation=rl.aggregation,
-                                max_tokens=rl.max_new_tokens, engine_logp=batch["engine_logp"], tis_cap=rl.tis_cap,
+                                beta=rl.beta, ref_logp=ref, aggregation=rl.aggregation,
+                                max_tokens=rl.max_new_tokens, engine_logp=engine_logp, tis_cap=rl.tis_cap,
                                 normaliser=(n_seqs, n_tokens))
         loss = loss * n_micro
         stats["loss"] = loss.detach()  # averaged over the micro-batches: the mini-batch's loss
         m = mask.sum().clamp_min(1)
         stats["entropy"] = (entropy * mask).sum() / m
-        stats["logp_mismatch"] = ((logp.detach() - batch["engine_logp"]).abs() * mask).sum() / m
+        stats["logp_mismatch"] = ((logp.detach() - engine_logp).abs() * mask).sum() / m
         if use_mtp:  # MTP depth k predicts token i+k+1: trained on the response tokens only
             terms = []
             for k, logits in enumerate(out.mtp_logits, start=1):
                 lp = logits[:, :-k].float().log_softmax(-1).gather(-1, y[:, k:, None])[..., 0]
-                mk = mask[:, k:]
+                mk = full_mask[:, k:]
                 terms.append(-(lp * mk).sum() / mk.sum().clamp_min(1))
             mtp = torch.stack(terms).mean()
             loss = loss + rl.mtp_lambda * mtp
@@ -133,7 +136,7 @@ def micro_batches(rollouts: list[Rollout], run: RLRun, pad_id: int, old: dict[in
             batch["old_logp"] = place(part, [old[id(r)] for r in part], S)
         if ref:
             batch["ref_logp"] = place(part, [ref[id(r)] for r in part], S)
-        batch["norm"] = torch.tensor([len(rollouts), n_tokens, len(parts)])
+        batch["norm"] = (len(rollouts), n_tokens, len(parts))  # host ints: reading them costs no sync
         out.append(batch)
     return out
 
@@ -143,8 +146,9 @@ def logprobs_of(model, rollouts: list[Rollout], run: RLRun, pad_id: int, device,
     out = {}
     for part in chunks(rollouts, run.rl.micro_batch_size):
         batch = pack(part, pad_id)
-        logp = forward_logprobs(model, batch["input_ids"].to(device), batch["targets"].to(device), autocast)
-        starts = [len(r.prompt_ids) - 1 for r in part]
+        s0 = batch["first_target"]
+        logp = forward_logprobs(model, batch["input_ids"].to(device), batch["targets"].to(device), autocast, s0)
+        starts = [len(r.prompt_ids) - 1 - s0 for r in part]
         for r, v in zip(part, per_token(part, logp, starts)):
             out[id(r)] = v
     return out
