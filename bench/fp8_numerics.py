@@ -136,7 +136,8 @@ def plot(runs: dict, summary: dict, title: str, baseline: str, path: Path) -> No
     ax.plot(steps, fp8, label=f"FP8 (final {summary['final_loss_fp8']:.4f})", lw=1, alpha=0.8)
     if "bf16_reseed" in runs:
         ax.plot(steps, runs["bf16_reseed"]["loss"][:n], lw=0.8, alpha=0.5, color="grey",
-                label=f"{baseline}, another init seed (noise floor {100 * summary['noise_floor']['final_rel_diff']:.2f}%)")
+                label=f"{baseline}, another init seed "
+                      f"(noise floor {100 * summary['noise_floor']['final_rel_diff']:.2f}%)")
     ax.set_ylabel("training loss (nats/token)")
     ax.legend()
     ax.set_title(f"{title}\nfinal-loss relative difference {100 * summary['final_rel_diff']:.3f}% "

@@ -42,6 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernel_timing import source_revision  # noqa: E402
+
 from nanoseek import Transformer, preset, save_pretrained  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
@@ -50,7 +52,6 @@ from nanoseek.rl.rollout import Rollout, pack  # noqa: E402
 from nanoseek.rl.trainer import chunks, rl_loss_fn  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss, to_device  # noqa: E402
-from kernel_timing import source_revision  # noqa: E402
 
 # ~120M total parameters, DeepSeek-V3's layout at a small width
 RL_120M = dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, moe_intermediate_size=256,

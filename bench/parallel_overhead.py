@@ -36,10 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernel_timing import source_revision  # noqa: E402
+
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss  # noqa: E402
-from kernel_timing import source_revision  # noqa: E402
 
 
 def timed(step_fn, steps: int, warmup: int, device: torch.device) -> list[float]:

@@ -8,8 +8,9 @@ counter: every in-place write to the tensor (the optimizer step, `copy_` when a 
 writes the parameters without bumping it (torch 2.11 and 2.13), so a cache that trusted the counter alone
 would keep the first step's weights for the whole run; `WeightCache` therefore installs, once, a global
 optimizer step hook that bumps the version of every parameter an optimizer has just stepped. Writes
-through `w.data` are not counted by autograd; after such a write call `clear_weight_caches(model)`. Cost: the cached copy lives between steps
-(about 1 byte per weight for the emulation, 2 on the GPU, which keeps the transposed copy too).
+through `w.data` are not counted by autograd; after such a write call `clear_weight_caches(model)`.
+Cost: the cached copy lives between steps (about 1 byte per weight for the emulation, 2 on the GPU,
+which keeps the transposed copy too).
 
 SwiGLU recompute. a = silu(g) * u feeds the down projection. Autograd would keep g, u (views of the
 up-projection's output) and silu(g) for the backward of silu and the product; the down projection already
@@ -24,9 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
-
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _VERSION_HOOK: list = []  # the handle of the global optimizer step hook, once installed
 

@@ -64,8 +64,8 @@ class Engine:
     `decode_view`) and the greedy argmax (fewer, fused kernels per decode step); pipeline: launch each plain
     decode step before handling the previous step's tokens on the host (default: on CUDA); autocast: a
     dtype (torch.bfloat16) to run the model under torch.autocast, for fp32 master weights decoded in bf16
-    as the training forward's matmuls run (`nanoseek rl`'s policy). Its casts are not cached, so a captured graph reads the
-    weights afresh each replay and sees every optimizer step. Without it an fp32 model decodes in fp32,
+    as the training forward's matmuls run (`nanoseek rl`'s policy). Its casts are not cached, so a captured
+    graph reads the weights afresh each replay and sees every optimizer step. Without it an fp32 model decodes in fp32,
     where a GPU's grouped expert GEMM (bf16 only) gives way to a per-expert loop that syncs and cannot be
     captured: 93 against 2.6 ms per 128-row step for a 135M model on an H100 (2026-12-06).
     The tokenizer needs `encode`, `decode` and `eos_id` (see `nanoseek.data.tokenizer`); it may
