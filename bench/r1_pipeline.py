@@ -6,6 +6,11 @@
     python bench/r1_pipeline.py --base-r1-share 0.05 --work runs/pipeline-fmt
                                                   # its own base, pretrained with 5% of the corpus in the R1
                                                   # template (the default base's is 50%: every row writes it)
+    python bench/r1_pipeline.py --scale gpu --base runs/r1zero-b --r1zero runs/r1zero-b-rl --skip-existing
+                                                  # one GPU, at the R1-Zero GPU run's scale (bench/r1_zero_gpu.py:
+                                                  # its ~46M model, RL settings and 384-token responses), reusing
+                                                  # its base and R1-Zero run; --skip-existing resumes across
+                                                  # device commands (each stage is a few minutes)
 
 DeepSeek-R1 (arXiv:2501.12948; REFERENCE.md section 5) is not trained by RL alone. This script runs the
 project's own commands (`nanoseek train / rl / sample / sft / eval`, each as a subprocess, so every stage is
@@ -48,7 +53,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ["--tasks", "countdown", "--difficulty", "3"]  # the RL demo's task: Countdown with 3 numbers
-NEW_TOKENS = "160"  # the RL demo's response limit, used for sampling and evaluation alike
+NEW_TOKENS = {"cpu": "160", "gpu": "384"}  # the RL runs' response limits, for sampling and evaluation alike
+# --scale gpu: the GPU R1-Zero run's settings (bench/r1_zero_gpu.py); its evaluation, plots and samples are off
+# here (every model is scored by the same `nanoseek eval` at the end) and later options override earlier ones
+GPU_DEFAULTS = dict(rl_minutes=2.0, eval_n=300, cs_prompts=256, rs_prompts=1024, student_layers=2,
+                    student_steps=4000, student_minutes=1.5, student_lr=5e-4)
+
+
+def gpu_settings() -> tuple[list[str], list[str]]:
+    """(pretraining arguments, RL arguments) of bench/r1_zero_gpu.py."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import r1_zero_gpu
+
+    return r1_zero_gpu.PRETRAIN, r1_zero_gpu.RL
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -58,7 +75,8 @@ def settings(args: argparse.Namespace) -> dict:
              sft_lr=args.sft_lr, sft_epochs=args.sft_epochs, student_layers=args.student_layers,
              student_steps=args.student_steps, student_minutes=args.student_minutes, student_lr=args.student_lr,
              student_epochs=args.student_epochs, sample_temperature=args.sample_temperature,
-             base_r1_share=args.base_r1_share, rl_max_steps=200, sft_max_steps=0)
+             base_r1_share=args.base_r1_share, rl_max_steps=200 if args.scale == "cpu" else 1000, sft_max_steps=0,
+             scale=args.scale, new_tokens=NEW_TOKENS[args.scale])
     if args.quick:
         s.update(eval_n=16, eval_k=2, rl_minutes=0.3, cs_prompts=48, rs_prompts=64, samples_per_prompt=8,
                  student_steps=20, student_minutes=0.5, rl_max_steps=3, sft_max_steps=3)
@@ -150,12 +168,13 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     p = Pipeline(work, args.threads, args.skip_existing)
     started, commit = time.time(), git_commit()  # the code as it starts (edits during a run do not count)
-    rl_common = ["--preset", "demo", "--prompts.eval_problems", "0", "--train.plots", "false",
+    pretrain, gpu_rl = gpu_settings() if s["scale"] == "gpu" else (["--preset", "demo"], ["--preset", "demo"])
+    rl_common = [*gpu_rl, "--prompts.eval_problems", "0", "--train.plots", "false", "--train.samples_every", "0",
                  "--train.tensorboard", "false", "--train.max_steps", str(s["rl_max_steps"])]
     sft_common = ["--train.tensorboard", "false", "--train.ckpt_every", "0"]
     if s["sft_max_steps"]:
         sft_common += ["--train.max_steps", str(s["sft_max_steps"])]
-    sample_common = [*TASK, "--n", str(s["samples_per_prompt"]), "--max-new-tokens", NEW_TOKENS,
+    sample_common = [*TASK, "--n", str(s["samples_per_prompt"]), "--max-new-tokens", s["new_tokens"],
                      "--temperature", str(s["sample_temperature"]),
                      "--per-prompt", str(s["per_prompt"])]
 
@@ -173,17 +192,29 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                             "finished": resolve_latest(base).stat().st_mtime}
         print(f"[base] reusing {base} ({summary.get('step')} steps; delete it to pretrain again)")
     else:
-        base_args = ["train", "--preset", "demo", "--train.out_dir", str(base), *share]
+        base_args = ["train", *pretrain, "--train.out_dir", str(base), *share]
+        if s["scale"] == "gpu":
+            base_args += ["--train.time_limit_min", "4"]
         if args.quick:
             base_args += ["--train.max_steps", "30", "--train.eval_problems", "0"]
         p.run("base", base_args, base / "checkpoints")  # never reused: the branch above reuses a finished base
         p.note("base", steps=read_json(base / "summary.json").get("step"))
 
-    # 2. R1-Zero: RL only
-    r1z = work / "r1zero"
-    p.run("r1zero", ["rl", *rl_common, "--ckpt", str(base), "--train.out_dir", str(r1z),
-                     "--train.time_limit_min", str(s["rl_minutes"])], r1z / "summary.json", ("base",))
-    p.note("r1zero", steps=read_json(r1z / "summary.json").get("step"))
+    # 2. R1-Zero: RL only (--r1zero: a finished run of it, e.g. bench/r1_zero_gpu.py's)
+    if args.r1zero:
+        r1z = Path(args.r1zero)
+        summary = read_json(r1z / "summary.json")
+        if not summary:
+            raise SystemExit(f"r1_pipeline: --r1zero {r1z} holds no summary.json (not a finished `nanoseek rl` run)")
+        p.stages["r1zero"] = {"status": "done", "command": "reused " + str(r1z), "reused": True,
+                              "seconds": 60 * summary.get("minutes", 0.0), "output": str(r1z),
+                              "steps": summary.get("step"), "finished": (r1z / "summary.json").stat().st_mtime}
+        print(f"[r1zero] reusing {r1z} ({summary.get('step')} steps)")
+    else:
+        r1z = work / "r1zero"
+        p.run("r1zero", ["rl", *rl_common, "--ckpt", str(base), "--train.out_dir", str(r1z),
+                         "--train.time_limit_min", str(s["rl_minutes"])], r1z / "summary.json", ("base",))
+        p.note("r1zero", steps=read_json(r1z / "summary.json").get("step"))
 
     # 3. cold start: R1-Zero's verified, readable samples -> SFT of a fresh base -> the same RL
     cs_data = work / "coldstart.jsonl"
@@ -218,7 +249,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     # 5. distillation: a smaller student, pretrained briefly with the base's tokenizer; SFT on the teacher's
     #    set vs RL alone for the same wall-clock (the student's SFT loop minutes, from its summary.json)
     student = work / "student-base"
-    p.run("student_pretrain", ["train", "--preset", "demo", "--model.num_hidden_layers", str(s["student_layers"]),
+    p.run("student_pretrain", ["train", *pretrain, "--model.num_hidden_layers", str(s["student_layers"]),
                                "--data.tokenizer", str(resolve_latest(base)), "--train.out_dir", str(student),
                                "--train.max_steps", str(s["student_steps"]), "--train.time_limit_min",
                                str(s["student_minutes"]), "--train.eval_problems", "0", "--train.samples", "0",
@@ -247,7 +278,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     # the wall-clock, which is recorded for the whole phase)
     t_eval = time.time()
     jobs = [(f"eval_row{row}", ["eval", "--ckpt", str(ckpt), *TASK, "--n", str(s["eval_n"]), "--k", str(s["eval_k"]),
-                                "--max-new-tokens", NEW_TOKENS, "--out", str(work / "evals" / f"row{row}.json")],
+                                "--max-new-tokens", s["new_tokens"], "--out", str(work / "evals" / f"row{row}.json")],
              work / "evals" / f"row{row}.json", tuple(STAGE_OF_ROW[row])) for row, _, ckpt in models]
     threads = max(1, args.threads // args.eval_jobs)
     with ThreadPoolExecutor(args.eval_jobs) as pool:
@@ -296,13 +327,14 @@ def rows(models: list, evals: dict, stages: dict, k: int) -> list[dict]:
     return out
 
 
-def targets(table: list[dict], total_min: float, limit_min: float) -> dict:
+def targets(table: list[dict], total_min: float, limit_min: float | None) -> dict:
     """The issue's targets, checked on the measured figures (no interval test: the record keeps the CIs)."""
     r = {t["row"]: t for t in table}
     return {"pipeline_at_least_r1zero": {row: r[row]["pass@1"] >= r["2"]["pass@1"] for row in ("3", "4")},
             "pipeline_higher_format": {row: r[row]["format_rate"] > r["2"]["format_rate"] for row in ("3", "4")},
             "distilled_beats_student_rl": r["5"]["pass@1"] > r["5b"]["pass@1"],
-            "minutes_excluding_base": total_min, "within_minutes": total_min <= limit_min, "limit_minutes": limit_min}
+            "minutes_excluding_base": total_min,
+            "within_minutes": None if limit_min is None else total_min <= limit_min, "limit_minutes": limit_min}
 
 
 def markdown(table: list[dict], k: int) -> str:
@@ -335,8 +367,10 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
     ran = {n: r for n, r in stages.items() if n != "base" and not n.startswith("eval_")}  # + the eval phase
     total_min = sum(r["seconds"] for r in ran.values()) / 60
     eval_min = stages["evaluation"]["seconds"] / 60
-    return {"benchmark": "r1_pipeline", "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
-            "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    gpu = s["scale"] == "gpu" and torch.cuda.is_available()
+    return {"benchmark": "r1_pipeline", "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "scale": s["scale"],
+            "device": torch.cuda.get_device_name() if gpu else "cpu",
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__,
             "python": platform.python_version(), "git_commit": commit, "settings": s,
             "task": "countdown, 3 numbers, held-out split (nanoseek eval --tasks countdown --difficulty 3)",
@@ -347,7 +381,8 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
                        "base_pretraining_minutes": stages["base"]["seconds"] / 60,
                        "base_reused": stages["base"].get("reused", False),
                        "any_stage_reused": any(r.get("reused") for r in ran.values())},
-            "targets": targets(table, total_min, 15.0), "table": table, "stages": stages,
+            "targets": targets(table, total_min, 15.0 if s["scale"] == "cpu" else None), "table": table,
+            "stages": stages,
             "evals": {row: evals[row] for row, _, _ in models}}
 
 
@@ -363,6 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/r1_pipeline-<date>.json; "
                                                 "--quick: WORK/r1_pipeline-quick.json)")
     ap.add_argument("--skip-existing", action="store_true", help="reuse stages whose outputs are in --work")
+    ap.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
+                    help="gpu: bench/r1_zero_gpu.py's model, RL settings and response length, and larger budgets")
+    ap.add_argument("--r1zero", default=None, help="a finished R1-Zero run (`nanoseek rl` directory) to reuse as "
+                                                   "row 2 instead of running it")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budgets and evaluations")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every stage")
     ap.add_argument("--eval-jobs", type=int, default=2, help="evaluations run at once (threads split among them)")
@@ -383,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--student-epochs", type=float, default=4.0, help="the student's SFT passes over the teacher set")
     ap.add_argument("--sample-temperature", type=float, default=0.7,
                     help="temperature of the rejection sampling (0.7 accepted 5.2%% of R1-Zero's samples, 1.0 3.7%%)")
+    if "gpu" in (argv if argv is not None else sys.argv[1:]):  # its budgets, unless given explicitly
+        ap.set_defaults(**GPU_DEFAULTS)
     args = ap.parse_args(argv)
     for name in ("eval_n", "eval_k", "cs_prompts", "rs_prompts", "samples_per_prompt", "student_layers",
                  "student_steps", "threads", "eval_jobs"):
@@ -390,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"r1_pipeline: --{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.base_r1_share is not None and not 0 <= args.base_r1_share <= 1:
         raise SystemExit(f"r1_pipeline: --base-r1-share {args.base_r1_share}: must lie in [0, 1]")
-    args.work = args.work or ("runs/pipeline-quick" if args.quick else "runs/pipeline")
+    args.work = args.work or ("runs/pipeline-quick" if args.quick else
+                              "runs/pipeline-gpu" if args.scale == "gpu" else "runs/pipeline")
     args.base = args.base or (str(Path(args.work) / "base") if args.base_r1_share is not None else "runs/demo")
     record = run_pipeline(args)
     date = record["date"]
@@ -408,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
           f"script wall-clock {tm['script_wall_minutes']:.1f} min")
     print(f"targets: rows 3/4 >= R1-Zero pass@1 {t['pipeline_at_least_r1zero']}, higher format "
           f"{t['pipeline_higher_format']}, distilled > student RL {t['distilled_beats_student_rl']}, "
-          f"within 15 min {t['within_minutes']}")
+          + ("" if t["within_minutes"] is None else f", within 15 min {t['within_minutes']}"))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -88,3 +88,18 @@ def test_reused_base_must_have_the_asked_r1_share(tmp_path):
         check_base_share(tmp_path, 0.5)
     with pytest.raises(SystemExit, match=r"--data.r1_share None"):
         check_base_share(tmp_path / "elsewhere", 0.05)  # no run.json: cannot tell, refuse
+
+
+def test_gpu_scale_takes_the_gpu_run_settings_and_checks_a_reused_r1zero(tmp_path):
+    """--scale gpu builds its stages from bench/r1_zero_gpu.py's settings; --r1zero must be a finished run."""
+    from bench import r1_zero_gpu
+    from bench.r1_pipeline import NEW_TOKENS, gpu_settings, main
+
+    assert gpu_settings() == (r1_zero_gpu.PRETRAIN, r1_zero_gpu.RL)
+    assert NEW_TOKENS["gpu"] == dict(zip(r1_zero_gpu.RL[::2], r1_zero_gpu.RL[1::2]))["--rl.max_new_tokens"]
+    base = tmp_path / "base"
+    (base / "checkpoints" / "step-000001").mkdir(parents=True)
+    (base / "summary.json").write_text('{"step": 1, "minutes": 0.1}')
+    with pytest.raises(SystemExit, match="--r1zero .* holds no summary.json"):
+        main(["--scale", "gpu", "--base", str(base), "--r1zero", str(tmp_path / "missing"),
+              "--work", str(tmp_path / "work")])
