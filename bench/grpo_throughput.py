@@ -111,6 +111,9 @@ def main() -> None:
     compile_ = cuda and not args.no_compile
     engine = Engine(model, None, max_batch_size=P * G, max_len=L + new + 8, cuda_graph=cuda, compile=compile_,
                     autocast=torch.bfloat16 if cuda else None)  # as `nanoseek rl` builds it
+    if compile_:  # as `nanoseek rl --train.compile true`: the update's blocks too (the engine has its own view)
+        for block in [*model.layers.values(), *model.mtp]:
+            block.compile()
     params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, logprobs=True, seed=0)
     outs: list = []
 

@@ -199,12 +199,15 @@ def test_resume_with_another_model_shape(base, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_steps_with_cuda_graphs_bf16_and_small_logprob_gap(base, tmp_path):
-    """On a GPU: rollouts through CUDA graphs and the decode kernels, the update under bf16 autocast; the
-    engine-vs-trainer log-prob gap stays small and the reward still rises."""
+@pytest.mark.parametrize("compile_", [False, True])
+def test_gpu_steps_with_cuda_graphs_bf16_and_small_logprob_gap(base, tmp_path, compile_):
+    """On a GPU: rollouts through CUDA graphs and the decode kernels (bf16 autocast over the fp32 policy), the
+    update under bf16 autocast, with and without compiled blocks; the engine-vs-trainer log-prob gap stays
+    small and the reward still rises."""
     rl_train(parse_args([*FAST, "--ckpt", str(base), "--train.out_dir", str(tmp_path), "--train.device", "cuda",
                          "--train.max_steps", "12", "--rl.group_size", "8", "--rl.beta", "0.01",
-                         "--rl.tis_cap", "2", "--rl.mu", "2"]), {"digits": (1.0, digit_share)})
+                         "--rl.tis_cap", "2", "--rl.mu", "2", "--train.compile", str(compile_).lower()]),
+             {"digits": (1.0, digit_share)})
     r = rows(tmp_path)
     assert all(row["logp_mismatch"] < 0.1 for row in r), [row["logp_mismatch"] for row in r]
     rewards = [row["reward"] for row in r]

@@ -166,6 +166,7 @@ class MoE(nn.Module):
         # tokens per expert since the last bias update (training only), and in the last forward
         self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.last_load: torch.Tensor | None = None
+        self.last_ids: torch.Tensor | None = None  # (T, K) expert ids of the last training forward
         self.balance_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +178,7 @@ class MoE(nn.Module):
         if self.training:  # balance statistics are for the trainer only
             with torch.no_grad():  # recomputation (activation checkpointing) rewrites the same counts
                 self.last_load = expert_counts(ids.flatten(), self.cfg.n_routed_experts).float()
+                self.last_ids = ids  # for a caller that recounts over some tokens only (RL: not the padding)
             if torch.is_grad_enabled():
                 self.balance_loss = sequence_balance_loss(scores.view(B, S, -1), ids.view(B, S, -1))
         if self.shared_experts is not None:
@@ -204,9 +206,12 @@ def _(x: torch.Tensor, bound: int) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.long)
 
 
-def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Occurrences of each expert id (E,), without bincount's host sync on CUDA."""
-    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+def expert_counts(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Occurrences of each expert id (E,), without bincount's host sync on CUDA; with `weights` (like ids),
+    their sum per expert instead (0/1 weights count a subset of the entries)."""
+    if weights is None:
+        weights = torch.ones_like(ids)
+    return torch.zeros(num_experts, dtype=weights.dtype, device=ids.device).scatter_add_(0, ids, weights)
 
 
 def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

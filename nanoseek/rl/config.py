@@ -101,7 +101,7 @@ class TrainConfig:
     grad_clip: float = doc("gradient-norm clip (0 disables)", 1.0)
     bias_gamma: float = doc("router bias update rate (aux-loss-free balancing continues in RL)", 0.001)
     freeze_router_bias: bool = doc("keep the router biases fixed during RL", False)
-    compile: bool = doc("torch.compile the engine's blocks (GPU)", False)
+    compile: bool = doc("torch.compile the engine's blocks and the policy's (for the update)", False)
     cuda_graph: bool = doc("CUDA graphs for rollouts ('auto' on CUDA is on)", True)
     log_every: int = doc("print a line every N steps (every step is logged to metrics.jsonl)", 1)
     ckpt_every: int = doc("checkpoint every N steps (0: only at the end)", 50)

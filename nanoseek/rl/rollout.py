@@ -135,29 +135,21 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 
 @contextlib.contextmanager
 def count_real_tokens(model, valid: torch.Tensor):
-    """Within this context, each MoE layer's `last_load` (the counts the router-bias update uses) covers the
-    real tokens only (valid (N, S)): padding is routed too, and would otherwise pull the biases towards the
-    experts the pad token prefers. Forward hooks from outside: the model is unchanged."""
-    flat = valid.flatten()
-    handles = []
+    """After the forward this context runs, each MoE layer's `last_load` (the counts the router-bias update
+    uses) covers the real tokens only (valid (N, S)): padding is routed too, and would otherwise pull the
+    biases towards the experts the pad token prefers. The counts are redone from the layer's `last_ids`
+    (T = N * S tokens, K ids each) with 0/1 weights: no hooks (compiled blocks stay one graph) and no
+    boolean indexing (no host sync)."""
     for moe in model.moe_layers:
-        seen: dict[str, torch.Tensor] = {}
-
-        def on_gate(module, args, out, seen=seen):
-            seen["ids"] = out[1]  # (T, K) expert ids of the T = N * S tokens
-
-        def on_moe(module, args, out, seen=seen):
-            ids = seen.pop("ids", None)
-            if module.training and ids is not None and ids.shape[0] == flat.numel():
-                with torch.no_grad():
-                    module.last_load = expert_counts(ids[flat].flatten(), module.cfg.n_routed_experts).float()
-
-        handles += [moe.gate.register_forward_hook(on_gate), moe.register_forward_hook(on_moe)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        moe.last_ids = None
+    yield
+    weights = valid.flatten().float()  # (T,)
+    with torch.no_grad():
+        for moe in model.moe_layers:
+            ids = moe.last_ids
+            if moe.training and ids is not None and ids.shape[0] == weights.numel():
+                moe.last_load = expert_counts(ids.flatten(), moe.cfg.n_routed_experts,
+                                              weights[:, None].expand_as(ids).flatten())
 
 
 @torch.no_grad()

@@ -268,6 +268,10 @@ def rl_train(run: RLRun, extra_rewards: dict[str, tuple[float, Reward]] | None =
     engine = Engine(model, tok, max_batch_size=rl.prompts_per_step * rl.group_size, max_len=max_pos,
                     cuda_graph=tc.cuda_graph and device.type == "cuda", compile=tc.compile,
                     autocast=torch.bfloat16 if use_bf16 else None)  # rollouts compute as the update does
+    if tc.compile:  # the update's blocks too (the engine compiled its own view of them, see Engine.decode_view);
+        # response lengths vary, so the second shape a block sees recompiles it with dynamic shapes, once
+        for block in [*model.layers.values(), *model.mtp]:
+            block.compile()
 
     logger = MetricsLogger(out_dir, tc.tensorboard)
     record = run_record(run.to_dict(), device)
