@@ -47,6 +47,9 @@ def dense(M: int, Kd: int, N: int, out: dict) -> None:
     r["quant_w_ms"] = bench(lambda: K.quantize_weight(w, pad_rows_to=pad))
     r["quant_dy_ms"] = bench(lambda: K.quantize_act(dy, True))
     r["quant_dy_GBps"] = (M * N * 2 + 2 * M * N) / r["quant_dy_ms"] / 1e6
+    for strip in (32, 128):  # the two walks of a tile the search chooses between, 8 warps each
+        r[f"quant_x_ms_strip{strip}"] = bench(lambda strip=strip: K.quantize_act(x, True, strip))
+        r[f"quant_dy_ms_strip{strip}"] = bench(lambda strip=strip: K.quantize_act(dy, True, strip))
     f = 2.0 * M * Kd * N
     if backend.startswith("scaled_mm"):
         r["fwd_gemm_ms"] = bench(lambda: gpu._mm(backend, qx, qw.t(), sx.t(), gpu._tile_scales(sw)))

@@ -57,21 +57,27 @@ def test_e4m3_rounding_is_round_to_nearest_even(device):
     same_q(out.cpu(), x.clamp(-448, 448).to(torch.float8_e4m3fn), device)
 
 
+@pytest.mark.parametrize("strip", [32, 128, None])
 @pytest.mark.parametrize("device", DEVICES)
-def test_quantize_act_rows_and_transposed_cols(device):
+def test_quantize_act_rows_and_transposed_cols(device, strip):
+    """Both of `_quant_act_kernel`'s walks of a tile (32-row strips, the whole tile) and the autotuned one."""
     from nanoseek.fp8 import kernels as K
     from nanoseek.fp8.reference import COL, ROW, quantize
     torch.manual_seed(0)
     x = torch.randn(200, 256) * torch.logspace(-2, 2, 256)  # 200 rows: a partial last row tile
     x[:, 128:] = 0  # zero blocks
     x[130:] = 0
-    q, s, qt, st = K.quantize_act(x.to(device).to(torch.bfloat16 if device == "cuda" else torch.float32), True)
+    xin = x.to(device).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    q, s, qt, st = K.quantize_act(xin, True, strip)
     x = x.to(torch.bfloat16).float() if device == "cuda" else x
     rq, rs = quantize(x, ROW)
     assert q.shape == (256, 256) and s.shape == (2, 256) and qt.shape == (256, 256) and st.shape == (2, 256)
     torch.testing.assert_close(s.t()[:200].cpu(), rs, rtol=0, atol=0)
     same_q(q[:200].cpu(), rq, device)
     assert (q[200:].float() == 0).all()
+    rows_only = K.quantize_act(xin, False, strip)  # without the transposed copy: the same rows
+    assert len(rows_only) == 2 and torch.equal(rows_only[0].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(rows_only[1], s)
     cq, cs = quantize(x, COL)
     torch.testing.assert_close(st[:2].cpu(), cs, rtol=0, atol=0)  # the padded rows count as zeros
     same_q(qt.t()[:200].cpu(), cq, device)

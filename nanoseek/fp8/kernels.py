@@ -96,32 +96,59 @@ def _to_e4m3(y):
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(tl.float8e4nv)
 
 
-@_quant_tuned(["M", "K", "WITH_T"])
+def _act_tuned(kernel):
+    """`_quant_act_kernel`'s search: warps (4, 8, 16) x STRIP (32 or 128 rows per pass, below), per shape.
+    NANOSEEK_FP8_ONE_CONFIG=1 takes 8 warps and 32-row strips (the path the search was added for)."""
+    if _INTERPRET:
+        return kernel
+    shapes = ((8, 32),) if _ONE else tuple((w, r) for w in (4, 8, 16) for r in (32, 128))
+    return triton.autotune(configs=[triton.Config({"STRIP": r}, num_warps=w) for w, r in shapes],
+                           key=["M", "K", "WITH_T"])(kernel)
+
+
+@_act_tuned
 @triton.jit
 def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
-                      BLOCK: tl.constexpr, WITH_T: tl.constexpr):
+                      BLOCK: tl.constexpr, WITH_T: tl.constexpr, STRIP: tl.constexpr):
     """One 128x128 tile of x (M, K): 1x128 row quantization -> q (Mp, K), s (K/128, Mp); with WITH_T also
-    the 128x1 column quantization written transposed -> qt (K, Mp), st (Mp/128, K)."""
+    the 128x1 column quantization written transposed -> qt (K, Mp), st (Mp/128, K).
+
+    STRIP = 128: the tile is loaded once and both quantizations come from registers (128x128 fp32 values per
+    program: few programs fit an SM, so little memory traffic is in flight). STRIP < 128: the tile is
+    walked in strips of STRIP rows, each quantized by rows as it is loaded while the column max-abs
+    accumulates; then, with WITH_T, walked again (the tile's 32 KB are in L2 by then) to quantize by
+    columns. A quarter of the registers per program at 32-row strips, for a second read from L2."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    a_row = tl.max(ax, axis=1)  # (BLOCK,) one per row
-    s_row = _scale_of(a_row)
-    q = _to_e4m3(x * _inv_of(a_row)[:, None])
-    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q)
-    tl.store(s_ptr + pid_k * Mp + rm, s_row)
+    a_col = tl.zeros((BLOCK,), tl.float32)
+    for i in tl.static_range(BLOCK // STRIP):
+        rm = pid_m * BLOCK + i * STRIP + tl.arange(0, STRIP)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=rm[:, None] < M,
+                    other=0.0).to(tl.float32)
+        ax = tl.abs(x)
+        a_row = tl.max(ax, axis=1)  # (STRIP,) one per row
+        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], _to_e4m3(x * _inv_of(a_row)[:, None]))
+        tl.store(s_ptr + pid_k * Mp + rm, _scale_of(a_row))
+        if WITH_T:
+            a_col = tl.maximum(a_col, tl.max(ax, axis=0))  # (BLOCK,) one per column over the rows so far
+            if STRIP == BLOCK:  # the whole tile is in registers: quantize the columns from them
+                qt = _to_e4m3(x * _inv_of(a_col)[None, :])
+                tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt.to(tl.uint8, bitcast=True)))
     if WITH_T:
-        a_col = tl.max(ax, axis=0)  # (BLOCK,) one per column over these 128 rows
-        s_col = _scale_of(a_col)
-        qt = _to_e4m3(x * _inv_of(a_col)[None, :])
-        tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt.to(tl.uint8, bitcast=True)))
-        tl.store(st_ptr + pid_m * K + rk, s_col)
+        inv_col = _inv_of(a_col)
+        if STRIP < BLOCK:
+            for i in tl.static_range(BLOCK // STRIP):
+                rm = pid_m * BLOCK + i * STRIP + tl.arange(0, STRIP)
+                x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=rm[:, None] < M,
+                            other=0.0).to(tl.float32)
+                qt = _to_e4m3(x * inv_col[None, :])  # (STRIP, BLOCK)
+                tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt.to(tl.uint8, bitcast=True)))
+        tl.store(st_ptr + pid_m * K + rk, _scale_of(a_col))
 
 
-def quantize_act(x: torch.Tensor, with_t: bool):
-    """x (M, K) -> q (Mp, K) e4m3, s (K/128, Mp) fp32 [, qt (K, Mp) e4m3, st (Mp/128, K) fp32]; Mp = 128-multiple."""
+def quantize_act(x: torch.Tensor, with_t: bool, strip: int | None = None):
+    """x (M, K) -> q (Mp, K) e4m3, s (K/128, Mp) fp32 [, qt (K, Mp) e4m3, st (Mp/128, K) fp32]; Mp = 128-multiple.
+    strip: rows per pass (`_quant_act_kernel`); None = the autotuned choice (32 under the interpreter)."""
     assert x.is_contiguous() and x.shape[1] % BLOCK == 0
     M, K = x.shape
     Mp = cdiv(M, BLOCK) * BLOCK
@@ -129,8 +156,12 @@ def quantize_act(x: torch.Tensor, with_t: bool):
     s = torch.empty(K // BLOCK, Mp, dtype=torch.float32, device=x.device)
     qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if with_t else q
     st = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device) if with_t else s
-    _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](x, q, s, qt.view(torch.uint8), st, M, Mp, K, BLOCK=BLOCK,
-                                                  WITH_T=with_t, **_QUANT_LAUNCH)
+    args = (x, q, s, qt.view(torch.uint8), st, M, Mp, K)
+    if _INTERPRET or strip is not None:  # explicit strip: the kernel itself, not the search
+        kernel = _quant_act_kernel if _INTERPRET else _quant_act_kernel.fn
+        kernel[(Mp // BLOCK, K // BLOCK)](*args, BLOCK=BLOCK, WITH_T=with_t, STRIP=strip or 32, num_warps=8)
+    else:
+        _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](*args, BLOCK=BLOCK, WITH_T=with_t)
     return (q, s, qt, st) if with_t else (q, s)
 
 
