@@ -13,8 +13,9 @@ so the two loss curves differ only by FP8's rounding and what it changes downstr
 for one). The headline is the relative difference of the final loss, taken as the mean of the last
 `--tail` steps' training loss (a single step's loss is noise), plus the held-out validation loss of both
 final models; the target is <= 0.25% (V3 reports under 0.25% on its runs). A third run, BF16 from another
-initial seed on the same data (skip with --no-noise-floor), gives the noise floor: how far two equally good
-BF16 runs land apart at this scale and length, the yardstick for the FP8 difference.
+initial seed on the same data (`--noise-floor reseed`; `repeat`: the same seed again), gives the noise
+floor: how far two equally good BF16 runs land apart at this scale and length, the yardstick for the FP8
+difference.
 
 Model (default): the `bench-1b` shapes (hidden 1024, MLA ranks 512/512, 64 routed experts top-6 of
 width 512, 1 shared, dense first layer 4096, MTP depth 1) cut to 4 layers (448M parameters); the
@@ -106,7 +107,7 @@ def train_run(dtype: str, cfg, data, args, device: torch.device, init_seed: int 
 
 def compare(runs: dict, tail: int, other: str = "fp8") -> dict:
     """Relative differences of run `other` against the baseline: final (mean of the last `tail` steps), per
-    step. (Keys say fp8; with other="bf16_reseed" they hold the noise floor's figures.)"""
+    step. (Keys say fp8; with other="bf16_reseed", the noise floor's run, they hold its figures.)"""
     n = min(len(runs["bf16"]["loss"]), len(runs[other]["loss"]))  # both stop together unless --max-minutes cut one
     base, fp8 = torch.tensor(runs["bf16"]["loss"][:n]), torch.tensor(runs[other]["loss"][:n])
     tail = min(tail, n)
@@ -136,7 +137,7 @@ def plot(runs: dict, summary: dict, title: str, baseline: str, path: Path) -> No
     ax.plot(steps, fp8, label=f"FP8 (final {summary['final_loss_fp8']:.4f})", lw=1, alpha=0.8)
     if "bf16_reseed" in runs:
         ax.plot(steps, runs["bf16_reseed"]["loss"][:n], lw=0.8, alpha=0.5, color="grey",
-                label=f"{baseline}, another init seed "
+                label=f"{baseline}, again "
                       f"(noise floor {100 * summary['noise_floor']['final_rel_diff']:.2f}%)")
     ax.set_ylabel("training loss (nats/token)")
     ax.legend()
@@ -168,9 +169,10 @@ def main() -> None:
     p.add_argument("--n-docs", type=int, default=40000, help="synthetic training documents (~120 tokens each)")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-noise-floor", action="store_true", help="skip the third run: BF16 again from another "
-                   "initial seed (same data order), whose distance from the first BF16 run is the scale a "
-                   "difference must be judged against")
+    p.add_argument("--noise-floor", choices=("reseed", "repeat", "none"), default="reseed",
+                   help="the third run, whose distance from the first BF16 run is the scale a difference must be "
+                   "judged against: BF16 again from another initial seed (reseed), or from the same one (repeat: "
+                   "on a GPU, what run-to-run nondeterminism grows into; 0 on the CPU), or none")
     p.add_argument("--max-minutes", type=float, default=2.0, help="stop a run after this long (0: no limit), so "
                    "one device call stays bounded; the curves are compared over the steps both ran")
     p.add_argument("--data-dir", default="/tmp/nanoseek-fp8-numerics", help="data cache (corpus, tokenizer)")
@@ -202,13 +204,15 @@ def main() -> None:
         runs[dtype] = train_run(dtype, cfg, data, args, device)
         print(f"{dtype}: {runs[dtype]['seconds']:.0f} s, {runs[dtype]['tokens_per_s']:,.0f} tok/s, "
               f"val loss {runs[dtype]['val_loss']:.4f}", flush=True)
-    if not args.no_noise_floor:
-        runs["bf16_reseed"] = train_run("bf16", cfg, data, args, device, init_seed=args.seed + 1)
-        print(f"bf16 (init seed {args.seed + 1}): val loss {runs['bf16_reseed']['val_loss']:.4f}", flush=True)
+    if args.noise_floor != "none":
+        again = args.seed + (args.noise_floor == "reseed")
+        runs["bf16_reseed"] = train_run("bf16", cfg, data, args, device, init_seed=again)
+        print(f"bf16 (init seed {again}): val loss {runs['bf16_reseed']['val_loss']:.4f}", flush=True)
     summary = compare(runs, args.tail)
     if "bf16_reseed" in runs:
         floor = compare(runs, args.tail, "bf16_reseed")
-        summary["noise_floor"] = {"what": "BF16 from init seed + 1 against BF16 (same data order)",
+        summary["noise_floor"] = {"what": f"BF16 {'from init seed + 1' if args.noise_floor == 'reseed' else 'again'} "
+                                          "against BF16 (same data order)",
                                   **{k: floor[k] for k in ("final_rel_diff", "val_rel_diff", "last_step_rel_diff",
                                                            "max_rel_diff_after_warmup")}}
     print(json.dumps(summary, indent=1), flush=True)
@@ -235,7 +239,7 @@ def main() -> None:
     plot(runs, summary, title, "BF16" if device.type == "cuda" else "FP32", out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}; final-loss relative difference "
           f"{100 * summary['final_rel_diff']:.3f}% ({'within' if summary['pass'] else 'OVER'} the "
-          f"{100 * TARGET:.2f}% target)" + (f"; noise floor (BF16 vs BF16, another init seed) "
+          f"{100 * TARGET:.2f}% target)" + (f"; noise floor ({summary['noise_floor']['what']}) "
                                              f"{100 * summary['noise_floor']['final_rel_diff']:.3f}%"
                                              if "noise_floor" in summary else ""))
 
