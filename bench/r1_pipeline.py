@@ -80,6 +80,10 @@ def settings(args: argparse.Namespace) -> dict:
     if args.quick:
         s.update(eval_n=16, eval_k=2, rl_minutes=0.3, cs_prompts=48, rs_prompts=64, samples_per_prompt=8,
                  student_steps=20, student_minutes=0.5, rl_max_steps=3, sft_max_steps=3)
+        if args.scale == "gpu":  # a smoke run of the GPU settings' command lines (runs on a CPU too)
+            s.update(new_tokens="24", quick_rl=["--rl.prompts_per_step", "2", "--rl.group_size", "4",
+                                                "--rl.micro_batch_size", "8", "--train.compile", "false"],
+                     quick_pretrain=["--train.compile", "false", "--data.n_docs", "3000", "--train.batch_size", "8"])
     return s
 
 
@@ -170,7 +174,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     started, commit = time.time(), git_commit()  # the code as it starts (edits during a run do not count)
     pretrain, gpu_rl = gpu_settings() if s["scale"] == "gpu" else (["--preset", "demo"], ["--preset", "demo"])
     rl_common = [*gpu_rl, "--prompts.eval_problems", "0", "--train.plots", "false", "--train.samples_every", "0",
-                 "--train.tensorboard", "false", "--train.max_steps", str(s["rl_max_steps"])]
+                 "--train.tensorboard", "false", "--train.max_steps", str(s["rl_max_steps"]), *s.get("quick_rl", [])]
     sft_common = ["--train.tensorboard", "false", "--train.ckpt_every", "0"]
     if s["sft_max_steps"]:
         sft_common += ["--train.max_steps", str(s["sft_max_steps"])]
@@ -253,7 +257,8 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                                "--data.tokenizer", str(resolve_latest(base)), "--train.out_dir", str(student),
                                "--train.max_steps", str(s["student_steps"]), "--train.time_limit_min",
                                str(s["student_minutes"]), "--train.eval_problems", "0", "--train.samples", "0",
-                               "--train.ckpt_every", "0", "--train.tensorboard", "false", *share],
+                               "--train.ckpt_every", "0", "--train.tensorboard", "false", *share,
+                               *s.get("quick_pretrain", [])],
           student / "summary.json",
           ("base",))
     p.note("student_pretrain", steps=read_json(student / "summary.json").get("step"))
