@@ -104,6 +104,9 @@ def evaluate(backend, problems: list[AnyProblem], *, k: int = 8, samples: int | 
         for key, label in ((lambda p: p.kind, "by_kind"), (lambda p: f"{p.kind}/{p.difficulty}", "by_difficulty")):
             for g, row in _groups(problems, values, key).items():
                 out[label].setdefault(g, {"n": row["n"]})[name] = row["value"]
+    # per problem (by uid), so two checkpoints scored on the same problems can be compared pairwise
+    out["per_problem"] = [{"uid": p.uid, **{name: values[i] for name, values in columns.items()}}
+                          for i, p in enumerate(problems)]
     out["examples"] = [{"prompt": p.prompt, "completion": t, "correct": bool(h)}
                        for p, t, h in list(zip(problems, greedy, hits))[:3]]
     return out
