@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_timing import profile  # noqa: E402
 
 from nanoseek import preset  # noqa: E402
 from nanoseek.fp8.install import FP8RoutedExperts, check_fp8_device  # noqa: E402
@@ -197,6 +200,9 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
             tok_s = batch_size * seq / statistics.median(times)
             out[dtype] = {"tokens_per_s": tok_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
                           "mfu": tok_s * flops_per_token(cfg, seq, True) / H100_BF16_PEAK}
+            if args.profile:  # where the step's GPU time goes, kernel by kernel
+                print(f"  {name} {dtype}: top kernels")
+                out[dtype]["top_kernels"] = profile(step)
         except Exception as e:  # noqa: BLE001 (an out-of-memory or kernel failure is recorded, the run goes on)
             out[dtype] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         del model, optimizer, step
@@ -219,6 +225,7 @@ def main() -> None:
     p.add_argument("--step-models", default="", help="comma-separated presets of the whole-step section "
                    f"(default: all of {', '.join(m[0] for m in STEP_MODELS)})")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer section")
+    p.add_argument("--profile", action="store_true", help="whole steps: the top CUDA kernels of each variant")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/fp8_throughput-<date>.json)")
     args = p.parse_args()
     if args.quick:

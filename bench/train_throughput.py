@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_timing import profile  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
@@ -83,24 +86,6 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     if args.profile and device.type == "cuda":
         result["top_kernels"] = profile(step)
     return result
-
-
-def profile(step, rows: int = 25) -> list[dict]:
-    """CUDA time per kernel over two steps (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in events) or 1
-    table = [{"kernel": e.key[:120], "ms_per_step": e.device_time_total / 2e3, "share": e.device_time_total / total,
-              "calls_per_step": e.count / 2} for e in events[:rows]]
-    for r in table:
-        print(f"  {100 * r['share']:5.1f}%  {r['ms_per_step']:7.2f} ms  x{r['calls_per_step']:<5g} {r['kernel']}")
-    return table
 
 
 def run_transformers(cfg, batch, device, args) -> dict:
