@@ -88,6 +88,9 @@ def experts(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) -> No
     r["quant_rows_x_ms"] = bench(lambda: K.quantize_act(xs, False))
     r["quant_cols_x_ms"] = bench(lambda: K.quantize_group_cols(xs, tiles))
     r["quant_rows_and_cols_x_ms"] = bench(lambda: K.quantize_group_cols(xs, tiles, with_rows=True))  # one pass
+    for strip in (32, 128):  # the two walks of a tile the search chooses between, 8 warps each
+        r[f"quant_rows_and_cols_x_ms_strip{strip}"] = bench(
+            lambda strip=strip: K.quantize_group_cols(xs, tiles, with_rows=True, strip=strip))
     r["quant_w13_ms"] = bench(lambda: K.quantize_weight(w13))
     r["quant_w2_ms"] = bench(lambda: K.quantize_weight(w2))
     qx, sx = K.quantize_act(xs, False)

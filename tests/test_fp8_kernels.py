@@ -118,8 +118,10 @@ def routed_rows(device: str, counts: list[int]) -> torch.Tensor:
 COUNTS = [130, 0, 5, 256, 1, 0, 97]  # partial tiles, empty experts, a one-row group
 
 
+@pytest.mark.parametrize("strip", [32, 128, None])
 @pytest.mark.parametrize("device", DEVICES)
-def test_tile_table_and_group_col_quantization(device):
+def test_tile_table_and_group_col_quantization(device, strip):
+    """The tile table, then both walks of a tile (32-row strips, the whole tile) and the autotuned one."""
     from nanoseek.fp8 import kernels as K
     from nanoseek.fp8.reference import quantize_grouped_cols
     ends = routed_rows(device, COUNTS)
@@ -131,7 +133,7 @@ def test_tile_table_and_group_col_quantization(device):
     assert first.tolist() == [0, 2, 2, 3, 5, 6, 6]
     torch.manual_seed(0)
     x = torch.randn(R, 256)
-    qt, st = K.quantize_group_cols(x.to(device), K.tile_table(ends, R))
+    qt, st = K.quantize_group_cols(x.to(device), K.tile_table(ends, R), strip=strip)
     rq, rs = quantize_grouped_cols(x, ends.cpu())
     torch.testing.assert_close(st[:7].cpu(), torch.cat(rs), rtol=0, atol=0)
     T = -(-R // 128) + len(COUNTS)
@@ -142,7 +144,7 @@ def test_tile_table_and_group_col_quantization(device):
     pad[live_cols] = False
     assert (qt.cpu()[:, :7 * 128][:, pad].float() == 0).all()  # and zeros past its last row
     # with the rows' 1x128 quantization from the same pass: the same bytes as quantize_act's rows
-    q, s, qt2, st2 = K.quantize_group_cols(x.to(device), K.tile_table(ends, R), with_rows=True)
+    q, s, qt2, st2 = K.quantize_group_cols(x.to(device), K.tile_table(ends, R), with_rows=True, strip=strip)
     q_rows, s_rows = K.quantize_act(x.to(device), with_t=False)
     assert torch.equal(q[:R].view(torch.uint8), q_rows[:R].view(torch.uint8)) and torch.equal(s[:, :R], s_rows[:, :R])
     assert torch.equal(qt2[:, live_cols].view(torch.uint8), qt[:, live_cols].view(torch.uint8))

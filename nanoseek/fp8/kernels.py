@@ -50,6 +50,17 @@ def _quant_tuned(key: list[str]):
     return wrap
 
 
+def _strips_tuned(key: list[str]):
+    """A quantizer's search over warps (4, 8, 16) x STRIP (32 or 128 rows per pass: see `_quant_act_kernel`), per
+    `key`. NANOSEEK_FP8_ONE_CONFIG=1 takes 8 warps and 32-row strips."""
+    def wrap(kernel):
+        if _INTERPRET:
+            return kernel
+        shapes = ((8, 32),) if _ONE else tuple((w, r) for w in (4, 8, 16) for r in (32, 128))
+        return triton.autotune(configs=[triton.Config({"STRIP": r}, num_warps=w) for w, r in shapes], key=key)(kernel)
+    return wrap
+
+
 @triton.jit
 def _div_rn(x, y):
     """x / y rounded to nearest (IEEE), after broadcasting both to one shape: `tl.div_rn` itself broadcasts
@@ -96,17 +107,7 @@ def _to_e4m3(y):
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(tl.float8e4nv)
 
 
-def _act_tuned(kernel):
-    """`_quant_act_kernel`'s search: warps (4, 8, 16) x STRIP (32 or 128 rows per pass, below), per shape.
-    NANOSEEK_FP8_ONE_CONFIG=1 takes 8 warps and 32-row strips (the path the search was added for)."""
-    if _INTERPRET:
-        return kernel
-    shapes = ((8, 32),) if _ONE else tuple((w, r) for w in (4, 8, 16) for r in (32, 128))
-    return triton.autotune(configs=[triton.Config({"STRIP": r}, num_warps=w) for w, r in shapes],
-                           key=["M", "K", "WITH_T"])(kernel)
-
-
-@_act_tuned
+@_strips_tuned(["M", "K", "WITH_T"])
 @triton.jit
 def _quant_act_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, Mp, K,
                       BLOCK: tl.constexpr, WITH_T: tl.constexpr, STRIP: tl.constexpr):
@@ -231,43 +232,55 @@ def tile_table(ends: torch.Tensor, R: int):
     return tile_start.to(i32), tile_end.to(i32), first.to(i32), n_tiles.to(i32)
 
 
-@_quant_tuned(["TC", "C", "WITH_ROWS"])
+@_strips_tuned(["TC", "C", "WITH_ROWS"])
 @triton.jit
 def _quant_group_cols_kernel(x_ptr, qt_ptr, st_ptr, q_ptr, s_ptr, tile_start, tile_end, C, TC, Rp,
-                             BLOCK: tl.constexpr, WITH_ROWS: tl.constexpr):
+                             BLOCK: tl.constexpr, WITH_ROWS: tl.constexpr, STRIP: tl.constexpr):
     """Tile t (<= 128 rows of one expert) x 128 columns of x (R, C): scales per column over the tile's
     rows -> st (T, C); values written transposed into the tile's own 128 columns of qt (C, T*128), rows
     past the tile's end as zeros (aligned, unmasked loads for the wgrad kernel). With WITH_ROWS, the same
     pass also writes the rows' 1x128 quantization q (Rp, C) and scales s (C/128, Rp) (the tiles cover every
-    row once; rows past R stay unwritten, the grouped GEMM never reads them)."""
+    row once; rows past R stay unwritten, the grouped GEMM never reads them). STRIP: rows per pass, as in
+    `_quant_act_kernel` (128: one load; less: a walk for the rows and the column max-abs, then one from L2
+    for the columns)."""
     t, pid_c = tl.program_id(0), tl.program_id(1)
     r0, r1 = tl.load(tile_start + t), tl.load(tile_end + t)
     if r1 <= r0:
         return
-    rr = r0 + tl.arange(0, BLOCK)
     rc = pid_c * BLOCK + tl.arange(0, BLOCK)
-    live = rr < r1
-    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=live[:, None], other=0.0)
-    x = x.to(tl.float32)
-    ax = tl.abs(x)
-    if WITH_ROWS:
-        a_row = tl.max(ax, axis=1)  # (BLOCK,) one per row
-        tl.store(q_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], _to_e4m3(x * _inv_of(a_row)[:, None]),
-                 mask=live[:, None])
-        tl.store(s_ptr + pid_c * Rp + rr, _scale_of(a_row), mask=live)
-    amax = tl.max(ax, axis=0)  # (BLOCK,) one per column over the tile's rows
-    s = _scale_of(amax)
-    q = _to_e4m3(x * _inv_of(amax)[None, :])
-    cols = t * BLOCK + tl.arange(0, BLOCK)
-    tl.store(qt_ptr + rc[:, None].to(tl.int64) * TC + cols[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
-    tl.store(st_ptr + t * C + rc, s)
+    amax = tl.zeros((BLOCK,), tl.float32)
+    for i in tl.static_range(BLOCK // STRIP):
+        rr = r0 + i * STRIP + tl.arange(0, STRIP)
+        live = rr < r1
+        x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=live[:, None], other=0.0)
+        x = x.to(tl.float32)
+        ax = tl.abs(x)
+        if WITH_ROWS:
+            a_row = tl.max(ax, axis=1)  # (STRIP,) one per row
+            tl.store(q_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], _to_e4m3(x * _inv_of(a_row)[:, None]),
+                     mask=live[:, None])
+            tl.store(s_ptr + pid_c * Rp + rr, _scale_of(a_row), mask=live)
+        amax = tl.maximum(amax, tl.max(ax, axis=0))  # (BLOCK,) one per column over the tile's rows so far
+        if STRIP == BLOCK:  # the whole tile is in registers
+            q = _to_e4m3(x * _inv_of(amax)[None, :])
+            cols = t * BLOCK + tl.arange(0, BLOCK)
+            tl.store(qt_ptr + rc[:, None].to(tl.int64) * TC + cols[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
+    if STRIP < BLOCK:
+        inv = _inv_of(amax)
+        for i in tl.static_range(BLOCK // STRIP):
+            rr = r0 + i * STRIP + tl.arange(0, STRIP)
+            x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + rc[None, :], mask=(rr < r1)[:, None], other=0.0)
+            q = _to_e4m3(x.to(tl.float32) * inv[None, :])  # (STRIP, BLOCK), zeros past the tile's end
+            cols = t * BLOCK + i * STRIP + tl.arange(0, STRIP)
+            tl.store(qt_ptr + rc[:, None].to(tl.int64) * TC + cols[None, :], tl.trans(q.to(tl.uint8, bitcast=True)))
+    tl.store(st_ptr + t * C + rc, _scale_of(amax))
 
 
-def quantize_group_cols(x: torch.Tensor, tiles, with_rows: bool = False):
+def quantize_group_cols(x: torch.Tensor, tiles, with_rows: bool = False, strip: int | None = None):
     """x (R, C) -> qt (C, T*128) e4m3, tile t's 128x1 quantized rows in columns [128 t, 128 t + 128) (zeros
     past its last row; tiles restart at each expert's group), and st (T, C) fp32 scales. with_rows: also
     q (Rp, C) e4m3 / s (C/128, Rp), the rows' 1x128 quantization (`quantize_act`'s, rows past R unwritten),
-    from the same read of x; returns (q, s, qt, st) then."""
+    from the same read of x; returns (q, s, qt, st) then. strip: rows per pass (None: the autotuned one)."""
     assert x.is_contiguous() and x.shape[1] % BLOCK == 0
     R, C = x.shape
     tile_start, tile_end = tiles[0], tiles[1]
@@ -277,8 +290,12 @@ def quantize_group_cols(x: torch.Tensor, tiles, with_rows: bool = False):
     st = torch.ones(T, C, dtype=torch.float32, device=x.device)
     q = torch.empty(Rp, C, dtype=torch.float8_e4m3fn, device=x.device) if with_rows else qt
     s = torch.empty(C // BLOCK, Rp, dtype=torch.float32, device=x.device) if with_rows else st
-    _quant_group_cols_kernel[(T, C // BLOCK)](x, qt.view(torch.uint8), st, q, s, tile_start, tile_end, C, T * BLOCK,
-                                              Rp, BLOCK=BLOCK, WITH_ROWS=with_rows, **_QUANT_LAUNCH)
+    args = (x, qt.view(torch.uint8), st, q, s, tile_start, tile_end, C, T * BLOCK, Rp)
+    if _INTERPRET or strip is not None:  # explicit strip: the kernel itself, not the search
+        kernel = _quant_group_cols_kernel if _INTERPRET else _quant_group_cols_kernel.fn
+        kernel[(T, C // BLOCK)](*args, BLOCK=BLOCK, WITH_ROWS=with_rows, STRIP=strip or 32, num_warps=8)
+    else:
+        _quant_group_cols_kernel[(T, C // BLOCK)](*args, BLOCK=BLOCK, WITH_ROWS=with_rows)
     return (q, s, qt, st) if with_rows else (qt, st)
 
 
