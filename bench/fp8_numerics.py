@@ -25,6 +25,11 @@ a multiple of 128; `kv_a_proj_with_mqa` (1024 -> 576) stays in BF16 (recorded). 
 use bf16 autocast, so "bf16" is exactly `--train.dtype bf16` and "fp8" `--train.dtype fp8`; on the CPU
 (--quick) the baseline is fp32 and FP8 is emulated. Output: bench/results/fp8_numerics-<date>.json
 (device, versions, config, commit, both curves) and a PNG of both curves and their relative difference.
+
+The forward check (`--forward-check N`, default every 50 steps) needs no second trajectory: the BF16 run's
+current weights, through FP8 modules that share them (`shared_copy` + `install_fp8`), score the same held-out
+batches as BF16 does. That is FP8's own error in the loss at identical weights, free of the chaos that makes
+two training runs drift apart; `summary.forward_check` holds its mean and largest relative difference.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.fp8 import install_fp8  # noqa: E402
+from nanoseek.model.swap import shared_copy  # noqa: E402
 from nanoseek.train.config import DataConfig  # noqa: E402
 from nanoseek.train.evaluate import validation_loss  # noqa: E402
 from nanoseek.train.optim import build_optimizer, lr_multiplier  # noqa: E402
@@ -52,6 +58,26 @@ from nanoseek.train.step import accumulate_gradients, optimizer_step, pretrainin
 from nanoseek.train.trainer import open_loader, prepare_data  # noqa: E402
 
 TARGET = 0.0025  # final-loss relative difference
+
+
+def heldout_loss(model, loader, batches: int, device: torch.device, autocast) -> float:
+    """Mean next-token cross-entropy of the first `batches` held-out batches, with autograd on: the FP8
+    modules run their FP8 GEMMs only under autograd (without it they are the reference nn.Linear), so the
+    check must build a graph; it backpropagates nothing."""
+    was = model.training
+    model.eval()
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})  # the same batches every time
+    total, count = 0.0, 0
+    with torch.enable_grad():
+        for _ in range(min(batches, len(loader))):
+            x, y = (t.to(device) for t in next(loader))
+            with autocast:
+                logits = model(x).logits
+            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                       reduction="sum").item()
+            count += y.numel()
+    model.train(was)
+    return total / count
 
 
 def train_run(dtype: str, cfg, data, args, device: torch.device, init_seed: int | None = None) -> dict:
@@ -69,7 +95,14 @@ def train_run(dtype: str, cfg, data, args, device: torch.device, init_seed: int 
     optimizer = build_optimizer(model, args.lr, (0.9, 0.95), 1e-8, 0.1)
     loader = open_loader(data.train_dir, args.seq_len, args.batch_size, args.seed, "training")
     loss_fn = pretraining_loss(0.3, 1e-4)
-    losses, mtp = [], []
+    losses, mtp, forward_checks = [], [], []
+    check = dtype == "bf16" and init_seed == args.seed and args.forward_check > 0
+    if check:  # the same weights through FP8 modules: a view sharing every parameter (it follows training)
+        view = shared_copy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            install_fp8(view)
+        check_loader = open_loader(data.val_dir, args.seq_len, args.batch_size, args.seed, "validation")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -80,6 +113,10 @@ def train_run(dtype: str, cfg, data, args, device: torch.device, init_seed: int 
         optimizer_step(model, optimizer, lr=lr, grad_clip=1.0, bias_gamma=1e-3)
         losses.append(out["loss"])  # device scalars: no sync per step
         mtp.append(out.get("mtp_loss", out["loss"]))
+        if check and ((step + 1) % args.forward_check == 0 or step + 1 == args.steps):
+            base = heldout_loss(model, check_loader, args.check_batches, device, autocast)
+            fp8 = heldout_loss(view, check_loader, args.check_batches, device, autocast)
+            forward_checks.append({"step": step + 1, "bf16": base, "fp8": fp8, "rel_diff": (fp8 - base) / base})
         if (step + 1) % max(1, args.steps // 10) == 0:
             print(f"  {dtype} step {step + 1}/{args.steps} loss {losses[-1].item():.4f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
@@ -94,6 +131,7 @@ def train_run(dtype: str, cfg, data, args, device: torch.device, init_seed: int 
     run = {"loss": [round(v, 5) for v in torch.stack(losses).float().tolist()],
            "mtp_loss": [round(v, 5) for v in torch.stack(mtp).float().tolist()],
            "val_loss": val, "seconds": seconds, "steps_done": len(losses),
+           **({"forward_checks": forward_checks} if forward_checks else {}),
            "tokens_per_s": len(losses) * args.batch_size * args.seq_len / seconds}
     if device.type == "cuda":
         run["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -169,6 +207,10 @@ def main() -> None:
     p.add_argument("--n-docs", type=int, default=40000, help="synthetic training documents (~120 tokens each)")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forward-check", type=int, default=50, help="every N steps of the BF16 run, the held-out "
+                   "loss of its current weights through FP8 modules against BF16's (0: off): FP8's own error in "
+                   "loss, without the chaos of two diverging trajectories")
+    p.add_argument("--check-batches", type=int, default=8, help="held-out batches of each forward check")
     p.add_argument("--noise-floor", choices=("reseed", "repeat", "none"), default="reseed",
                    help="the third run, whose distance from the first BF16 run is the scale a difference must be "
                    "judged against: BF16 again from another initial seed (reseed), or from the same one (repeat: "
@@ -209,6 +251,14 @@ def main() -> None:
         runs["bf16_reseed"] = train_run("bf16", cfg, data, args, device, init_seed=again)
         print(f"bf16 (init seed {again}): val loss {runs['bf16_reseed']['val_loss']:.4f}", flush=True)
     summary = compare(runs, args.tail)
+    checks = runs["bf16"].get("forward_checks", [])
+    if checks:
+        rel = [abs(c["rel_diff"]) for c in checks]
+        summary["forward_check"] = {"what": "held-out loss of the BF16 run's weights through FP8 modules against "
+                                            "BF16, every --forward-check steps",
+                                    "mean_abs_rel_diff": sum(rel) / len(rel), "max_abs_rel_diff": max(rel),
+                                    "last_rel_diff": checks[-1]["rel_diff"], "checks": len(checks),
+                                    "within_target": max(rel) <= TARGET}
     if "bf16_reseed" in runs:
         floor = compare(runs, args.tail, "bf16_reseed")
         summary["noise_floor"] = {"what": f"BF16 {'from init seed + 1' if args.noise_floor == 'reseed' else 'again'} "
