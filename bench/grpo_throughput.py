@@ -51,7 +51,13 @@ from nanoseek.rl.config import parse_args  # noqa: E402
 from nanoseek.rl.rollout import Rollout, pack  # noqa: E402
 from nanoseek.rl.trainer import chunks, rl_loss_fn  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
-from nanoseek.train.step import accumulate_gradients, optimizer_step, pretraining_loss, to_device  # noqa: E402
+from nanoseek.train.step import (  # noqa: E402
+    accumulate_gradients,
+    compile_blocks,
+    optimizer_step,
+    pretraining_loss,
+    to_device,
+)
 
 # ~120M total parameters, DeepSeek-V3's layout at a small width
 RL_120M = dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, moe_intermediate_size=256,
@@ -112,8 +118,7 @@ def main() -> None:
     engine = Engine(model, None, max_batch_size=P * G, max_len=L + new + 8, cuda_graph=cuda, compile=compile_,
                     autocast=torch.bfloat16 if cuda else None)  # as `nanoseek rl` builds it
     if compile_:  # as `nanoseek rl --train.compile true`: the update's blocks too (the engine has its own view)
-        for block in [*model.layers.values(), *model.mtp]:
-            block.compile()
+        compile_blocks(model)
     params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, logprobs=True, seed=0)
     outs: list = []
 

@@ -146,6 +146,15 @@ class Pipeline:
         print(f"[{name}] {seconds / 60:.1f} min", flush=True)
         return rec
 
+    def reuse(self, name: str, run_dir: Path, finished: float, what: str, **fields) -> None:
+        """Record a finished run made outside the pipeline as stage `name`: its loop minutes and steps from
+        its summary.json (so the table's minutes count it, marked reused)."""
+        summary = read_json(run_dir / "summary.json")
+        self.stages[name] = {"status": "done", "command": "reused " + str(run_dir), "reused": True,
+                             "seconds": 60 * summary.get("minutes", 0.0), "output": str(run_dir),
+                             "steps": summary.get("step"), "finished": finished, **fields}
+        print(f"[{name}] reusing {run_dir} ({summary.get('step')} steps{what})")
+
     def note(self, name: str, **fields) -> None:
         self.stages[name].update(fields)
         self.record_file.write_text(json.dumps(self.stages, indent=2) + "\n")
@@ -188,13 +197,9 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     share = [] if s["base_r1_share"] is None else ["--data.r1_share", str(s["base_r1_share"])]
     if (base / "checkpoints").is_dir() and any((base / "checkpoints").glob("step-*")):
         check_base_share(base, s["base_r1_share"])
-        summary = read_json(base / "summary.json")
-        p.stages["base"] = {"status": "done", "command": "reused " + str(base), "reused": True,
-                            "seconds": 60 * summary.get("minutes", 0.0), "output": str(base),
-                            "steps": summary.get("step"), "note": "pretraining loop minutes from its summary.json",
-                            "r1_share": read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share"),
-                            "finished": resolve_latest(base).stat().st_mtime}
-        print(f"[base] reusing {base} ({summary.get('step')} steps; delete it to pretrain again)")
+        p.reuse("base", base, resolve_latest(base).stat().st_mtime, "; delete it to pretrain again",
+                note="pretraining loop minutes from its summary.json",
+                r1_share=read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share"))
     else:
         base_args = ["train", *pretrain, "--train.out_dir", str(base), *share]
         if s["scale"] == "gpu":
@@ -207,13 +212,9 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     # 2. R1-Zero: RL only (--r1zero: a finished run of it, e.g. bench/r1_zero_gpu.py's)
     if args.r1zero:
         r1z = Path(args.r1zero)
-        summary = read_json(r1z / "summary.json")
-        if not summary:
+        if not (r1z / "summary.json").is_file():
             raise SystemExit(f"r1_pipeline: --r1zero {r1z} holds no summary.json (not a finished `nanoseek rl` run)")
-        p.stages["r1zero"] = {"status": "done", "command": "reused " + str(r1z), "reused": True,
-                              "seconds": 60 * summary.get("minutes", 0.0), "output": str(r1z),
-                              "steps": summary.get("step"), "finished": (r1z / "summary.json").stat().st_mtime}
-        print(f"[r1zero] reusing {r1z} ({summary.get('step')} steps)")
+        p.reuse("r1zero", r1z, (r1z / "summary.json").stat().st_mtime, "")
     else:
         r1z = work / "r1zero"
         p.run("r1zero", ["rl", *rl_common, "--ckpt", str(base), "--train.out_dir", str(r1z),

@@ -31,6 +31,7 @@ from nanoseek.train.guard import NonFiniteGuard  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.step import (  # noqa: E402
     accumulate_gradients,
+    compile_blocks,
     compiled_cross_entropy,
     cross_entropy,
     optimizer_step,
@@ -55,8 +56,7 @@ def main() -> None:
     cfg = preset(args.preset)
     model = Transformer.from_config(cfg, device=device, seed=0).train()
     if compiled:
-        for block in [*model.layers.values(), *model.mtp]:
-            block.compile()
+        compile_blocks(model)
     optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_fn = pretraining_loss(0.3, 1e-4, ce=compiled_cross_entropy if compiled else cross_entropy)

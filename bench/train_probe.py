@@ -30,7 +30,7 @@ from kernel_timing import source_revision  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
-from nanoseek.train.step import compiled_cross_entropy, train_step  # noqa: E402
+from nanoseek.train.step import compile_blocks, compiled_cross_entropy, train_step  # noqa: E402
 
 
 def timed_ms(fn, n: int = 20) -> float:
@@ -65,8 +65,7 @@ def router_layouts(T: int, D: int, E: int) -> dict:
 def step_syncs(preset_name: str, batch: int, seq: int) -> list[dict]:
     cfg = preset(preset_name)
     model = Transformer.from_config(cfg, device="cuda", seed=0).train()
-    for block in [*model.layers.values(), *model.mtp]:
-        block.compile()
+    compile_blocks(model)
     opt = build_optimizer(model, 1e-4, (0.9, 0.95), 1e-8, 0.1)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     data = [(tokens[:, :-1], tokens[:, 1:])]

@@ -41,7 +41,7 @@ from kernel_timing import profile  # noqa: E402
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
-from nanoseek.train.step import compiled_cross_entropy, cross_entropy, train_step  # noqa: E402
+from nanoseek.train.step import compile_blocks, compiled_cross_entropy, cross_entropy, train_step  # noqa: E402
 
 GEMM_CEILING = 812e12  # measured bf16 GEMM ceiling of the lent H200 (measured on 2026-12-04)
 
@@ -72,8 +72,7 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     if "bf16" in variant:
         model.to_dtype(torch.bfloat16)
     if "compile" in variant:
-        for block in [*model.layers.values(), *model.mtp]:
-            block.compile()
+        compile_blocks(model)
     optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 

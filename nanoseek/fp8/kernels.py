@@ -67,6 +67,15 @@ def _strips_tuned(key: list[str]):
     return wrap
 
 
+def _launch_strips(kernel, grid, args, strip: int | None, **meta) -> None:
+    """Launch a `_strips_tuned` kernel: through its search, or with an explicit `strip` (and always under the
+    interpreter, which has no search: 32-row strips by default) as the kernel itself at 8 warps."""
+    if _INTERPRET or strip is not None:
+        (kernel if _INTERPRET else kernel.fn)[grid](*args, **meta, STRIP=strip or 32, num_warps=8)
+    else:
+        kernel[grid](*args, **meta)
+
+
 @triton.jit
 def _div_rn(x, y):
     """x / y rounded to nearest (IEEE), after broadcasting both to one shape: `tl.div_rn` itself broadcasts
@@ -164,11 +173,7 @@ def quantize_act(x: torch.Tensor, with_t: bool, strip: int | None = None):
     qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if with_t else q
     st = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device) if with_t else s
     args = (x, q, s, qt.view(torch.uint8), st, M, Mp, K)
-    if _INTERPRET or strip is not None:  # explicit strip: the kernel itself, not the search
-        kernel = _quant_act_kernel if _INTERPRET else _quant_act_kernel.fn
-        kernel[(Mp // BLOCK, K // BLOCK)](*args, BLOCK=BLOCK, WITH_T=with_t, STRIP=strip or 32, num_warps=8)
-    else:
-        _quant_act_kernel[(Mp // BLOCK, K // BLOCK)](*args, BLOCK=BLOCK, WITH_T=with_t)
+    _launch_strips(_quant_act_kernel, (Mp // BLOCK, K // BLOCK), args, strip, BLOCK=BLOCK, WITH_T=with_t)
     return (q, s, qt, st) if with_t else (q, s)
 
 
@@ -297,11 +302,7 @@ def quantize_group_cols(x: torch.Tensor, tiles, with_rows: bool = False, strip: 
     q = torch.empty(Rp, C, dtype=torch.float8_e4m3fn, device=x.device) if with_rows else qt
     s = torch.empty(C // BLOCK, Rp, dtype=torch.float32, device=x.device) if with_rows else st
     args = (x, qt.view(torch.uint8), st, q, s, tile_start, tile_end, C, T * BLOCK, Rp)
-    if _INTERPRET or strip is not None:  # explicit strip: the kernel itself, not the search
-        kernel = _quant_group_cols_kernel if _INTERPRET else _quant_group_cols_kernel.fn
-        kernel[(T, C // BLOCK)](*args, BLOCK=BLOCK, WITH_ROWS=with_rows, STRIP=strip or 32, num_warps=8)
-    else:
-        _quant_group_cols_kernel[(T, C // BLOCK)](*args, BLOCK=BLOCK, WITH_ROWS=with_rows)
+    _launch_strips(_quant_group_cols_kernel, (T, C // BLOCK), args, strip, BLOCK=BLOCK, WITH_ROWS=with_rows)
     return (q, s, qt, st) if with_rows else (qt, st)
 
 

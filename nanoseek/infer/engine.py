@@ -67,7 +67,7 @@ class Engine:
     as the training forward's matmuls run (`nanoseek rl`'s policy). Its casts are not cached, so a captured
     graph reads the weights afresh each replay and sees every optimizer step. Without it an fp32 model decodes in fp32,
     where a GPU's grouped expert GEMM (bf16 only) gives way to a per-expert loop that syncs and cannot be
-    captured: 93 against 2.6 ms per 128-row step for a 135M model on an H100 (2026-12-06).
+    captured: 45 against 1.9 ms per 128-row decode step for a 135M model on an H100 (bench/grpo_throughput.py).
     The tokenizer needs `encode`, `decode` and `eos_id` (see `nanoseek.data.tokenizer`); it may
     be None when prompts are given as token ids (the text fields then stay empty).
     """

@@ -50,7 +50,7 @@ from nanoseek.rl.rollout import (
 from nanoseek.train.checkpoint import list_checkpoints, lock_run_dir, run_record, save_checkpoint
 from nanoseek.train.metrics import MetricsLogger
 from nanoseek.train.optim import build_optimizer
-from nanoseek.train.step import accumulate_gradients, optimizer_step
+from nanoseek.train.step import accumulate_gradients, compile_blocks, optimizer_step
 from nanoseek.train.trainer import resolve_device
 
 
@@ -270,8 +270,7 @@ def rl_train(run: RLRun, extra_rewards: dict[str, tuple[float, Reward]] | None =
                     autocast=torch.bfloat16 if use_bf16 else None)  # rollouts compute as the update does
     if tc.compile:  # the update's blocks too (the engine compiled its own view of them, see Engine.decode_view);
         # response lengths vary, so the second shape a block sees recompiles it with dynamic shapes, once
-        for block in [*model.layers.values(), *model.mtp]:
-            block.compile()
+        compile_blocks(model)
 
     logger = MetricsLogger(out_dir, tc.tensorboard)
     record = run_record(run.to_dict(), device)

@@ -68,7 +68,7 @@ from nanoseek.train.resume import (
     run_dir_of,
     truncate_metrics,
 )
-from nanoseek.train.step import accumulate_gradients, enable_activation_checkpointing, optimizer_step
+from nanoseek.train.step import accumulate_gradients, compile_blocks, enable_activation_checkpointing, optimizer_step
 from nanoseek.train.trainer import _log_line, _optimizer_finite, resolve_device, schedule_settings
 
 
@@ -286,8 +286,7 @@ def sft(run: SFTRun) -> dict[str, Any]:
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model)
     if tc.compile:
-        for block in [*model.layers.values(), *model.mtp]:
-            block.compile()
+        compile_blocks(model)
     if "max_steps" not in run.explicit.get("train", {}) and ckpt_path is None:
         tc = run.train = dataclasses.replace(tc, max_steps=max(1, math.ceil(sc.epochs * len(loader) / tc.grad_accum)))
     step, anchor = 0, None

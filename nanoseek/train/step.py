@@ -211,6 +211,14 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: li
     return metrics | optimizer_step(model, optimizer, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma)
 
 
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each block (main layers and MTP modules) in place: the training commands' and benches'
+    compiled setting. Names and state_dict keys are unchanged; a new input shape recompiles a block (the
+    second one with dynamic shapes)."""
+    for block in [*model.layers.values(), *model.mtp]:
+        block.compile()
+
+
 # ---------------------------------------------------------------------------- memory
 def enable_activation_checkpointing(model: Transformer) -> None:
     """Recompute each block's activations (main layers and MTP modules) in backward.

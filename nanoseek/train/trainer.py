@@ -64,6 +64,7 @@ from nanoseek.train.resume import (
 )
 from nanoseek.train.step import (
     accumulate_gradients,
+    compile_blocks,
     compiled_cross_entropy,
     cross_entropy,
     enable_activation_checkpointing,
@@ -230,8 +231,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model)
     if tc.compile:
-        for block in [*model.layers.values(), *model.mtp]:
-            block.compile()
+        compile_blocks(model)
     step, anchor = 0, None
     if ckpt_path is not None:
         try:
