@@ -119,12 +119,14 @@ def test_eval_report_counts_by_kind_and_difficulty():
             return [GOOD] if temperature == 0 else [GOOD, "<answer> 6 </answer>", "x", "y"]
         if "4 + 4" in prompt:  # greedy wrong (no format, a reflection marker); samples all wrong
             return ["wait, Answer: 7"]
-        return ["<think> 9 - 1 </think> <answer> 8 </answer>"]  # always right
+        return ["<think>\n9 - 1 = 8, check\n9 - 1 = 8, check\n</think> <answer> 8 </answer>"]  # right, loops
 
     result = evaluate(Scripted(script), problems, k=2, samples=4, max_new_tokens=8)
     assert result["pass@1"] == pytest.approx(2 / 3)
     assert result["format_rate"] == pytest.approx(2 / 3)
-    assert result["reflection_rate"] == pytest.approx(1 / 3)
+    assert result["readable_rate"] == pytest.approx(1 / 3)  # the third has the format but repeats a line
+    assert result["by_kind"]["sub"]["readable"] == 0.0 and result["by_kind"]["sub"]["format"] == 1.0
+    assert result["reflection_rate"] == pytest.approx(2 / 3)  # "wait", and "check"
     assert result["pass@2"] == pytest.approx(((1 - 3 / 6) + 0 + 1) / 3)  # C(3,2)/C(4,2) = 3/6
     assert result["sampled_acc"] == pytest.approx((0.25 + 0 + 1) / 3)
     assert result["by_kind"]["add"]["pass@1"] == pytest.approx(0.5) and result["by_kind"]["sub"]["n"] == 1
@@ -182,7 +184,7 @@ def test_local_and_server_eval_agree(taught, tmp_path):
     assert [e["completion"] for e in here["examples"]] == [e["completion"] for e in remote["examples"]]
     assert here["examples"][0]["completion"]  # something was generated
     assert here["pass@1"] == 0.25 and here["by_difficulty"]["add/1"]["pass@1"] > 0  # the taught problem
-    for key in ("pass@1", "format_rate", "reflection_rate", "mean_length_chars", "mean_length_tokens", "pass@2",
+    for key in ("pass@1", "format_rate", "readable_rate", "reflection_rate", "mean_length_chars", "mean_length_tokens", "pass@2",
                 "by_difficulty", "per_problem"):
         assert here[key] == remote[key], key
     assert [r["uid"] for r in here["per_problem"]] == [p.uid for p in problems]

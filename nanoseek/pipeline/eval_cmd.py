@@ -9,8 +9,10 @@ the unbiased estimator of Chen et al. (2021) from S >= k samples with c correct:
     pass@k = 1 - C(S - c, k) / C(S, k)      (with S = k: 1 if any sample is correct, else 0)
 
 averaged over problems, by kind and by kind/difficulty. Also: mean length (characters and tokens, greedy),
-format rate (R1 `<think></think><answer></answer>`), reflection-marker rate (share of greedy completions
-with any marker of `nanoseek.rl.rewards.REFLECTION_MARKERS`). Prompts use the R1-Zero template.
+format rate (R1 `<think></think><answer></answer>`), readable rate (`nanoseek.pipeline.readable`: the
+format, no garbled text, no repeated line, what `nanoseek sample` keeps), reflection-marker rate (share of
+greedy completions with any marker of `nanoseek.rl.rewards.REFLECTION_MARKERS`). Prompts use the R1-Zero
+template.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from nanoseek.data.tasks import KINDS, format_ok
+from nanoseek.pipeline.readable import readability
 from nanoseek.rl.evaluate import wilson
 from nanoseek.rl.rewards import AnyProblem, TaskPrompts, accuracy, load_jsonl_prompts, prompt_text, reflection_markers
 
@@ -84,14 +87,16 @@ def evaluate(backend, problems: list[AnyProblem], *, k: int = 8, samples: int | 
                                              seed=seed)]
     hits = [accuracy(t, p) for t, p in zip(greedy, problems)]
     fmt = [float(format_ok(t)) for t in greedy]
+    readable = [float(readability(t) is None) for t in greedy]
     refl = [float(any(reflection_markers(t).values())) for t in greedy]
     n, c = len(problems), int(sum(hits))
     out: dict = {"n": n, "pass@1": c / n, "pass@1_ci95": wilson(c, n), "format_rate": sum(fmt) / n,
-                 "reflection_rate": sum(refl) / n, "mean_length_chars": sum(len(t) for t in greedy) / n,
+                 "readable_rate": sum(readable) / n, "reflection_rate": sum(refl) / n,
+                 "mean_length_chars": sum(len(t) for t in greedy) / n,
                  "by_kind": {}, "by_difficulty": {}}
     if tokenizer is not None:
         out["mean_length_tokens"] = sum(len(tokenizer.encode(t)) for t in greedy) / n
-    columns = {"pass@1": hits, "format": fmt}
+    columns = {"pass@1": hits, "format": fmt, "readable": readable}
     if k > 0:
         sampled = backend.complete(prompts, samples, temperature=temperature, top_p=top_p,
                                    max_tokens=max_new_tokens, seed=seed)
@@ -114,14 +119,15 @@ def evaluate(backend, problems: list[AnyProblem], *, k: int = 8, samples: int | 
 
 def table(result: dict) -> str:
     """The report as a fixed-width table: one row per kind/difficulty, per kind, and overall."""
-    cols = ["pass@1", *[c for c in result if c.startswith("pass@") and c[5:].isdigit() and c != "pass@1"], "format"]
+    cols = ["pass@1", *[c for c in result if c.startswith("pass@") and c[5:].isdigit() and c != "pass@1"], "format",
+            "readable"]
     head = f"{'group':<16}{'n':>6}" + "".join(f"{c:>10}" for c in cols)
     lines = [head, "-" * len(head)]
     for label in ("by_difficulty", "by_kind"):
         for g, row in result[label].items():
             lines.append(f"{g:<16}{row['n']:>6}" + "".join(f"{100 * row.get(c, 0):>9.1f}%" for c in cols))
         lines.append("-" * len(head))
-    overall = {**result, "format": result["format_rate"]}
+    overall = {**result, "format": result["format_rate"], "readable": result["readable_rate"]}
     lines.append(f"{'all':<16}{result['n']:>6}" + "".join(f"{100 * overall[c]:>9.1f}%" for c in cols))
     lo, hi = result["pass@1_ci95"]
     tokens = f", {result['mean_length_tokens']:.1f} tokens" if "mean_length_tokens" in result else ""

@@ -25,42 +25,12 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from nanoseek.data.tasks import KINDS, R1_SYSTEM, format_ok
+from nanoseek.data.tasks import KINDS, R1_SYSTEM
 from nanoseek.pipeline.eval_cmd import add_backend_args, parse_range
+from nanoseek.pipeline.readable import foreign_share, readability, repeated_line  # noqa: F401 (re-exported)
 from nanoseek.rl.rewards import AnyProblem, TaskPrompts, accuracy, load_jsonl_prompts, prompt_text
 
-_PRINTABLE = set(chr(c) for c in range(32, 127)) | {"\n", "\t"}
 _SPACES = re.compile(r"\s+")
-
-
-def foreign_share(text: str) -> float:
-    """Share of characters outside printable ASCII (control bytes, replacement chars, other scripts)."""
-    return sum(ch not in _PRINTABLE for ch in text) / max(len(text), 1)
-
-
-def repeated_line(text: str, min_chars: int = 8) -> str | None:
-    """The first non-trivial line (>= min_chars after stripping) that occurs twice, else None."""
-    seen = set()
-    for line in text.splitlines():
-        line = line.strip()
-        if len(line) >= min_chars:
-            if line in seen:
-                return line
-            seen.add(line)
-    return None
-
-
-def readability(text: str, max_chars: int = 4000, max_foreign: float = 0.0) -> str | None:
-    """Why `text` is unreadable ("format", "length", "garbled", "repeated"), or None when it is fine."""
-    if not format_ok(text):
-        return "format"
-    if len(text) > max_chars:
-        return "length"
-    if foreign_share(text) > max_foreign:
-        return "garbled"
-    if repeated_line(text) is not None:
-        return "repeated"
-    return None
 
 
 def dedup_key(problem: AnyProblem, text: str) -> tuple[str, str]:
