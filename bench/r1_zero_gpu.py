@@ -8,6 +8,7 @@ format rate and reflection-marker frequency.
     python bench/r1_zero_gpu.py --stage rl --base b
     python bench/r1_zero_gpu.py --stage record                # bench/results/r1_zero_gpu-<date>.json + plots
     python bench/r1_zero_gpu.py --stage both --base a --pretrain-minutes 4 --rl-minutes 3.5   # one command
+    python bench/r1_zero_gpu.py --stage more-rl --base a --rl-minutes 5   # resume the RL run for 5 more minutes
 
 Each stage fits one 10-minute device command; run directories are runs/r1zero-{a,b}{,-rl} (kept between
 commands on a warm machine). Targets: (a) >= +20 points on held-out Countdown; (b) format rate from near 0
@@ -52,10 +53,20 @@ def nanoseek(*args: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def sessions_of(rl: Path) -> list[dict]:
+    """The RL invocations of a run directory so far: [{steps, minutes}] (a run made before the record was
+    kept counts as one invocation, from its summary.json)."""
+    if (rl / "bench_sessions.json").is_file():
+        return json.loads((rl / "bench_sessions.json").read_text())
+    summary = json.loads((rl / "summary.json").read_text())
+    return [{"steps": summary["step"], "minutes": summary["minutes"]}]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("pretrain", "rl", "both", "record"), required=True,
-                   help="both: pretrain then RL in one command (with shorter limits, one device call per base)")
+    p.add_argument("--stage", choices=("pretrain", "rl", "both", "more-rl", "record"), required=True,
+                   help="both: pretrain then RL in one command (with shorter limits, one device call per base); "
+                        "more-rl: resume the RL run exactly (`nanoseek rl --resume`) for --rl-minutes more")
     p.add_argument("--base", choices=("a", "b"), default="a")
     p.add_argument("--pretrain-minutes", type=float, default=8.0, help="pretraining time limit (issue: <= 8)")
     p.add_argument("--rl-minutes", type=float, default=7.0, help="GRPO time limit, evaluations excluded (<= 8)")
@@ -67,11 +78,18 @@ def main() -> None:
         extra = ["--data.r1_share", "0"] if args.base == "b" else []
         nanoseek("train", *PRETRAIN, *extra, "--train.time_limit_min", str(args.pretrain_minutes),
                  "--train.out_dir", str(base))
-    if args.stage in ("rl", "both"):
-        shutil.rmtree(rl, ignore_errors=True)
+    if args.stage in ("rl", "both", "more-rl"):
+        if args.stage != "more-rl":
+            shutil.rmtree(rl, ignore_errors=True)
+        resume = ["--resume"] if args.stage == "more-rl" else []
+        done = sessions_of(rl) if resume else []
         nanoseek("rl", "--ckpt", str(base), *RL, "--train.time_limit_min", str(args.rl_minutes),
-                 "--train.out_dir", str(rl))
-    if args.stage in ("record", "both"):
+                 "--train.out_dir", str(rl), *resume)
+        # each invocation's RL minutes (a resumed run's summary.json counts only its own)
+        summary = json.loads((rl / "summary.json").read_text())
+        sessions = rl / "bench_sessions.json"
+        sessions.write_text(json.dumps(done + [{"steps": summary["step"], "minutes": summary["minutes"]}]) + "\n")
+    if args.stage in ("record", "both", "more-rl"):
         record = {"benchmark": "r1_zero_gpu", "date": time.strftime("%Y-%m-%d"), "pretrain": PRETRAIN, "rl": RL,
                   "pretrain_minutes": args.pretrain_minutes, "rl_minutes": args.rl_minutes}
         for b in ("a", "b"):
@@ -82,8 +100,11 @@ def main() -> None:
             summary = json.loads((run_dir / "summary.json").read_text())
             train = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             train = [r for r in train if r["kind"] == "train"]
-            before, after = summary["evals"][0], summary["evals"][-1]
-            record[b] = {"steps": summary["step"], "minutes": summary["minutes"],
+            evals = [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]  # across resumes
+            before, after = evals[0], evals[-1]
+            sessions = sessions_of(run_dir)
+            record[b] = {"steps": summary["step"], "minutes": sum(x["minutes"] for x in sessions),
+                         "sessions": sessions, "evals_by_step": {e["step"]: e["accuracy"] for e in evals},
                          "before": {k: before[k] for k in ("accuracy", "ci95", "format", "by_difficulty")}
                          | {"pass_8": before.get("pass_k", {}).get("accuracy")},
                          "after": {k: after[k] for k in ("accuracy", "ci95", "format", "by_difficulty")}
