@@ -103,6 +103,7 @@ def main() -> None:
             evals = [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]  # across resumes
             before, after = evals[0], evals[-1]
             sessions = sessions_of(run_dir)
+            run_json = json.loads((run_dir / "run.json").read_text())
             record[b] = {"steps": summary["step"], "minutes": sum(x["minutes"] for x in sessions),
                          "sessions": sessions, "evals_by_step": {e["step"]: e["accuracy"] for e in evals},
                          "before": {k: before[k] for k in ("accuracy", "ci95", "format", "by_difficulty")}
@@ -113,7 +114,7 @@ def main() -> None:
                          "response_len_first_last": [train[0]["response_len"], train[-1]["response_len"]],
                          "format_rate_first_last": [train[0]["format_rate"], train[-1]["format_rate"]],
                          "reflection_first_last": [train[0]["reflection"], train[-1]["reflection"]],
-                         "run": json.loads((run_dir / "run.json").read_text())["hardware"],
+                         "run": {k: run_json[k] for k in ("hardware", "versions", "git_commit") if k in run_json},
                          "plots": summary.get("plots", [])}
         out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"r1_zero_gpu-{record['date']}.json"
         out.write_text(json.dumps(record, indent=2) + "\n")

@@ -50,9 +50,10 @@ SHARDED_REQUIRED = (STATE_FILE, "run.json")  # + dcp/ (torch.distributed.checkpo
 
 def run_record(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """What produced a checkpoint: config, code version, library versions, hardware."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    try:  # NANOSEEK_REVISION names the commit of a copied tree whose .git is not the source's
+        commit = os.environ.get("NANOSEEK_REVISION") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     import nanoseek
