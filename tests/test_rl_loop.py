@@ -145,6 +145,9 @@ def test_evaluation_tables_and_run_directory_as_ckpt(base, tmp_path):
     assert before["n"] == 6 and set(before["by_kind"]) <= {"add", "countdown"}
     assert before["pass_k"]["k"] == 2 and 0 <= before["pass_k"]["accuracy"] <= 1
     assert after["step"] == 1 and before["step"] == 0
+    # an untrained-ish base: the failures listed are the greedy answers that miss the format
+    assert len(before["format_failures"]) == min(3, round((1 - before["format"]) * 6))
+    assert 0 <= before["truncated"] <= 1 and before["mean_length"] > 0
 
 
 # ---------------------------------------------------------------------------- bad input

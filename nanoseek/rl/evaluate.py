@@ -38,7 +38,9 @@ def evaluate(engine: Engine, problems: list[AnyProblem], *, template: str, max_n
              temperature: float = 1.0, seed: int = 0) -> dict:
     """Greedy accuracy (pass@1), format rate and, with pass_k > 0, sampled pass@k over `problems`.
 
-    Returns {"n", "accuracy", "ci95", "format", "by_kind", "by_difficulty", "pass_k"?, "examples"}.
+    Returns {"n", "accuracy", "ci95", "format", "truncated", "mean_length", "by_kind", "by_difficulty",
+    "pass_k"?, "examples", "format_failures"}: truncated is the share of greedy answers cut by
+    max_new_tokens; format_failures holds up to 3 greedy answers without the format (their ends).
     """
     tok = engine.tokenizer
     prompts = [prompt_text(p.prompt, template) for p in problems]
@@ -47,12 +49,17 @@ def evaluate(engine: Engine, problems: list[AnyProblem], *, template: str, max_n
     texts = [tok.decode([t for t in o.token_ids if t != engine.eos_id]) for o in outs]
     hits = [accuracy(t, p) == 1.0 for t, p in zip(texts, problems)]
     n, c = len(problems), sum(hits)
-    result = {"n": n, "accuracy": c / max(n, 1), "ci95": wilson(c, n),
-              "format": sum(format_reward(t, p) for t, p in zip(texts, problems)) / max(n, 1),
+    fmt = [format_reward(t, p) for t, p in zip(texts, problems)]
+    lengths = [len(o.token_ids) for o in outs]
+    result = {"n": n, "accuracy": c / max(n, 1), "ci95": wilson(c, n), "format": sum(fmt) / max(n, 1),
+              "truncated": sum(x >= max_new_tokens for x in lengths) / max(n, 1),
+              "mean_length": sum(lengths) / max(n, 1),
               "by_kind": _table(problems, hits, lambda p: p.kind),
               "by_difficulty": _table(problems, hits, lambda p: f"{p.kind}/{p.difficulty}"),
               "examples": [{"prompt": p.prompt, "completion": t, "correct": h}
-                           for p, t, h in list(zip(problems, texts, hits))[:3]]}
+                           for p, t, h in list(zip(problems, texts, hits))[:3]],
+              "format_failures": [{"prompt": p.prompt, "tokens": x, "end": t[-400:]}
+                                  for p, t, f, x in zip(problems, texts, fmt, lengths) if f < 1][:3]}
     if pass_k > 0:
         sampled = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop=(STOP,),
                                   seed=seed + i * pass_k) for i in range(n)]
@@ -72,6 +79,8 @@ def summary_line(result: dict) -> str:
     kinds = ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in result["by_kind"].items())
     line = (f"pass@1 {100 * result['accuracy']:.1f}% [95% CI {100 * lo:.1f}-{100 * hi:.1f}] on {result['n']} "
             f"held-out problems ({kinds}); format {100 * result['format']:.0f}%")
+    if "truncated" in result:  # records written before it was kept lack it
+        line += f", {100 * result['truncated']:.0f}% cut at the length limit"
     if "pass_k" in result:
         line += f"; pass@{result['pass_k']['k']} {100 * result['pass_k']['accuracy']:.1f}%"
     return line
