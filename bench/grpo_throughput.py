@@ -94,7 +94,10 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=32, help="responses per forward/backward in the update")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="the debug preset (smoke test on a CPU)")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile at all (the engine's blocks neither)")
+    p.add_argument("--compile-update", action="store_true",
+                   help="also compile the policy's blocks for the update (`nanoseek rl --train.compile true`); "
+                        "its first GPU run (2026-12-06) did not finish within 200 s, cause not yet found")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -113,12 +116,18 @@ def main() -> None:
                     "versions": {"torch": torch.__version__, "python": platform.python_version()},
                     "config": {"params_M": n_params / 1e6, "prompts": P, "group": G, "prompt_len": L,
                                "new_tokens": new, "micro_batch": args.micro, "compile": not args.no_compile,
+                               "compile_update": args.compile_update and not args.no_compile,
                                "model": dataclasses.asdict(cfg)}}
     compile_ = cuda and not args.no_compile
     engine = Engine(model, None, max_batch_size=P * G, max_len=L + new + 8, cuda_graph=cuda, compile=compile_,
                     autocast=torch.bfloat16 if cuda else None)  # as `nanoseek rl` builds it
-    if compile_:  # as `nanoseek rl --train.compile true`: the update's blocks too (the engine has its own view)
+    if compile_ and args.compile_update:  # as `nanoseek rl --train.compile true` (the engine has its own view)
         compile_blocks(model)
+    started = time.perf_counter()
+
+    def progress(phase: str) -> None:  # a run cut by a time limit still tells how far it got
+        print(f"[{time.perf_counter() - started:6.1f} s] {phase}", flush=True)
+
     params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, logprobs=True, seed=0)
     outs: list = []
 
@@ -127,12 +136,14 @@ def main() -> None:
 
     t_roll = statistics.median(timed(rollout, args.repeats, device))
     completion_tokens = sum(len(o.token_ids) for o in outs)
+    progress("rollout timed")
     record["rollout"] = {"seconds": t_roll, "completion_tokens": completion_tokens,
                          "tokens_per_s": completion_tokens / t_roll}
 
     plain_prompts = [torch.randint(2, cfg.vocab_size, (L,), generator=g).tolist() for _ in range(P * G)]
     plain = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
     t_plain = statistics.median(timed(lambda: engine.generate(plain_prompts, plain), args.repeats, device))
+    progress("plain decode timed")
     record["plain_decode"] = {"seconds": t_plain, "tokens_per_s": P * G * new / t_plain}
 
     # the update on these rollouts: random rewards, group advantages, token-level GRPO
@@ -159,6 +170,7 @@ def main() -> None:
 
     t_upd = statistics.median(timed(update, args.repeats, device))
     seq_tokens = sum(len(r.prompt_ids) + len(r.token_ids) for r in rollouts)
+    progress("update timed")
     record["update"] = {"seconds": t_upd, "tokens_per_s": seq_tokens / t_upd}
 
     S = L + new
@@ -172,6 +184,7 @@ def main() -> None:
         optimizer_step(model, optimizer, lr=1e-6, grad_clip=1.0, bias_gamma=1e-3)
 
     t_pre = statistics.median(timed(pretrain, args.repeats, device))
+    progress("pretraining step timed")
     record["pretraining_step"] = {"seconds": t_pre, "tokens_per_s": len(parts) * args.micro * S / t_pre}
     step_s = t_roll + t_upd
     record["grpo_step"] = {"seconds": step_s, "rollout_share": t_roll / step_s,
