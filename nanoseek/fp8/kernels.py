@@ -50,15 +50,16 @@ def _quant_tuned(key: list[str]):
     return wrap
 
 
-STRIPS = (128,)  # the strip heights the search tries; 32 joins once a GPU has checked and timed it
+# the strip heights the search tries: on an H100 the 32-row walk passed the GPU tests but ran 22-24% slower
+# than whole 128-row tiles at 8 warps (bench/results/fp8_profile-2026-12-06-h100.json), so only 128
+STRIPS = (128,)
 
 
 def _strips_tuned(key: list[str]):
     """A quantizer's search over warps (4, 8, 16) x STRIP (rows per pass, see `_quant_act_kernel`; `STRIPS`), per
     `key`. NANOSEEK_FP8_ONE_CONFIG=1 takes 8 warps and 32-row strips, so the GPU tests run the strip walk (an
-    explicit `strip=` runs either). The search holds the whole-tile walk only until the 32-row walk has been
-    checked on a GPU (Triton 3.6 once mis-transposed a register tile in another quantizer) and timed
-    (`bench/fp8_profile.py`: quant_*_strip32 against _strip128)."""
+    explicit `strip=` runs either). The search holds the whole-tile walk: the 32-row walk is correct on an H100
+    but slower there (`bench/fp8_profile.py`: quant_*_strip32 against _strip128)."""
     def wrap(kernel):
         if _INTERPRET:
             return kernel
