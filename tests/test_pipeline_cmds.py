@@ -184,8 +184,8 @@ def test_local_and_server_eval_agree(taught, tmp_path):
     assert [e["completion"] for e in here["examples"]] == [e["completion"] for e in remote["examples"]]
     assert here["examples"][0]["completion"]  # something was generated
     assert here["pass@1"] == 0.25 and here["by_difficulty"]["add/1"]["pass@1"] > 0  # the taught problem
-    for key in ("pass@1", "format_rate", "readable_rate", "reflection_rate", "mean_length_chars", "mean_length_tokens", "pass@2",
-                "by_difficulty", "per_problem"):
+    for key in ("pass@1", "format_rate", "readable_rate", "reflection_rate", "mean_length_chars",
+                "mean_length_tokens", "pass@2", "by_difficulty", "per_problem"):
         assert here[key] == remote[key], key
     assert [r["uid"] for r in here["per_problem"]] == [p.uid for p in problems]
     assert sum(r["pass@1"] for r in here["per_problem"]) / len(problems) == here["pass@1"]
