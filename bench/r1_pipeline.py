@@ -341,7 +341,8 @@ def targets(table: list[dict], total_min: float, limit_min: float | None) -> dic
     return {"pipeline_at_least_r1zero": {row: r[row]["pass@1"] >= r["2"]["pass@1"] for row in ("3", "4")},
             "pipeline_higher_format": {row: r[row]["format_rate"] > r["2"]["format_rate"] for row in ("3", "4")},
             # R1's reason for the supervised stages: R1-Zero's reasoning was hard to read (docs/pipeline.md)
-            "pipeline_more_readable": {row: r[row]["readable_rate"] > r["2"]["readable_rate"] for row in ("3", "4")},
+            "pipeline_more_readable": {row: None if None in (r[row]["readable_rate"], r["2"]["readable_rate"])
+                                       else r[row]["readable_rate"] > r["2"]["readable_rate"] for row in ("3", "4")},
             "distilled_beats_student_rl": r["5"]["pass@1"] > r["5b"]["pass@1"],
             "minutes_excluding_base": total_min,
             "within_minutes": None if limit_min is None else total_min <= limit_min, "limit_minutes": limit_min}
@@ -354,8 +355,9 @@ def markdown(table: list[dict], k: int) -> str:
         lo, hi = t["pass@1_ci95"]
         pk = "" if t.get(f"pass@{k}") is None else f"{100 * t[f'pass@{k}']:.1f}%"
         length = "" if t["mean_length_tokens"] is None else f"{t['mean_length_tokens']:.0f}"
+        readable = "" if t.get("readable_rate") is None else f"{100 * t['readable_rate']:.0f}%"
         lines.append(f"| {t['row']} | {t['model']} | {100 * t['pass@1']:.1f}% [{100 * lo:.1f}-{100 * hi:.1f}] | {pk} "
-                     f"| {100 * t['format_rate']:.0f}% | {100 * t['readable_rate']:.0f}% | {length} "
+                     f"| {100 * t['format_rate']:.0f}% | {readable} | {length} "
                      f"| {t['steps'] or ''} | {t['stage_minutes']:.1f} |")
     return "\n".join(lines)
 

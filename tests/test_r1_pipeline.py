@@ -16,7 +16,7 @@ ROWS = ["1", "2", "3a", "3", "4", "5a", "5", "5b"]
 
 def fake_eval(p1: float, p8: float, fmt: float, length: float) -> dict:
     return {"n": 200, "pass@1": p1, "pass@1_ci95": [p1 - 0.05, p1 + 0.05], "pass@8": p8, "format_rate": fmt,
-            "mean_length_tokens": length}
+            "readable_rate": fmt - 0.1, "mean_length_tokens": length}
 
 
 def table_for(p1: dict[str, float], fmt: dict[str, float]):
@@ -39,7 +39,7 @@ def test_table_carries_each_rows_figures_and_stage_minutes():
     assert by_row["3a"]["steps"] == stages["coldstart_sft"]["steps"]
     md = markdown(table, 8).splitlines()
     assert len(md) == 2 + len(ROWS)
-    assert md[6].startswith("| 4 | model 4 | 25.0% [20.0-30.0] | 50.0% | 100% | 54 |")
+    assert md[6].startswith("| 4 | model 4 | 25.0% [20.0-30.0] | 50.0% | 100% | 90% | 54 |")
 
 
 def test_targets_follow_the_figures():
@@ -49,6 +49,7 @@ def test_targets_follow_the_figures():
     t = targets(table, total_min=16.0, limit_min=15.0)
     assert t["pipeline_at_least_r1zero"] == {"3": False, "4": True}
     assert t["pipeline_higher_format"] == {"3": True, "4": False}
+    assert t["pipeline_more_readable"] == t["pipeline_higher_format"]  # readable = format - 0.1 in fake_eval
     assert t["distilled_beats_student_rl"] is True
     assert t["within_minutes"] is False
     p1["5b"] = 0.08  # a tie is not a win
