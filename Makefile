@@ -14,13 +14,17 @@ TORCH_CPU := torch==2.13.0
 
 install: .venv/.installed
 
-# The R1-Zero story on the CPU: pretraining into runs/demo (reused when it is already there: delete
-# runs/demo to pretrain again), then GRPO from its latest checkpoint into runs/demo-rl (started over
-# each time), with held-out accuracy before and after.
+# The R1-Zero story on the CPU: pretraining into runs/demo on a corpus without R1-template documents
+# (--data.r1_share 0: like R1-Zero's base, it never saw the <think>/<answer> prompt; reused when it is
+# already there: delete runs/demo to pretrain again), then GRPO with the R1-Zero prompt from its latest
+# checkpoint into runs/demo-rl (started over each time), with held-out accuracy before and after.
 demo: install
 	@if [ -d runs/demo/checkpoints ]; then \
-	  echo "make demo: runs/demo holds a pretrained run; reusing it (delete runs/demo to pretrain again)"; \
-	else .venv/bin/nanoseek train; fi
+	  $(PY) -c "import json, sys; s = json.load(open('runs/demo/run.json'))['config']['data']['r1_share']; \
+	sys.exit(0 if s == 0 else f'make demo: runs/demo was pretrained with --data.r1_share {s}, but the R1-Zero demo \
+	starts from a base that never saw the R1 template (--data.r1_share 0); move or delete runs/demo and run make demo again')" \
+	  && echo "make demo: runs/demo holds a pretrained run; reusing it (delete runs/demo to pretrain again)"; \
+	else .venv/bin/nanoseek train --data.r1_share 0; fi
 	rm -rf runs/demo-rl
 	.venv/bin/nanoseek rl --preset demo
 

@@ -1,6 +1,6 @@
 """The R1 pipeline at demo scale on the CPU, stage by stage, each stage scored the same way (issue 21).
 
-    python bench/r1_pipeline.py                   # the whole pipeline (reuses runs/demo as the base)
+    python bench/r1_pipeline.py                   # the whole pipeline (pretrains its base in runs/pipeline/base)
     python bench/r1_pipeline.py --skip-existing   # rerun: finished stages and evaluations are reused
     python bench/r1_pipeline.py --quick           # a smoke run of a minute or two (tiny budgets, tiny evals)
     python bench/r1_pipeline.py --base-r1-share 0.05 --work runs/pipeline-fmt
@@ -16,7 +16,7 @@ DeepSeek-R1 (arXiv:2501.12948; REFERENCE.md section 5) is not trained by RL alon
 project's own commands (`nanoseek train / rl / sample / sft / eval`, each as a subprocess, so every stage is
 a command a user can rerun by hand; the command lines are in the record) and compares five rows:
 
-    1. base          the demo pretraining checkpoint (runs/demo, or `nanoseek train --preset demo`; with
+    1. base          the demo pretraining (`nanoseek train --preset demo` into WORK/base, or --base DIR; with
                      --base-r1-share X, `nanoseek train --preset demo --data.r1_share X` into WORK/base)
     2. R1-Zero       `nanoseek rl --preset demo` from the base: RL only, no SFT
     3. cold start    `nanoseek sample` on the R1-Zero model (verified, readable, deduplicated) is the
@@ -174,7 +174,7 @@ def need_samples(path: Path, what: str, option: str) -> None:
     if count_lines(path) == 0:
         raise SystemExit(f"r1_pipeline: {path} holds no accepted samples for {what} (no sampled completion was "
                          f"correct and readable); sample more prompts with {option} or use a stronger base "
-                         "(--quick needs the demo base runs/demo)")
+                         "(--quick trains its own base for 30 steps unless runs/pipeline/base exists)")
 
 
 def run_pipeline(args: argparse.Namespace) -> dict:
@@ -198,6 +198,10 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     share = [] if s["base_r1_share"] is None else ["--data.r1_share", str(s["base_r1_share"])]
     if (base / "checkpoints").is_dir() and any((base / "checkpoints").glob("step-*")):
         check_base_share(base, s["base_r1_share"])
+        if read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share") == 0:
+            raise SystemExit(f"r1_pipeline: the base {base} was pretrained with --data.r1_share 0 (make demo's "
+                             "R1-Zero base): its R1-Zero never writes the R1 format, so no cold-start sample "
+                             "passes; leave --base out (the pipeline pretrains its own) or pass another base")
         p.reuse("base", base, resolve_latest(base).stat().st_mtime, "; delete it to pretrain again",
                 note="pretraining loop minutes from its summary.json",
                 r1_share=read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share"))
@@ -402,7 +406,7 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="the base run directory, pretrained there if missing (default "
-                                                 "runs/demo; with --base-r1-share: WORK/base)")
+                                                 "WORK/base; a `nanoseek train` run directory is reused)")
     ap.add_argument("--base-r1-share", type=float, default=None,
                     help="pretrain the base (and the student) with this share of the corpus in the R1 "
                          "<think>/<answer> template (nanoseek train --data.r1_share; the default base has 0.5, "
@@ -446,7 +450,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"r1_pipeline: --base-r1-share {args.base_r1_share}: must lie in [0, 1]")
     args.work = args.work or ("runs/pipeline-quick" if args.quick else
                               "runs/pipeline-gpu" if args.scale == "gpu" else "runs/pipeline")
-    args.base = args.base or (str(Path(args.work) / "base") if args.base_r1_share is not None else "runs/demo")
+    # its own base by default: `make demo`'s runs/demo never saw the R1 template (--data.r1_share 0), so its
+    # R1-Zero writes no formatted trace to seed a cold start with
+    full_base = Path("runs/pipeline/base")  # --quick reuses the full run's base when there is one
+    quick_base = full_base if args.quick and (full_base / "checkpoints").is_dir() else None
+    args.base = args.base or str(quick_base or Path(args.work) / "base")
     record = run_pipeline(args)
     date = record["date"]
     out = Path(args.out or (Path(args.work) / "r1_pipeline-quick.json" if args.quick

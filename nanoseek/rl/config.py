@@ -12,9 +12,10 @@ Presets are named sets of overrides, so every variant is spelled out as plain se
     dr_grpo   Dr. GRPO: no std division, constant length normaliser
     dapo      DAPO: eps 0.2/0.28, token-level loss, dynamic sampling, soft overlong penalty, beta 0
               (--rl.overlong_filter true masks truncated responses instead)
-    demo      the CPU demo after `nanoseek train`: Countdown with 3 numbers (where the base's samples carry the
-              most signal), 8 prompts x 8 samples, 160 new tokens, flat groups dropped (dynamic sampling
-              without refill), lr 5e-5, 4 minutes of RL between two held-out evaluations
+    demo      the CPU demo (`make demo`: after `nanoseek train --data.r1_share 0`, a base that never saw the
+              R1-Zero prompt): Countdown with 3 numbers, 8 prompts x 8 samples, 160 new tokens, flat groups
+              dropped (dynamic sampling without refill), lr 5e-5, 4 minutes of RL between two held-out
+              evaluations
     debug     tiny and fast, for tests
 """
 
