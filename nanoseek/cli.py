@@ -30,7 +30,8 @@ def usage() -> str:
     lines = ["usage: nanoseek <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += ["", "`nanoseek <command> --help` documents each command's options; `nanoseek --version` prints the",
-              "version. `nanoseek train` with no options trains the embedded demo into runs/demo (`make demo`)."]
+              "version. `nanoseek train` with no options trains the embedded demo into runs/demo (`make demo` adds",
+              "--data.r1_share 0, then runs `nanoseek rl --preset demo`)."]
     return "\n".join(lines)
 
 
