@@ -1,6 +1,6 @@
 """The R1 pipeline at demo scale on the CPU, stage by stage, each stage scored the same way (issue 21).
 
-    python bench/r1_pipeline.py                   # the whole pipeline (pretrains its base in runs/pipeline/base)
+    python bench/r1_pipeline.py                   # the whole pipeline (reuses make demo's runs/demo as the base)
     python bench/r1_pipeline.py --skip-existing   # rerun: finished stages and evaluations are reused
     python bench/r1_pipeline.py --quick           # a smoke run of a minute or two (tiny budgets, tiny evals)
     python bench/r1_pipeline.py --base-r1-share 0.05 --work runs/pipeline-fmt
@@ -16,7 +16,8 @@ DeepSeek-R1 (arXiv:2501.12948; REFERENCE.md section 5) is not trained by RL alon
 project's own commands (`nanoseek train / rl / sample / sft / eval`, each as a subprocess, so every stage is
 a command a user can rerun by hand; the command lines are in the record) and compares five rows:
 
-    1. base          the demo pretraining (`nanoseek train --preset demo` into WORK/base, or --base DIR; with
+    1. base          `make demo`'s pretraining (runs/demo: `nanoseek train --data.r1_share 0`, pretrained there
+                     when missing; a base that never saw the R1 template, as R1-Zero's), or --base DIR; with
                      --base-r1-share X, `nanoseek train --preset demo --data.r1_share X` into WORK/base)
     2. R1-Zero       `nanoseek rl --preset demo` from the base: RL only, no SFT
     3. cold start    `nanoseek sample` on the R1-Zero model (verified, readable, deduplicated) is the
@@ -174,7 +175,7 @@ def need_samples(path: Path, what: str, option: str) -> None:
     if count_lines(path) == 0:
         raise SystemExit(f"r1_pipeline: {path} holds no accepted samples for {what} (no sampled completion was "
                          f"correct and readable); sample more prompts with {option} or use a stronger base "
-                         "(--quick trains its own base for 30 steps unless runs/pipeline/base exists)")
+                         "(--quick needs the demo base runs/demo)")
 
 
 def run_pipeline(args: argparse.Namespace) -> dict:
@@ -188,24 +189,25 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     sft_common = ["--train.tensorboard", "false", "--train.ckpt_every", "0"]
     if s["sft_max_steps"]:
         sft_common += ["--train.max_steps", str(s["sft_max_steps"])]
+    # --reformat: R1-Zero from a base that never saw the template answers in plain reasoning + "Answer:";
+    # like R1's cold-start curation, its correct traces are rewritten into the R1 template
     sample_common = [*TASK, "--n", str(s["samples_per_prompt"]), "--max-new-tokens", s["new_tokens"],
                      "--temperature", str(s["sample_temperature"]),
-                     "--per-prompt", str(s["per_prompt"])]
+                     "--per-prompt", str(s["per_prompt"]), "--reformat"]
 
-    # 1. the base: a finished demo pretraining run, else pretrain one (with --base-r1-share, its own corpus
-    #    share of the R1 template; the student's pretraining then uses the same corpus)
+    # 1. the base: a finished pretraining run, else pretrain one: make demo's corpus (no R1-template
+    #    documents) unless --base-r1-share says otherwise; the student's pretraining uses the base's corpus
     base = Path(args.base)
-    share = [] if s["base_r1_share"] is None else ["--data.r1_share", str(s["base_r1_share"])]
-    if (base / "checkpoints").is_dir() and any((base / "checkpoints").glob("step-*")):
+    reused = (base / "checkpoints").is_dir() and any((base / "checkpoints").glob("step-*"))
+    if reused:
         check_base_share(base, s["base_r1_share"])
-        if read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share") == 0:
-            raise SystemExit(f"r1_pipeline: the base {base} was pretrained with --data.r1_share 0 (make demo's "
-                             "R1-Zero base): its R1-Zero never writes the R1 format, so no cold-start sample "
-                             "passes; leave --base out (the pipeline pretrains its own) or pass another base")
+        share_value = read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share")
         p.reuse("base", base, resolve_latest(base).stat().st_mtime, "; delete it to pretrain again",
-                note="pretraining loop minutes from its summary.json",
-                r1_share=read_json(base / "run.json").get("config", {}).get("data", {}).get("r1_share"))
+                note="pretraining loop minutes from its summary.json", r1_share=share_value)
     else:
+        share_value = 0.0 if s["base_r1_share"] is None and s["scale"] == "cpu" else s["base_r1_share"]
+    share = [] if share_value is None else ["--data.r1_share", str(share_value)]
+    if not reused:
         base_args = ["train", *pretrain, "--train.out_dir", str(base), *share]
         if s["scale"] == "gpu":
             base_args += ["--train.time_limit_min", "4"]
@@ -406,11 +408,11 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="the base run directory, pretrained there if missing (default "
-                                                 "WORK/base; a `nanoseek train` run directory is reused)")
+                                                 "runs/demo; with --base-r1-share: WORK/base)")
     ap.add_argument("--base-r1-share", type=float, default=None,
                     help="pretrain the base (and the student) with this share of the corpus in the R1 "
-                         "<think>/<answer> template (nanoseek train --data.r1_share; the default base has 0.5, "
-                         "so every row writes the format)")
+                         "<think>/<answer> template (nanoseek train --data.r1_share; make demo's base has 0, the "
+                         "default corpus of `nanoseek train` 0.5)")
     ap.add_argument("--work", default=None, help="stage outputs (default runs/pipeline, --quick: runs/pipeline-quick)")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/r1_pipeline-<date>.json; "
                                                 "--quick: WORK/r1_pipeline-quick.json)")
@@ -450,11 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"r1_pipeline: --base-r1-share {args.base_r1_share}: must lie in [0, 1]")
     args.work = args.work or ("runs/pipeline-quick" if args.quick else
                               "runs/pipeline-gpu" if args.scale == "gpu" else "runs/pipeline")
-    # its own base by default: `make demo`'s runs/demo never saw the R1 template (--data.r1_share 0), so its
-    # R1-Zero writes no formatted trace to seed a cold start with
-    full_base = Path("runs/pipeline/base")  # --quick reuses the full run's base when there is one
-    quick_base = full_base if args.quick and (full_base / "checkpoints").is_dir() else None
-    args.base = args.base or str(quick_base or Path(args.work) / "base")
+    args.base = args.base or (str(Path(args.work) / "base") if args.base_r1_share is not None else "runs/demo")
     record = run_pipeline(args)
     date = record["date"]
     out = Path(args.out or (Path(args.work) / "r1_pipeline-quick.json" if args.quick

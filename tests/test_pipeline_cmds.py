@@ -21,6 +21,7 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.pipeline import eval_cmd, sample_cmd
 from nanoseek.pipeline.backend import EngineBackend, HTTPBackend, ckpt_step, cut_at_stop
 from nanoseek.pipeline.eval_cmd import evaluate, load_problems, pass_at_k
+from nanoseek.pipeline.readable import to_r1_format
 from nanoseek.pipeline.sample_cmd import balance, foreign_share, readability, rejection_sample, repeated_line
 from nanoseek.rl.rewards import UserProblem
 from nanoseek.sft.data import read_examples, render
@@ -214,6 +215,34 @@ def test_readability_filters_on_hand_made_strings():
     loop = "<think>\n2 plus 3 makes 5\n2 plus 3 makes 5\n</think> <answer> 5 </answer>"
     assert repeated_line(loop) == "2 plus 3 makes 5" and readability(loop) == "repeated"
     assert repeated_line("<think>\nok\nok\n</think>") is None  # short lines ("ok") may repeat
+
+
+def test_plain_reasoning_is_rewritten_into_the_r1_template():
+    plain = " 2 + 3 = 5, reached the target\nCheck: 2 + 3 = 5. Correct.\nAnswer: 2 + 3\n"
+    assert to_r1_format(plain) == ("<think>\n2 + 3 = 5, reached the target\nCheck: 2 + 3 = 5. Correct.\n</think> "
+                                   "<answer> 2 + 3 </answer>")
+    assert readability(to_r1_format(plain)) is None
+    assert to_r1_format(GOOD) == GOOD  # already in the template
+    for text in ("Answer: 5", "2 + 3 = 5", "2 + 3 = 5\nAnswer: 5\nmore text", "<think> a\nAnswer: 5",
+                 "a\nAnswer:   "):
+        assert to_r1_format(text) is None, text  # no reasoning, no final answer line, stray tags, empty answer
+
+
+def test_rejection_sampling_reformats_only_when_asked():
+    problems = [UserProblem("What is 2 + 3?", "5", "add", 1)]
+    plain = "2 plus 3 is 5\nAnswer: 5"
+
+    def script(prompt, temperature):
+        return [plain, "2 plus 3 is 6\nAnswer: 6"]
+
+    kept, stats = rejection_sample(Scripted(script), problems, 2, temperature=1.0, top_p=1.0, max_new_tokens=8,
+                                   seed=0, max_chars=4000, max_foreign=0.0, progress=False)
+    assert kept == [] and stats["rejected"]["format"] == 1 and stats["rejected"]["wrong"] == 1
+    kept, stats = rejection_sample(Scripted(script), problems, 2, temperature=1.0, top_p=1.0, max_new_tokens=8,
+                                   seed=0, max_chars=4000, max_foreign=0.0, progress=False, reformat=True)
+    assert [s["completion"] for s in kept] == ["<think>\n2 plus 3 is 5\n</think> <answer> 5 </answer>"]
+    assert kept[0]["format"] == 0.0 and sum(stats["reformatted"].values()) == 1  # the record keeps the original's
+    assert "1 correct completions rewritten" in sample_cmd.report(stats, 1)
 
 
 def test_balance_caps_prompts_and_buckets():

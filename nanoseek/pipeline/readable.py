@@ -8,7 +8,11 @@ policies fall into).
 
 from __future__ import annotations
 
+import re
+
 from nanoseek.data.tasks import format_ok
+
+_FINAL_ANSWER = re.compile(r"\n\s*Answer:[ \t]*(\S[^\n]*?)\s*$")
 
 _PRINTABLE = set(chr(c) for c in range(32, 127)) | {"\n", "\t"}
 
@@ -41,3 +45,20 @@ def readability(text: str, max_chars: int = 4000, max_foreign: float = 0.0) -> s
     if repeated_line(text) is not None:
         return "repeated"
     return None
+
+
+def to_r1_format(text: str) -> str | None:
+    """`text` in the R1 template: as it is when it already has the format; reasoning followed by a final
+    "Answer: X" line (the plain style) becomes `<think>\\n{reasoning}\\n</think> <answer> X </answer>`;
+    anything else (no final answer line, stray tags, no reasoning) gives None. R1's cold-start data
+    included R1-Zero outputs post-processed into a readable format; this is that rewrite, for traces
+    whose structure is already plain reasoning plus an answer."""
+    if format_ok(text):
+        return text
+    if "<think>" in text or "</think>" in text or "<answer>" in text or "</answer>" in text:
+        return None
+    match = _FINAL_ANSWER.search(text.rstrip())
+    reasoning = text[:match.start()].strip() if match else ""
+    if not match or not reasoning:
+        return None
+    return f"<think>\n{reasoning}\n</think> <answer> {match.group(1)} </answer>"

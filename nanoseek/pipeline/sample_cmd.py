@@ -6,6 +6,8 @@ For each prompt, K completions on the engine (or --url). A completion is kept wh
   1. the verifier accepts its answer (`nanoseek.rl.rewards.accuracy` == 1);
   2. it is readable (`readability`): the R1 format, at most `max_chars` characters, no garbled or mixed
      text (the share of characters outside printable ASCII at most `max_foreign`), no repeated line;
+     with --reformat, a completion written as reasoning plus a final "Answer:" line is first rewritten
+     into the R1 template (`to_r1_format`; R1 post-processed R1-Zero outputs for its cold start);
   3. it is not a duplicate (same prompt, same text up to whitespace).
 Then buckets (kind, difficulty) are balanced: at most --per-prompt completions of one prompt and
 --per-bucket of one bucket, chosen round-robin over prompts in a seeded order. Each kept sample is one
@@ -25,9 +27,14 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from nanoseek.data.tasks import KINDS, R1_SYSTEM
+from nanoseek.data.tasks import KINDS, R1_SYSTEM, format_ok
 from nanoseek.pipeline.eval_cmd import add_backend_args, parse_range
-from nanoseek.pipeline.readable import foreign_share, readability, repeated_line  # noqa: F401 (re-exported)
+from nanoseek.pipeline.readable import (  # noqa: F401 (foreign_share, repeated_line: re-exported)
+    foreign_share,
+    readability,
+    repeated_line,
+    to_r1_format,
+)
 from nanoseek.rl.rewards import AnyProblem, TaskPrompts, accuracy, load_jsonl_prompts, prompt_text
 
 _SPACES = re.compile(r"\s+")
@@ -81,11 +88,13 @@ def load_prompts(spec: str, count: int | None, tasks: str, difficulty: str, seed
 
 def rejection_sample(backend, problems: list[AnyProblem], k: int, *, temperature: float, top_p: float,
                      max_new_tokens: int, seed: int, max_chars: int, max_foreign: float, batch: int = 16,
-                     progress: bool = True) -> tuple[list[dict], dict]:
-    """(accepted samples, statistics): K completions per problem, verified, filtered and deduplicated."""
+                     progress: bool = True, reformat: bool = False) -> tuple[list[dict], dict]:
+    """(accepted samples, statistics): K completions per problem, verified, filtered and deduplicated;
+    with `reformat`, plain reasoning + "Answer:" completions are rewritten into the R1 template first."""
     from tqdm import tqdm
 
-    stats = {"drawn": Counter(), "correct": Counter(), "accepted": Counter(), "rejected": Counter()}
+    stats = {"drawn": Counter(), "correct": Counter(), "accepted": Counter(), "rejected": Counter(),
+             "reformatted": Counter()}
     kept, seen = [], set()
     bar = tqdm(total=len(problems) * k, desc="sampling", unit="completion", disable=not progress, file=sys.stdout)
     for start in range(0, len(problems), batch):
@@ -101,6 +110,10 @@ def rejection_sample(backend, problems: list[AnyProblem], k: int, *, temperature
                     stats["rejected"]["wrong"] += 1
                     continue
                 stats["correct"][bucket] += 1
+                fmt = format_ok(text)
+                if reformat and not fmt and (rewritten := to_r1_format(text)) is not None:
+                    text = rewritten
+                    stats["reformatted"][bucket] += 1
                 why = readability(text, max_chars, max_foreign)
                 key = dedup_key(p, text)
                 why = why or ("duplicate" if key in seen else None)
@@ -110,7 +123,7 @@ def rejection_sample(backend, problems: list[AnyProblem], k: int, *, temperature
                 seen.add(key)
                 stats["accepted"][bucket] += 1
                 kept.append({"prompt": p.prompt, "completion": text.strip(), "kind": p.kind,
-                             "difficulty": p.difficulty, "reward": reward, "format": 1.0,
+                             "difficulty": p.difficulty, "reward": reward, "format": float(fmt),
                              "uid": getattr(p, "uid", "")})
         bar.update(len(chunk) * k)
         bar.set_postfix(accepted=sum(stats["accepted"].values()))
@@ -137,7 +150,9 @@ def report(stats: dict, written: int) -> str:
     lines.append(f"{'all':<16}{total:>8}{sum(stats['correct'].values()):>9}{acc:>10}"
                  f"{100 * acc / max(total, 1):>7.1f}%")
     why = ", ".join(f"{k} {v}" for k, v in stats["rejected"].most_common()) or "none"
-    lines.append(f"rejected: {why}; {written} written after balancing")
+    reformatted = sum(stats.get("reformatted", {}).values())
+    lines.append(f"rejected: {why}; {written} written after balancing"
+                 + (f"; {reformatted} correct completions rewritten into the R1 template" if reformatted else ""))
     return "\n".join(lines)
 
 
@@ -154,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--max-chars", type=int, default=4000, help="readability: longest kept completion")
+    ap.add_argument("--reformat", action="store_true",
+                    help="rewrite correct completions written as reasoning plus a final 'Answer:' line into the "
+                         "R1 template before the readability checks (a cold start from a base that never saw it)")
     ap.add_argument("--max-foreign", type=float, default=0.0,
                     help="readability: largest share of characters outside printable ASCII")
     ap.add_argument("--per-prompt", type=int, default=0, help="at most this many kept per prompt (0: no cap)")
@@ -178,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     kept, stats = rejection_sample(backend, problems, args.n, temperature=args.temperature, top_p=args.top_p,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed, max_chars=args.max_chars,
-                                   max_foreign=args.max_foreign)
+                                   max_foreign=args.max_foreign, reformat=args.reformat)
     chosen = balance(kept, args.per_prompt, args.per_bucket, args.seed)
     path = getattr(backend, "path", None)
     provenance = {"model": backend.name, "step": ckpt_step(path) if path else None,
