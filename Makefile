@@ -20,7 +20,7 @@ install: .venv/.installed
 # checkpoint into runs/demo-rl (started over each time), with held-out accuracy before and after.
 demo: install
 	@if [ -d runs/demo/checkpoints ]; then \
-	  $(PY) -c "import json, sys; s = json.load(open('runs/demo/run.json'))['config']['data']['r1_share']; \
+	  $(PY) -c "import json, sys; s = json.load(open('runs/demo/run.json')).get('config', {}).get('data', {}).get('r1_share'); \
 	sys.exit(0 if s == 0 else f'make demo: runs/demo was pretrained with --data.r1_share {s}, but the R1-Zero demo \
 	starts from a base that never saw the R1 template (--data.r1_share 0); move or delete runs/demo and run make demo again')" \
 	  && echo "make demo: runs/demo holds a pretrained run; reusing it (delete runs/demo to pretrain again)"; \

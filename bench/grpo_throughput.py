@@ -97,7 +97,8 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="no torch.compile at all (the engine's blocks neither)")
     p.add_argument("--compile-update", action="store_true",
                    help="also compile the policy's blocks for the update (`nanoseek rl --train.compile true`); "
-                        "its first GPU run (2026-12-06) did not finish within 200 s, cause not yet found")
+                        "its first GPU run (2026-12-06) did not finish within 200 s; docs/inference.md has the likely "
+                        "cause, dynamo's recompile limit hit by the engine's per-layer graphs")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -21,8 +21,8 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.pipeline import eval_cmd, sample_cmd
 from nanoseek.pipeline.backend import EngineBackend, HTTPBackend, ckpt_step, cut_at_stop
 from nanoseek.pipeline.eval_cmd import evaluate, load_problems, pass_at_k
-from nanoseek.pipeline.readable import to_r1_format
-from nanoseek.pipeline.sample_cmd import balance, foreign_share, readability, rejection_sample, repeated_line
+from nanoseek.pipeline.readable import foreign_share, readability, repeated_line, to_r1_format
+from nanoseek.pipeline.sample_cmd import balance, rejection_sample
 from nanoseek.rl.rewards import UserProblem
 from nanoseek.sft.data import read_examples, render
 

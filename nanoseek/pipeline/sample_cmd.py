@@ -29,12 +29,7 @@ from pathlib import Path
 
 from nanoseek.data.tasks import KINDS, R1_SYSTEM, format_ok
 from nanoseek.pipeline.eval_cmd import add_backend_args, parse_range
-from nanoseek.pipeline.readable import (  # noqa: F401 (foreign_share, repeated_line: re-exported)
-    foreign_share,
-    readability,
-    repeated_line,
-    to_r1_format,
-)
+from nanoseek.pipeline.readable import readability, to_r1_format
 from nanoseek.rl.rewards import AnyProblem, TaskPrompts, accuracy, load_jsonl_prompts, prompt_text
 
 _SPACES = re.compile(r"\s+")
