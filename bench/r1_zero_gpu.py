@@ -91,7 +91,8 @@ def main() -> None:
         sessions.write_text(json.dumps(done + [{"steps": summary["step"], "minutes": summary["minutes"]}]) + "\n")
     if args.stage in ("record", "both", "more-rl"):
         record = {"benchmark": "r1_zero_gpu", "date": time.strftime("%Y-%m-%d"), "pretrain": PRETRAIN, "rl": RL,
-                  "pretrain_minutes": args.pretrain_minutes, "rl_minutes": args.rl_minutes}
+                  "last_invocation": {"stage": args.stage, "pretrain_minutes": args.pretrain_minutes,
+                                      "rl_minutes": args.rl_minutes}}
         for b in ("a", "b"):
             run_dir = runs / f"r1zero-{b}-rl"
             if not (run_dir / "summary.json").is_file():
@@ -104,7 +105,10 @@ def main() -> None:
             before, after = evals[0], evals[-1]
             sessions = sessions_of(run_dir)
             run_json = json.loads((run_dir / "run.json").read_text())
-            record[b] = {"steps": summary["step"], "minutes": sum(x["minutes"] for x in sessions),
+            base_summary = runs / f"r1zero-{b}" / "summary.json"  # the pretraining actually done
+            pretrained = json.loads(base_summary.read_text()) if base_summary.is_file() else {}
+            record[b] = {"pretraining": {"steps": pretrained.get("step"), "minutes": pretrained.get("minutes")},
+                         "steps": summary["step"], "minutes": sum(x["minutes"] for x in sessions),
                          "sessions": sessions, "evals_by_step": {e["step"]: e["accuracy"] for e in evals},
                          "before": {k: before[k] for k in ("accuracy", "ci95", "format", "by_difficulty")}
                          | {"pass_8": before.get("pass_k", {}).get("accuracy")},

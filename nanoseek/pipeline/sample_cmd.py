@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     kept, stats = rejection_sample(backend, problems, args.n, temperature=args.temperature, top_p=args.top_p,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed, max_chars=args.max_chars,
-                                   max_foreign=args.max_foreign, reformat=args.reformat)
+                                   max_foreign=args.max_foreign, reformat=args.reformat,
+                                   batch=max(1, args.max_batch_size // args.n))  # prompts per engine call
     chosen = balance(kept, args.per_prompt, args.per_bucket, args.seed)
     path = getattr(backend, "path", None)
     provenance = {"model": backend.name, "step": ckpt_step(path) if path else None,
