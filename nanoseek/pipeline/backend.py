@@ -79,7 +79,8 @@ class EngineBackend:
                              f"{model.config.vocab_size}; pair the checkpoint with its own tokenizer")
         self.engine = Engine(model, self.tokenizer, max_batch_size=max_batch_size,
                              max_len=model.config.max_position_embeddings,
-                             cuda_graph=cuda_graph and device.startswith("cuda"))
+                             # fp32 decode is not capturable (its experts loop with host syncs): eager there
+                             cuda_graph=cuda_graph and device.startswith("cuda") and torch_dtype == torch.bfloat16)
         self.name = str(self.path)
 
     def encode(self, prompt: str) -> list[int]:

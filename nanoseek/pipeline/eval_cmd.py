@@ -146,8 +146,8 @@ def add_backend_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="auto", help="float32 | bfloat16; auto: bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--max-batch-size", type=int, default=256, help="sequences the engine decodes at once")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                    help="on a GPU, replay the engine's decode steps as CUDA graphs (--no-cuda-graph: eager; "
-                         "eager decode of a small model is bound by the host, ~10x slower)")
+                    help="on a GPU in bfloat16, replay the engine's decode steps as CUDA graphs (--no-cuda-graph: "
+                         "eager, which for a small model is bound by the host)")
 
 
 def build_parser() -> argparse.ArgumentParser:
