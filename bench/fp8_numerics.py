@@ -60,6 +60,29 @@ from nanoseek.train.trainer import open_loader, prepare_data  # noqa: E402
 TARGET = 0.0025  # final-loss relative difference
 
 
+def stdlib_corpus(data_dir: Path) -> Path:
+    """The running Python's standard library sources as a JSONL corpus (one document per .py file, sorted
+    by path): real text, ~30 MB (~10M tokens at a 2,048-token BPE), which 500 steps of 16 x 512 tokens
+    read less than once. Unlike the synthetic corpus, which a 448M model learns down to ~0.45 nats/token
+    by step 500 (a regime where small perturbations move the final loss by several percent), the loss
+    stays high and falls smoothly. The same files on both runs of one machine; written once per machine."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = data_dir / f"stdlib-{sys.version_info.major}.{sys.version_info.minor}.jsonl"
+    if not out.is_file():
+        files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            for f in files:
+                text = f.read_text(encoding="utf-8", errors="replace")
+                if text.strip():
+                    fh.write(json.dumps({"text": text}) + "\n")
+        tmp.replace(out)
+    return out
+
+
 def heldout_loss(model, loader, batches: int, device: torch.device, autocast) -> float:
     """Mean next-token cross-entropy of the first `batches` held-out batches, with autograd on: the FP8
     modules run their FP8 GEMMs only under autograd (without it they are the reference nn.Linear), so the
@@ -204,6 +227,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--tail", type=int, default=50, help="final loss = mean of the last TAIL steps")
     p.add_argument("--val-batches", type=int, default=20)
+    p.add_argument("--corpus", choices=("synthetic", "stdlib"), default="synthetic",
+                   help="synthetic: the procedural corpus (--n-docs); stdlib: the Python standard library's "
+                        "sources, real text that the runs do not memorise (see stdlib_corpus)")
     p.add_argument("--n-docs", type=int, default=40000, help="synthetic training documents (~120 tokens each)")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -233,8 +259,9 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny ops: one thread is fastest on a shared CPU
 
-    data_cfg = DataConfig(n_docs=args.n_docs, val_docs=max(20, args.n_docs // 100), vocab_size=args.vocab,
-                          seq_len=args.seq_len, seed=args.seed)
+    source = "synthetic" if args.corpus == "synthetic" else str(stdlib_corpus(Path(args.data_dir)))
+    data_cfg = DataConfig(source=source, n_docs=args.n_docs, val_docs=max(20, args.n_docs // 100),
+                          vocab_size=args.vocab, seq_len=args.seq_len, seed=args.seed)
     data = prepare_data(data_cfg, Path(args.data_dir))
     cfg = preset(args.preset, num_hidden_layers=args.layers, vocab_size=data.tokenizer.vocab_size,
                  max_position_embeddings=max(args.seq_len, 512))

@@ -41,7 +41,8 @@ from kernel_timing import profile  # noqa: E402
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
-from nanoseek.train.step import compile_blocks, compiled_cross_entropy, cross_entropy, train_step  # noqa: E402
+from nanoseek.train.step import (accumulate_gradients, compile_blocks, compiled_cross_entropy, cross_entropy,  # noqa: E402
+                                 optimizer_step, pretraining_loss, train_step)
 
 GEMM_CEILING = 812e12  # measured bf16 GEMM ceiling of the lent H200 (measured on 2026-12-04)
 
@@ -71,16 +72,22 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     model = Transformer.from_config(cfg, device=device, seed=0).train()
     if "bf16" in variant:
         model.to_dtype(torch.bfloat16)
-    if "compile" in variant:
+    whole = "whole" in variant  # one graph: the model's forward and the loss (else each block compiled)
+    if "compile" in variant and not whole:
         compile_blocks(model)
     optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    loss_fn = compiled_cross_entropy if "compile" in variant and not whole else cross_entropy
+    whole_loss = torch.compile(pretraining_loss(0.3, 1e-4, cross_entropy)) if whole else None
 
     def step():
-        train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
-                   seq_aux_alpha=1e-4, bias_gamma=1e-3, loss_fn=loss_fn)
+        if whole:
+            metrics = accumulate_gradients(model, [batch], whole_loss, autocast)
+            metrics |= optimizer_step(model, optimizer, lr=3e-4, grad_clip=1.0, bias_gamma=1e-3)
+            return metrics
+        return train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
+                          seq_aux_alpha=1e-4, bias_gamma=1e-3, loss_fn=loss_fn)
 
-    loss_fn = compiled_cross_entropy if "compile" in variant else cross_entropy
     result = measure(step, model, device, args, flops_per_token(cfg, args.seq, cfg.num_nextn_predict_layers > 0))
     if args.profile and device.type == "cuda":
         result["top_kernels"] = profile(step)
@@ -222,7 +229,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="eager,compile,compile+nomtp",
-                   help="comma list of eager or compile, each optionally +bf16 (bf16 weights) or +nomtp (no MTP)")
+                   help="comma list of eager or compile, each optionally +bf16 (bf16 weights), +nomtp (no MTP) or "
+                        "+whole (compile the forward and loss as one graph instead of each block)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--no-torchtitan", action="store_true", help="skip torchtitan (also skipped if not installed)")
     p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")
