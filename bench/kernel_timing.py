@@ -98,3 +98,23 @@ def profile(step, rows: int = 25) -> list[dict]:
     for r in table:
         print(f"  {100 * r['share']:5.1f}%  {r['ms_per_step']:7.2f} ms  x{r['calls_per_step']:<5g} {r['kernel']}")
     return table
+
+
+def profile_ops(step, rows: int = 25) -> list[dict]:
+    """GPU time per aten op and input shapes over two steps (self device time: the kernels an op launched
+    itself), largest first: which op, on which tensors, launches the kernels `profile` lists."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    table = [{"op": e.key[:80], "shapes": str(e.input_shapes)[:160], "ms_per_step": e.self_device_time_total / 2e3,
+              "calls_per_step": e.count / 2} for e in events[:rows]]
+    for r in table:
+        print(f"  {r['ms_per_step']:7.2f} ms  x{r['calls_per_step']:<5g} {r['op']}  {r['shapes']}")
+    return table
+

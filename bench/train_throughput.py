@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_timing import profile  # noqa: E402
+from kernel_timing import profile, profile_ops  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
@@ -91,6 +91,7 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     result = measure(step, model, device, args, flops_per_token(cfg, args.seq, cfg.num_nextn_predict_layers > 0))
     if args.profile and device.type == "cuda":
         result["top_kernels"] = profile(step)
+        result["top_ops"] = profile_ops(step)
     return result
 
 
