@@ -354,6 +354,19 @@ def targets(table: list[dict], total_min: float, limit_min: float | None) -> dic
             "within_minutes": None if limit_min is None else total_min <= limit_min, "limit_minutes": limit_min}
 
 
+def paired_differences(evals: dict) -> dict:
+    """Greedy pass@1 of rows 3a, 3 and 4 against R1-Zero (row 2), and of the distilled student against the
+    RL-only one, problem by problem (all rows are scored on the same problems): the mean difference in
+    points with a 95% bootstrap interval (bench/paired_eval.py). "At least as accurate" by point estimate is
+    the target's letter; an interval that reaches 0 says the rows are not told apart at this sample size."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from paired_eval import paired
+
+    pairs = {f"{row}_vs_2": ("2", row) for row in ("3a", "3", "4")} | {"5_vs_5b": ("5b", "5")}
+    return {name: paired(evals[a], evals[b], "pass@1") for name, (a, b) in pairs.items()
+            if a in evals and b in evals and "per_problem" in evals[a] and "per_problem" in evals[b]}
+
+
 def markdown(table: list[dict], k: int) -> str:
     lines = [f"| row | model | greedy pass@1 [95% CI] | pass@{k} | format | readable | mean length (tokens) "
              "| steps | minutes |", "|---|---|---|---|---|---|---|---|---|"]
@@ -401,6 +414,7 @@ def build_record(args, s: dict, stages: dict, models: list, evals: dict, wall: f
                        "base_reused": stages["base"].get("reused", False),
                        "any_stage_reused": any(r.get("reused") for r in ran.values())},
             "targets": targets(table, total_min, 15.0 if s["scale"] == "cpu" else None), "table": table,
+            "paired_pass1_points": paired_differences(evals),
             "stages": stages,
             "evals": {row: evals[row] for row, _, _ in models}}
 
@@ -471,6 +485,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{t['pipeline_higher_format']}, more readable {t['pipeline_more_readable']}, "
           f"distilled > student RL {t['distilled_beats_student_rl']}, "
           + ("" if t["within_minutes"] is None else f", within 15 min {t['within_minutes']}"))
+    for name, d in record["paired_pass1_points"].items():
+        lo, hi = d["ci95_points"]
+        print(f"paired greedy pass@1, row {name.replace('_vs_', ' - row ')}: {d['points']:+.1f} points "
+              f"[{lo:+.1f}, {hi:+.1f}] over {d['problems']} problems")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
