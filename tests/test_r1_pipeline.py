@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.r1_pipeline import STAGE_OF_ROW, Pipeline, check_base_share, markdown, rows, targets  # noqa: E402
+from bench.r1_pipeline import (STAGE_OF_ROW, Pipeline, check_base_share, markdown, paired_differences,  # noqa: E402
+                               rows, targets)
 
 ROWS = ["1", "2", "3a", "3", "4", "5a", "5", "5b"]
 
@@ -104,3 +105,22 @@ def test_gpu_scale_takes_the_gpu_run_settings_and_checks_a_reused_r1zero(tmp_pat
     with pytest.raises(SystemExit, match="--r1zero .* holds no summary.json"):
         main(["--scale", "gpu", "--base", str(base), "--r1zero", str(tmp_path / "missing"),
               "--work", str(tmp_path / "work")])
+
+
+def test_paired_differences_compare_rows_problem_by_problem():
+    """Rows scored on the same problems: the mean per-problem difference in points, with an interval that
+    holds it; identical rows give exactly 0; a row without per-problem results is left out."""
+    def ev(hits):
+        return {"per_problem": [{"uid": f"p{i}", "pass@1": h} for i, h in enumerate(hits)]}
+
+    r1zero = [0, 0, 1, 1] * 25
+    evals = {"2": ev(r1zero), "3": ev([1, 0, 1, 1] * 25), "4": ev(r1zero), "3a": {"n": 100},
+             "5": ev([1] * 100), "5b": ev([0] * 50 + [1] * 50)}
+    d = paired_differences(evals)
+    assert set(d) == {"3_vs_2", "4_vs_2", "5_vs_5b"}
+    assert d["3_vs_2"]["points"] == pytest.approx(25.0) and d["3_vs_2"]["problems"] == 100
+    lo, hi = d["3_vs_2"]["ci95_points"]
+    assert 0 < lo <= 25.0 <= hi
+    assert d["4_vs_2"] == {"points": 0.0, "ci95_points": [0.0, 0.0], "problems": 100}
+    assert d["5_vs_5b"]["points"] == pytest.approx(50.0)
+
