@@ -41,8 +41,15 @@ from kernel_timing import profile, profile_ops  # noqa: E402
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
-from nanoseek.train.step import (accumulate_gradients, compile_blocks, compiled_cross_entropy, cross_entropy,  # noqa: E402
-                                 optimizer_step, pretraining_loss, train_step)
+from nanoseek.train.step import (  # noqa: E402
+    accumulate_gradients,
+    compile_blocks,
+    compiled_cross_entropy,
+    cross_entropy,
+    optimizer_step,
+    pretraining_loss,
+    train_step,
+)
 
 GEMM_CEILING = 812e12  # measured bf16 GEMM ceiling of the lent H200 (measured on 2026-12-04)
 

@@ -9,8 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.r1_pipeline import (STAGE_OF_ROW, Pipeline, check_base_share, markdown, paired_differences,  # noqa: E402
-                               rows, targets)
+from bench.r1_pipeline import STAGE_OF_ROW, Pipeline, check_base_share, markdown, paired_differences, rows, targets  # noqa: E402
 
 ROWS = ["1", "2", "3a", "3", "4", "5a", "5", "5b"]
 
