@@ -400,9 +400,9 @@ def test_mla_decode_step_with_kernels_matches_reference(device, interleaved):
     fast = install(torch.nn.ModuleList([shared_copy(attn)]))[0]  # attn itself stays the reference
     assert isinstance(fast, DecodeMLA)
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        ref = attn(norm(x), cos, sin, caches[0], positions, kv_len=64) + residual
+        ref = attn(norm(x), cos, sin, caches[0].layer(1), positions, kv_len=64) + residual  # layer 1's view
         mp.setattr(DecodeMLA, "decode_kernels_ok", lambda self, q, cache: True)  # also under the interpreter
-        out = fast(x, cos, sin, caches[1], positions, kv_len=64, norm=norm, residual=residual)
+        out = fast(x, cos, sin, caches[1].layer(1), positions, kv_len=64, norm=norm, residual=residual)
     tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(caches[1].data, caches[0].data, **tol)

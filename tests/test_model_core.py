@@ -46,6 +46,43 @@ def test_cache_is_latent_only():
     assert expanded / (cfg.kv_lora_rank + cfg.qk_rope_head_dim) > 4
 
 
+def test_compiled_decode_shares_one_graph_across_layers():
+    """Each attention layer works on its own layer's cache view, so compiled blocks carry no layer number:
+    prefill + one decode step compile as many graphs for 4 MoE layers as for 2 (not one set per layer),
+    write every layer's entries where the eager model does and give the same logits. A whole cache handed
+    to a layer is refused."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(0, 512, (2, 6))
+
+    def run(layers: int, compile_blocks: bool):
+        cfg = preset("debug", num_hidden_layers=layers, first_k_dense_replace=1, num_nextn_predict_layers=0)
+        model = Transformer.from_config(cfg, seed=0).eval()
+        if compile_blocks:
+            for block in model.layers.values():
+                block.compile(dynamic=False, backend="aot_eager")
+        cache = model.new_cache(2, 16)
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.no_grad():
+            model(ids, cache=cache)  # prefill 0..5
+            logits = model(ids[:, -1:], positions=torch.full((2, 1), 6), cache=cache, kv_len=7).logits
+        return logits, cache, counters["stats"]["unique_graphs"], model
+
+    _, _, graphs_2_moe, _ = run(3, True)
+    logits, cache, graphs_4_moe, _ = run(5, True)
+    want, want_cache, _, eager = run(5, False)
+    assert graphs_4_moe == graphs_2_moe > 0
+    torch.testing.assert_close(logits, want)
+    torch.testing.assert_close(cache.data, want_cache.data)
+    assert (want_cache.data[:, :, :7] != 0).flatten(2).any(-1).all()  # every layer and row written
+    cos, sin = eager.rope(torch.full((2, 1), 7), torch.float32)
+    with pytest.raises(ValueError, match="cache.layer"):
+        eager.layers["1"].self_attn(torch.randn(2, 1, eager.config.hidden_size), cos, sin, want_cache,
+                                    torch.full((2, 1), 7))
+
+
 def test_logits_at_selects_one_position_per_row():
     """`logits_at` (a prefill's last prompt positions) gives those rows of the full logits."""
     model = Transformer.from_config(preset("debug"), seed=0).eval()

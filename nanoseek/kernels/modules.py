@@ -141,8 +141,8 @@ class DecodeMLA(MLA):
 
         norm, w_kv_b = self.kv_a_layernorm, self.kv_b_proj.weight
         q_lat, q_pe = mla_decode.rope_latent(q, kv, norm.weight, norm.eps, cos, sin, self.interleaved, self.nope,
-                                             w_kv_b, cache.data, self.layer_idx, positions)
-        latent = cache.read(self.layer_idx, kv_len or cache.max_len)
+                                             w_kv_b, cache.data, 0, positions)  # this layer's view
+        latent = cache.read(0, kv_len or cache.max_len)
         return mla_decode.latent_attention(q_lat, q_pe, latent, positions, w_kv_b, self.scale, self.v_dim)
 
     def down_projections(self, x: torch.Tensor, norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:

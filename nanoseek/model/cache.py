@@ -27,6 +27,16 @@ class LatentCache:
     def batch_size(self) -> int:
         return self.data.shape[1]
 
+    def layer(self, index: int) -> LatentCache:
+        """A one-layer view (data (1, B, T_max, R + P)) of layer `index`: writes through it land here. Each
+        attention layer reads and writes layer 0 of its own view, so its code carries no layer number: under
+        torch.compile every block of a kind shares one graph per shape (views of the same shape differ only
+        in storage offset, which dynamo does not guard), instead of one graph per layer."""
+        view = object.__new__(LatentCache)
+        view.kv_lora_rank, view.rope_dim, view.max_len = self.kv_lora_rank, self.rope_dim, self.max_len
+        view.data = self.data[index:index + 1]
+        return view
+
     def rows(self, hi: int) -> LatentCache:
         """A view of rows [0, hi): writes through it land in this cache."""
         view = object.__new__(LatentCache)
@@ -72,3 +82,12 @@ class LatentCache:
     def read(self, layer: int, length: int) -> torch.Tensor:
         """[c_kv ; k_pe] (B, T, R + P) of the first `length` positions (a view)."""
         return self.data[layer, :, :length]
+
+
+def check_layer_view(cache: LatentCache) -> None:
+    """An attention layer takes its own layer's view of the cache (`cache.layer(i)`; `Transformer.forward`
+    hands each block one), never the whole cache."""
+    if cache.data.shape[0] != 1:
+        raise ValueError(f"an attention layer got a cache of {cache.data.shape[0]} layers; pass its own layer's "
+                         "view, cache.layer(i) (Transformer.forward and mtp_forward do)")
+

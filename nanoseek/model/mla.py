@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.cache import LatentCache
+from nanoseek.model.cache import LatentCache, check_layer_view
 from nanoseek.model.common import Linear, RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -92,11 +92,12 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]  # (B, S, P)
         if cache is None:
             return self.expanded(q_nope, q_pe, c_kv, k_pe)
+        check_layer_view(cache)  # this layer's view (`LatentCache.layer`): its entries are layer 0 of it
         if positions is None:  # prefill from position 0
-            cache.write(self.layer_idx, torch.arange(S, device=q.device).expand(B, S), c_kv, k_pe)
+            cache.write(0, torch.arange(S, device=q.device).expand(B, S), c_kv, k_pe)
             return self.expanded(q_nope, q_pe, c_kv, k_pe)
-        cache.write(self.layer_idx, positions, c_kv, k_pe)
-        return self.absorbed(q_nope, q_pe, cache.read(self.layer_idx, kv_len or cache.max_len).to(q.dtype), positions)
+        cache.write(0, positions, c_kv, k_pe)
+        return self.absorbed(q_nope, q_pe, cache.read(0, kv_len or cache.max_len).to(q.dtype), positions)
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
                  k_pe: torch.Tensor) -> torch.Tensor:

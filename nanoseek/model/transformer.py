@@ -177,8 +177,8 @@ class Transformer(nn.Module):
         pos = positions if positions is not None else torch.arange(S, device=input_ids.device).expand(B, S)
         h = self.embed_tokens(input_ids)  # (B, S, D)
         cos, sin = self.rope(pos, h.dtype)
-        for block in self.layers.values():
-            h = block(h, cos, sin, cache, positions, kv_len)
+        for i, block in enumerate(self.layers.values()):  # each block gets its own layer's cache view
+            h = block(h, cos, sin, None if cache is None else cache.layer(i), positions, kv_len)
         hidden = self.norm(h)
         if logits_at is not None:
             logits = self.lm_head(hidden[torch.arange(B, device=hidden.device), logits_at][:, None])  # (B, 1, V)
@@ -200,6 +200,8 @@ class Transformer(nn.Module):
         layer = self.mtp[depth - 1]
         embed = self.embed_tokens if layer.embed_tokens is None else layer.embed_tokens
         head = self.lm_head if layer.shared_head.head is None else layer.shared_head.head
+        if cache is not None:  # the MTP layers' entries follow the main layers'
+            cache = cache.layer(self.config.num_hidden_layers + depth - 1)
         h = layer(layer.merge(h_prev, embed(next_ids)), cos, sin, cache, positions, kv_len)
         return h, head(layer.shared_head.norm(h))
 
