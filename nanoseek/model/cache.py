@@ -90,4 +90,3 @@ def check_layer_view(cache: LatentCache) -> None:
     if cache.data.shape[0] != 1:
         raise ValueError(f"an attention layer got a cache of {cache.data.shape[0]} layers; pass its own layer's "
                          "view, cache.layer(i) (Transformer.forward and mtp_forward do)")
-
