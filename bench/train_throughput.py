@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_timing import profile, profile_ops  # noqa: E402
+from kernel_timing import profile, profile_ops, source_revision  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token  # noqa: E402
@@ -275,7 +275,7 @@ def main() -> None:
     import transformers
 
     record = {
-        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"),
+        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"), "git_commit": source_revision(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "cuda": torch.version.cuda, "python": platform.python_version()},
