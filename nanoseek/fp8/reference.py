@@ -87,6 +87,7 @@ class EmulatedFP8Linear(torch.autograd.Function):
         return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
 
 
+@torch.compiler.disable  # see fp8_linear_emulated
 def quantize_linear_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) -> its 128x128-block e4m3 form (q, scales): what `EmulatedFP8Linear` multiplies with."""
     return quantize(w, TILE)
@@ -116,6 +117,7 @@ def dequantize_grouped_cols(q: torch.Tensor, scales: list[torch.Tensor], ends: t
     return out
 
 
+@torch.compiler.disable
 def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (E, N, K) -> q (E, N, K) e4m3, scales (E, ceil(N/128), ceil(K/128)): 128x128 blocks per expert."""
     qs = [quantize(we, TILE) for we in w]
@@ -157,12 +159,17 @@ class EmulatedFP8GroupedLinear(torch.autograd.Function):
         return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None
 
 
+# The emulation stays out of torch.compile's graphs, as the GPU kernels do: inductor's C++ backend cannot
+# fuse arithmetic on float8 tensors ("Promotion for Float8 Types is not supported", torch 2.13), which made
+# `--train.dtype fp8 --train.compile true` fail on the CPU; the grouped one reads group bounds on the host.
+@torch.compiler.disable
 def fp8_linear_emulated(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, wq=None) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T through `EmulatedFP8Linear` -> (..., N) in out_dtype."""
     y = EmulatedFP8Linear.apply(x.reshape(-1, x.shape[-1]), w, out_dtype, wq)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+@torch.compiler.disable
 def fp8_grouped_emulated(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, out_dtype: torch.dtype,
                          wq=None) -> torch.Tensor:
     return EmulatedFP8GroupedLinear.apply(x, w, ends, out_dtype, wq)
