@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.kernels import GEMV_MAX_BATCH, skinny_available, triton_available
-from nanoseek.model.cache import LatentCache
+from nanoseek.model.cache import LatentCache, check_layer_view
 from nanoseek.model.common import MLP, RMSNorm
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE, autocast_input
@@ -139,6 +139,7 @@ class DecodeMLA(MLA):
         one launch, attention in two -> (B, S, H * V). Reference: `MLA.attention` with positions."""
         from nanoseek.kernels import mla_decode
 
+        check_layer_view(cache)
         norm, w_kv_b = self.kv_a_layernorm, self.kv_b_proj.weight
         q_lat, q_pe = mla_decode.rope_latent(q, kv, norm.weight, norm.eps, cos, sin, self.interleaved, self.nope,
                                              w_kv_b, cache.data, 0, positions)  # this layer's view
