@@ -170,12 +170,14 @@ def count_lines(path: Path) -> int:
     return sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
 
 
-def need_samples(path: Path, what: str, option: str) -> None:
+def need_samples(path: Path, what: str, option: str, quick: bool) -> None:
     """SFT on an empty file would stop with a less helpful message: say which knob fixes it."""
     if count_lines(path) == 0:
+        fix = ("--quick samples only 48-64 prompts, which a weak base (make demo's answers 2% of Countdown-3) "
+               "may not get one right: run without --quick, or pass a stronger --base" if quick else
+               f"sample more prompts with {option} or use a stronger base (e.g. --base-r1-share 0.5)")
         raise SystemExit(f"r1_pipeline: {path} holds no accepted samples for {what} (no sampled completion was "
-                         f"correct and readable); sample more prompts with {option} or use a stronger base "
-                         "(--quick needs the demo base runs/demo)")
+                         f"correct and readable); {fix}")
 
 
 def run_pipeline(args: argparse.Namespace) -> dict:
@@ -234,7 +236,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                                str(s["cs_prompts"]), *sample_common, "--seed", "1", "--out", str(cs_data)],
           cs_data, ("r1zero",))
     p.note("coldstart_sample", examples=count_lines(cs_data))
-    need_samples(cs_data, "the cold start", "--cs-prompts")
+    need_samples(cs_data, "the cold start", "--cs-prompts", args.quick)
     cs_sft = work / "coldstart-sft"
     p.run("coldstart_sft", ["sft", "--ckpt", str(base), "--data", str(cs_data), "--train.out_dir", str(cs_sft),
                             "--train.lr", str(s["sft_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
@@ -251,7 +253,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                         str(s["rs_prompts"]), *sample_common, "--seed", "2", "--out", str(rs_data)],
           rs_data, ("coldstart_rl",))
     p.note("rs_sample", examples=count_lines(rs_data))
-    need_samples(rs_data, "rejection-sampling SFT", "--rs-prompts")
+    need_samples(rs_data, "rejection-sampling SFT", "--rs-prompts", args.quick)
     rs_sft = work / "rs-sft"
     p.run("rs_sft", ["sft", "--ckpt", str(base), "--data", str(rs_data), "--train.out_dir", str(rs_sft),
                      "--train.lr", str(s["sft_lr"]), "--sft.epochs", str(s["sft_epochs"]), *sft_common],
