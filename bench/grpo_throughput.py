@@ -97,8 +97,9 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="no torch.compile at all (the engine's blocks neither)")
     p.add_argument("--compile-update", action="store_true",
                    help="also compile the policy's blocks for the update (`nanoseek rl --train.compile true`); "
-                        "its first GPU run (2026-12-06) did not finish within 200 s; docs/inference.md has the likely "
-                        "cause, dynamo's recompile limit hit by the engine's per-layer graphs")
+                        "its first GPU run (2026-12-06) did not finish within 200 s; the likely cause, dynamo's "
+                        "recompile limit hit by the engine's per-layer graphs, is fixed since (docs/inference.md), "
+                        "not yet rerun on a GPU")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
