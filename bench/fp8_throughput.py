@@ -166,10 +166,11 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
     from nanoseek.fp8 import gpu, install_fp8
     from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.step import train_step
+    from nanoseek.train.step import compile_blocks, compiled_cross_entropy, cross_entropy, train_step
     gpu.DENSE_GEMM = "auto"  # the per-layer section leaves it at whichever variant ran last
     cfg = preset(name)
-    out: dict = {"batch_size": batch_size, "seq_len": seq}
+    out: dict = {"batch_size": batch_size, "seq_len": seq, "compiled": args.step_compile}
+    variants = [v for v in args.step_variants.split(",") if v]
     if torch.cuda.get_device_properties(0).total_memory < 120 * 2**30 and name in SMALL_GPU_LAYERS:
         cfg = preset(name, num_hidden_layers=SMALL_GPU_LAYERS[name])
         out["layers_cut_to_fit_this_gpu"] = cfg.num_hidden_layers
@@ -177,7 +178,7 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
         batch_size = out["batch_size"] = 2
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq + 1), device="cuda")
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    for dtype in ("bf16", "fp8", "fp8_recompute", "fp8_padded"):
+    for dtype in variants:
         model = optimizer = step = None
         try:
             model = Transformer.from_config(cfg, device="cuda", seed=0).train()
@@ -188,12 +189,15 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
                     report = install_fp8(model, recompute_swiglu=dtype == "fp8_recompute",
                                          pad_partial_blocks=dtype == "fp8_padded")
                     out["fp8_layers_left_in_bf16"] = report["bf16"]
+            if args.step_compile:  # each block compiled, as `nanoseek train --train.compile true` does
+                compile_blocks(model)
             optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+            ce = compiled_cross_entropy if args.step_compile else cross_entropy
 
-            def step(model=model, optimizer=optimizer, autocast=autocast):
+            def step(model=model, optimizer=optimizer, autocast=autocast, ce=ce):
                 train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
-                           seq_aux_alpha=1e-4, bias_gamma=1e-3)
+                           seq_aux_alpha=1e-4, bias_gamma=1e-3, loss_fn=ce)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             times = cuda_time(step, args.steps, args.warmup)
@@ -207,7 +211,7 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
             out[dtype] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         del model, optimizer, step
         torch.cuda.empty_cache()
-    for variant in ("fp8", "fp8_recompute", "fp8_padded"):
+    for variant in [v for v in variants if v != "bf16"]:
         if "tokens_per_s" in out.get(variant, {}) and "tokens_per_s" in out.get("bf16", {}):
             out[variant]["speedup_vs_bf16"] = out[variant]["tokens_per_s"] / out["bf16"]["tokens_per_s"]
             out[variant]["peak_mem_vs_bf16"] = out[variant]["peak_mem_gb"] / out["bf16"]["peak_mem_gb"]
@@ -226,6 +230,10 @@ def main() -> None:
                    f"(default: all of {', '.join(m[0] for m in STEP_MODELS)})")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer section")
     p.add_argument("--profile", action="store_true", help="whole steps: the top CUDA kernels of each variant")
+    p.add_argument("--step-variants", default="bf16,fp8,fp8_recompute,fp8_padded",
+                   help="whole-step variants, comma-separated (bf16 is the reference of the ratios)")
+    p.add_argument("--step-compile", action="store_true", help="whole steps with each block compiled (the "
+                   "trainer's --train.compile; FP8 calls stay outside the compiled graphs)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/fp8_throughput-<date>.json)")
     args = p.parse_args()
     if args.quick:
@@ -276,7 +284,8 @@ def main() -> None:
         for name, batch_size, seq in STEP_MODELS:
             if args.step_models and name not in args.step_models.split(","):
                 continue
-            results[f"whole step {name}"] = whole_step(name, batch_size, seq, args)
+            key = f"whole step {name}" + (" compiled" if args.step_compile else "")
+            results[key] = whole_step(name, batch_size, seq, args)
             save(False)
     save(True)
     print(f"wrote {out}")
