@@ -32,23 +32,21 @@ class LatentCache:
         attention layer reads and writes layer 0 of its own view, so its code carries no layer number: under
         torch.compile every block of a kind shares one graph per shape (views of the same shape differ only
         in storage offset, which dynamo does not guard), instead of one graph per layer."""
-        view = object.__new__(LatentCache)
-        view.kv_lora_rank, view.rope_dim, view.max_len = self.kv_lora_rank, self.rope_dim, self.max_len
-        view.data = self.data[index:index + 1]
-        return view
+        return self._with_data(self.data[index:index + 1])
 
     def rows(self, hi: int) -> LatentCache:
         """A view of rows [0, hi): writes through it land in this cache."""
-        view = object.__new__(LatentCache)
-        view.kv_lora_rank, view.rope_dim, view.max_len = self.kv_lora_rank, self.rope_dim, self.max_len
-        view.data = self.data[:, :hi]
-        return view
+        return self._with_data(self.data[:, :hi])
 
     def gather_rows(self, index: torch.Tensor) -> LatentCache:
         """A new cache whose row i is a copy of row index[i] (n,) of this one."""
+        return self._with_data(self.data[:, index])
+
+    def _with_data(self, data: torch.Tensor) -> LatentCache:
+        """A cache of this one's shape settings holding `data` (a view of ours, or a copy)."""
         out = object.__new__(LatentCache)
         out.kv_lora_rank, out.rope_dim, out.max_len = self.kv_lora_rank, self.rope_dim, self.max_len
-        out.data = self.data[:, index]
+        out.data = data
         return out
 
     def bytes_per_token(self) -> int:
