@@ -73,7 +73,7 @@ def step_syncs(preset_name: str, batch: int, seq: int) -> list[dict]:
 
     def step():
         train_step(model, opt, data, lr=1e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
-                   seq_aux_alpha=1e-4, bias_gamma=1e-3, ce=compiled_cross_entropy)
+                   seq_aux_alpha=1e-4, bias_gamma=1e-3, loss_fn=compiled_cross_entropy)
     for _ in range(3):  # compile, then steady state
         step()
     torch.cuda.synchronize()

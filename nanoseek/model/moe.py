@@ -63,20 +63,56 @@ class Router(nn.Module):
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias
-        if self.groups > 1:
-            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # (T, G, E/G)
-            if cfg.topk_method == "noaux_tc":
-                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
-            else:
-                group_score = grouped.amax(dim=-1)
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
-            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-        ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # (T, K)
+        # compiled training: ranks by comparison, which fuse with the scoring into a few kernels (inference
+        # keeps torch.topk, or the engine's fused routing kernel: nanoseek/kernels/moe_routing.py)
+        select = select_by_rank if torch.compiler.is_compiling() and torch.is_grad_enabled() else select_by_topk
+        ids = select(choice, cfg, self.groups)  # (T, K)
         gates = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         return gates * cfg.routed_scaling_factor, ids, scores
+
+
+def select_by_topk(choice: torch.Tensor, cfg: ModelConfig, groups: int) -> torch.Tensor:
+    """choice (T, E) -> the K chosen expert ids (T, K), best first (the reference; torch.topk calls)."""
+    if groups > 1:
+        grouped = choice.view(-1, groups, cfg.n_routed_experts // groups)  # (T, G, E/G)
+        if cfg.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+    return choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+
+
+def descending_rank(v: torch.Tensor) -> torch.Tensor:
+    """v (..., N) -> rank (..., N): how many entries beat each one (larger, or equal at a lower index), so
+    rank < k marks a top-k. Comparisons and a sum: no sort, and it fuses under torch.compile."""
+    n = v.shape[-1]
+    index = torch.arange(n, device=v.device)
+    other, this = v.unsqueeze(-2), v.unsqueeze(-1)  # [..., i, j] compares entry j against entry i
+    beats = (other > this) | ((other == this) & (index < index[:, None]))
+    return beats.sum(dim=-1)
+
+
+def select_by_rank(choice: torch.Tensor, cfg: ModelConfig, groups: int) -> torch.Tensor:
+    """`select_by_topk` without torch.topk, for compiled code: the same experts (ties: the lower index),
+    as (T, K) ids in ascending order. Memory O(T E^2) if run eagerly; compiled, the comparisons fuse."""
+    T, E, K = choice.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
+    if groups > 1:
+        grouped = choice.view(T, groups, E // groups)  # (T, G, E/G)
+        if cfg.topk_method == "noaux_tc":  # sum of the two best in each group
+            group_score = torch.where(descending_rank(grouped) < 2, grouped, 0.0).sum(dim=-1)  # (T, G)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep = descending_rank(group_score) < cfg.topk_group  # (T, G)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+    chosen = descending_rank(choice) < K  # (T, E), K per row
+    slot = torch.where(chosen, chosen.int().cumsum(dim=-1) - 1, K).clamp(max=K)  # (T, E): 0..K-1 if chosen, K else
+    experts = torch.arange(E, device=choice.device).expand(T, E)
+    return torch.zeros(T, K + 1, dtype=torch.long, device=choice.device).scatter_(1, slot.long(), experts)[:, :K]
 
 
 class RoutedExperts(nn.Module):
@@ -121,11 +157,12 @@ class RoutedExperts(nn.Module):
         gate, up = h.split(self.width, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, D)
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y = y[unsort].view(T, K, -1)  # back to (token, slot) order: a gather, no atomics
-        # (T, D) = sum_k gate_k * y_k. The batched product runs as T tiny mat-vecs (245 us per layer in
-        # a batch-32 prefill on the H200); inference sums in fp32 instead (one fused kernel under
-        # compile). Training keeps the product its throughput was measured with (bench/train_throughput.py).
-        if torch.is_grad_enabled():
+        y = y.index_select(0, unsort).view(T, K, -1)  # back to (token, slot) order: a gather, no atomics
+        # (T, D) = sum_k gate_k * y_k. Compiled (and in inference) a product and a K-term sum in fp32: one
+        # fused kernel with the gather, no (T, K, D) intermediate. Eager training keeps the batched product
+        # (T,1,K) x (T,K,D): it saves y in bf16 for backward where the fp32 product would keep an fp32 copy
+        # (T tiny mat-vecs: 245 us per layer in a batch-32 prefill on the H200).
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)
         return (y.float() * gates[..., None]).sum(1).to(x.dtype)
 
@@ -244,10 +281,13 @@ def update_router_bias(moe_layers: list[MoE], gamma: float,
     if all_reduce is not None:
         all_reduce(loads)
     maxvio = max_violation(loads)
-    for m, load in zip(moe_layers, loads):
-        if gamma and m.gate.e_score_correction_bias is not None:
-            m.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
-        m.load_since_update.zero_()
+    # all layers at once (a handful of kernels, not a handful per layer: host time of every step)
+    biased = [i for i, m in enumerate(moe_layers) if m.gate.e_score_correction_bias is not None]
+    if gamma and biased:
+        moves = gamma * torch.sign(loads.mean(dim=-1, keepdim=True) - loads)  # (L_moe, E)
+        torch._foreach_add_([moe_layers[i].gate.e_score_correction_bias for i in biased],
+                            list(moves[biased].unbind(0)))
+    torch._foreach_zero_([m.load_since_update for m in moe_layers])
     return maxvio
 
 

@@ -209,10 +209,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def record_load(self) -> None:
         """Add each MoE layer's tokens-per-expert of the last forward to its `load_since_update`."""
-        for m in self.moe_layers:
-            if m.last_load is not None:
-                m.load_since_update += m.last_load
-                m.last_load = None
+        counted = [m for m in self.moe_layers if m.last_load is not None]
+        if counted:  # one foreach kernel for all layers
+            torch._foreach_add_([m.load_since_update for m in counted], [m.last_load for m in counted])
+        for m in counted:
+            m.last_load = None
 
     def balance_loss(self) -> torch.Tensor:
         """Sum over MoE layers of the last training forward's sequence-wise balance loss (unscaled)."""
