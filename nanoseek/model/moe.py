@@ -115,6 +115,41 @@ def select_by_rank(choice: torch.Tensor, cfg: ModelConfig, groups: int) -> torch
     return torch.zeros(T, K + 1, dtype=torch.long, device=choice.device).scatter_(1, slot.long(), experts)[:, :K]
 
 
+class SortRows(torch.autograd.Function):
+    """x (T, D) -> xs (T*K, D), sorted row r = x[order[r] // K]: each token copied to its K sorted rows.
+
+    Backward without atomics: grad_x[t] = sum_k grad_xs[unsort[t*K + k]], a gather and a K-term sum (fp32
+    accumulation). Autograd's own backward of the indexing is an index_add of bf16 rows with K collisions
+    per token: 9.6 ms of a 96 ms bench-1b step on the H100 (bench/train_throughput.py --profile)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, unsort: torch.Tensor, K: int) -> torch.Tensor:
+        ctx.save_for_backward(unsort)
+        ctx.K = K
+        return x.index_select(0, order // K)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (unsort,) = ctx.saved_tensors
+        per_token = grad.index_select(0, unsort).view(-1, ctx.K, grad.shape[-1])  # (T, K, D)
+        return per_token.sum(dim=1, dtype=torch.float32).to(grad.dtype), None, None, None
+
+
+class UnsortRows(torch.autograd.Function):
+    """ys (T*K, D) in sorted order -> y (T*K, D) in (token, slot) order: y[j] = ys[unsort[j]]. A permutation,
+    so its backward is the inverse gather grad_ys[r] = grad_y[order[r]] (no scatter, no zero fill)."""
+
+    @staticmethod
+    def forward(ctx, ys: torch.Tensor, order: torch.Tensor, unsort: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return ys.index_select(0, unsort)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored stacked: w13 (E, 2I, D) = [gate ; up], w2 (E, D, I)."""
 
@@ -152,12 +187,12 @@ class RoutedExperts(nn.Module):
         # histogram into E bins: 30 us per layer of a batch-32, 512-token prefill on the H200)
         experts = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
         offsets = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)
-        xs = x[order // K]  # (T*K, D) token of each sorted row
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        xs = SortRows.apply(x, order, unsort, K)  # (T*K, D) token of each sorted row
         h = torch._grouped_mm(xs, self.w13.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, 2I)
         gate, up = h.split(self.width, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2).to(x.dtype), offs=offsets)  # (T*K, D)
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y = y.index_select(0, unsort).view(T, K, -1)  # back to (token, slot) order: a gather, no atomics
+        y = UnsortRows.apply(y, order, unsort).view(T, K, -1)  # back to (token, slot) order
         # (T, D) = sum_k gate_k * y_k. Compiled (and in inference) a product and a K-term sum in fp32: one
         # fused kernel with the gather, no (T, K, D) intermediate. Eager training keeps the batched product
         # (T,1,K) x (T,K,D): it saves y in bf16 for backward where the fp32 product would keep an fp32 copy
@@ -285,8 +320,8 @@ def update_router_bias(moe_layers: list[MoE], gamma: float,
     biased = [i for i, m in enumerate(moe_layers) if m.gate.e_score_correction_bias is not None]
     if gamma and biased:
         moves = gamma * torch.sign(loads.mean(dim=-1, keepdim=True) - loads)  # (L_moe, E)
-        torch._foreach_add_([moe_layers[i].gate.e_score_correction_bias for i in biased],
-                            list(moves[biased].unbind(0)))
+        rows = moves.unbind(0)  # (not moves[biased]: indexing with a Python list copies it to the device, a sync)
+        torch._foreach_add_([moe_layers[i].gate.e_score_correction_bias for i in biased], [rows[i] for i in biased])
     torch._foreach_zero_([m.load_since_update for m in moe_layers])
     return maxvio
 
