@@ -33,7 +33,7 @@ from torch import nn
 from nanoseek.fp8.options import WeightCache, swiglu
 from nanoseek.fp8.reference import fp8_grouped_emulated, fp8_linear_emulated, quantize_experts, quantize_linear_weight
 from nanoseek.model.common import MLP
-from nanoseek.model.moe import RoutedExperts, stable_argsort
+from nanoseek.model.moe import RoutedExperts, SortRows, UnsortRows, stable_argsort
 from nanoseek.model.swap import adopt, replace_modules
 
 BACKENDS = ("auto", "emulate", "gpu")
@@ -119,12 +119,12 @@ class FP8RoutedExperts(RoutedExperts):
         with torch.autocast(x.device.type, enabled=False):
             q13 = self.w13_cache.get(self.w13, quantize) if self.w13_cache is not None else None
             q2 = self.w2_cache.get(self.w2, quantize) if self.w2_cache is not None else None
-            xs = x[order // K]  # (T*K, D)
+            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            xs = SortRows.apply(x, order, unsort, K)  # (T*K, D); its backward gathers (no atomics)
             h = grouped(xs, self.w13, ends, out_dtype, q13)  # (T*K, 2I)
             gate, up = h.split(self.width, dim=-1)
             y = grouped(swiglu(gate, up, self.recompute_swiglu), self.w2, ends, out_dtype, q2)  # (T*K, D)
-            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            y = y[unsort].view(T, K, -1)
+            y = UnsortRows.apply(y, order, unsort).view(T, K, -1)
             return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (T, D)
 
 
