@@ -80,14 +80,17 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     if "bf16" in variant:
         model.to_dtype(torch.bfloat16)
     whole = "whole" in variant  # one graph: the model's forward and the loss (else each block compiled)
+    graphs = "+cg" in variant  # each compiled block replayed as CUDA graphs (forward and backward)
     if "compile" in variant and not whole:
-        compile_blocks(model)
+        compile_blocks(model, mode="reduce-overhead" if graphs else None)
     optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_fn = compiled_cross_entropy if "compile" in variant and not whole else cross_entropy
     whole_loss = torch.compile(pretraining_loss(0.3, 1e-4, cross_entropy)) if whole else None
 
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if whole:
             metrics = accumulate_gradients(model, [batch], whole_loss, autocast)
             metrics |= optimizer_step(model, optimizer, lr=3e-4, grad_clip=1.0, bias_gamma=1e-3)
@@ -237,8 +240,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="eager,compile,compile+nomtp",
-                   help="comma list of eager or compile, each optionally +bf16 (bf16 weights), +nomtp (no MTP) or "
-                        "+whole (compile the forward and loss as one graph instead of each block)")
+                   help="comma list of eager or compile, each optionally +bf16 (bf16 weights), +nomtp (no MTP), "
+                        "+whole (compile the forward and loss as one graph instead of each block) or +cg (each "
+                        "compiled block replayed as CUDA graphs)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--no-torchtitan", action="store_true", help="skip torchtitan (also skipped if not installed)")
     p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")

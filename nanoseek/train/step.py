@@ -211,12 +211,14 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: li
     return metrics | optimizer_step(model, optimizer, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma)
 
 
-def compile_blocks(model: Transformer) -> None:
+def compile_blocks(model: Transformer, mode: str | None = None) -> None:
     """torch.compile each block (main layers and MTP modules) in place: the training commands' and benches'
     compiled setting. Names and state_dict keys are unchanged; a new input shape recompiles a block (the
-    second one with dynamic shapes)."""
+    second one with dynamic shapes). mode: torch.compile's (None: the default; "reduce-overhead" replays each
+    block's forward and backward as CUDA graphs, whose caller marks each step with
+    `torch.compiler.cudagraph_mark_step_begin()`)."""
     for block in [*model.layers.values(), *model.mtp]:
-        block.compile()
+        block.compile(mode=mode)
 
 
 # ---------------------------------------------------------------------------- memory
