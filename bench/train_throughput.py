@@ -86,6 +86,7 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_fn = compiled_cross_entropy if "compile" in variant and not whole else cross_entropy
+    fused_head = "+fce" in variant  # each head and its CE as one chunked operation (nanoseek/train/fused_head.py)
     whole_loss = torch.compile(pretraining_loss(0.3, 1e-4, cross_entropy)) if whole else None
 
     def step():
@@ -96,7 +97,7 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
             metrics |= optimizer_step(model, optimizer, lr=3e-4, grad_clip=1.0, bias_gamma=1e-3)
             return metrics
         return train_step(model, optimizer, [batch], lr=3e-4, autocast=autocast, grad_clip=1.0, mtp_lambda=0.3,
-                          seq_aux_alpha=1e-4, bias_gamma=1e-3, loss_fn=loss_fn)
+                          seq_aux_alpha=1e-4, bias_gamma=1e-3, loss_fn=loss_fn, fused_head=fused_head)
 
     result = measure(step, model, device, args, flops_per_token(cfg, args.seq, cfg.num_nextn_predict_layers > 0))
     if args.profile and device.type == "cuda":
@@ -241,8 +242,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="eager,compile,compile+nomtp",
                    help="comma list of eager or compile, each optionally +bf16 (bf16 weights), +nomtp (no MTP), "
-                        "+whole (compile the forward and loss as one graph instead of each block) or +cg (each "
-                        "compiled block replayed as CUDA graphs)")
+                        "+whole (compile the forward and loss as one graph instead of each block), +cg (each "
+                        "compiled block replayed as CUDA graphs) or +fce (the chunked head + cross-entropy)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--no-torchtitan", action="store_true", help="skip torchtitan (also skipped if not installed)")
     p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")

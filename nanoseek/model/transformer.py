@@ -36,9 +36,10 @@ from nanoseek.model.rope import rope_cos_sin, rope_frequencies
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, S, V) main head
+    logits: torch.Tensor | None  # (B, S, V) main head (None when the forward ran without heads)
     hidden: torch.Tensor  # (B, S, D) after the final norm (the MTP modules' h_0)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, S, V), predicts i+k+1
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # without heads: depth k's normed (B, S, D)
 
 
 class Block(nn.Module):
@@ -160,7 +161,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, kv_len: int | None = None,
                 mtp_tokens: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                logits_from: int = 0) -> ModelOutput:
+                logits_from: int = 0, heads: bool = True) -> ModelOutput:
         """input_ids (B, S) -> ModelOutput.
 
         positions (B, S): token positions (default 0..S-1). With `cache`: positions None is a
@@ -172,6 +173,8 @@ class Transformer(nn.Module):
         each prompt's last); the output head then runs on those rows only and logits is (B, 1, V).
         `logits_from`: the head runs on positions logits_from.. only, logits (B, S - logits_from, V) (an RL
         update scores only the responses, which start after the prompts). `hidden` is always (B, S, D).
+        `heads=False` skips the output heads: logits is None and the MTP modules leave their normed outputs
+        in `mtp_hidden`, for a loss that applies each head itself (`head_weight`, `train.fused_head`).
         """
         B, S = input_ids.shape
         pos = positions if positions is not None else torch.arange(S, device=input_ids.device).expand(B, S)
@@ -180,7 +183,9 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers.values()):  # each block gets its own layer's cache view
             h = block(h, cos, sin, None if cache is None else cache.layer(i), positions, kv_len)
         hidden = self.norm(h)
-        if logits_at is not None:
+        if not heads:
+            logits = None
+        elif logits_at is not None:
             logits = self.lm_head(hidden[torch.arange(B, device=hidden.device), logits_at][:, None])  # (B, 1, V)
         else:
             logits = self.lm_head(hidden[:, logits_from:] if logits_from else hidden)
@@ -189,21 +194,28 @@ class Transformer(nn.Module):
             h_prev = hidden
             for k in range(1, len(self.mtp) + 1):
                 shifted = torch.nn.functional.pad(mtp_tokens[:, k - 1:], (0, k - 1))  # (B, S)
-                h_prev, logits = self.mtp_forward(k, h_prev, shifted, cos, sin)
-                out.mtp_logits.append(logits)
+                h_prev, logits = self.mtp_forward(k, h_prev, shifted, cos, sin, with_head=heads)
+                (out.mtp_logits if heads else out.mtp_hidden).append(logits)
         return out
+
+    def head_weight(self, depth: int = 0) -> torch.Tensor:
+        """The output head's weight (V, D) of the main model (depth 0) or of MTP module `depth`."""
+        own = self.mtp[depth - 1].shared_head.head if depth else None  # an MTP module's own head, if any
+        return (self.lm_head if own is None else own).weight
 
     def mtp_forward(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, cache: LatentCache | None = None, positions: torch.Tensor | None = None,
-                    kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP module `depth` (1-based): h_prev (B, S, D), next_ids (B, S) -> (h (B, S, D), logits)."""
+                    kv_len: int | None = None, with_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` (1-based): h_prev (B, S, D), next_ids (B, S) -> (h (B, S, D), logits), or with
+        with_head=False (h, the head's normed input (B, S, D))."""
         layer = self.mtp[depth - 1]
         embed = self.embed_tokens if layer.embed_tokens is None else layer.embed_tokens
         head = self.lm_head if layer.shared_head.head is None else layer.shared_head.head
         if cache is not None:  # the MTP layers' entries follow the main layers'
             cache = cache.layer(self.config.num_hidden_layers + depth - 1)
         h = layer(layer.merge(h_prev, embed(next_ids)), cos, sin, cache, positions, kv_len)
-        return h, head(layer.shared_head.norm(h))
+        normed = layer.shared_head.norm(h)
+        return h, head(normed) if with_head else normed
 
     # ------------------------------------------------------------------ training statistics
     @torch.no_grad()

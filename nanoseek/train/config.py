@@ -108,6 +108,8 @@ class TrainConfig:
     fp8_pad_partial: bool = doc("with dtype fp8 on the GPU: run linears whose sizes are not multiples of 128 on "
                                 "zero-padded copies instead of leaving them in BF16", False)
     compile: bool = doc("torch.compile each transformer block", False)
+    fused_head: bool = doc("each output head and its cross-entropy as one chunked operation: the logits never "
+                           "exist whole (single-device steps; docs/performance.md)", False)
     activation_checkpointing: bool = doc("recompute each block in backward to save memory", False)
     eval_every: int = doc("validation every N steps (0: only at the end)", 100)
     eval_batches: int = doc("validation batches", 8)

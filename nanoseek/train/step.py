@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from nanoseek.model.moe import MoE, update_router_bias
 from nanoseek.model.transformer import Transformer
+from nanoseek.train.fused_head import linear_cross_entropy
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[Transformer, Any], tuple[torch.Tensor, Metrics]]
@@ -66,27 +67,34 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 compiled_cross_entropy = torch.compile(cross_entropy, dynamic=False)
 
 
-def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor,
-                    loss_fn=cross_entropy) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Main next-token CE and one CE per MTP depth k (position i predicts token i+k+1)."""
+def language_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, loss_fn=cross_entropy,
+                    fused_head: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Main next-token CE and one CE per MTP depth k (position i predicts token i+k+1). fused_head: each
+    head and its CE as one chunked operation (`nanoseek.train.fused_head`; the logits never exist whole)."""
     use_mtp = len(model.mtp) > 0
-    out = model(x, mtp_tokens=y if use_mtp else None)
+    out = model(x, mtp_tokens=y if use_mtp else None, heads=not fused_head)
+    if fused_head:
+        main = linear_cross_entropy(out.hidden, model.head_weight(0), y)
+        mtp = [linear_cross_entropy(h[:, :-k], model.head_weight(k), y[:, k:])
+               for k, h in enumerate(out.mtp_hidden, start=1)]
+        return main, mtp
     main = loss_fn(out.logits, y)
     mtp = [loss_fn(logits[:, :-k], y[:, k:]) for k, logits in enumerate(out.mtp_logits, start=1)]
     return main, mtp
 
 
-def pretraining_loss(mtp_lambda: float, seq_aux_alpha: float, ce=cross_entropy) -> LossFn:
+def pretraining_loss(mtp_lambda: float, seq_aux_alpha: float, ce=cross_entropy, fused_head: bool = False) -> LossFn:
     """The pretraining loss of (input_ids, targets) (B, S) micro-batches:
     CE(main) + mtp_lambda / D * sum_k CE(MTP_k) + seq_aux_alpha * model.balance_loss().
 
     `ce(logits (B, S, V), targets (B, S))` is the per-token loss (`compiled_cross_entropy` with compiled
-    blocks). Metrics: loss (main CE), mtp_loss (depth 1, only when the model has MTP), balance.
+    blocks); `fused_head` replaces the heads and `ce` by `linear_cross_entropy`. Metrics: loss (main CE),
+    mtp_loss (depth 1, only when the model has MTP), balance.
     """
 
     def loss_fn(model: Transformer, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         x, y = batch
-        main, mtp = language_losses(model, x, y, ce)
+        main, mtp = language_losses(model, x, y, ce, fused_head)
         balance = model.balance_loss()
         loss = main + seq_aux_alpha * balance
         metrics = {"loss": main.detach()}
@@ -201,13 +209,15 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
                *, lr: float, autocast: contextlib.AbstractContextManager, grad_clip: float, mtp_lambda: float,
-               seq_aux_alpha: float, bias_gamma: float, loss_fn=cross_entropy) -> Metrics:
+               seq_aux_alpha: float, bias_gamma: float, loss_fn=cross_entropy, fused_head: bool = False) -> Metrics:
     """One pretraining step over micro-batches [(input_ids, targets) (B, S)]; no host syncs.
 
-    `loss_fn` is the per-token CE (see `pretraining_loss`). Returns device tensors: loss (main CE),
-    mtp_loss (depth 1), balance, grad_norm, loads (L_moe, E), maxvio and maxvio_layers.
+    `loss_fn` is the per-token CE, `fused_head` the chunked head + CE instead (see `pretraining_loss`).
+    Returns device tensors: loss (main CE), mtp_loss (depth 1), balance, grad_norm, loads (L_moe, E), maxvio
+    and maxvio_layers.
     """
-    metrics = accumulate_gradients(model, batches, pretraining_loss(mtp_lambda, seq_aux_alpha, loss_fn), autocast)
+    loss = pretraining_loss(mtp_lambda, seq_aux_alpha, loss_fn, fused_head)
+    metrics = accumulate_gradients(model, batches, loss, autocast)
     return metrics | optimizer_step(model, optimizer, lr=lr, grad_clip=grad_clip, bias_gamma=bias_gamma)
 
 

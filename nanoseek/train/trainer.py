@@ -326,7 +326,8 @@ def train(run: RunConfig) -> dict[str, Any]:
             lr = tc.lr * continued_multiplier(step, anchor=anchor, **schedule_settings(tc))
             batches = [next(loader) for _ in range(tc.grad_accum)]
             loss_fn = pretraining_loss(tc.mtp_lambda if frac < tc.mtp_switch_frac else tc.mtp_lambda_final,
-                                       tc.seq_aux_alpha, ce=compiled_cross_entropy if tc.compile else cross_entropy)
+                                       tc.seq_aux_alpha, ce=compiled_cross_entropy if tc.compile else cross_entropy,
+                                       fused_head=tc.fused_head and par is None)
             gamma = tc.bias_gamma if frac < tc.bias_freeze_frac else 0.0
             if par is not None:  # ---- parallel: this rank's share of the batch; gradients and loads reduced
                 out = par.accumulate_gradients(model, batches, loss_fn, autocast, seq_aux_alpha=tc.seq_aux_alpha,
