@@ -401,3 +401,46 @@ def test_data_kinds_restricts_the_synthetic_corpus(tmp_path):
     mixed = synthetic_corpus(40, 0, (1, 3), 0.5, 0.15, kinds=default.kind_list())
     assert all("the numbers" in d for d in only)  # every Countdown prompt phrasing names "the numbers"
     assert not all("the numbers" in d for d in mixed)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch_and_keeps_foreach_fast_route(max_norm):
+    """fp32 gradients: exactly torch's clip_grad_norm_. bf16 gradients: within bf16 rounding of it, and each
+    `_foreach_mul_` gets a coefficient of its tensors' dtype (the condition of ATen's multi-tensor route;
+    an fp32 coefficient sends bf16 gradients to one slow kernel per tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nanoseek.train.optim import clip_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 8), (8,), (4, 4, 4)]
+    base = [torch.randn(s, generator=g) for s in shapes]
+
+    def params(dtype):
+        ps = [torch.nn.Parameter(b.to(dtype)) for b in base]
+        for p in ps:
+            p.grad = p.detach().clone() * 3
+        return ps
+
+    want, got = params(torch.float32), params(torch.float32)
+    n_want = torch.nn.utils.clip_grad_norm_(want, max_norm)
+    n_got = clip_grad_norm(got, max_norm)
+    assert torch.equal(n_want, n_got)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(want, got))
+
+    class Calls(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._foreach_mul_:
+                self.seen.append((args[0][0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    mixed = params(torch.bfloat16) + params(torch.float32)
+    reference = params(torch.bfloat16) + params(torch.float32)
+    torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    with Calls() as calls:
+        clip_grad_norm(mixed, max_norm)
+    assert sorted(calls.seen, key=str) == [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
+    for a, b in zip(reference, mixed):
+        assert torch.allclose(a.grad.float(), b.grad.float(), rtol=8e-3), a.dtype

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from nanoseek.model.moe import MoE, update_router_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.fused_head import linear_cross_entropy
+from nanoseek.train.optim import clip_grad_norm
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[Transformer, Any], tuple[torch.Tensor, Metrics]]
@@ -170,7 +171,7 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: 
     if clip is not None:  # parallel: the global norm over all ranks' shards (nanoseek/parallel/data.py)
         grad_norm = clip(grad_clip)
     elif grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = clip_grad_norm(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     out = {"grad_norm": grad_norm}
