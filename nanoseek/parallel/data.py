@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from nanoseek.parallel.expert import is_expert_param
 from nanoseek.parallel.mesh import Mesh
 from nanoseek.train import step as train_step
+from nanoseek.train.optim import scale_by_dtype
 
 
 # ---------------------------------------------------------------------------- the batch
@@ -132,13 +133,8 @@ def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float, skip: frozense
     """Scale every gradient by min(1, max_norm / global norm); returns the norm before clipping."""
     norm = grad_norm(model, mesh, skip)
     if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for dtype, gs in by_dtype.items():
-            torch._foreach_mul_(gs, scale.to(dtype))
+        scale_by_dtype(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
 
 

@@ -119,12 +119,15 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     Returns the total norm before clipping (a device tensor; no host sync)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    if not grads:
-        return norm
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if grads:
+        scale_by_dtype(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
+def scale_by_dtype(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """tensors *= coef in place, one `_foreach_mul_` per (device, dtype) with coef cast to it (the fast route)."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
     for (device, dtype), group in groups.items():
         torch._foreach_mul_(group, coef.to(device=device, dtype=dtype))
-    return norm
