@@ -83,7 +83,7 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     graphs = "+cg" in variant  # each compiled block replayed as CUDA graphs (forward and backward)
     if "compile" in variant and not whole:
         compile_blocks(model, mode="reduce-overhead" if graphs else None)
-    optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+    optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, bf16_moments="+bm" in variant)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_fn = compiled_cross_entropy if "compile" in variant and not whole else cross_entropy
     fused_head = "+fce" in variant  # each head and its CE as one chunked operation (nanoseek/train/fused_head.py)
@@ -243,7 +243,8 @@ def main() -> None:
     p.add_argument("--variants", default="eager,compile,compile+nomtp",
                    help="comma list of eager or compile, each optionally +bf16 (bf16 weights), +nomtp (no MTP), "
                         "+whole (compile the forward and loss as one graph instead of each block), +cg (each "
-                        "compiled block replayed as CUDA graphs) or +fce (the chunked head + cross-entropy)")
+                        "compiled block replayed as CUDA graphs), +fce (the chunked head + cross-entropy) or +bm "
+                        "(AdamW with bf16 moments, one Triton kernel per parameter on the GPU)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--no-torchtitan", action="store_true", help="skip torchtitan (also skipped if not installed)")
     p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")

@@ -62,15 +62,21 @@ class AdamWBf16Moments(torch.optim.Optimizer):
     """AdamW whose first and second moments are stored in bf16 (fp32 maths, fp32 weights).
 
     Halves optimizer-state memory, as DeepSeek-V3 did; the update equals torch's AdamW up to the
-    rounding of the stored moments.
+    rounding of the stored moments. On the GPU each parameter is one Triton kernel
+    (`nanoseek/train/fused_adamw.py`); `fused=False` (or a tensor the kernel does not take: distributed,
+    non-contiguous, no Triton) runs the reference, a dozen torch ops per parameter. The step count stays
+    on the host (a CPU tensor per parameter, as torch's non-capturable AdamW keeps it).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, fused: bool | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.fused = fused  # None: the kernel for CUDA tensors; True: also elsewhere (Triton's CPU interpreter)
 
     @torch.no_grad()
     def step(self, closure=None):
+        from nanoseek.train.fused_adamw import adamw_bf16_moments_step, fused_ok
+
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -82,15 +88,27 @@ class AdamWBf16Moments(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
                 state["step"] += 1
-                t = state["step"].item()
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
+                t = int(state["step"].item())  # a CPU tensor: no device sync
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                use_kernel = self.fused if self.fused is not None else p.is_cuda
+                if use_kernel and fused_ok(p, p.grad, m, v):
+                    adamw_bf16_moments_step(p, p.grad, m, v, step=t, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                            eps=group["eps"], weight_decay=group["weight_decay"])
+                else:
+                    self._reference_step(p, m, v, t, group)
+
+    @staticmethod
+    def _reference_step(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int, group) -> None:
+        """The update in torch ops (fp32 maths, moments rounded to bf16 when stored)."""
+        beta1, beta2 = group["betas"]
+        g = p.grad.float()
+        m = exp_avg.float().lerp_(g, 1 - beta1)
+        v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+        p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
 
 
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
