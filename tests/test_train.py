@@ -450,7 +450,7 @@ def test_clip_grad_norm_matches_torch_and_keeps_foreach_fast_route(max_norm):
     an fp32 coefficient sends bf16 gradients to one slow kernel per tensor)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from nanoseek.train.optim import clip_grad_norm
+    from nanoseek.train.step import clip_grad_norm
 
     g = torch.Generator().manual_seed(0)
     shapes = [(16, 8), (8,), (4, 4, 4)]

@@ -31,7 +31,6 @@ from torch.distributed.tensor import DTensor
 from nanoseek.parallel.expert import is_expert_param
 from nanoseek.parallel.mesh import Mesh
 from nanoseek.train import step as train_step
-from nanoseek.train.optim import scale_by_dtype
 
 
 # ---------------------------------------------------------------------------- the batch
@@ -134,7 +133,7 @@ def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float, skip: frozense
     norm = grad_norm(model, mesh, skip)
     if max_norm > 0:
         grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
-        scale_by_dtype(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        train_step.scale_by_dtype(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
 
 
