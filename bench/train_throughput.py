@@ -257,29 +257,10 @@ def main() -> None:
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
 
-    results = {}
-    for variant in [v for v in args.variants.split(",") if v]:
-        r = results[f"nanoseek-{variant}"] = run_nanoseek(cfg, batch, device, args, variant)
-        print(f"nanoseek-{variant}: {json.dumps({k: v for k, v in r.items() if k != 'step_s_all'})}", flush=True)
-        gc.collect()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-    peers = {}
-    if not args.no_peer:
-        peers["transformers"] = run_transformers(cfg, batch, device, args)
-        gc.collect()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-    if not args.no_torchtitan:
-        titan = run_torchtitan(cfg, batch, device, args)
-        if titan is not None:
-            peers["torchtitan"] = titan
-    for peer, r in peers.items():
-        print(f"{peer}: {json.dumps({k: v for k, v in r.items() if k != 'step_s_all'})}", flush=True)
-        for mine in results.values():
-            mine[f"speedup_vs_{peer}"] = mine["tokens_per_s"] / r["tokens_per_s"]
-    results.update(peers)
-
     import transformers
 
+    results: dict = {}
+    peers: dict = {}
     record = {
         "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"), "git_commit": source_revision(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -291,8 +272,37 @@ def main() -> None:
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"train_throughput-{record['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+
+    def measured(name: str, run) -> None:
+        """Run one variant or peer; a failure is recorded and the run goes on; the JSON is rewritten after each
+        (a run cut short by a timeout keeps what it measured)."""
+        try:
+            r = run()
+        except Exception as e:  # noqa: BLE001 (an out-of-memory or compile failure of one variant)
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if r is not None:
+            results[name] = r
+            print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'step_s_all'})}", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        for peer in ("transformers", "torchtitan"):
+            base = results.get(peer, {}).get("tokens_per_s")
+            for mine in results.values():
+                if base and "tokens_per_s" in mine and mine is not results[peer]:
+                    mine[f"speedup_vs_{peer}"] = mine["tokens_per_s"] / base
+        out.write_text(json.dumps(record, indent=2) + "\n")
+
+    if not args.no_torchtitan:  # the peers first: a run cut short still has the reference
+        measured("torchtitan", lambda: run_torchtitan(cfg, batch, device, args))
+    if not args.no_peer:
+        measured("transformers", lambda: run_transformers(cfg, batch, device, args))
+    peers = [p for p in ("transformers", "torchtitan") if "tokens_per_s" in results.get(p, {})]
+    for variant in [v for v in args.variants.split(",") if v]:
+        measured(f"nanoseek-{variant}", lambda variant=variant: run_nanoseek(cfg, batch, device, args, variant))
     for name, r in results.items():
+        if "tokens_per_s" not in r:
+            print(f"{name:>22}: {r.get('error')}")
+            continue
         extra = "".join(f", {r[f'speedup_vs_{peer}']:.2f}x {peer}" for peer in peers if f"speedup_vs_{peer}" in r)
         print(f"{name:>22}: {r['tokens_per_s']:>10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
               f"peak {r.get('peak_mem_gb', 0):5.1f} GB{extra}")
