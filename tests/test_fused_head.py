@@ -83,3 +83,21 @@ def test_forward_without_heads_returns_the_heads_inputs():
     assert torch.allclose(bare.hidden @ model.head_weight(0).t(), plain.logits, atol=1e-5)
     for k, (h, logits) in enumerate(zip(bare.mtp_hidden, plain.mtp_logits), start=1):
         assert torch.allclose(h @ model.head_weight(k).t(), logits, atol=1e-5)
+
+
+def test_compiled_chunk_matches_eager():
+    """The per-chunk loss and gradient as torch.compile runs it on the GPU (here inductor on the CPU)."""
+    from test_model_core import needs_inductor
+
+    from nanoseek.train import fused_head
+
+    needs_inductor()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(24, 40, generator=g).to(torch.bfloat16)
+    t = torch.randint(0, 40, (24,), generator=g)
+    t[3] = -100
+    want = fused_head._chunk_loss_and_grad(z, t, -100)
+    got = fused_head._compiled_chunk(z, t, -100)
+    assert torch.allclose(want[0], got[0], rtol=1e-5)
+    assert got[1].dtype == torch.bfloat16 and torch.allclose(want[1].float(), got[1].float(), atol=1e-2)
+    assert not got[1][3].any()
