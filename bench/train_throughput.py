@@ -101,8 +101,8 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
 
     result = measure(step, model, device, args, flops_per_token(cfg, args.seq, cfg.num_nextn_predict_layers > 0))
     if args.profile and device.type == "cuda":
-        result["top_kernels"] = profile(step)
-        result["top_ops"] = profile_ops(step)
+        result["top_kernels"] = profile(step, rows=80)
+        result["top_ops"] = profile_ops(step, rows=60)
     return result
 
 
