@@ -101,3 +101,13 @@ def test_compiled_chunk_matches_eager():
     assert torch.allclose(want[0], got[0], rtol=1e-5)
     assert got[1].dtype == torch.bfloat16 and torch.allclose(want[1].float(), got[1].float(), atol=1e-2)
     assert not got[1][3].any()
+
+
+def test_without_autograd_only_the_loss_is_computed():
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(20, 8, generator=g), torch.randn(11, 8, generator=g)
+    t = torch.randint(0, 11, (20,), generator=g)
+    t[0] = -100
+    with torch.no_grad():
+        got = linear_cross_entropy(h, w, t, chunk=6)
+    assert torch.allclose(got, reference(h, w, t), atol=1e-6)

@@ -15,8 +15,8 @@ the same three GEMMs plus one fused pass over each chunk (`torch.compile`d on th
 
 The maths equals `F.cross_entropy(h @ W^T, targets)` (mean over rows whose target is not `ignore_index`)
 with the logits rounded to h's dtype, as a bf16 head's are; `tests/test_fused_head.py` checks the loss and
-both gradients against that reference. Training computes the gradient in the forward pass, so this is for
-losses that are always backpropagated (use the plain head for evaluation).
+both gradients against that reference. The gradient is computed in the forward pass; without autograd
+(evaluation) only the chunked loss is.
 
 Shapes: N rows (tokens), D hidden, V vocabulary, C rows per chunk.
 """
@@ -24,6 +24,7 @@ Shapes: N rows (tokens), D hidden, V vocabulary, C rows per chunk.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CHUNK = 4096  # rows per chunk: at V = 32,000, 262 MB of bf16 logits
 
@@ -81,5 +82,11 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
 
     Under autocast h arrives in the autocast dtype and W (fp32 master) is cast to it, as `nn.Linear`
     would; its gradient comes back in W's dtype."""
+    h2, t1 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     with torch.autocast(h.device.type, enabled=False):
-        return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), ignore_index, chunk)
+        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+            return LinearCrossEntropy.apply(h2, w, t1, ignore_index, chunk)
+        wc = w.to(h.dtype)  # no gradient wanted (evaluation): the chunked loss alone
+        total = sum(F.cross_entropy((h2[s:s + chunk] @ wc.t()).float(), t1[s:s + chunk], ignore_index=ignore_index,
+                                    reduction="sum") for s in range(0, h2.shape[0], chunk))
+        return total / (t1 != ignore_index).sum().clamp_min(1)
