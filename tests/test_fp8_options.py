@@ -205,12 +205,11 @@ def test_fp8_training_step_compiles_on_the_cpu():
     """`--train.dtype fp8 --train.compile true` on the CPU: the emulated FP8 calls stay out of inductor's graphs
     (its C++ backend cannot fuse float8 arithmetic: "Promotion for Float8 Types is not supported"), and a step
     through compiled blocks gives the eager FP8 step's loss and gradients."""
+    from test_model_core import needs_inductor
+
     from nanoseek.train.step import accumulate_gradients, compile_blocks, pretraining_loss
 
-    try:
-        torch.compile(lambda t: t * 2 + 1)(torch.ones(2))
-    except Exception as e:  # noqa: BLE001 (no C++ toolchain for inductor here)
-        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}")
+    needs_inductor()
     models = []
     for compiled in (False, True):
         model = Transformer.from_config(preset("debug", **CFG), seed=0).train()
