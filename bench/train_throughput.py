@@ -27,7 +27,9 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -185,7 +187,10 @@ def run_torchtitan(cfg, batch, device, args) -> dict | None:
         model = Model(margs)
     with torch.no_grad():  # as its trainer does (it initialises after materialising the meta model)
         model.init_weights(buffer_device=device)
-    model = model.to(torch.bfloat16).train()
+    with torch.no_grad():  # bf16 parameters, as FSDP's bf16 param_dtype gives its trainer; the buffers keep their
+        for param in model.parameters():  # dtypes (model.to(bf16) would drop the imaginary part of the complex
+            param.data = param.data.to(torch.bfloat16)  # RoPE table and count expert loads in bf16)
+    model.train()
     if device.type == "cuda":
         from types import SimpleNamespace
 
@@ -214,6 +219,8 @@ def run_torchtitan(cfg, batch, device, args) -> dict | None:
     no_mtp = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     result = measure(step, model, device, args, flops_per_token(no_mtp, args.seq, with_mtp=False))
     result["version"] = getattr(torchtitan, "__version__", "unknown")
+    if args.profile:
+        result["top_kernels"] = profile(step, rows=80)
     return result
 
 
@@ -233,6 +240,20 @@ def measure(step, model, device, args, fpt: float) -> dict:
     return result
 
 
+def run_isolated(name: str, args) -> dict | None:
+    """`name` measured by a child process running this script with `--only name` (its stdout and stderr
+    pass through); the child's result, or the error it died of."""
+    with tempfile.TemporaryDirectory() as tmp:
+        child = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--child-out", str(child),
+               "--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--device", args.device] + (["--profile"] if args.profile else [])
+        code = subprocess.run(cmd).returncode
+        if not child.exists():
+            return {"error": f"the child process measuring {name} exited with code {code} and no result"}
+        return json.loads(child.read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench-1b")
@@ -248,6 +269,10 @@ def main() -> None:
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--no-torchtitan", action="store_true", help="skip torchtitan (also skipped if not installed)")
     p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")
+    p.add_argument("--isolate", action="store_true", help="measure each peer and variant in a fresh Python process "
+                   "(one's compile caches, allocator state and global flags cannot touch the next)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a child of --isolate: this one name
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)  # ... and where its result goes
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/train_throughput-<date>.json)")
     args = p.parse_args()
@@ -292,13 +317,25 @@ def main() -> None:
                     mine[f"speedup_vs_{peer}"] = mine["tokens_per_s"] / base
         out.write_text(json.dumps(record, indent=2) + "\n")
 
-    if not args.no_torchtitan:  # the peers first: a run cut short still has the reference
-        measured("torchtitan", lambda: run_torchtitan(cfg, batch, device, args))
-    if not args.no_peer:
-        measured("transformers", lambda: run_transformers(cfg, batch, device, args))
+    def runner(name: str):
+        """The measurement of one peer or variant, in this process or (--isolate) a child process."""
+        if args.isolate:
+            return lambda: run_isolated(name, args)
+        if name == "torchtitan":
+            return lambda: run_torchtitan(cfg, batch, device, args)
+        if name == "transformers":
+            return lambda: run_transformers(cfg, batch, device, args)
+        return lambda: run_nanoseek(cfg, batch, device, args, name.removeprefix("nanoseek-"))
+
+    names = ([] if args.no_torchtitan else ["torchtitan"]) + ([] if args.no_peer else ["transformers"])
+    names += [f"nanoseek-{v}" for v in args.variants.split(",") if v]  # the peers first: a run cut short has them
+    if args.only:  # a child of --isolate
+        result = runner(args.only)()
+        Path(args.child_out).write_text(json.dumps(result))
+        return
+    for name in names:
+        measured(name, runner(name))
     peers = [p for p in ("transformers", "torchtitan") if "tokens_per_s" in results.get(p, {})]
-    for variant in [v for v in args.variants.split(",") if v]:
-        measured(f"nanoseek-{variant}", lambda variant=variant: run_nanoseek(cfg, batch, device, args, variant))
     for name, r in results.items():
         if "tokens_per_s" not in r:
             print(f"{name:>22}: {r.get('error')}")
