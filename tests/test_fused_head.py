@@ -44,6 +44,32 @@ def test_loss_and_gradients_match_the_plain_head(chunk, dtype):
     assert torch.allclose(wa, wb, rtol=tol, atol=tol * 2)
 
 
+def test_under_autocast_the_head_computes_in_the_autocast_dtype():
+    """fp32 h and W under bf16 autocast (the default training setting: fp32 residual stream and master
+    weights) give the autocast head's loss and gradients: the GEMMs run in bf16 as nn.Linear's would, and
+    each gradient comes back in fp32."""
+    g = torch.Generator().manual_seed(1)
+    N, D, V = 48, 32, 40
+    h0, w0 = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.3
+    targets = torch.randint(0, V, (N,), generator=g)
+    grads = []
+    for fused in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = linear_cross_entropy(h, w, targets, chunk=16)
+            else:
+                loss = F.cross_entropy(F.linear(h, w).float(), targets)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    (la, ha, wa), (lb, hb, wb) = grads
+    assert hb.dtype == wb.dtype == torch.float32
+    assert torch.allclose(la, lb, rtol=1e-3, atol=1e-3)  # both from bf16 logits
+    assert torch.allclose(ha, hb, rtol=2e-2, atol=2e-3) and torch.allclose(wa, wb, rtol=2e-2, atol=2e-3)
+    fp32_loss = F.cross_entropy(h0 @ w0.t(), targets)
+    assert (lb - fp32_loss).abs() > 1e-6  # the bf16 GEMM, not an fp32 one (whose loss would match this)
+
+
 def test_all_rows_ignored_gives_zero_loss_and_gradients():
     h = torch.randn(8, 16, requires_grad=True)
     w = torch.randn(10, 16, requires_grad=True)
