@@ -34,17 +34,17 @@ if HAVE_TRITON:
         return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
-    def _adamw_bf16_moments_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, lr, beta1, beta2, eps, decay, step_size, bc2,
-                                   BLOCK: tl.constexpr):
+    def _adamw_bf16_moments_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, one_minus_beta1, beta2, one_minus_beta2, eps,
+                                   keep, step_size, bc2, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n
         p = tl.load(p_ptr + offs, mask=live).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=live).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=live).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=live).to(tl.float32)
-        m = m + (1.0 - beta1) * (g - m)
-        v = beta2 * v + (1.0 - beta2) * (g * g)
-        p = p * (1.0 - lr * decay)
+        m = m + one_minus_beta1 * (g - m)
+        v = beta2 * v + one_minus_beta2 * (g * g)
+        p = p * keep
         p = p - step_size * (m / (tl.sqrt(v / bc2) + eps))
         if p_ptr.dtype.element_ty == tl.bfloat16:
             tl.store(p_ptr + offs, _to_bf16(p), mask=live)
@@ -64,7 +64,7 @@ def fused_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor)
 def adamw_bf16_moments_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int,
                             lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW update of p in place (m, v bf16, updated in place); `step` is the 1-based count after it."""
-    n = p.numel()
+    n = p.numel()  # the scalars are computed on the host in double, then rounded once, as the reference's are
     _adamw_bf16_moments_kernel[(triton.cdiv(n, BLOCK),)](
-        p.data, g, m, v, n, lr, beta1, beta2, eps, weight_decay, lr / (1 - beta1**step), 1 - beta2**step,
-        BLOCK=BLOCK)
+        p.data, g, m, v, n, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay, lr / (1 - beta1**step),
+        1 - beta2**step, BLOCK=BLOCK)
