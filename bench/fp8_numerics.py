@@ -132,7 +132,7 @@ def train_run(dtype: str, cfg, data, args, device: torch.device, init_seed: int 
     if dtype == "fp8":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback list is recorded below
-            left_bf16 = install_fp8(model)["bf16"]
+            left_bf16 = install_fp8(model, backend=args.fp8_backend)["bf16"]
         if parts is not None:
             keep_fp8_parts(model, parts)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -265,6 +265,9 @@ def main() -> None:
                    help="the third run, whose distance from the first BF16 run is the scale a difference must be "
                    "judged against: BF16 again from another initial seed (reseed), or from the same one (repeat: "
                    "on a GPU, what run-to-run nondeterminism grows into; 0 on the CPU), or none")
+    p.add_argument("--fp8-backend", choices=("auto", "gpu", "emulate"), default="auto",
+                   help="the FP8 runs' backend: emulate on a GPU trains with the CPU reference's maths (fp32 GEMMs "
+                        "on dequantized operands), which tells a kernel fault from the recipe's own rounding")
     p.add_argument("--fp8-parts", default="", help="comma list of further FP8 runs with FP8 in some parts only, "
                    "each parts joined by '+' from attention, mlp, experts (e.g. 'experts,attention+mlp'): which "
                    "part a difference comes from")
@@ -347,7 +350,8 @@ def main() -> None:
         "versions": versions,
         "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
                    "parameters": n_params, "baseline": "bf16 autocast" if device.type == "cuda" else "fp32",
-                   "fp8_backend": "gpu" if device.type == "cuda" else "emulate"},
+                   "fp8_backend": args.fp8_backend if args.fp8_backend != "auto" else
+                   "gpu" if device.type == "cuda" else "emulate"},
         "summary": summary, "runs": runs,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"fp8_numerics-{record['date']}.json")
