@@ -65,6 +65,20 @@ def test_round_trip_with_partial_and_zero_blocks(block):
     assert q.float().abs().max().item() == FP8_MAX
 
 
+@pytest.mark.parametrize("block", [ROW, COL, TILE])
+def test_tiny_blocks_read_back_finite(block):
+    """A block whose max-abs is positive but under 448 / FLT_MAX (~1.3e-36, gradients of subnormals) would
+    get an infinite multiplier and turn its zeros into NaN; the amax floor keeps it finite: zeros stay
+    zero and the values read back within the floor."""
+    x = torch.zeros(128, 256)
+    x[:, :128] = torch.randn(128, 128, generator=torch.Generator().manual_seed(0)) * 1e-38
+    x[::2, :64] = 0  # zeros inside the tiny blocks (of every block shape)
+    q, s = quantize(x, block)
+    y = dequantize(q, s, block)
+    assert torch.isfinite(s).all() and torch.isfinite(q.float()).all() and torch.isfinite(y).all()
+    assert (y[x == 0] == 0).all() and ((y - x).abs() <= 2.0**-100).all()
+
+
 def test_partial_block_is_its_own_block():
     x = torch.ones(1, 130)
     x[0, 128:] = 1e-3  # a 2-wide last tile, scaled by its own amax, not the first tile's

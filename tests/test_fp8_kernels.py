@@ -84,6 +84,27 @@ def test_quantize_act_rows_and_transposed_cols(device, strip):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_quantize_act_tiny_blocks_match_the_reference(device):
+    """Blocks whose max-abs lies under 448 / FLT_MAX: the kernels floor it as the reference does (finite
+    scales, zeros stay zero), bit for bit."""
+    from nanoseek.fp8 import kernels as K
+    from nanoseek.fp8.reference import COL, ROW, quantize
+    x = torch.zeros(128, 256)
+    x[:, :128] = torch.randn(128, 128, generator=torch.Generator().manual_seed(0)) * 1e-37
+    x[::3, :128] = 0
+    xin = x.to(device).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    q, s, qt, st = K.quantize_act(xin, True, None)
+    x = x.to(torch.bfloat16).float() if device == "cuda" else x
+    assert torch.isfinite(s).all() and torch.isfinite(st).all() and torch.isfinite(q.float()).all()
+    rq, rs = quantize(x, ROW)
+    torch.testing.assert_close(s.t().cpu(), rs, rtol=0, atol=0)
+    same_q(q.cpu(), rq, device)
+    cq, cs = quantize(x, COL)
+    torch.testing.assert_close(st.cpu(), cs, rtol=0, atol=0)
+    same_q(qt.t().cpu(), cq, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_quantize_weight_blocks_and_transpose(device):
     from nanoseek.fp8 import kernels as K
     from nanoseek.fp8.reference import quantize_experts

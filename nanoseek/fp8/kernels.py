@@ -23,6 +23,7 @@ import triton.language as tl
 
 BLOCK = 128
 FP8_MAX = 448.0
+AMAX_FLOOR = 2.0**-100  # a nonzero block's max-abs is raised to this (reference.py says why)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -91,7 +92,7 @@ def _scale_of(amax):
     """Dequantization scale of a block from its max-abs: amax / 448, or 1 for an all-zero block. Triton's `/`
     on fp32 is the approximate division (off by an ulp in ~20% of the scales on the H100); `div_rn` is IEEE
     round-to-nearest, the division the emulation's torch `/` does, so scales match it bit for bit."""
-    return tl.where(amax > 0, _div_rn(amax, tl.zeros_like(amax) + 448.0), 1.0)
+    return tl.where(amax > 0, _div_rn(tl.maximum(amax, AMAX_FLOOR), tl.zeros_like(amax) + 448.0), 1.0)
 
 
 @triton.jit
@@ -99,7 +100,8 @@ def _inv_of(amax):
     """Quantization multiplier of a block: 448 / amax (IEEE), or 1 for an all-zero block. One division per
     block; each value is then multiplied (IEEE, as the emulation does), not divided."""
     nonzero = amax > 0
-    return tl.where(nonzero, _div_rn(tl.zeros_like(amax) + 448.0, tl.where(nonzero, amax, 1.0)), 1.0)
+    return tl.where(nonzero, _div_rn(tl.zeros_like(amax) + 448.0, tl.maximum(tl.where(nonzero, amax, 1.0), AMAX_FLOOR)),
+                    1.0)
 
 
 @triton.jit

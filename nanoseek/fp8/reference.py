@@ -3,7 +3,10 @@
 The DeepSeek-V3 recipe (DeepSeek-V3 report, arXiv:2412.19437, section 3.3). A tensor is cut into blocks;
 each block gets its own
 scale s = amax(|block|) / 448 (448 = largest e4m3 value), is stored as q = e4m3(x * (448 / amax)) and read back
-as q * s. A partial last block is simply a smaller block; an all-zero block gets s = 1 (q = 0).
+as q * s. A partial last block is simply a smaller block; an all-zero block gets s = 1 (q = 0). A nonzero amax
+is raised to at least 2^-100 (`AMAX_FLOOR`): below 448 / FLT_MAX ~ 1.3e-36 the multiplier 448 / amax overflows
+to inf and the block's zeros become inf * 0 = NaN (a gradient block of subnormals did that in a GPU run of the
+emulation, 2026-12-06); a block whose values all lie under 2^-100 reads back as (near) zero.
 
 Which blocks, for y = x W^T with x (M, K) tokens x features and W (N, K):
     forward   y  = x  W^T      x: 1x128 tiles (per token, 128 features)   W: 128x128 blocks
@@ -27,6 +30,7 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
+AMAX_FLOOR = 2.0**-100  # the smallest max-abs a nonzero block is scaled by (module docstring)
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +43,7 @@ def quantize(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, tor
     xp = torch.nn.functional.pad(x.float(), (0, Cb * bc - C, 0, Rb * br - R))  # zeros never raise an amax
     blocks = xp.view(Rb, br, Cb, bc)
     amax = blocks.abs().amax(dim=(1, 3))  # (Rb, Cb)
+    amax = torch.where(amax > 0, amax.clamp_min(AMAX_FLOOR), amax)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     # values are multiplied by 448 / amax (one division per block, as the GPU kernels do; a per-value
     # division would cost the kernels ~10 instructions a value for the same e4m3 numbers up to an ulp)
