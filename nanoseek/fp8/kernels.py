@@ -23,7 +23,7 @@ import triton.language as tl
 
 BLOCK = 128
 FP8_MAX = 448.0
-AMAX_FLOOR = 2.0**-100  # a nonzero block's max-abs is raised to this (reference.py says why)
+AMAX_FLOOR = tl.constexpr(2.0**-100)  # a nonzero block's max-abs is raised to this (reference.py says why)
 
 
 def cdiv(a: int, b: int) -> int:
