@@ -3,6 +3,7 @@
     python bench/fp8_numerics.py                    # one H200: 500 steps each, ~3-4 minutes in all
     python bench/fp8_numerics.py --steps 1000       # longer
     python bench/fp8_numerics.py --quick            # CPU smoke run (debug model, emulated FP8, ~10 s)
+    python bench/fp8_numerics.py --corpus stdlib --seeds 3   # real text, three initial seeds per side
 
 Each run stops after --max-minutes (default 2) so one device call stays bounded; the curves are then
 compared over the steps both ran (recorded as steps_compared; "pass" needs >= 500 of them).
@@ -211,6 +212,34 @@ def compare(runs: dict, tail: int, other: str = "fp8") -> dict:
     return out
 
 
+def over_seeds(runs: dict, seed: int, n: int, tail: int) -> dict:
+    """Mean and spread of each side's final loss (mean of the last `tail` steps) and validation loss over
+    the n initial seeds, and the per-seed FP8 - BF16 differences (both sides of a seed start from the same
+    weights)."""
+    def name(dtype: str, k: int) -> str:
+        return dtype if k == 0 else f"{dtype}_seed{seed + k}"
+
+    def stats(dtype: str, key: str) -> list[float]:
+        out = []
+        for k in range(n):
+            r = runs[name(dtype, k)]
+            out.append(sum(r["loss"][-tail:]) / len(r["loss"][-tail:]) if key == "final" else r["val_loss"])
+        return out
+
+    res: dict = {"n": n}
+    for key in ("final", "val"):
+        b, f = torch.tensor(stats("bf16", key)), torch.tensor(stats("fp8", key))
+        res[f"bf16_{key}"], res[f"fp8_{key}"] = b.tolist(), f.tolist()
+        res[f"bf16_{key}_rel_sd"] = (b.std() / b.mean()).item()
+        res[f"fp8_{key}_rel_sd"] = (f.std() / f.mean()).item()
+        diff = ((f.mean() - b.mean()) / b.mean()).item()
+        res["rel_diff_of_means" if key == "final" else "val_rel_diff_of_means"] = diff
+        if key == "final":
+            res["paired_rel_diffs"] = ((f - b) / b).tolist()
+    res["within_target"] = abs(res["rel_diff_of_means"]) <= TARGET
+    return res
+
+
 def plot(runs: dict, summary: dict, title: str, baseline: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -259,6 +288,9 @@ def main() -> None:
     p.add_argument("--n-docs", type=int, default=40000, help="synthetic training documents (~120 tokens each)")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="train each side from this many initial seeds (seed, "
+                   "seed+1, ...; the same data order): the mean and spread of each side, and the per-seed "
+                   "differences, resolve a difference smaller than one pair's chaos (replaces the noise-floor run)")
     p.add_argument("--forward-check", type=int, default=50, help="every N steps of the BF16 run, the held-out "
                    "loss of its current weights through FP8 modules against BF16's (0: off): FP8's own error in "
                    "loss, without the chaos of two diverging trajectories")
@@ -305,7 +337,12 @@ def main() -> None:
         runs[dtype] = train_run(dtype, cfg, data, args, device)
         print(f"{dtype}: {runs[dtype]['seconds']:.0f} s, {runs[dtype]['tokens_per_s']:,.0f} tok/s, "
               f"val loss {runs[dtype]['val_loss']:.4f}", flush=True)
-    if args.noise_floor != "none":
+    for k in range(1, args.seeds):
+        for dtype in ("bf16", "fp8"):
+            name = f"{dtype}_seed{args.seed + k}"
+            runs[name] = train_run(dtype, cfg, data, args, device, init_seed=args.seed + k)
+            print(f"{name}: val loss {runs[name]['val_loss']:.4f}", flush=True)
+    if args.noise_floor != "none" and args.seeds == 1:
         again = args.seed + (args.noise_floor == "reseed")
         runs["bf16_reseed"] = train_run("bf16", cfg, data, args, device, init_seed=again)
         print(f"bf16 (init seed {again}): val loss {runs['bf16_reseed']['val_loss']:.4f}", flush=True)
@@ -316,6 +353,12 @@ def main() -> None:
         runs[f"fp8[{item}]"] = train_run("fp8", cfg, data, args, device, parts=parts)
         print(f"fp8[{item}]: val loss {runs[f'fp8[{item}]']['val_loss']:.4f}", flush=True)
     summary = compare(runs, args.tail)
+    if args.seeds > 1:
+        summary["seeds"] = over_seeds(runs, args.seed, args.seeds, args.tail)
+        sd = summary["seeds"]
+        print(f"over {args.seeds} seeds: FP8 vs BF16 final {100 * sd['rel_diff_of_means']:+.3f}% "
+              f"(per seed {', '.join(f'{100 * d:+.2f}%' for d in sd['paired_rel_diffs'])}; BF16's own spread "
+              f"{100 * sd['bf16_final_rel_sd']:.2f}%)", flush=True)
     parts_runs = [name for name in runs if name.startswith("fp8[")]
     if parts_runs:
         summary["fp8_parts"] = {name: {k: v for k, v in compare(runs, args.tail, name).items()
@@ -360,12 +403,12 @@ def main() -> None:
     out.write_text(json.dumps(record, indent=1) + "\n")
     title = f"{args.preset} x {args.layers} layers, {args.steps} steps, {record['device']}"
     plot(runs, summary, title, "BF16" if device.type == "cuda" else "FP32", out.with_suffix(".png"))
-    verdict = ("within" if summary["final_rel_diff"] <= TARGET else "OVER") + (
-        "" if summary["steps_compared"] >= 500 else f" (over {summary['steps_compared']} steps, not 500)")
+    short = "" if summary["steps_compared"] >= 500 else f", over {summary['steps_compared']} steps, not 500"
     floor = (f"; noise floor ({summary['noise_floor']['what']}) {100 * summary['noise_floor']['final_rel_diff']:.3f}%"
              if "noise_floor" in summary else "")
     print(f"wrote {out} and {out.with_suffix('.png')}; final-loss relative difference "
-          f"{100 * summary['final_rel_diff']:.3f}% ({verdict} the {100 * TARGET:.2f}% target){floor}")
+          f"{100 * summary['final_rel_diff']:.3f}% ({'within' if summary['final_rel_diff'] <= TARGET else 'OVER'} "
+          f"the {100 * TARGET:.2f}% target{short}){floor}")
 
 
 if __name__ == "__main__":
