@@ -197,6 +197,34 @@ def test_bf16_moment_adamw_tracks_torch_adamw():
     assert (a - b).abs().max() < 0.05 * (a.detach() - a.detach().mean()).abs().mean()
 
 
+def test_bf16_moment_adamw_resumes_exactly():
+    """Two steps in one go against a step, a state_dict round trip into a fresh optimizer, and a step: the same
+    weights bit for bit, and the moments still bf16 after the load (torch casts loaded state to the
+    parameter's dtype)."""
+    g = torch.Generator().manual_seed(0)
+    w0, grads = torch.randn(6, 5, generator=g), [torch.randn(6, 5, generator=g) for _ in range(2)]
+
+    def optimizer(p):
+        return AdamWBf16Moments([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
+
+    straight = torch.nn.Parameter(w0.clone())
+    opt = optimizer(straight)
+    for gr in grads:
+        straight.grad = gr.clone()
+        opt.step()
+    resumed = torch.nn.Parameter(w0.clone())
+    first = optimizer(resumed)
+    resumed.grad = grads[0].clone()
+    first.step()
+    second = optimizer(resumed)
+    second.load_state_dict(first.state_dict())
+    assert all(second.state[resumed][k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq"))
+    resumed.grad = grads[1].clone()
+    second.step()
+    assert torch.equal(straight, resumed)
+    assert torch.equal(opt.state[straight]["exp_avg_sq"], second.state[resumed]["exp_avg_sq"])
+
+
 @pytest.mark.parametrize("device", [
     pytest.param("cuda", marks=[pytest.mark.gpu,
                                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),

@@ -72,6 +72,17 @@ class AdamWBf16Moments(torch.optim.Optimizer):
                  weight_decay: float = 0.0, fused: bool | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.fused = fused  # None: the kernel for CUDA tensors; True: also elsewhere (Triton's CPU interpreter)
+        self.register_load_state_dict_post_hook(AdamWBf16Moments._moments_to_bf16)
+
+    @staticmethod
+    def _moments_to_bf16(optimizer: AdamWBf16Moments) -> None:
+        """After `load_state_dict`: torch casts every floating state tensor to its parameter's dtype (fp32), which
+        would keep the moments in fp32 from then on (twice the memory, and no longer rounded to bf16 each step:
+        a resumed run would not continue the same numbers). The saved values are bf16, so casting back is exact."""
+        for state in optimizer.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)
 
     @torch.no_grad()
     def step(self, closure=None):
