@@ -36,13 +36,14 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: (r["loss"], r["mtp_loss"]) for r in rows if r["kind"] == "train"}
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", [[], ["--train.bf16_moments", "true"]], ids=["adamw", "bf16-moments"])
+def test_resume_continues_exactly(tmp_path, optimizer):
     """A run killed after its step-3 checkpoint (simulated: the later checkpoint deleted, its later metric
     records kept) resumes from the saved configuration to the same losses and weights as the run that
-    went straight through; the replayed steps are logged once."""
+    went straight through; the replayed steps are logged once. Both optimizers (bf16 moments too)."""
     import shutil
 
-    run(tmp_path / "straight", "--train.max_steps", "6", "--train.ckpt_every", "3")
+    run(tmp_path / "straight", "--train.max_steps", "6", "--train.ckpt_every", "3", *optimizer)
     shutil.copytree(tmp_path / "straight", tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "checkpoints" / "step-000006")
     (tmp_path / "split" / "checkpoints" / ".step-000006.tmp-x1y2").mkdir()  # a write cut by kill -9
@@ -63,6 +64,7 @@ def test_resume_continues_exactly(tmp_path):
     for key, moments in sa["optimizer"]["state"].items():
         for name, value in moments.items():
             assert torch.equal(value, sb["optimizer"]["state"][key][name]), (key, name)
+            assert value.dtype == sb["optimizer"]["state"][key][name].dtype, (key, name)
 
 
 def test_checkpoint_loads_in_transformers_and_learning_happens(tmp_path):
