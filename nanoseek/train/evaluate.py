@@ -45,10 +45,16 @@ def greedy_complete(model: Transformer, tokenizer: Tokenizer, prompts: list[str]
                     stop: str | None = None) -> list[str]:
     """Greedy completions of text prompts through the inference engine (latent cache, batched).
 
-    A completion cut by the `stop` string keeps it, so it reads as the model wrote it."""
+    A completion cut by the `stop` string keeps it, so it reads as the model wrote it. The new tokens are
+    capped to what the model's context leaves after the longest prompt (a small model's context, long
+    prompts: the end-of-run evaluation must not fail the run)."""
     longest = max(len(tokenizer.encode(p)) for p in prompts)
-    engine = Engine(model, tokenizer, max_batch_size=32,
-                    max_len=min(model.config.max_position_embeddings, longest + max_new_tokens))
+    context = model.config.max_position_embeddings
+    if longest >= context:
+        raise ValueError(f"greedy_complete: a prompt of {longest} tokens leaves no room in the model's context of "
+                         f"{context} tokens; shorten the prompts or raise --model.max_position_embeddings")
+    max_new_tokens = min(max_new_tokens, context - longest)
+    engine = Engine(model, tokenizer, max_batch_size=32, max_len=longest + max_new_tokens)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=[stop] if stop else [])
     outs = engine.generate(prompts, params)  # the engine leaves the model's mode as it was
     ended_by_eos = [bool(o.token_ids) and o.token_ids[-1] == tokenizer.eos_id for o in outs]
