@@ -85,8 +85,10 @@ def run_nanoseek(cfg, batch, device, args, variant: str) -> dict:
     graphs = "+cg" in variant  # each compiled block replayed as CUDA graphs (forward and backward)
     if "compile" in variant and not whole:
         compile_blocks(model, mode="reduce-overhead" if graphs else None)
-    optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, bf16_moments="+bm" in variant)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    optimizer = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, bf16_moments="+bm" in variant,
+                                master_weights="+mw" in variant)
+    bf16 = device.type == "cuda" or "+mw" in variant  # bf16 autocast (master weights need it on the CPU too)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     loss_fn = compiled_cross_entropy if "compile" in variant and not whole else cross_entropy
     fused_head = "+fce" in variant  # each head and its CE as one chunked operation (nanoseek/train/fused_head.py)
     whole_loss = torch.compile(pretraining_loss(0.3, 1e-4, cross_entropy)) if whole else None
@@ -264,8 +266,9 @@ def main() -> None:
     p.add_argument("--variants", default="eager,compile,compile+nomtp",
                    help="comma list of eager or compile, each optionally +bf16 (bf16 weights), +nomtp (no MTP), "
                         "+whole (compile the forward and loss as one graph instead of each block), +cg (each "
-                        "compiled block replayed as CUDA graphs), +fce (the chunked head + cross-entropy) or +bm "
-                        "(AdamW with bf16 moments, one Triton kernel per parameter on the GPU)")
+                        "compiled block replayed as CUDA graphs), +fce (the chunked head + cross-entropy), +bm "
+                        "(AdamW with bf16 moments, one Triton kernel per parameter on the GPU) or +mw (bf16 GEMM "
+                        "weights with fp32 masters in the optimizer, nanoseek/train/master_weights.py)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--no-torchtitan", action="store_true", help="skip torchtitan (also skipped if not installed)")
     p.add_argument("--profile", action="store_true", help="record the top CUDA kernels of each nanoseek variant")

@@ -36,11 +36,14 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: (r["loss"], r["mtp_loss"]) for r in rows if r["kind"] == "train"}
 
 
-@pytest.mark.parametrize("optimizer", [[], ["--train.bf16_moments", "true"]], ids=["adamw", "bf16-moments"])
+@pytest.mark.parametrize("optimizer", [[], ["--train.bf16_moments", "true"],
+                                       ["--train.dtype", "bf16", "--train.master_weights", "true"]],
+                         ids=["adamw", "bf16-moments", "master-weights"])
 def test_resume_continues_exactly(tmp_path, optimizer):
     """A run killed after its step-3 checkpoint (simulated: the later checkpoint deleted, its later metric
     records kept) resumes from the saved configuration to the same losses and weights as the run that
-    went straight through; the replayed steps are logged once. Both optimizers (bf16 moments too)."""
+    went straight through; the replayed steps are logged once. Every optimizer: with bf16 moments, and with
+    bf16 GEMM weights whose fp32 masters the checkpoints hold."""
     import shutil
 
     run(tmp_path / "straight", "--train.max_steps", "6", "--train.ckpt_every", "3", *optimizer)
@@ -59,6 +62,12 @@ def test_resume_continues_exactly(tmp_path, optimizer):
         assert torch.equal(x, y), name
     bias = a.moe_layers[0].gate.e_score_correction_bias
     assert bias.abs().sum() > 0  # the router bias moved and was saved
+    from safetensors import safe_open
+    with safe_open(tmp_path / "split" / "checkpoints" / "step-000006" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    from nanoseek.train.master_weights import gemm_weights
+    for w in gemm_weights(b):  # the fp32 masters were saved, not their bf16 copies (nor fp32 weights rounded)
+        assert not torch.equal(w, w.to(torch.bfloat16).float())
     sa = torch.load(tmp_path / "straight" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=True)
     sb = torch.load(tmp_path / "split" / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=True)
     for key, moments in sa["optimizer"]["state"].items():
@@ -515,3 +524,20 @@ def test_clip_grad_norm_matches_torch_and_keeps_foreach_fast_route(max_norm):
     assert sorted(calls.seen, key=str) == [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
     for a, b in zip(reference, mixed):
         assert torch.allclose(a.grad.float(), b.grad.float(), rtol=8e-3), a.dtype
+
+
+def test_master_weights_refuse_settings_whose_numbers_they_cannot_match(tmp_path):
+    """--train.master_weights without bf16 autocast, or with gradient accumulation: a clear stop naming the fix."""
+    with pytest.raises(SystemExit, match="needs bf16 autocast"):
+        run(tmp_path / "a", "--train.master_weights", "true", "--train.max_steps", "1")
+    with pytest.raises(SystemExit, match="--train.grad_accum 1"):
+        run(tmp_path / "b", "--train.dtype", "bf16", "--train.master_weights", "true", "--train.grad_accum", "2",
+            "--train.max_steps", "1")
+
+
+def test_end_of_run_evaluation_fits_a_small_context(tmp_path):
+    """The held-out evaluation's completions are capped to what the context leaves after the prompts (this
+    tiny tokenizer makes 300-token prompts against a 512-token context and 256 new tokens): no failure at the
+    end of a run."""
+    summary = run(tmp_path, "--train.max_steps", "1", "--train.eval_problems", "2")
+    assert summary["heldout"]["n"] == 2

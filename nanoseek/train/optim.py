@@ -123,15 +123,21 @@ class AdamWBf16Moments(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                    bf16_moments: bool = False) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices (and stacked experts) only; norms get none."""
+                    bf16_moments: bool = False, master_weights: bool = False) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices (and stacked experts) only; norms get none. `master_weights`: the
+    model's GEMM weights become bf16 with fp32 masters in the optimizer (`train/master_weights.py`)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if bf16_moments and master_weights:
+        raise ValueError("build_optimizer: bf16 moments and master weights do not combine yet; choose one")
     if bf16_moments:
         return AdamWBf16Moments(groups, lr=lr, betas=betas, eps=eps)
+    if master_weights:
+        from nanoseek.train.master_weights import AdamWMasterWeights, gemm_weights
+        return AdamWMasterWeights(groups, gemm_weights(model), lr=lr, betas=betas, eps=eps)
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 

@@ -42,6 +42,7 @@ WHY_FIXED = {
     "batch_size": "the loader's saved position counts batches of the saved size",
     "seed": "it only seeds a fresh model",
     "bf16_moments": "the optimizer's saved moments have the saved dtype",
+    "master_weights": "the optimizer's saved state holds the fp32 masters (or has none)",
 }
 
 

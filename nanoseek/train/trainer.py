@@ -51,6 +51,7 @@ from nanoseek.train.checkpoint import (
 from nanoseek.train.config import DataConfig, RunConfig, TrainConfig
 from nanoseek.train.evaluate import greedy_complete, heldout_accuracy, validation_loss
 from nanoseek.train.guard import NonFiniteGuard
+from nanoseek.train.master_weights import masters_in_model
 from nanoseek.train.metrics import MetricsLogger, flops_per_token, plot_run, step_metrics
 from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
 from nanoseek.train.resume import (
@@ -169,6 +170,25 @@ def schedule_settings(tc: TrainConfig) -> dict[str, Any]:
                 min_ratio=tc.min_lr_ratio)
 
 
+def check_master_weights(tc: TrainConfig, use_bf16: bool, parallel: bool) -> None:
+    """--train.master_weights computes the default setting's numbers only where its conditions hold
+    (nanoseek/train/master_weights.py); elsewhere stop with the fix."""
+    problems = []
+    if not use_bf16:
+        problems.append("it needs bf16 autocast (--train.dtype bf16, or auto on a GPU)")
+    if tc.grad_accum != 1:
+        problems.append("gradient accumulation would sum bf16 gradients (--train.grad_accum 1)")
+    if parallel:
+        problems.append("the parallel wrappers do not take it yet (one process)")
+    if tc.bf16_moments:
+        problems.append("it does not combine with --train.bf16_moments yet")
+    if tc.dtype == "fp8":
+        problems.append("FP8 quantizes the fp32 weights themselves (--train.dtype bf16)")
+    if problems:
+        raise SystemExit("nanoseek train: --train.master_weights: " + "; ".join(problems)
+                         + "; or drop --train.master_weights")
+
+
 def train(run: RunConfig) -> dict[str, Any]:
     """Run pretraining as configured; returns a summary dict (also written to summary.json)."""
     ckpt_path, saved_train, resume_arg = None, run.train, run.train.resume
@@ -227,7 +247,10 @@ def train(run: RunConfig) -> dict[str, Any]:
         install_fp8(model, cache_weights=tc.grad_accum > 1,  # quantize weights once per optimizer step
                     recompute_swiglu=tc.fp8_recompute_swiglu, pad_partial_blocks=tc.fp8_pad_partial)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
-    optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments)
+    if tc.master_weights:
+        check_master_weights(tc, use_bf16, par is not None)
+    optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments,
+                                tc.master_weights)
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model)
     if tc.compile:
@@ -294,7 +317,8 @@ def train(run: RunConfig) -> dict[str, Any]:
             del state["optimizer"]
             return par.save(out_dir, at, model, optimizer, state, record, tc.keep_last)
         try:
-            return save_checkpoint(out_dir, at, model, state, data.tokenizer_dir, record, tc.keep_last)
+            with masters_in_model(optimizer):  # --train.master_weights: the fp32 masters are what is saved
+                return save_checkpoint(out_dir, at, model, state, data.tokenizer_dir, record, tc.keep_last)
         except (OSError, RuntimeError, SafetensorError) as e:
             kept = list_checkpoints(out_dir)
             previous_note = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint"

@@ -1,0 +1,187 @@
+"""bf16 GEMM weights with their fp32 masters in the optimizer (`--train.master_weights`).
+
+The default setting keeps every weight in fp32 and trains under bf16 autocast. Per GEMM weight and step that
+moves: autocast's cast to bf16 in the forward (read 4 bytes, write 2), the cast of its bf16 gradient back
+to fp32 in the backward (2 + 4), and AdamW (read weight, gradient and two moments, write three: 28 bytes):
+40 bytes per parameter. Here the model holds the GEMM weights in bf16, so autocast casts nothing and the
+gradients stay bf16; the optimizer keeps the fp32 master of each and, in one pass, reads the bf16 gradient,
+updates master and moments and writes the next bf16 copy: 2 + 12 read, 12 + 2 written, 28 bytes.
+
+The numbers are the default setting's, under these conditions: autocast's GEMMs take bf16(master) either
+way (the copy is rounded to nearest, as autocast's cast is), and with one micro-batch per step its weight
+gradient is the bf16 GEMM output, which autocast would upcast exactly. Not so, and so refused by the trainer:
+gradient accumulation over micro-batches (the sum would round in bf16). The gradient clip scales the bf16
+gradients by the coefficient rounded to bf16 (exactly 1 when nothing is clipped).
+
+Which weights: the linears inside the transformer blocks and the MTP modules (attention projections, dense
+MLPs, shared experts, MTP's eh_proj) and the routed experts' w13 / w2. The rest stays fp32 as autocast
+leaves it: embedding, norms, the router (fp32 maths by design) and the output heads (the main head is
+shared with the MTP heads; two bf16 gradients would add in bf16).
+
+Checkpoints hold the fp32 masters: `masters_in_model` puts them into the model while it is saved, and the
+optimizer's state holds them for an exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from nanoseek.kernels import HAVE_TRITON
+from nanoseek.model.moe import RoutedExperts
+
+BLOCK = 4096  # elements per program
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from nanoseek.train.fused_adamw import _to_bf16
+
+    @triton.jit
+    def _adamw_master_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, one_minus_beta1, beta2, one_minus_beta2, eps,
+                             keep, step_size, bc2_sqrt, WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr):
+        """One AdamW step of the fp32 weight w (a master, or an fp32 parameter) from gradient g (bf16 or fp32),
+        in torch's single-tensor order of operations; with WRITE_OUT the bf16 copy of the new w to out."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n
+        w = tl.load(w_ptr + offs, mask=live)
+        g = tl.load(g_ptr + offs, mask=live).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=live)
+        v = tl.load(v_ptr + offs, mask=live)
+        w = w * keep
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + one_minus_beta2 * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        w = w - step_size * tl.div_rn(m, denom)
+        tl.store(w_ptr + offs, w, mask=live)
+        tl.store(m_ptr + offs, m, mask=live)
+        tl.store(v_ptr + offs, v, mask=live)
+        if WRITE_OUT:
+            tl.store(out_ptr + offs, _to_bf16(w), mask=live)
+
+
+def gemm_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights that live in bf16 under `--train.master_weights` (module docstring: which and why)."""
+    blocks = [*model.layers.values(), *model.mtp] if hasattr(model, "layers") else [model]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    found: dict[int, nn.Parameter] = {}
+    for block in blocks:
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and not name.startswith("shared_head"):
+                found[id(module.weight)] = module.weight
+            elif isinstance(module, RoutedExperts):
+                found[id(module.w13)], found[id(module.w2)] = module.w13, module.w2
+    return [p for key, p in found.items() if key not in embeddings]
+
+
+class AdamWMasterWeights(torch.optim.Optimizer):
+    """AdamW (torch's maths, fp32 moments) that casts `low_precision` parameters to bf16 at construction
+    and keeps their fp32 masters in its state ("master"); the other parameters are updated in place in fp32.
+    On CUDA each parameter is one Triton kernel; elsewhere (or `fused=False`) the same update in torch ops."""
+
+    def __init__(self, params, low_precision: list[nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 fused: bool | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.fused = fused  # None: the kernel for CUDA tensors; True: also elsewhere (Triton's interpreter)
+        members = {id(p) for group in self.param_groups for p in group["params"]}
+        for p in low_precision:
+            if id(p) not in members:
+                raise ValueError("AdamWMasterWeights: a low-precision parameter is not among the optimized ones")
+            if p.dtype != torch.float32:
+                raise ValueError(f"AdamWMasterWeights: parameters start in fp32 (their masters), got {p.dtype}")
+            self.state[p]["master"] = p.detach().clone()
+            p.data = p.data.to(torch.bfloat16)
+        self._incoming: dict[int, dict[str, torch.Tensor]] = {}  # between the two load_state_dict hooks
+        self._incoming_order: list[int] = []
+        self.register_load_state_dict_pre_hook(AdamWMasterWeights._keep_fp32_state)
+        self.register_load_state_dict_post_hook(AdamWMasterWeights._restore_fp32_state)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                w = state.get("master", p.data)  # (the fp32 weight the update acts on)
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = int(state["step"].item())  # a CPU tensor: no device sync
+                m, v, out = state["exp_avg"], state["exp_avg_sq"], (p.data if w is not p.data else None)
+                args = dict(step=t, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"])
+                use_kernel = self.fused if self.fused is not None else p.is_cuda
+                tensors = (w, p.grad, m, v) + ((out,) if out is not None else ())
+                if use_kernel and HAVE_TRITON and all(type(x) is torch.Tensor and x.is_contiguous() for x in tensors):
+                    _kernel_step(w, p.grad, m, v, out, **args)
+                else:
+                    _reference_step(w, p.grad, m, v, **args)
+                    if out is not None:
+                        out.copy_(w)
+
+    @staticmethod
+    def _keep_fp32_state(optimizer: AdamWMasterWeights, state_dict: dict) -> None:
+        """Before `load_state_dict`: torch casts loaded state to each parameter's dtype, which would round the
+        masters and moments of the bf16 parameters to bf16; keep the loaded fp32 tensors aside."""
+        optimizer._incoming = {idx: {k: v for k, v in s.items() if k != "step" and torch.is_tensor(v)}
+                               for idx, s in state_dict["state"].items()}
+        optimizer._incoming_order = [i for g in state_dict["param_groups"] for i in g["params"]]
+
+    @staticmethod
+    def _restore_fp32_state(optimizer: AdamWMasterWeights) -> None:
+        """After `load_state_dict`: the fp32 masters and moments back, and each bf16 weight set from its master."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for idx, p in zip(optimizer._incoming_order, params):
+            saved = optimizer._incoming.get(idx, {})
+            state = optimizer.state[p]
+            for key, value in saved.items():
+                state[key] = value.to(device=p.device)
+            if "master" in state:
+                p.data.copy_(state["master"])
+        optimizer._incoming, optimizer._incoming_order = {}, []
+
+
+def _reference_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int, lr: float,
+                    beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """torch's single-tensor AdamW on the fp32 weight w (moments m, v fp32) from grad (any float dtype)."""
+    g = grad.float()
+    w.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    w.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+
+
+def _kernel_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, *,
+                 step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    n = w.numel()  # the scalars in double on the host, rounded once, as the reference's are
+    _adamw_master_kernel[(triton.cdiv(n, BLOCK),)](
+        w, grad, m, v, out if out is not None else w, n, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay,
+        lr / (1 - beta1**step), math.sqrt(1 - beta2**step), WRITE_OUT=out is not None, BLOCK=BLOCK)
+
+
+@contextlib.contextmanager
+def masters_in_model(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """While open, each bf16 weight of an `AdamWMasterWeights` holds its fp32 master (no copy: the tensors are
+    swapped), so a checkpoint written meanwhile stores the masters; any other optimizer: nothing changes."""
+    swapped = []
+    if isinstance(optimizer, AdamWMasterWeights):
+        for p, state in optimizer.state.items():
+            if "master" in state:
+                swapped.append((p, p.data))
+                p.data = state["master"]
+    try:
+        yield
+    finally:
+        for p, low in swapped:
+            p.data = low

@@ -1,0 +1,126 @@
+"""bf16 GEMM weights with fp32 masters (nanoseek/train/master_weights.py) against the default setting."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.train.master_weights import AdamWMasterWeights, gemm_weights, masters_in_model
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.step import train_step
+
+
+def debug_model() -> Transformer:
+    return Transformer.from_config(preset("debug"), seed=0).train()
+
+
+def test_gemm_weights_are_the_blocks_linears_and_experts():
+    """Attention projections, MLPs, experts and MTP's eh_proj; never the embedding, norms, router or heads."""
+    model = debug_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = sorted(names[id(p)] for p in gemm_weights(model))
+    assert chosen and all(n.startswith(("layers.", "mtp.")) for n in chosen)
+    assert any(n.endswith("experts.w13") for n in chosen) and any(n.endswith("eh_proj.weight") for n in chosen)
+    assert any(n.endswith("q_a_proj.weight") or n.endswith("q_proj.weight") for n in chosen)
+    for n in chosen:
+        assert not any(k in n for k in ("norm", "gate.weight", "embed", "lm_head", "shared_head")), n
+
+
+def run_steps(master_weights: bool, steps: int = 3):
+    """A debug model trained `steps` steps under CPU bf16 autocast (no clipping engaged)."""
+    model = debug_model()
+    opt = build_optimizer(model, 3e-3, (0.9, 0.95), 1e-8, 0.1, master_weights=master_weights)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randint(0, model.config.vocab_size, (2, 17), generator=g)
+        m = train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=3e-3, autocast=torch.autocast("cpu", torch.bfloat16),
+                       grad_clip=1e9, mtp_lambda=0.3, seq_aux_alpha=1e-4, bias_gamma=1e-3)
+        losses.append(m["loss"].item())
+    return model, opt, losses
+
+
+def test_master_weights_compute_the_default_settings_numbers():
+    """Three steps with fp32 weights under bf16 autocast (torch's AdamW) and with bf16 GEMM weights and fp32
+    masters: the same losses and, after the last step, the same fp32 weights (the masters)."""
+    ref, _, ref_losses = run_steps(False)
+    model, opt, losses = run_steps(True)
+    assert losses == ref_losses
+    low = {id(p) for p in gemm_weights(model)}
+    with masters_in_model(opt):
+        for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+            assert b.dtype == torch.float32, name
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8, msg=name)
+    for p in model.parameters():  # outside the context: the bf16 copies of the masters
+        if id(p) in low:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, opt.state[p]["master"].to(torch.bfloat16))
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    """One step, the optimizer's state into a fresh model + optimizer (fp32 weights rounded to bf16 there),
+    one more step: the same as two steps straight; masters and moments stay fp32 through the load."""
+    straight, sopt, _ = run_steps(True, steps=2)
+    first, fopt, _ = run_steps(True, steps=1)
+    model = debug_model()
+    with torch.no_grad():  # what load_checkpoint does: the saved (master) weights into the model
+        with masters_in_model(fopt):
+            state = {k: v.clone() for k, v in first.state_dict().items()}
+        model.load_state_dict(state)
+    opt = build_optimizer(model, 3e-3, (0.9, 0.95), 1e-8, 0.1, master_weights=True)
+    opt.load_state_dict(fopt.state_dict())
+    for p in gemm_weights(model):
+        assert all(opt.state[p][k].dtype == torch.float32 for k in ("master", "exp_avg", "exp_avg_sq"))
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randint(0, model.config.vocab_size, (2, 17), generator=g) for _ in range(2)]
+    train_step(model, opt, [(xs[1][:, :-1], xs[1][:, 1:])], lr=3e-3, autocast=torch.autocast("cpu", torch.bfloat16),
+               grad_clip=1e9, mtp_lambda=0.3, seq_aux_alpha=1e-4, bias_gamma=1e-3)
+    for (name, a), b in zip(straight.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+    for a, b in zip(gemm_weights(straight), gemm_weights(model)):
+        assert torch.equal(sopt.state[a]["master"], opt.state[b]["master"])
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="needs Triton's interpreter (TRITON_INTERPRET=1)"))])
+def test_kernel_matches_the_reference(device):
+    """The Triton update (a bf16 weight with its master, an fp32 one, a ragged last block) against the torch-op
+    reference over four steps: masters within fp32 rounding, each bf16 copy the master rounded to nearest."""
+    from nanoseek.kernels import HAVE_TRITON
+
+    if not HAVE_TRITON:
+        pytest.skip("needs Triton")
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(70, 33, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn(b.shape, generator=g) for b in base] for _ in range(4)]
+    runs = []
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(b.to(device)) for b in base]
+        opt = AdamWMasterWeights([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}],
+                                 ps[:1], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        for step_grads in grads:
+            for p, gr in zip(ps, step_grads):
+                p.grad = gr.to(device=device, dtype=p.dtype)
+            opt.step()
+        runs.append((ps, opt))
+    (ref, ref_opt), (got, got_opt) = runs
+    torch.testing.assert_close(got_opt.state[got[0]]["master"], ref_opt.state[ref[0]]["master"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+    assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], got_opt.state[got[0]]["master"].to(torch.bfloat16))
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(got_opt.state[got[0]][key], ref_opt.state[ref[0]][key], rtol=1e-5, atol=1e-7)
+
+
+def test_masters_in_model_swaps_and_restores():
+    model = debug_model()
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, master_weights=True)
+    w = gemm_weights(model)[0]
+    low = w.data.data_ptr()
+    with masters_in_model(opt):  # the master's storage itself, not a copy
+        assert w.dtype == torch.float32 and w.data_ptr() == opt.state[w]["master"].data_ptr()
+    assert w.data_ptr() == low and w.dtype == torch.bfloat16
