@@ -124,3 +124,39 @@ def test_masters_in_model_swaps_and_restores():
     with masters_in_model(opt):  # the master's storage itself, not a copy
         assert w.dtype == torch.float32 and w.data_ptr() == opt.state[w]["master"].data_ptr()
     assert w.data_ptr() == low and w.dtype == torch.bfloat16
+
+
+ADAMW_HOPPER_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nanoseek.train import fused_adamw, master_weights
+
+cases = [
+    (master_weights._adamw_master_kernel,
+     {"w_ptr": "*fp32", "g_ptr": "*bf16", "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*bf16", "n": "i32",
+      "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "keep": "fp32",
+      "step_size": "fp32", "bc2_sqrt": "fp32", "WRITE_OUT": "constexpr", "BLOCK": "constexpr"},
+     {"WRITE_OUT": True, "BLOCK": 4096}),
+    (fused_adamw._adamw_bf16_moments_kernel,
+     {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_ptr": "*bf16", "v_ptr": "*bf16", "n": "i32", "one_minus_beta1": "fp32",
+      "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "keep": "fp32", "step_size": "fp32", "bc2": "fp32",
+      "BLOCK": "constexpr"}, {"BLOCK": 4096}),
+]
+for fn, signature, constexprs in cases:
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+print("compiled", len(cases))
+"""
+
+
+def test_adamw_kernels_compile_for_hopper(tmp_path):
+    """Both AdamW kernels compiled to sm_90 cubins on the CPU (the interpreter runs them as Python and would
+    not catch what only the compiler rejects)."""
+    from nanoseek.kernels import HAVE_TRITON
+
+    if not HAVE_TRITON:
+        pytest.skip("needs Triton")
+    from test_fp8_kernels import compile_for_hopper
+
+    compile_for_hopper(ADAMW_HOPPER_COMPILE, tmp_path, "compiled 2")
