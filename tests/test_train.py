@@ -37,8 +37,10 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("optimizer", [[], ["--train.bf16_moments", "true"],
-                                       ["--train.dtype", "bf16", "--train.master_weights", "true"]],
-                         ids=["adamw", "bf16-moments", "master-weights"])
+                                       ["--train.dtype", "bf16", "--train.master_weights", "true"],
+                                       ["--train.dtype", "bf16", "--train.master_weights", "true",
+                                        "--train.bf16_moments", "true"]],
+                         ids=["adamw", "bf16-moments", "master-weights", "master-weights-bf16-moments"])
 def test_resume_continues_exactly(tmp_path, optimizer):
     """A run killed after its step-3 checkpoint (simulated: the later checkpoint deleted, its later metric
     records kept) resumes from the saved configuration to the same losses and weights as the run that
@@ -258,7 +260,7 @@ def test_fused_bf16_moment_adamw_matches_the_reference(device, dtype):
     grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
     runs = []
     for fused in (False, True):
-        ps = [torch.nn.Parameter(b.to(device=device, dtype=dtype)) for b in base]
+        ps = [torch.nn.Parameter(b.to(device=device, dtype=dtype).clone()) for b in base]  # both runs from base
         opt = AdamWBf16Moments([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}],
                                lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
         for step_grads in grads:

@@ -46,21 +46,26 @@ if HAVE_TRITON:
     def _adamw_master_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, one_minus_beta1, beta2, one_minus_beta2, eps,
                              keep, step_size, bc2_sqrt, WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr):
         """One AdamW step of the fp32 weight w (a master, or an fp32 parameter) from gradient g (bf16 or fp32),
-        in torch's single-tensor order of operations; with WRITE_OUT the bf16 copy of the new w to out."""
+        in torch's single-tensor order of operations; moments m, v fp32 or bf16 (fp32 maths, stored rounded to
+        nearest); with WRITE_OUT the bf16 copy of the new w to out."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n
         w = tl.load(w_ptr + offs, mask=live)
         g = tl.load(g_ptr + offs, mask=live).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=live)
-        v = tl.load(v_ptr + offs, mask=live)
+        m = tl.load(m_ptr + offs, mask=live).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=live).to(tl.float32)
         w = w * keep
         m = m + one_minus_beta1 * (g - m)
         v = v * beta2 + one_minus_beta2 * g * g
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         w = w - step_size * tl.div_rn(m, denom)
         tl.store(w_ptr + offs, w, mask=live)
-        tl.store(m_ptr + offs, m, mask=live)
-        tl.store(v_ptr + offs, v, mask=live)
+        if m_ptr.dtype.element_ty == tl.bfloat16:
+            tl.store(m_ptr + offs, _to_bf16(m), mask=live)
+            tl.store(v_ptr + offs, _to_bf16(v), mask=live)
+        else:
+            tl.store(m_ptr + offs, m, mask=live)
+            tl.store(v_ptr + offs, v, mask=live)
         if WRITE_OUT:
             tl.store(out_ptr + offs, _to_bf16(w), mask=live)
 
@@ -80,15 +85,17 @@ def gemm_weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 class AdamWMasterWeights(torch.optim.Optimizer):
-    """AdamW (torch's maths, fp32 moments) that casts `low_precision` parameters to bf16 at construction
-    and keeps their fp32 masters in its state ("master"); the other parameters are updated in place in fp32.
-    On CUDA each parameter is one Triton kernel; elsewhere (or `fused=False`) the same update in torch ops."""
+    """AdamW (torch's maths) that casts `low_precision` parameters to bf16 at construction and keeps their
+    fp32 masters in its state ("master"); the other parameters are updated in place in fp32. Moments in
+    `moments_dtype` (fp32, or bf16 as DeepSeek-V3 keeps them; fp32 maths either way). On CUDA each parameter
+    is one Triton kernel; elsewhere (or `fused=False`) the same update in torch ops."""
 
     def __init__(self, params, low_precision: list[nn.Parameter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 fused: bool | None = None):
+                 fused: bool | None = None, moments_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.fused = fused  # None: the kernel for CUDA tensors; True: also elsewhere (Triton's interpreter)
+        self.moments_dtype = moments_dtype
         members = {id(p) for group in self.param_groups for p in group["params"]}
         for p in low_precision:
             if id(p) not in members:
@@ -110,14 +117,15 @@ class AdamWMasterWeights(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                w = state.get("master", p.data)  # (the fp32 weight the update acts on)
+                low = "master" in state  # a bf16 weight: the update acts on its master and writes p
+                w = state["master"] if low else p.data  # the fp32 weight the update acts on
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(w, dtype=self.moments_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(w, dtype=self.moments_dtype)
                 state["step"] += 1
                 t = int(state["step"].item())  # a CPU tensor: no device sync
-                m, v, out = state["exp_avg"], state["exp_avg_sq"], (p.data if w is not p.data else None)
+                m, v, out = state["exp_avg"], state["exp_avg_sq"], (p.data if low else None)
                 args = dict(step=t, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"])
                 use_kernel = self.fused if self.fused is not None else p.is_cuda
@@ -153,13 +161,18 @@ class AdamWMasterWeights(torch.optim.Optimizer):
 
 def _reference_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """torch's single-tensor AdamW on the fp32 weight w (moments m, v fp32) from grad (any float dtype)."""
+    """torch's single-tensor AdamW on the fp32 weight w from grad (any float dtype); moments m, v fp32 (updated
+    in place) or bf16 (the same maths in fp32, stored rounded)."""
     g = grad.float()
+    mf, vf = (m, v) if m.dtype == torch.float32 else (m.float(), v.float())
     w.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    w.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    mf.lerp_(g, 1 - beta1)
+    vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (vf.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    w.addcdiv_(mf, denom, value=-lr / (1 - beta1**step))
+    if mf is not m:
+        m.copy_(mf)
+        v.copy_(vf)
 
 
 def _kernel_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, *,

@@ -131,13 +131,12 @@ def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if bf16_moments and master_weights:
-        raise ValueError("build_optimizer: bf16 moments and master weights do not combine yet; choose one")
-    if bf16_moments:
-        return AdamWBf16Moments(groups, lr=lr, betas=betas, eps=eps)
     if master_weights:
         from nanoseek.train.master_weights import AdamWMasterWeights, gemm_weights
-        return AdamWMasterWeights(groups, gemm_weights(model), lr=lr, betas=betas, eps=eps)
+        return AdamWMasterWeights(groups, gemm_weights(model), lr=lr, betas=betas, eps=eps,
+                                  moments_dtype=torch.bfloat16 if bf16_moments else torch.float32)
+    if bf16_moments:
+        return AdamWBf16Moments(groups, lr=lr, betas=betas, eps=eps)
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 

@@ -180,8 +180,6 @@ def check_master_weights(tc: TrainConfig, use_bf16: bool, parallel: bool) -> Non
         problems.append("gradient accumulation would sum bf16 gradients (--train.grad_accum 1)")
     if parallel:
         problems.append("the parallel wrappers do not take it yet (one process)")
-    if tc.bf16_moments:
-        problems.append("it does not combine with --train.bf16_moments yet")
     if tc.dtype == "fp8":
         problems.append("FP8 quantizes the fp32 weights themselves (--train.dtype bf16)")
     if problems:
