@@ -53,6 +53,7 @@ from kernel_timing import source_revision  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.fp8 import install_fp8  # noqa: E402
+from nanoseek.fp8.install import PARTS  # noqa: E402
 from nanoseek.model.swap import shared_copy  # noqa: E402
 from nanoseek.train.config import DataConfig  # noqa: E402
 from nanoseek.train.evaluate import validation_loss  # noqa: E402
@@ -61,24 +62,6 @@ from nanoseek.train.step import accumulate_gradients, optimizer_step, pretrainin
 from nanoseek.train.trainer import open_loader, prepare_data  # noqa: E402
 
 TARGET = 0.0025  # final-loss relative difference
-ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")  # the rest: "mlp"
-PARTS = ("attention", "mlp", "experts")
-
-
-def keep_fp8_parts(model: torch.nn.Module, parts: set[str]) -> None:
-    """Turn the FP8 modules outside `parts` (attention projections, MLP / shared-expert linears, routed
-    experts) back into their BF16 classes (their base classes: the same state, the reference forward)."""
-    from nanoseek.fp8.install import FP8Linear, FP8RoutedExperts
-
-    for name, module in model.named_modules():
-        if isinstance(module, FP8Linear):
-            part = "attention" if name.rsplit(".", 1)[-1] in ATTENTION else "mlp"
-        elif isinstance(module, FP8RoutedExperts):
-            part = "experts"
-        else:
-            continue
-        if part not in parts:
-            module.__class__ = type(module).__mro__[1]
 
 
 def stdlib_corpus(data_dir: Path) -> Path:
@@ -135,9 +118,7 @@ def train_run(dtype: str, cfg, data, args, device: torch.device, init_seed: int 
     if dtype == "fp8":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback list is recorded below
-            left_bf16 = install_fp8(model, backend=args.fp8_backend)["bf16"]
-        if parts is not None:
-            keep_fp8_parts(model, parts)
+            left_bf16 = install_fp8(model, backend=args.fp8_backend, parts=tuple(parts or PARTS))["bf16"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     optimizer = build_optimizer(model, args.lr, (0.9, 0.95), 1e-8, 0.1)
     loader = open_loader(data.train_dir, args.seq_len, args.batch_size, args.seed, "training")

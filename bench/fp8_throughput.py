@@ -16,8 +16,8 @@ Times are medians of CUDA-event timings after warm-up; memory is the peak alloca
 forward + backward above what the inputs and weights hold, and what the forward leaves saved for
 backward. Then whole training steps (8 x 2048 tokens) of `bench-1b` and `bench-2048` (DeepSeek-V2-Lite's layer
 shapes, 6 layers + MTP, 3.7B parameters; cut to 3 layers on a GPU under 120 GiB), BF16 against FP8
-(`install_fp8`; with `recompute_swiglu=True`; with `pad_partial_blocks=True`), tokens/s and peak
-memory. The record lands in bench/results/fp8_throughput-<date>.json.
+(`install_fp8`; with `recompute_swiglu=True`; with `pad_partial_blocks=True`; with the routed experts left
+in BF16, `parts=("attention", "mlp")`), tokens/s and peak memory. The record lands in bench/results/fp8_throughput-<date>.json.
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
     bench/train_throughput.py runs it, without and with `install_fp8`: tokens/s, peak memory."""
     from nanoseek import Transformer
     from nanoseek.fp8 import gpu, install_fp8
+    from nanoseek.fp8.install import PARTS
     from nanoseek.train.metrics import H100_BF16_PEAK, flops_per_token
     from nanoseek.train.optim import build_optimizer
     from nanoseek.train.step import compile_blocks, compiled_cross_entropy, cross_entropy, train_step
@@ -187,7 +188,8 @@ def whole_step(name: str, batch_size: int, seq: int, args) -> dict:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # recorded instead
                     report = install_fp8(model, recompute_swiglu=dtype == "fp8_recompute",
-                                         pad_partial_blocks=dtype == "fp8_padded")
+                                         pad_partial_blocks=dtype == "fp8_padded",
+                                         parts=("attention", "mlp") if dtype == "fp8_dense" else PARTS)
                     out["fp8_layers_left_in_bf16"] = report["bf16"]
             if args.step_compile:  # each block compiled, as `nanoseek train --train.compile true` does
                 compile_blocks(model)
@@ -230,8 +232,9 @@ def main() -> None:
                    f"(default: all of {', '.join(m[0] for m in STEP_MODELS)})")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer section")
     p.add_argument("--profile", action="store_true", help="whole steps: the top CUDA kernels of each variant")
-    p.add_argument("--step-variants", default="bf16,fp8,fp8_recompute,fp8_padded",
-                   help="whole-step variants, comma-separated (bf16 is the reference of the ratios)")
+    p.add_argument("--step-variants", default="bf16,fp8,fp8_recompute,fp8_padded,fp8_dense",
+                   help="whole-step variants, comma-separated (bf16 is the reference of the ratios; fp8_dense: "
+                        "the attention and MLP linears in FP8, the routed experts in BF16)")
     p.add_argument("--step-compile", action="store_true", help="whole steps with each block compiled (the "
                    "trainer's --train.compile; FP8 calls stay outside the compiled graphs)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/fp8_throughput-<date>.json)")

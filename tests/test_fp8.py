@@ -285,3 +285,25 @@ def test_without_autograd_the_reference_maths_runs():
         got = model(ids).logits
     assert torch.equal(got, want)
     assert not torch.equal(model(ids).logits.detach(), want)  # with autograd: FP8
+
+
+def test_install_takes_the_parts_asked_for():
+    """parts= swaps only the attention projections, the MLP / shared-expert linears or the routed experts; an
+    unknown part is an error that lists the parts."""
+    from nanoseek import Transformer, preset
+    from nanoseek.fp8 import install_fp8
+    from nanoseek.fp8.install import ATTENTION_LINEARS, MLP_LINEARS, FP8Linear, FP8RoutedExperts
+
+    for parts in [("attention",), ("mlp",), ("experts",), ("attention", "mlp")]:
+        model = Transformer.from_config(preset("debug"), seed=0)
+        install_fp8(model, backend="emulate", parts=parts)
+        for name, m in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ATTENTION_LINEARS:
+                assert isinstance(m, FP8Linear) == ("attention" in parts), name
+            elif leaf in MLP_LINEARS:
+                assert isinstance(m, FP8Linear) == ("mlp" in parts), name
+            elif name.endswith(".experts"):
+                assert isinstance(m, FP8RoutedExperts) == ("experts" in parts), name
+    with pytest.raises(ValueError, match="attention"):
+        install_fp8(Transformer.from_config(preset("debug"), seed=0), backend="emulate", parts=("router",))

@@ -543,3 +543,9 @@ def test_end_of_run_evaluation_fits_a_small_context(tmp_path):
     end of a run."""
     summary = run(tmp_path, "--train.max_steps", "1", "--train.eval_problems", "2")
     assert summary["heldout"]["n"] == 2
+
+
+def test_fp8_parts_flag_names_the_parts(tmp_path):
+    """--train.fp8_parts with an unknown part stops with the list of parts."""
+    with pytest.raises(SystemExit, match="attention"):
+        run(tmp_path, "--train.dtype", "fp8", "--train.fp8_parts", "attention,router", "--train.max_steps", "1")

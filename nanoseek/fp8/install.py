@@ -37,9 +37,11 @@ from nanoseek.model.moe import RoutedExperts, SortRows, UnsortRows, stable_argso
 from nanoseek.model.swap import adopt, replace_modules
 
 BACKENDS = ("auto", "emulate", "gpu")
-# the linears FP8 takes, by their attribute name in the model (MLA, MLP / shared experts)
-FP8_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-               "gate_proj", "up_proj", "down_proj")
+# the linears FP8 takes, by their attribute name in the model, per part: MLA, and the MLPs / shared experts
+ATTENTION_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+FP8_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
+PARTS = ("attention", "mlp", "experts")  # what `install_fp8(parts=...)` may swap (the routed experts last)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -157,8 +159,12 @@ def check_fp8_device(device: torch.device) -> None:
 
 
 def install_fp8(model: nn.Module, backend: str = "auto", cache_weights: bool = False,
-                recompute_swiglu: bool = False, pad_partial_blocks: bool = False) -> dict[str, list[str]]:
+                recompute_swiglu: bool = False, pad_partial_blocks: bool = False,
+                parts: tuple[str, ...] = PARTS) -> dict[str, list[str]]:
     """Swap the FP8-eligible linears and routed experts of `model` in place (same parameter objects).
+
+    parts: which of the attention projections ("attention"), the dense-MLP and shared-expert linears ("mlp")
+    and the routed experts ("experts") run in FP8 (default all; the rest stays as BF16 would run it).
 
     cache_weights: quantize each weight once per optimizer step (reused over gradient-accumulation
     micro-batches, 1-2 bytes per weight kept between steps); recompute_swiglu: recompute silu(gate) in
@@ -168,6 +174,10 @@ def install_fp8(model: nn.Module, backend: str = "auto", cache_weights: bool = F
     because of their shape}; MLPs swapped for recompute are not listed."""
     if backend not in BACKENDS:
         raise ValueError(f"install_fp8: backend {backend!r} is unknown; use one of {BACKENDS}")
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"install_fp8: parts {tuple(parts)!r}: choose one or more of {PARTS}")
+    linears = (ATTENTION_LINEARS if "attention" in parts else ()) + (MLP_LINEARS if "mlp" in parts else ())
     device = next(model.parameters(), torch.empty(0)).device
     if backend == "auto":
         backend = "gpu" if device.type == "cuda" else "emulate"
@@ -178,7 +188,7 @@ def install_fp8(model: nn.Module, backend: str = "auto", cache_weights: bool = F
 
     def swap(name: str, module: nn.Module) -> nn.Module | None:
         leaf = name.rsplit(".", 1)[-1]
-        if type(module) is nn.Linear and leaf in FP8_LINEARS:
+        if type(module) is nn.Linear and leaf in linears:
             if module.bias is not None:
                 fallback.append(f"{name} (has a bias)")
                 return None
@@ -190,8 +200,8 @@ def install_fp8(model: nn.Module, backend: str = "auto", cache_weights: bool = F
             new.pad_blocks = partial
             new.weight_cache = WeightCache() if cache_weights else None
         elif type(module) is MLP:
-            return adopt(FP8MLP, module) if recompute_swiglu else None
-        elif type(module) is RoutedExperts:
+            return adopt(FP8MLP, module) if recompute_swiglu and "mlp" in parts else None
+        elif type(module) is RoutedExperts and "experts" in parts:
             D, I = module.w2.shape[1], module.width
             if backend == "gpu" and not gpu_shape_ok(D, I):
                 fallback.append(f"{name} (experts {D}->{I})")

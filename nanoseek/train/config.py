@@ -108,6 +108,9 @@ class TrainConfig:
     seq_aux_alpha: float = doc("complementary sequence-wise balance loss weight alpha", 1e-4)
     dtype: str = doc("'auto' (bf16 autocast on cuda, fp32 on cpu), 'bf16', 'fp32' or 'fp8' (docs/fp8.md)", "auto")
     fp8_recompute_swiglu: bool = doc("with dtype fp8: recompute silu(gate) in backward instead of storing it", False)
+    fp8_parts: str = doc("with dtype fp8: which parts run in FP8, a comma list of attention (the MLA projections), "
+                         "mlp (dense MLPs, shared experts) and experts (the routed experts)",
+                         "attention,mlp,experts")
     fp8_pad_partial: bool = doc("with dtype fp8 on the GPU: run linears whose sizes are not multiples of 128 on "
                                 "zero-padded copies instead of leaving them in BF16", False)
     compile: bool = doc("torch.compile each transformer block", False)

@@ -34,7 +34,7 @@ MAY_CHANGE = {
     "device", "grad_accum", "max_steps", "time_limit_min", "lr", "min_lr_ratio", "warmup_steps", "schedule",
     "decay_frac", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "mtp_lambda", "mtp_lambda_final",
     "mtp_switch_frac", "bias_gamma", "bias_freeze_frac", "seq_aux_alpha", "dtype", "fp8_recompute_swiglu",
-    "fp8_pad_partial", "compile",
+    "fp8_pad_partial", "fp8_parts", "compile",
     "activation_checkpointing", "eval_every", "eval_batches", "ckpt_every", "keep_last", "log_every",
     "max_nonfinite", "samples", "eval_problems", "tensorboard",
 }

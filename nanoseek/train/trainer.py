@@ -242,8 +242,13 @@ def train(run: RunConfig) -> dict[str, Any]:
         model = par.wrap(model)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":  # FP8 linears/experts (emulated on the CPU); the rest as bf16/fp32 would run
-        install_fp8(model, cache_weights=tc.grad_accum > 1,  # quantize weights once per optimizer step
-                    recompute_swiglu=tc.fp8_recompute_swiglu, pad_partial_blocks=tc.fp8_pad_partial)
+        parts = tuple(part.strip() for part in tc.fp8_parts.split(",") if part.strip())
+        try:
+            install_fp8(model, cache_weights=tc.grad_accum > 1,  # quantize weights once per optimizer step
+                        recompute_swiglu=tc.fp8_recompute_swiglu, pad_partial_blocks=tc.fp8_pad_partial,
+                        parts=parts)
+        except ValueError as e:
+            raise SystemExit(f"nanoseek train: --train.fp8_parts {tc.fp8_parts!r}: {e}") from None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
     if tc.master_weights:
         check_master_weights(tc, use_bf16, par is not None)
