@@ -17,7 +17,8 @@ forward + backward above what the inputs and weights hold, and what the forward 
 backward. Then whole training steps (8 x 2048 tokens) of `bench-1b` and `bench-2048` (DeepSeek-V2-Lite's layer
 shapes, 6 layers + MTP, 3.7B parameters; cut to 3 layers on a GPU under 120 GiB), BF16 against FP8
 (`install_fp8`; with `recompute_swiglu=True`; with `pad_partial_blocks=True`; with the routed experts left
-in BF16, `parts=("attention", "mlp")`), tokens/s and peak memory. The record lands in bench/results/fp8_throughput-<date>.json.
+in BF16, `parts=("attention", "mlp")`), tokens/s and peak memory. The record lands in
+bench/results/fp8_throughput-<date>.json.
 """
 
 from __future__ import annotations
