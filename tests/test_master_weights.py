@@ -141,9 +141,10 @@ from nanoseek.train import fused_adamw, master_weights
 
 cases = [
     (master_weights._adamw_master_kernel,
-     {"w_ptr": "*fp32", "g_ptr": "*bf16", "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*bf16", "n": "i32",
-      "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "keep": "fp32",
-      "step_size": "fp32", "bc2_sqrt": "fp32", "WRITE_OUT": "constexpr", "BLOCK": "constexpr"},
+     {"w_ptr": "*fp32", "g_ptr": "*bf16", "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*bf16", "step_ptr": "*fp32",
+      "found_ptr": "*fp32", "n": "i32", "lr": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
+      "one_minus_beta2": "fp32", "log2_beta1": "fp32", "log2_beta2": "fp32", "eps": "fp32", "keep": "fp32",
+      "WRITE_OUT": "constexpr", "BLOCK": "constexpr"},
      {"WRITE_OUT": True, "BLOCK": 4096}),
     (fused_adamw._adamw_bf16_moments_kernel,
      {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_ptr": "*bf16", "v_ptr": "*bf16", "n": "i32", "one_minus_beta1": "fp32",
@@ -166,3 +167,38 @@ def test_adamw_kernels_compile_for_hopper(tmp_path):
     from test_fp8_kernels import compile_for_hopper
 
     compile_for_hopper(ADAMW_HOPPER_COMPILE, tmp_path, "compiled 2")
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel on the CPU needs Triton's interpreter"))])
+def test_a_flagged_step_changes_nothing(fused):
+    """optimizer_step(skip_nonfinite=True) hands over found_inf: a flagged step moves no weight, master, moment
+    or step count (the kernel reads the flag on the device), and the run continues as if it never happened."""
+    from nanoseek.kernels import HAVE_TRITON
+
+    if fused and not HAVE_TRITON:
+        pytest.skip("needs Triton")
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(40, 8, generator=g), torch.randn(8, generator=g)]
+    grads = [[torch.randn(b.shape, generator=g) for b in base] for _ in range(3)]
+
+    def run(steps):
+        """(gradients, found_inf or None) per step -> the parameters and the optimizer."""
+        ps = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = AdamWMasterWeights([{"params": ps}], ps[:1], lr=1e-2, weight_decay=0.1, fused=fused)
+        for step_grads, flag in steps:
+            for p, gr in zip(ps, step_grads):
+                p.grad = gr.to(p.dtype)
+            if flag is not None:
+                opt.found_inf = torch.tensor(flag)
+            opt.step()
+            opt.__dict__.pop("found_inf", None)
+        return ps, opt
+
+    flagged, f_opt = run([(grads[0], 0.0), (grads[1], 1.0), (grads[2], None)])
+    plain, p_opt = run([(grads[0], None), (grads[2], None)])  # the flagged step never happened
+    for x, y in zip(flagged, plain):
+        assert torch.equal(x, y)
+    for key in ("master", "exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(f_opt.state[flagged[0]][key], p_opt.state[plain[0]][key]), key
+    assert f_opt.state[flagged[1]]["step"].item() == 2

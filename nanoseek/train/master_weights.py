@@ -43,13 +43,19 @@ if HAVE_TRITON:
     from nanoseek.train.fused_adamw import _to_bf16
 
     @triton.jit
-    def _adamw_master_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, one_minus_beta1, beta2, one_minus_beta2, eps,
-                             keep, step_size, bc2_sqrt, WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    def _adamw_master_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, step_ptr, found_ptr, n, lr, one_minus_beta1,
+                             beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, keep, WRITE_OUT: tl.constexpr,
+                             BLOCK: tl.constexpr):
         """One AdamW step of the fp32 weight w (a master, or an fp32 parameter) from gradient g (bf16 or fp32),
         in torch's single-tensor order of operations; moments m, v fp32 or bf16 (fp32 maths, stored rounded to
-        nearest); with WRITE_OUT the bf16 copy of the new w to out."""
+        nearest); with WRITE_OUT the bf16 copy of the new w to out. The step count t (already advanced) and
+        the skip flag found_inf are read on the device, so a skipped step costs no host sync; the bias
+        corrections 1 - beta^t come from t there."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        live = offs < n
+        t = tl.load(step_ptr)
+        live = offs < tl.where(tl.load(found_ptr) == 0, n, 0)  # a non-finite step changes nothing
+        step_size = tl.div_rn(lr, 1.0 - tl.exp2(t * log2_beta1))
+        bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(t * log2_beta2))
         w = tl.load(w_ptr + offs, mask=live)
         g = tl.load(g_ptr + offs, mask=live).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=live).to(tl.float32)
@@ -88,7 +94,13 @@ class AdamWMasterWeights(torch.optim.Optimizer):
     """AdamW (torch's maths) that casts `low_precision` parameters to bf16 at construction and keeps their
     fp32 masters in its state ("master"); the other parameters are updated in place in fp32. Moments in
     `moments_dtype` (fp32, or bf16 as DeepSeek-V3 keeps them; fp32 maths either way). On CUDA each parameter
-    is one Triton kernel; elsewhere (or `fused=False`) the same update in torch ops."""
+    is one Triton kernel; elsewhere (or `fused=False`) the same update in torch ops.
+
+    It takes `found_inf` as torch's fused AdamW does (`optimizer_step(skip_nonfinite=True)` sets it): a step
+    whose flag is nonzero moves no weight, moment or step count. With the kernels the flag and the step
+    counts stay on the device (no host sync); the reference path reads the flag on the host."""
+
+    _step_supports_amp_scaling = True  # optimizer_step hands over found_inf instead of syncing on it
 
     def __init__(self, params, low_precision: list[nn.Parameter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -111,6 +123,9 @@ class AdamWMasterWeights(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)  # set by optimizer_step(skip_nonfinite=True), or absent
+        host_skip: bool | None = None  # the flag read on the host, once, if a reference update needs it
+        on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (flag, 1 - flag)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -123,19 +138,29 @@ class AdamWMasterWeights(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(w, dtype=self.moments_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(w, dtype=self.moments_dtype)
-                state["step"] += 1
-                t = int(state["step"].item())  # a CPU tensor: no device sync
                 m, v, out = state["exp_avg"], state["exp_avg_sq"], (p.data if low else None)
-                args = dict(step=t, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                args = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"])
                 use_kernel = self.fused if self.fused is not None else p.is_cuda
                 tensors = (w, p.grad, m, v) + ((out,) if out is not None else ())
                 if use_kernel and HAVE_TRITON and all(type(x) is torch.Tensor and x.is_contiguous() for x in tensors):
-                    _kernel_step(w, p.grad, m, v, out, **args)
-                else:
-                    _reference_step(w, p.grad, m, v, **args)
-                    if out is not None:
-                        out.copy_(w)
+                    if state["step"].device != p.device:  # the count lives where the kernel reads it
+                        state["step"] = state["step"].to(p.device)
+                    if p.device not in on_device:  # once per step and device
+                        flag = (found_inf if found_inf is not None else _no_skip(p.device)).to(p.device, torch.float32)
+                        on_device[p.device] = (flag, 1 - flag)
+                    flag, advance = on_device[p.device]
+                    state["step"].add_(advance)
+                    _kernel_step(w, p.grad, m, v, out, state["step"], flag, **args)
+                    continue
+                if found_inf is not None and host_skip is None:
+                    host_skip = bool(found_inf.item())  # a host read (free on the CPU)
+                if host_skip:
+                    continue
+                state["step"] += 1
+                _reference_step(w, p.grad, m, v, step=int(state["step"].item()), **args)
+                if out is not None:
+                    out.copy_(w)
 
     @staticmethod
     def _keep_fp32_state(optimizer: AdamWMasterWeights, state_dict: dict) -> None:
@@ -175,12 +200,24 @@ def _reference_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: tor
         v.copy_(vf)
 
 
-def _kernel_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, *,
-                 step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+_NO_SKIP: dict[torch.device, torch.Tensor] = {}
+
+
+def _no_skip(device: torch.device) -> torch.Tensor:
+    """A zero flag on `device` (kept: one per device), for steps without found_inf."""
+    if device not in _NO_SKIP:
+        _NO_SKIP[device] = torch.zeros((), dtype=torch.float32, device=device)
+    return _NO_SKIP[device]
+
+
+def _kernel_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
+                 step: torch.Tensor, found: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float) -> None:
+    """The kernel over w; step (0-dim fp32, advanced already) and found (0-dim) on w's device."""
     n = w.numel()  # the scalars in double on the host, rounded once, as the reference's are
     _adamw_master_kernel[(triton.cdiv(n, BLOCK),)](
-        w, grad, m, v, out if out is not None else w, n, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay,
-        lr / (1 - beta1**step), math.sqrt(1 - beta2**step), WRITE_OUT=out is not None, BLOCK=BLOCK)
+        w, grad, m, v, out if out is not None else w, step, found, n, lr, 1 - beta1, beta2, 1 - beta2,
+        math.log2(beta1), math.log2(beta2), eps, 1 - lr * weight_decay, WRITE_OUT=out is not None, BLOCK=BLOCK)
 
 
 @contextlib.contextmanager
