@@ -29,17 +29,21 @@ def test_gemm_weights_are_the_blocks_linears_and_experts():
         assert not any(k in n for k in ("norm", "gate.weight", "embed", "lm_head", "shared_head")), n
 
 
-def run_steps(master_weights: bool, steps: int = 3):
-    """A debug model trained `steps` steps under CPU bf16 autocast (no clipping engaged)."""
+def run_steps(master_weights: bool, steps: int = 3, micro: int = 1, grad_clip: float = 1e9):
+    """A debug model trained `steps` steps of `micro` micro-batches under CPU bf16 autocast (by default no
+    clipping engaged)."""
     model = debug_model()
     opt = build_optimizer(model, 3e-3, (0.9, 0.95), 1e-8, 0.1, master_weights=master_weights)
+    if master_weights:
+        opt.accumulate_in_fp32 = micro > 1
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
-        x = torch.randint(0, model.config.vocab_size, (2, 17), generator=g)
-        m = train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=3e-3, autocast=torch.autocast("cpu", torch.bfloat16),
-                       grad_clip=1e9, mtp_lambda=0.3, seq_aux_alpha=1e-4, bias_gamma=1e-3)
-        losses.append(m["loss"].item())
+        xs = [torch.randint(0, model.config.vocab_size, (2, 17), generator=g) for _ in range(micro)]
+        m = train_step(model, opt, [(x[:, :-1], x[:, 1:]) for x in xs], lr=3e-3,
+                       autocast=torch.autocast("cpu", torch.bfloat16), grad_clip=grad_clip, mtp_lambda=0.3,
+                       seq_aux_alpha=1e-4, bias_gamma=1e-3)
+        losses.append((m["loss"].item(), m["grad_norm"].item()))
     return model, opt, losses
 
 
@@ -48,7 +52,9 @@ def test_master_weights_compute_the_default_settings_numbers():
     masters: the same losses and, after the last step, the same fp32 weights (the masters)."""
     ref, _, ref_losses = run_steps(False)
     model, opt, losses = run_steps(True)
-    assert losses == ref_losses
+    assert [loss for loss, _ in losses] == [loss for loss, _ in ref_losses]
+    # the norm of bf16 gradients is summed from per-tensor norms rounded to bf16: close, not equal
+    assert all(abs(a - b) < 1e-3 * b for (_, a), (_, b) in zip(losses, ref_losses))
     low = {id(p) for p in gemm_weights(model)}
     with masters_in_model(opt):
         for (name, a), b in zip(ref.named_parameters(), model.parameters()):
@@ -57,6 +63,19 @@ def test_master_weights_compute_the_default_settings_numbers():
     for p in model.parameters():  # outside the context: the bf16 copies of the masters
         if id(p) in low:
             assert p.dtype == torch.bfloat16 and torch.equal(p, opt.state[p]["master"].to(torch.bfloat16))
+
+
+def test_accumulated_micro_batches_sum_in_fp32_as_the_default_setting_does():
+    """Two micro-batches per step with the clip engaged: each bf16 gradient is added into an fp32 buffer, so the
+    sums, the norm, the clipped gradients and the updates are the default setting's (fp32 .grad under
+    autocast): the same losses and gradient norms, and the same fp32 weights."""
+    ref, _, ref_losses = run_steps(False, micro=2, grad_clip=0.05)
+    model, opt, losses = run_steps(True, micro=2, grad_clip=0.05)
+    assert losses == ref_losses and all(norm > 0.05 for _, norm in losses)  # every step clipped
+    with masters_in_model(opt):
+        for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8, msg=name)
+    assert not opt.held_gradients()  # the buffers go with zero_grad
 
 
 def test_state_dict_round_trip_resumes_exactly():

@@ -39,8 +39,11 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 @pytest.mark.parametrize("optimizer", [[], ["--train.bf16_moments", "true"],
                                        ["--train.dtype", "bf16", "--train.master_weights", "true"],
                                        ["--train.dtype", "bf16", "--train.master_weights", "true",
-                                        "--train.bf16_moments", "true"]],
-                         ids=["adamw", "bf16-moments", "master-weights", "master-weights-bf16-moments"])
+                                        "--train.bf16_moments", "true"],
+                                       ["--train.dtype", "bf16", "--train.master_weights", "true",
+                                        "--train.grad_accum", "2"]],
+                         ids=["adamw", "bf16-moments", "master-weights", "master-weights-bf16-moments",
+                              "master-weights-accumulated"])
 def test_resume_continues_exactly(tmp_path, optimizer):
     """A run killed after its step-3 checkpoint (simulated: the later checkpoint deleted, its later metric
     records kept) resumes from the saved configuration to the same losses and weights as the run that
@@ -529,12 +532,11 @@ def test_clip_grad_norm_matches_torch_and_keeps_foreach_fast_route(max_norm):
 
 
 def test_master_weights_refuse_settings_whose_numbers_they_cannot_match(tmp_path):
-    """--train.master_weights without bf16 autocast, or with gradient accumulation: a clear stop naming the fix."""
+    """--train.master_weights without bf16 autocast, or with FP8: a clear stop naming the fix."""
     with pytest.raises(SystemExit, match="needs bf16 autocast"):
         run(tmp_path / "a", "--train.master_weights", "true", "--train.max_steps", "1")
-    with pytest.raises(SystemExit, match="--train.grad_accum 1"):
-        run(tmp_path / "b", "--train.dtype", "bf16", "--train.master_weights", "true", "--train.grad_accum", "2",
-            "--train.max_steps", "1")
+    with pytest.raises(SystemExit, match="FP8 quantizes"):
+        run(tmp_path / "b", "--train.dtype", "fp8", "--train.master_weights", "true", "--train.max_steps", "1")
 
 
 def test_end_of_run_evaluation_fits_a_small_context(tmp_path):

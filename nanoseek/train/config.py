@@ -97,7 +97,7 @@ class TrainConfig:
     eps: float = doc("AdamW epsilon", 1e-8)
     bf16_moments: bool = doc("keep AdamW moments in bf16 (as in DeepSeek-V3)", False)
     master_weights: bool = doc("GEMM weights in bf16 with their fp32 masters in the optimizer: the bf16-autocast "
-                               "numbers with less memory traffic (one process, grad_accum 1; docs/performance.md)",
+                               "numbers with less memory traffic (one process, bf16 autocast; docs/training.md)",
                                False)
     grad_clip: float = doc("gradient-norm clip (0 disables)", 1.0)
     mtp_lambda: float = doc("MTP loss weight lambda for the first part of training", 0.3)

@@ -7,11 +7,13 @@ to fp32 in the backward (2 + 4), and AdamW (read weight, gradient and two moment
 gradients stay bf16; the optimizer keeps the fp32 master of each and, in one pass, reads the bf16 gradient,
 updates master and moments and writes the next bf16 copy: 2 + 12 read, 12 + 2 written, 28 bytes.
 
-The numbers are the default setting's, under these conditions: autocast's GEMMs take bf16(master) either
-way (the copy is rounded to nearest, as autocast's cast is), and with one micro-batch per step its weight
-gradient is the bf16 GEMM output, which autocast would upcast exactly. Not so, and so refused by the trainer:
-gradient accumulation over micro-batches (the sum would round in bf16). The gradient clip scales the bf16
-gradients by the coefficient rounded to bf16 (exactly 1 when nothing is clipped).
+The numbers are the default setting's: autocast's GEMMs take bf16(master) either way (the copy is rounded
+to nearest, as autocast's cast is), and a weight gradient is the bf16 GEMM output, which autocast would
+upcast exactly. With one micro-batch per step the kernel reads that bf16 gradient; the gradient clip then
+scales it by the coefficient rounded to bf16 (exactly 1 when nothing is clipped). With several micro-batches
+(`accumulate_in_fp32`, which the trainer sets for --train.grad_accum > 1) each micro-batch's bf16 gradient is
+added into an fp32 buffer as it arrives (a post-accumulate-grad hook), as autocast's fp32 .grad would sum
+it; the clip and the update then use those buffers (`held_gradients`), so the sum does not round in bf16.
 
 Which weights: the linears inside the transformer blocks and the MTP modules (attention projections, dense
 MLPs, shared experts, MTP's eh_proj) and the routed experts' w13 / w2. The rest stays fp32 as autocast
@@ -118,8 +120,32 @@ class AdamWMasterWeights(torch.optim.Optimizer):
             p.data = p.data.to(torch.bfloat16)
         self._incoming: dict[int, dict[str, torch.Tensor]] = {}  # between the two load_state_dict hooks
         self._incoming_order: list[int] = []
+        self.accumulate_in_fp32 = False  # fold each micro-batch's bf16 gradient into an fp32 buffer
+        self._held: dict[nn.Parameter, torch.Tensor] = {}  # those buffers, until zero_grad
+        for p in low_precision:
+            p.register_post_accumulate_grad_hook(self._fold)
         self.register_load_state_dict_pre_hook(AdamWMasterWeights._keep_fp32_state)
         self.register_load_state_dict_post_hook(AdamWMasterWeights._restore_fp32_state)
+
+    @torch.no_grad()
+    def _fold(self, p: nn.Parameter) -> None:
+        """After a backward wrote p.grad (bf16): with accumulate_in_fp32, add it into p's fp32 buffer and free it."""
+        if not self.accumulate_in_fp32 or p.grad is None:
+            return
+        held = self._held.get(p)
+        if held is None:
+            self._held[p] = p.grad.float()
+        else:
+            held.add_(p.grad)
+        p.grad = None
+
+    def held_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
+        """{parameter: its fp32 gradient buffer} of this step (the clip's norm and scaling must see them)."""
+        return dict(self._held)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._held = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -129,7 +155,8 @@ class AdamWMasterWeights(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                grad = self._held.get(p, p.grad)  # an fp32 buffer (accumulate_in_fp32), or p's own gradient
+                if grad is None:
                     continue
                 state = self.state[p]
                 low = "master" in state  # a bf16 weight: the update acts on its master and writes p
@@ -142,7 +169,7 @@ class AdamWMasterWeights(torch.optim.Optimizer):
                 args = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"])
                 use_kernel = self.fused if self.fused is not None else p.is_cuda
-                tensors = (w, p.grad, m, v) + ((out,) if out is not None else ())
+                tensors = (w, grad, m, v) + ((out,) if out is not None else ())
                 if use_kernel and HAVE_TRITON and all(type(x) is torch.Tensor and x.is_contiguous() for x in tensors):
                     if state["step"].device != p.device:  # the count lives where the kernel reads it
                         state["step"] = state["step"].to(p.device)
@@ -151,14 +178,14 @@ class AdamWMasterWeights(torch.optim.Optimizer):
                         on_device[p.device] = (flag, 1 - flag)
                     flag, advance = on_device[p.device]
                     state["step"].add_(advance)
-                    _kernel_step(w, p.grad, m, v, out, state["step"], flag, **args)
+                    _kernel_step(w, grad, m, v, out, state["step"], flag, **args)
                     continue
                 if found_inf is not None and host_skip is None:
                     host_skip = bool(found_inf.item())  # a host read (free on the CPU)
                 if host_skip:
                     continue
                 state["step"] += 1
-                _reference_step(w, p.grad, m, v, step=int(state["step"].item()), **args)
+                _reference_step(w, grad, m, v, step=int(state["step"].item()), **args)
                 if out is not None:
                     out.copy_(w)
 

@@ -108,7 +108,7 @@ def pretraining_loss(mtp_lambda: float, seq_aux_alpha: float, ce=cross_entropy, 
 
 
 # ---------------------------------------------------------------------------- the step
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, held: dict | None = None) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` (2-norm), scaling each dtype's gradients in one foreach kernel.
 
     torch's version multiplies every gradient by an fp32 coefficient; `_foreach_mul_` takes its multi-tensor
@@ -117,12 +117,19 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     H100, `bench/results/train_throughput-2026-12-06-h100-levers-faf43f3-profile.json`). Here the coefficient
     min(1, max_norm / (norm + 1e-6)) is cast to each group's dtype first: fp32 gradients are scaled exactly
     as torch scales them; bf16 ones by the coefficient rounded to bf16 (exactly 1 when nothing is clipped).
-    Returns the total norm before clipping (a device tensor; no host sync)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    `held` {parameter: gradient}: gradients held outside `.grad` (an optimizer's fp32 accumulation buffers),
+    taken in the parameter's place. Returns the total norm before clipping (a device tensor; no host sync)."""
+    grads = gradients(parameters, held)
     norm = torch.nn.utils.get_total_norm(grads)
     if grads:
         scale_by_dtype(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
+
+
+def gradients(parameters, held: dict | None = None) -> list[torch.Tensor]:
+    """Each parameter's gradient in parameter order: its held buffer if `held` has one, else `.grad` (if any)."""
+    held = held or {}
+    return [g for g in (held.get(p, p.grad) for p in parameters) if g is not None]
 
 
 def scale_by_dtype(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
@@ -193,12 +200,13 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, *, lr: 
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
         group["lr"] = lr
+    held = optimizer.held_gradients() if hasattr(optimizer, "held_gradients") else None  # master weights' sums
     if clip is not None:  # parallel: the global norm over all ranks' shards (nanoseek/parallel/data.py)
         grad_norm = clip(grad_clip)
     elif grad_clip > 0:
-        grad_norm = clip_grad_norm(model.parameters(), grad_clip)
+        grad_norm = clip_grad_norm(model.parameters(), grad_clip, held)
     else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        grad_norm = torch.nn.utils.get_total_norm(gradients(model.parameters(), held))
     out = {"grad_norm": grad_norm}
     if skip_nonfinite:
         finite = torch.stack([torch.isfinite(t.detach().float()).all() for t in (grad_norm, *also_finite)]).all()

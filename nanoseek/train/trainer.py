@@ -171,13 +171,11 @@ def schedule_settings(tc: TrainConfig) -> dict[str, Any]:
 
 
 def check_master_weights(tc: TrainConfig, use_bf16: bool, parallel: bool) -> None:
-    """--train.master_weights computes the default setting's numbers only where its conditions hold
-    (nanoseek/train/master_weights.py); elsewhere stop with the fix."""
+    """--train.master_weights computes the default setting's numbers under bf16 autocast, in one process,
+    without FP8 (nanoseek/train/master_weights.py); elsewhere stop with the fix."""
     problems = []
     if not use_bf16:
         problems.append("it needs bf16 autocast (--train.dtype bf16, or auto on a GPU)")
-    if tc.grad_accum != 1:
-        problems.append("gradient accumulation would sum bf16 gradients (--train.grad_accum 1)")
     if parallel:
         problems.append("the parallel wrappers do not take it yet (one process)")
     if tc.dtype == "fp8":
@@ -254,6 +252,8 @@ def train(run: RunConfig) -> dict[str, Any]:
         check_master_weights(tc, use_bf16, par is not None)
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments,
                                 tc.master_weights)
+    if tc.master_weights:  # several micro-batches: their bf16 gradients summed in fp32, as autocast's .grad does
+        optimizer.accumulate_in_fp32 = tc.grad_accum > 1
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model)
     if tc.compile:
