@@ -18,7 +18,8 @@ import torch
 import nanoseek
 from nanoseek import Transformer
 from nanoseek.train.config import help_text, parse_args
-from nanoseek.train.optim import AdamWBf16Moments, lr_multiplier
+from nanoseek.train.master_weights import AdamWMasterWeights
+from nanoseek.train.optim import lr_multiplier
 from nanoseek.train.trainer import train
 
 TINY = ["--preset", "debug", "--data.n_docs", "300", "--data.val_docs", "40", "--data.vocab_size", "300",
@@ -197,12 +198,17 @@ def test_schedules():
         lr_multiplier(1, schedule="linear", **kw)
 
 
+def bf16_moment_adamw(params, **kw) -> AdamWMasterWeights:
+    """The trainer's optimizer for --train.bf16_moments: AdamW with bf16 moments, no master weights."""
+    return AdamWMasterWeights(params, [], moments_dtype=torch.bfloat16, **kw)
+
+
 def test_bf16_moment_adamw_tracks_torch_adamw():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(64, 32))
     b = torch.nn.Parameter(a.detach().clone())
     ref = torch.optim.AdamW([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    ours = AdamWBf16Moments([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ours = bf16_moment_adamw([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     for _ in range(20):
         g = torch.randn(64, 32)
         a.grad, b.grad = g.clone(), g.clone()
@@ -221,7 +227,7 @@ def test_bf16_moment_adamw_resumes_exactly():
     w0, grads = torch.randn(6, 5, generator=g), [torch.randn(6, 5, generator=g) for _ in range(2)]
 
     def optimizer(p):
-        return AdamWBf16Moments([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
+        return bf16_moment_adamw([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
 
     straight = torch.nn.Parameter(w0.clone())
     opt = optimizer(straight)
@@ -248,11 +254,10 @@ def test_bf16_moment_adamw_resumes_exactly():
                                                  reason="needs Triton's interpreter (TRITON_INTERPRET=1)"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_bf16_moment_adamw_matches_the_reference(device, dtype):
-    """The Triton AdamW (fp32 or bf16 weights, fp32/bf16 gradients, a ragged last block) against the torch-op
-    reference over several steps: fp32 weights within fp32 rounding, bf16 weights within a few bf16 steps (the
-    reference rounds a bf16 weight twice per step, after the decay and after the update; the kernel once),
-    moments within two bf16 steps (the GPU's fused multiply-adds can flip a rounding by one step, which the
-    next step's moment carries on)."""
+    """The Triton AdamW with bf16 moments (fp32 or bf16 weights, fp32/bf16 gradients, a ragged last block)
+    against the torch-op reference over several steps: fp32 weights within fp32 rounding, bf16 weights within
+    a few bf16 steps and moments within two (a flipped rounding, from the GPU's fused multiply-adds or the
+    device-side bias corrections, carries into the next step)."""
     from nanoseek.kernels import HAVE_TRITON
 
     if not HAVE_TRITON:
@@ -264,8 +269,8 @@ def test_fused_bf16_moment_adamw_matches_the_reference(device, dtype):
     runs = []
     for fused in (False, True):
         ps = [torch.nn.Parameter(b.to(device=device, dtype=dtype).clone()) for b in base]  # both runs from base
-        opt = AdamWBf16Moments([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}],
-                               lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        opt = bf16_moment_adamw([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}],
+                                lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
         for step_grads in grads:
             for p, gr in zip(ps, step_grads):
                 p.grad = gr.to(device=device, dtype=dtype)

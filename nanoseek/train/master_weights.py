@@ -42,7 +42,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from nanoseek.train.fused_adamw import _to_bf16
+    @triton.jit
+    def _to_bf16(x):
+        """fp32 -> bf16 rounded to nearest even in integer arithmetic, so the cast is exact: the GPU's cast
+        rounds so too, but Triton's CPU interpreter truncates."""
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536: 0xFFFF0000
+        return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
     def _adamw_master_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, step_ptr, found_ptr, n, lr, one_minus_beta1,
@@ -58,7 +64,7 @@ if HAVE_TRITON:
         live = offs < tl.where(tl.load(found_ptr) == 0, n, 0)  # a non-finite step changes nothing
         step_size = tl.div_rn(lr, 1.0 - tl.exp2(t * log2_beta1))
         bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(t * log2_beta2))
-        w = tl.load(w_ptr + offs, mask=live)
+        w = tl.load(w_ptr + offs, mask=live).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=live).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=live).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=live).to(tl.float32)
@@ -67,7 +73,10 @@ if HAVE_TRITON:
         v = v * beta2 + one_minus_beta2 * g * g
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         w = w - step_size * tl.div_rn(m, denom)
-        tl.store(w_ptr + offs, w, mask=live)
+        if w_ptr.dtype.element_ty == tl.bfloat16:  # a bf16 parameter without a master: rounded once per step
+            tl.store(w_ptr + offs, _to_bf16(w), mask=live)
+        else:
+            tl.store(w_ptr + offs, w, mask=live)
         if m_ptr.dtype.element_ty == tl.bfloat16:
             tl.store(m_ptr + offs, _to_bf16(m), mask=live)
             tl.store(v_ptr + offs, _to_bf16(v), mask=live)
@@ -94,9 +103,11 @@ def gemm_weights(model: nn.Module) -> list[nn.Parameter]:
 
 class AdamWMasterWeights(torch.optim.Optimizer):
     """AdamW (torch's maths) that casts `low_precision` parameters to bf16 at construction and keeps their
-    fp32 masters in its state ("master"); the other parameters are updated in place in fp32. Moments in
-    `moments_dtype` (fp32, or bf16 as DeepSeek-V3 keeps them; fp32 maths either way). On CUDA each parameter
-    is one Triton kernel; elsewhere (or `fused=False`) the same update in torch ops.
+    fp32 masters in its state ("master"); the other parameters are updated in place (fp32 maths; a bf16
+    parameter rounded once per step). Moments in `moments_dtype` (fp32, or bf16 as DeepSeek-V3 keeps them;
+    fp32 maths either way): with no low-precision parameters this is the trainer's AdamW with bf16 moments
+    (`--train.bf16_moments`). On CUDA each parameter is one Triton kernel; elsewhere (or `fused=False`) the
+    same update in torch ops.
 
     It takes `found_inf` as torch's fused AdamW does (`optimizer_step(skip_nonfinite=True)` sets it): a step
     whose flag is nonzero moves no weight, moment or step count. With the kernels the flag and the step
@@ -213,18 +224,18 @@ class AdamWMasterWeights(torch.optim.Optimizer):
 
 def _reference_step(w: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """torch's single-tensor AdamW on the fp32 weight w from grad (any float dtype); moments m, v fp32 (updated
-    in place) or bf16 (the same maths in fp32, stored rounded)."""
+    """torch's single-tensor AdamW on the weight w from grad (any float dtype), in fp32: w and the moments m, v
+    fp32 (updated in place) or bf16 (the same maths in fp32, each stored rounded once)."""
     g = grad.float()
-    mf, vf = (m, v) if m.dtype == torch.float32 else (m.float(), v.float())
-    w.mul_(1 - lr * weight_decay)
+    wf, mf, vf = (t if t.dtype == torch.float32 else t.float() for t in (w, m, v))
+    wf.mul_(1 - lr * weight_decay)
     mf.lerp_(g, 1 - beta1)
     vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (vf.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    w.addcdiv_(mf, denom, value=-lr / (1 - beta1**step))
-    if mf is not m:
-        m.copy_(mf)
-        v.copy_(vf)
+    wf.addcdiv_(mf, denom, value=-lr / (1 - beta1**step))
+    for low, high in ((w, wf), (m, mf), (v, vf)):
+        if low is not high:
+            low.copy_(high)
 
 
 _NO_SKIP: dict[torch.device, torch.Tensor] = {}

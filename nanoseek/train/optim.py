@@ -1,4 +1,5 @@
-"""AdamW (torch's, fused on CUDA; or one with bf16 moments) and the learning-rate schedules.
+"""AdamW (torch's, fused on CUDA; or ours, `train/master_weights.py`, for bf16 moments and master weights)
+and the learning-rate schedules.
 
 Schedules return the lr multiplier for an optimizer step (0-based), all with linear warmup:
     v3      warmup -> constant -> cosine decay to min_lr_ratio over the last decay_frac (DeepSeek-V3's shape)
@@ -58,70 +59,6 @@ def schedule_anchor(step: int, old: dict, new: dict, anchor: tuple[int, float] |
     return anchor if abs(before - after) <= 1e-12 else (step, before)
 
 
-class AdamWBf16Moments(torch.optim.Optimizer):
-    """AdamW whose first and second moments are stored in bf16 (fp32 maths, fp32 weights).
-
-    Halves optimizer-state memory, as DeepSeek-V3 did; the update equals torch's AdamW up to the
-    rounding of the stored moments. On the GPU each parameter is one Triton kernel
-    (`nanoseek/train/fused_adamw.py`); `fused=False` (or a tensor the kernel does not take: distributed,
-    non-contiguous, no Triton) runs the reference, a dozen torch ops per parameter. The step count stays
-    on the host (a CPU tensor per parameter, as torch's non-capturable AdamW keeps it).
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0, fused: bool | None = None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.fused = fused  # None: the kernel for CUDA tensors; True: also elsewhere (Triton's CPU interpreter)
-        self.register_load_state_dict_post_hook(AdamWBf16Moments._moments_to_bf16)
-
-    @staticmethod
-    def _moments_to_bf16(optimizer: AdamWBf16Moments) -> None:
-        """After `load_state_dict`: torch casts every floating state tensor to its parameter's dtype (fp32), which
-        would keep the moments in fp32 from then on (twice the memory, and no longer rounded to bf16 each step:
-        a resumed run would not continue the same numbers). The saved values are bf16, so casting back is exact."""
-        for state in optimizer.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(torch.bfloat16)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        from nanoseek.train.fused_adamw import adamw_bf16_moments_step, fused_ok
-
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                state["step"] += 1
-                t = int(state["step"].item())  # a CPU tensor: no device sync
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                use_kernel = self.fused if self.fused is not None else p.is_cuda
-                if use_kernel and fused_ok(p, p.grad, m, v):
-                    adamw_bf16_moments_step(p, p.grad, m, v, step=t, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                            eps=group["eps"], weight_decay=group["weight_decay"])
-                else:
-                    self._reference_step(p, m, v, t, group)
-
-    @staticmethod
-    def _reference_step(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int, group) -> None:
-        """The update in torch ops (fp32 maths, moments rounded to bf16 when stored)."""
-        beta1, beta2 = group["betas"]
-        g = p.grad.float()
-        m = exp_avg.float().lerp_(g, 1 - beta1)
-        v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-        p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
-
-
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                     bf16_moments: bool = False, master_weights: bool = False) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices (and stacked experts) only; norms get none. `master_weights`: the
@@ -131,12 +68,10 @@ def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if master_weights:
+    if master_weights or bf16_moments:  # one Triton kernel per parameter (train/master_weights.py)
         from nanoseek.train.master_weights import AdamWMasterWeights, gemm_weights
-        return AdamWMasterWeights(groups, gemm_weights(model), lr=lr, betas=betas, eps=eps,
+        return AdamWMasterWeights(groups, gemm_weights(model) if master_weights else [], lr=lr, betas=betas, eps=eps,
                                   moments_dtype=torch.bfloat16 if bf16_moments else torch.float32)
-    if bf16_moments:
-        return AdamWBf16Moments(groups, lr=lr, betas=betas, eps=eps)
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
