@@ -223,3 +223,17 @@ def test_a_flagged_step_changes_nothing(fused):
     for key in ("master", "exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(f_opt.state[flagged[0]][key], p_opt.state[plain[0]][key]), key
     assert f_opt.state[flagged[1]]["step"].item() == 2
+
+
+def test_a_state_without_masters_is_refused():
+    """Loading an optimizer state saved without master weights (torch's AdamW) would leave the bf16 weights
+    with no fp32 masters: an error that names the fix."""
+    model = debug_model()
+    plain = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    plain.step()
+    fresh = debug_model()
+    opt = build_optimizer(fresh, 1e-3, (0.9, 0.95), 1e-8, 0.1, master_weights=True)
+    with pytest.raises(ValueError, match="without --train.master_weights"):
+        opt.load_state_dict(plain.state_dict())

@@ -227,6 +227,22 @@ def test_resume_is_exact_and_checkpoints_are_hf(teacher, tmp_path):
             "--sft.seq_len", "64")
 
 
+def test_master_weights_resume_exactly_and_save_fp32_masters(teacher, tmp_path):
+    """`nanoseek sft --train.master_weights true` (bf16 autocast): a resumed run continues bit for bit, and the
+    checkpoints hold the fp32 masters (not bf16-representable after training)."""
+    root, _ = teacher
+    common = ["--ckpt", str(root / "teacher"), "--data", str(root / "chats.jsonl"), "--train.max_steps", "4",
+              "--train.ckpt_every", "2", "--train.lr", "3e-3", "--train.warmup_steps", "1", "--train.dtype", "bf16",
+              "--train.master_weights", "true"]
+    run(*common, "--train.out_dir", str(tmp_path / "a"))
+    run("--resume", str(tmp_path / "a/checkpoints/step-000002"), "--train.out_dir", str(tmp_path / "b"))
+    a, b = load_file(tmp_path / "a/checkpoints/step-000004/model.safetensors"), \
+        load_file(tmp_path / "b/checkpoints/step-000004/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    moved = a["model.layers.0.self_attn.o_proj.weight"]
+    assert moved.dtype == torch.float32 and not torch.equal(moved, moved.to(torch.bfloat16).float())
+
+
 def test_distilled_student_from_a_fresh_preset(teacher, tmp_path):
     root, _ = teacher
     run("--preset", "debug", "--model.num_hidden_layers", "2", "--tokenizer", str(root / "teacher"),

@@ -158,6 +158,11 @@ def check_fp8_device(device: torch.device) -> None:
                            f"{device} is {name} (SM {major}.{minor}). Train with --train.dtype bf16 instead")
 
 
+def parse_parts(spec: str) -> tuple[str, ...]:
+    """'attention,mlp' -> ("attention", "mlp"): the trainers' --train.fp8_parts (install_fp8 checks the names)."""
+    return tuple(part.strip() for part in spec.split(",") if part.strip())
+
+
 def install_fp8(model: nn.Module, backend: str = "auto", cache_weights: bool = False,
                 recompute_swiglu: bool = False, pad_partial_blocks: bool = False,
                 parts: tuple[str, ...] = PARTS) -> dict[str, list[str]]:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.data.tokenizer import CHAT_TEMPLATE, Tokenizer, load_tokenizer
 from nanoseek.fp8 import install_fp8
+from nanoseek.fp8.install import parse_parts
 from nanoseek.hf import CheckpointError, load_pretrained
 from nanoseek.model.transformer import Transformer
 from nanoseek.sft.config import UNUSED_TRAIN, SFTConfig, SFTRun
@@ -58,6 +59,7 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.guard import NonFiniteGuard
+from nanoseek.train.master_weights import masters_in_model
 from nanoseek.train.metrics import MetricsLogger, flops_per_token, step_metrics
 from nanoseek.train.optim import SCHEDULES, build_optimizer, continued_multiplier, schedule_anchor
 from nanoseek.train.resume import (
@@ -69,7 +71,13 @@ from nanoseek.train.resume import (
     truncate_metrics,
 )
 from nanoseek.train.step import accumulate_gradients, compile_blocks, enable_activation_checkpointing, optimizer_step
-from nanoseek.train.trainer import _log_line, _optimizer_finite, resolve_device, schedule_settings
+from nanoseek.train.trainer import (
+    _log_line,
+    _optimizer_finite,
+    master_weights_problems,
+    resolve_device,
+    schedule_settings,
+)
 
 
 def fail(message: str) -> SystemExit:
@@ -279,10 +287,18 @@ def sft(run: SFTRun) -> dict[str, Any]:
     doc_mask = install_document_masking(model, sc.attention) if sc.pack else None
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":
-        install_fp8(model, cache_weights=tc.grad_accum > 1, recompute_swiglu=tc.fp8_recompute_swiglu,
-                    pad_partial_blocks=tc.fp8_pad_partial)
+        try:
+            install_fp8(model, cache_weights=tc.grad_accum > 1, recompute_swiglu=tc.fp8_recompute_swiglu,
+                        pad_partial_blocks=tc.fp8_pad_partial, parts=parse_parts(tc.fp8_parts))
+        except ValueError as e:
+            raise fail(f"--train.fp8_parts {tc.fp8_parts!r}: {e}") from None
+    if tc.master_weights and (problem := master_weights_problems(tc, use_bf16, parallel=False)):
+        raise fail(problem)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments)
+    optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments,
+                                tc.master_weights)
+    if tc.master_weights:  # several micro-batches: their bf16 gradients summed in fp32
+        optimizer.accumulate_in_fp32 = tc.grad_accum > 1
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model)
     if tc.compile:
@@ -338,7 +354,8 @@ def sft(run: SFTRun) -> dict[str, Any]:
                  "rng": torch.get_rng_state(), "schedule_anchor": list(anchor) if anchor else None,
                  "data_sha256": digest, "train": dataclasses.asdict(tc)}
         try:
-            return save_checkpoint(out_dir, at, model, state, tok_dir, record, tc.keep_last)
+            with masters_in_model(optimizer):  # --train.master_weights: the fp32 masters are what is saved
+                return save_checkpoint(out_dir, at, model, state, tok_dir, record, tc.keep_last)
         except (OSError, RuntimeError) as e:
             raise fail(f"could not write the checkpoint at step {at} ({type(e).__name__}: {str(e)[:200]}); "
                        f"free space in {out_dir} and resume with --resume") from None

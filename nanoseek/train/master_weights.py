@@ -129,6 +129,7 @@ class AdamWMasterWeights(torch.optim.Optimizer):
                 raise ValueError(f"AdamWMasterWeights: parameters start in fp32 (their masters), got {p.dtype}")
             self.state[p]["master"] = p.detach().clone()
             p.data = p.data.to(torch.bfloat16)
+        self._low = {id(p) for p in low_precision}
         self._incoming: dict[int, dict[str, torch.Tensor]] = {}  # between the two load_state_dict hooks
         self._incoming_order: list[int] = []
         self.accumulate_in_fp32 = False  # fold each micro-batch's bf16 gradient into an fp32 buffer
@@ -219,6 +220,9 @@ class AdamWMasterWeights(torch.optim.Optimizer):
                 state[key] = value.to(device=p.device)
             if "master" in state:
                 p.data.copy_(state["master"])
+            elif id(p) in optimizer._low:
+                raise ValueError("the saved optimizer state holds no fp32 master weights (it was saved without "
+                                 "master weights); continue it without --train.master_weights")
         optimizer._incoming, optimizer._incoming_order = {}, []
 
 

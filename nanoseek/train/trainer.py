@@ -37,6 +37,7 @@ from nanoseek.data.loader import PackedLoader
 from nanoseek.data.shards import write_shards
 from nanoseek.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from nanoseek.fp8 import install_fp8
+from nanoseek.fp8.install import parse_parts
 from nanoseek.hf import CheckpointError
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.checkpoint import (
@@ -170,9 +171,9 @@ def schedule_settings(tc: TrainConfig) -> dict[str, Any]:
                 min_ratio=tc.min_lr_ratio)
 
 
-def check_master_weights(tc: TrainConfig, use_bf16: bool, parallel: bool) -> None:
-    """--train.master_weights computes the default setting's numbers under bf16 autocast, in one process,
-    without FP8 (nanoseek/train/master_weights.py); elsewhere stop with the fix."""
+def master_weights_problems(tc: TrainConfig, use_bf16: bool, parallel: bool) -> str | None:
+    """Why --train.master_weights cannot give the default setting's numbers here (it needs bf16 autocast, one
+    process and no FP8; nanoseek/train/master_weights.py), with the fix; None where it can."""
     problems = []
     if not use_bf16:
         problems.append("it needs bf16 autocast (--train.dtype bf16, or auto on a GPU)")
@@ -180,9 +181,7 @@ def check_master_weights(tc: TrainConfig, use_bf16: bool, parallel: bool) -> Non
         problems.append("the parallel wrappers do not take it yet (one process)")
     if tc.dtype == "fp8":
         problems.append("FP8 quantizes the fp32 weights themselves (--train.dtype bf16)")
-    if problems:
-        raise SystemExit("nanoseek train: --train.master_weights: " + "; ".join(problems)
-                         + "; or drop --train.master_weights")
+    return "--train.master_weights: " + "; ".join(problems) + "; or drop --train.master_weights" if problems else None
 
 
 def train(run: RunConfig) -> dict[str, Any]:
@@ -240,16 +239,15 @@ def train(run: RunConfig) -> dict[str, Any]:
         model = par.wrap(model)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype in ("auto", "fp8") and device.type == "cuda")
     if tc.dtype == "fp8":  # FP8 linears/experts (emulated on the CPU); the rest as bf16/fp32 would run
-        parts = tuple(part.strip() for part in tc.fp8_parts.split(",") if part.strip())
         try:
             install_fp8(model, cache_weights=tc.grad_accum > 1,  # quantize weights once per optimizer step
                         recompute_swiglu=tc.fp8_recompute_swiglu, pad_partial_blocks=tc.fp8_pad_partial,
-                        parts=parts)
+                        parts=parse_parts(tc.fp8_parts))
         except ValueError as e:
             raise SystemExit(f"nanoseek train: --train.fp8_parts {tc.fp8_parts!r}: {e}") from None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
-    if tc.master_weights:
-        check_master_weights(tc, use_bf16, par is not None)
+    if tc.master_weights and (problem := master_weights_problems(tc, use_bf16, par is not None)):
+        raise SystemExit(f"nanoseek train: {problem}")
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments,
                                 tc.master_weights)
     if tc.master_weights:  # several micro-batches: their bf16 gradients summed in fp32, as autocast's .grad does
