@@ -102,17 +102,15 @@ def test_state_dict_round_trip_resumes_exactly():
         assert torch.equal(sopt.state[a]["master"], opt.state[b]["master"])
 
 
-@pytest.mark.parametrize("device", [
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                 reason="needs Triton's interpreter (TRITON_INTERPRET=1)"))])
-@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
-def test_kernel_matches_the_reference(device, moments):
-    """The Triton update (a bf16 weight with its master, an fp32 one, a ragged last block; fp32 or bf16
-    moments) against the torch-op reference over four steps: masters within fp32 rounding (bf16 moments: a
-    flipped rounding of a moment moves its weight by a bf16 step of the update), each bf16 copy the master
-    rounded to nearest."""
+DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu,
+                                       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+           pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                        reason="needs Triton's interpreter (TRITON_INTERPRET=1)"))]
+
+
+def kernel_and_reference(device: str, dtype: torch.dtype, masters: bool, moments: torch.dtype):
+    """Two parameters (a ragged last block; the first with weight decay) stepped four times by the torch-op
+    reference and by the Triton kernel from the same start: ((ref params, ref opt), (kernel params, opt))."""
     from nanoseek.kernels import HAVE_TRITON
 
     if not HAVE_TRITON:
@@ -122,15 +120,25 @@ def test_kernel_matches_the_reference(device, moments):
     grads = [[torch.randn(b.shape, generator=g) for b in base] for _ in range(4)]
     runs = []
     for fused in (False, True):
-        ps = [torch.nn.Parameter(b.to(device).clone()) for b in base]  # a copy: both runs start from base
+        ps = [torch.nn.Parameter(b.to(device=device, dtype=dtype).clone()) for b in base]  # both from base
         opt = AdamWMasterWeights([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}],
-                                 ps[:1], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused, moments_dtype=moments)
+                                 ps[:1] if masters else [], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused,
+                                 moments_dtype=moments)
         for step_grads in grads:
             for p, gr in zip(ps, step_grads):
                 p.grad = gr.to(device=device, dtype=p.dtype)
             opt.step()
         runs.append((ps, opt))
-    (ref, ref_opt), (got, got_opt) = runs
+    return runs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_kernel_matches_the_reference(device, moments):
+    """A bf16 weight with its master and an fp32 one, fp32 or bf16 moments: masters within fp32 rounding (bf16
+    moments: a flipped rounding of a moment moves its weight by a bf16 step of the update), each bf16 copy
+    the master rounded to nearest."""
+    (ref, ref_opt), (got, got_opt) = kernel_and_reference(device, torch.float32, True, moments)
     tol = 1e-5 if moments == torch.float32 else 1e-3
     torch.testing.assert_close(got_opt.state[got[0]]["master"], ref_opt.state[ref[0]]["master"], rtol=tol, atol=tol)
     torch.testing.assert_close(got[1], ref[1], rtol=tol, atol=tol)
@@ -139,6 +147,23 @@ def test_kernel_matches_the_reference(device, moments):
         assert got_opt.state[got[0]][key].dtype == moments
         torch.testing.assert_close(got_opt.state[got[0]][key].float(), ref_opt.state[ref[0]][key].float(),
                                    rtol=1e-5 if moments == torch.float32 else 2**-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_moment_kernel_matches_the_reference(device, dtype):
+    """--train.bf16_moments (no masters; fp32 or bf16 weights, gradients of their dtype): weights within fp32
+    rounding or a few bf16 steps, moments within two bf16 steps (a flipped rounding, from the GPU's fused
+    multiply-adds or the device-side bias corrections, carries into the next step)."""
+    (ref, ref_opt), (got, got_opt) = kernel_and_reference(device, dtype, False, torch.bfloat16)
+    for a, b in zip(ref, got):
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -5
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+        for key in ("exp_avg", "exp_avg_sq"):
+            x, y = ref_opt.state[a][key].float(), got_opt.state[b][key].float()
+            assert got_opt.state[b][key].dtype == torch.bfloat16
+            assert torch.allclose(x, y, rtol=2 ** -6, atol=1e-12), key
+        assert ref_opt.state[a]["step"].item() == got_opt.state[b]["step"].item() == 4
 
 
 def test_masters_in_model_swaps_and_restores():
