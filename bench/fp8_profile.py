@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek.fp8 import gpu  # noqa: E402
 from nanoseek.fp8 import kernels as K  # noqa: E402
 
+DEV = "cuda"  # a CPU check of the bookkeeping sets "cpu" (Triton interpreter, an emulated GEMM)
+
 
 def bench(fn) -> float:
     """Median milliseconds of fn()."""
@@ -34,9 +36,9 @@ def bench(fn) -> float:
 
 
 def dense(M: int, Kd: int, N: int, out: dict) -> None:
-    x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(N, Kd, device="cuda") * Kd ** -0.5
+    x = torch.randn(M, Kd, device=DEV, dtype=torch.bfloat16)
+    dy = torch.randn(M, N, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(N, Kd, device=DEV) * Kd ** -0.5
     backend, pad = gpu.dense_backend(x.device)
     qx, sx, qxt, sxt = K.quantize_act(x, True)
     qw, qwt, sw, swt = K.quantize_weight(w, pad_rows_to=pad)
@@ -75,13 +77,13 @@ def dense(M: int, Kd: int, N: int, out: dict) -> None:
 
 def experts(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) -> None:
     R = T * topk
-    ids = torch.rand(T, E, device="cuda").topk(topk, dim=-1).indices.flatten()
+    ids = torch.rand(T, E, device=DEV).topk(topk, dim=-1).indices.flatten()
     counts = torch.bincount(ids, minlength=E)
     ends = counts.cumsum(0).to(torch.int32)
-    xs = torch.randn(R, D, device="cuda", dtype=torch.bfloat16)
-    h = torch.randn(R, I, device="cuda", dtype=torch.bfloat16)
-    w13 = torch.randn(E, 2 * I, D, device="cuda") * D ** -0.5
-    w2 = torch.randn(E, D, I, device="cuda") * I ** -0.5
+    xs = torch.randn(R, D, device=DEV, dtype=torch.bfloat16)
+    h = torch.randn(R, I, device=DEV, dtype=torch.bfloat16)
+    w13 = torch.randn(E, 2 * I, D, device=DEV) * D ** -0.5
+    w2 = torch.randn(E, D, I, device=DEV) * I ** -0.5
     r: dict = {}
     r["tile_table_ms"] = bench(lambda: K.tile_table(ends, R))
     tiles = K.tile_table(ends, R)
@@ -120,9 +122,89 @@ def experts(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) -> No
                                           for k, v in r.items()), flush=True)
 
 
+def experts_loop(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) -> None:
+    """The routed experts' GEMMs as one cuBLAS blockwise `_scaled_mm` per expert (a host loop over E experts),
+    against the Triton grouped GEMMs and BF16 `_grouped_mm` on the same rows. Per expert: rows s..e of the
+    sorted x with their 1x128 scales laid out (K/128, M_e) (what cuBLAS's outer-dim-major check wants; built
+    once here), the expert's 128x128 weight scales, and for the weight gradient the expert's slice of the
+    128x1 tile columns (`quantize_group_cols`). `*_sync_ms` adds the host read of the expert sizes."""
+    backend, pad = gpu.dense_backend(torch.device(DEV))
+    if not backend.startswith("scaled_mm"):
+        out["experts_loop"] = {"skipped": f"dense backend is {backend}"}
+        return
+    R = T * topk
+    ids = torch.rand(T, E, device=DEV).topk(topk, dim=-1).indices.flatten()
+    counts = torch.bincount(ids, minlength=E)
+    ends = counts.cumsum(0).to(torch.int32)
+    sizes = counts.tolist()
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    n_tiles = [K.cdiv(n, K.BLOCK) for n in sizes]
+    first = [0]
+    for n in n_tiles[:-1]:
+        first.append(first[-1] + n)
+    xs = torch.randn(R, D, device=DEV, dtype=torch.bfloat16)
+    h = torch.randn(R, I, device=DEV, dtype=torch.bfloat16)
+    w13 = torch.randn(E, 2 * I, D, device=DEV) * D ** -0.5
+    w2 = torch.randn(E, D, I, device=DEV) * I ** -0.5
+    tiles = K.tile_table(ends, R)
+    qx, sx = K.quantize_act(xs, False)  # (Rp, D), (D/128, Rp)
+    qh, sh = K.quantize_act(h, False)
+    qw13, _, sw13, _ = K.quantize_weight(w13, pad_rows_to=pad)
+    qw2, qw2t, sw2, sw2t = K.quantize_weight(w2, pad_rows_to=pad)
+    qxt, sxt = K.quantize_group_cols(xs, tiles)  # (D, T*128), (T, D)
+    qht, sht = K.quantize_group_cols(h, tiles)
+    sx_e = [sx[:, s:s + n].contiguous() for s, n in zip(starts, sizes)]  # (D/128, M_e) each
+    sh_e = [sh[:, s:s + n].contiguous() for s, n in zip(starts, sizes)]
+    r: dict = {"backend": backend, "sizes_min_max": [min(sizes), max(sizes)]}
+
+    def fwd(q, s_e, qw, sw):
+        return [gpu._mm(backend, q[s:s + n], qw[e].t(), s_e[e].t(), gpu._tile_scales(sw[e]))
+                for e, (s, n) in enumerate(zip(starts, sizes)) if n]
+
+    def wgrad(qa, sa, qb, sb):  # dW_e = a_e^T b_e over the expert's tokens, a (Na, T*128), b (Nb, T*128)
+        return [gpu._mm(backend, qa[:, 128 * t:128 * (t + n)], qb[:, 128 * t:128 * (t + n)].t(),
+                        sa[t:t + n].t(), sb[t:t + n].t(), b_tiles=False)
+                for t, n in zip(first, n_tiles) if n]
+
+    def synced(fn):
+        def run():
+            counts.tolist()
+            return fn()
+        return run
+
+    f13, f2 = 2.0 * R * D * 2 * I, 2.0 * R * D * I
+    cases = {"w13_fwd": (lambda: fwd(qx, sx_e, qw13, sw13), f13),
+             "w2_fwd": (lambda: fwd(qh, sh_e, qw2, sw2), f2),
+             "w2_dgrad": (lambda: fwd(qx, sx_e, qw2t, sw2t), f2),
+             "w2_wgrad": (lambda: wgrad(qxt, sxt, qht, sht), f2)}
+    for name, (fn, flops) in cases.items():
+        try:
+            fn()
+        except (RuntimeError, ValueError, TypeError) as e:
+            r[f"loop_{name}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            continue
+        r[f"loop_{name}_ms"] = bench(fn)
+        r[f"loop_{name}_sync_ms"] = bench(synced(fn))
+        r[f"loop_{name}_tflops"] = flops / r[f"loop_{name}_ms"] / 1e9
+    y_loop = torch.cat(fwd(qx, sx_e, qw13, sw13))
+    qw13_1, _, sw13_1, _ = K.quantize_weight(w13)  # the Triton GEMM's unpadded scale rows
+    y_tri = K.grouped_gemm(qx, sx, qw13_1, sw13_1, tiles, ends, R)
+    r["loop_vs_triton_w13_rel_diff"] = float((y_loop.float() - y_tri.float()).norm() / y_tri.float().norm())
+    dw_loop = wgrad(qxt, sxt, qht, sht)
+    dw_tri = K.grouped_wgrad(qxt, sxt, qht, sht, tiles, E)
+    dw_tri = torch.cat([dw_tri[e] for e in range(E) if sizes[e]])
+    r["loop_vs_triton_w2_wgrad_rel_diff"] = float((torch.cat(dw_loop).float() - dw_tri).norm() / dw_tri.norm())
+    r["relayout_scales_ms"] = bench(lambda: [sx[:, s:s + n].contiguous() for s, n in zip(starts, sizes)])
+    out[f"experts_loop {E}x {D}->{I} top-{topk}"] = r
+    print(f"experts_loop {D}->{I}: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in r.items()), flush=True)
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 256 MiB device-to-device copy, bytes read plus written: the quantizers' ceiling."""
-    a = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    a = torch.empty(2**28, dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
     return 2 * a.numel() / bench(lambda: b.copy_(a)) / 1e6
 
@@ -131,6 +213,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--out", default="fp8_profile.json")
+    p.add_argument("--only-experts", action="store_true", help="skip the dense linears")
+    p.add_argument("--experts-loop", action="store_true",
+                   help="also time the experts as one cuBLAS blockwise GEMM per expert")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_profile: needs a CUDA GPU; there is none here")
@@ -138,15 +223,18 @@ def main() -> None:
     out: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
                  "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}}
     out["copy_GBps"] = copy_bandwidth()
-    backend, pad = gpu.dense_backend(torch.device("cuda"))
+    backend, pad = gpu.dense_backend(torch.device(DEV))
     out["dense_backend"], out["scale_pad"], out["probe_errors"] = backend, pad, gpu.PROBE_ERRORS
     print(json.dumps({k: out[k] for k in ("device", "copy_GBps", "dense_backend", "scale_pad", "probe_errors")}))
-    for Kd, N in ((2048, 5632), (7168, 18432)):
+    for Kd, N in () if args.only_experts else ((2048, 5632), (7168, 18432)):
         dense(args.tokens, Kd, N, out)
         Path(args.out).write_text(json.dumps(out, indent=1))
     for D, I in ((2048, 1408),):
         experts(args.tokens, D, I, out)
         Path(args.out).write_text(json.dumps(out, indent=1))
+        if args.experts_loop:
+            experts_loop(args.tokens, D, I, out)
+            Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
