@@ -155,17 +155,44 @@ def experts_loop(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) 
     qw2, qw2t, sw2, sw2t = K.quantize_weight(w2, pad_rows_to=pad)
     qxt, sxt = K.quantize_group_cols(xs, tiles)  # (D, T*128), (T, D)
     qht, sht = K.quantize_group_cols(h, tiles)
-    sx_e = [sx[:, s:s + n].contiguous() for s, n in zip(starts, sizes)]  # (D/128, M_e) each
-    sh_e = [sh[:, s:s + n].contiguous() for s, n in zip(starts, sizes)]
     r: dict = {"backend": backend, "sizes_min_max": [min(sizes), max(sizes)]}
 
-    def fwd(q, s_e, qw, sw):
+    def padded_rows(q, sc):
+        """Each expert's rows and 1x128 scales as its own (Mp_e, K) / (K/128, Mp_e) tensors, Mp_e = M_e rounded
+        up to 128 (zero rows, unit scales): the layout the dense route hands cuBLAS."""
+        rows, scales = [], []
+        for s, n in zip(starts, sizes):
+            mp = K.cdiv(n, K.BLOCK) * K.BLOCK
+            qe = torch.zeros(mp, q.shape[1], dtype=torch.uint8, device=DEV).view(q.dtype)
+            qe[:n] = q[s:s + n]
+            se = torch.ones(sc.shape[0], mp, device=DEV)
+            se[:, :n] = sc[:, s:s + n]
+            rows.append(qe)
+            scales.append(se)
+        return rows, scales
+
+    xe, sxe = padded_rows(qx, sx)
+    he, she = padded_rows(qh, sh)
+    sx_raw = [sx[:, s:s + n].contiguous() for s, n in zip(starts, sizes)]  # (D/128, M_e) each, unpadded
+
+    def fwd(rows, scales, qw, sw):  # y_e = x_e W_e^T, one GEMM per expert; -> [(Mp_e, N)]
+        return [gpu._mm(backend, rows[e], qw[e].t(), scales[e].t(), gpu._tile_scales(sw[e]))
+                for e in range(E) if sizes[e]]
+
+    def fwd_unpadded(q, s_e, qw, sw):  # the same on the raw M_e-row slices
         return [gpu._mm(backend, q[s:s + n], qw[e].t(), s_e[e].t(), gpu._tile_scales(sw[e]))
                 for e, (s, n) in enumerate(zip(starts, sizes)) if n]
 
-    def wgrad(qa, sa, qb, sb):  # dW_e = a_e^T b_e over the expert's tokens, a (Na, T*128), b (Nb, T*128)
-        return [gpu._mm(backend, qa[:, 128 * t:128 * (t + n)], qb[:, 128 * t:128 * (t + n)].t(),
-                        sa[t:t + n].t(), sb[t:t + n].t(), b_tiles=False)
+    cols_a = [qxt[:, 128 * t:128 * (t + n)].contiguous() for t, n in zip(first, n_tiles)]
+    cols_b = [qht[:, 128 * t:128 * (t + n)].contiguous() for t, n in zip(first, n_tiles)]
+
+    def wgrad():  # dW_e = a_e^T b_e over the expert's 128-padded tokens, a (D, Tp_e), b (I, Tp_e)
+        return [gpu._mm(backend, cols_a[e], cols_b[e].t(), sxt[t:t + n].t(), sht[t:t + n].t(), b_tiles=False)
+                for e, (t, n) in enumerate(zip(first, n_tiles)) if n]
+
+    def wgrad_strided():  # the same on strided column slices of the tile columns
+        return [gpu._mm(backend, qxt[:, 128 * t:128 * (t + n)], qht[:, 128 * t:128 * (t + n)].t(),
+                        sxt[t:t + n].t(), sht[t:t + n].t(), b_tiles=False)
                 for t, n in zip(first, n_tiles) if n]
 
     def synced(fn):
@@ -175,28 +202,32 @@ def experts_loop(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) 
         return run
 
     f13, f2 = 2.0 * R * D * 2 * I, 2.0 * R * D * I
-    cases = {"w13_fwd": (lambda: fwd(qx, sx_e, qw13, sw13), f13),
-             "w2_fwd": (lambda: fwd(qh, sh_e, qw2, sw2), f2),
-             "w2_dgrad": (lambda: fwd(qx, sx_e, qw2t, sw2t), f2),
-             "w2_wgrad": (lambda: wgrad(qxt, sxt, qht, sht), f2)}
+    cases = {"w13_fwd": (lambda: fwd(xe, sxe, qw13, sw13), f13),
+             "w13_fwd_unpadded": (lambda: fwd_unpadded(qx, sx_raw, qw13, sw13), f13),
+             "w2_fwd": (lambda: fwd(he, she, qw2, sw2), f2),
+             "w2_dgrad": (lambda: fwd(xe, sxe, qw2t, sw2t), f2),
+             "w2_wgrad": (wgrad, f2),
+             "w2_wgrad_strided": (wgrad_strided, f2)}
     for name, (fn, flops) in cases.items():
         try:
             fn()
+            torch.cuda.synchronize() if DEV == "cuda" else None
         except (RuntimeError, ValueError, TypeError) as e:
             r[f"loop_{name}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
             continue
         r[f"loop_{name}_ms"] = bench(fn)
         r[f"loop_{name}_sync_ms"] = bench(synced(fn))
         r[f"loop_{name}_tflops"] = flops / r[f"loop_{name}_ms"] / 1e9
-    y_loop = torch.cat(fwd(qx, sx_e, qw13, sw13))
-    qw13_1, _, sw13_1, _ = K.quantize_weight(w13)  # the Triton GEMM's unpadded scale rows
-    y_tri = K.grouped_gemm(qx, sx, qw13_1, sw13_1, tiles, ends, R)
-    r["loop_vs_triton_w13_rel_diff"] = float((y_loop.float() - y_tri.float()).norm() / y_tri.float().norm())
-    dw_loop = wgrad(qxt, sxt, qht, sht)
-    dw_tri = K.grouped_wgrad(qxt, sxt, qht, sht, tiles, E)
-    dw_tri = torch.cat([dw_tri[e] for e in range(E) if sizes[e]])
-    r["loop_vs_triton_w2_wgrad_rel_diff"] = float((torch.cat(dw_loop).float() - dw_tri).norm() / dw_tri.norm())
-    r["relayout_scales_ms"] = bench(lambda: [sx[:, s:s + n].contiguous() for s, n in zip(starts, sizes)])
+    try:
+        y_loop = torch.cat([y[:n] for y, n in zip(fwd(xe, sxe, qw13, sw13), [n for n in sizes if n])])
+        qw13_1, _, sw13_1, _ = K.quantize_weight(w13)  # the Triton GEMM's unpadded scale rows
+        y_tri = K.grouped_gemm(qx, sx, qw13_1, sw13_1, tiles, ends, R)
+        r["loop_vs_triton_w13_rel_diff"] = float((y_loop.float() - y_tri.float()).norm() / y_tri.float().norm())
+        dw_tri = K.grouped_wgrad(qxt, sxt, qht, sht, tiles, E)
+        dw_tri = torch.cat([dw_tri[e] for e in range(E) if sizes[e]])
+        r["loop_vs_triton_w2_wgrad_rel_diff"] = float((torch.cat(wgrad()).float() - dw_tri).norm() / dw_tri.norm())
+    except (RuntimeError, ValueError, TypeError) as e:
+        r["check_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
     out[f"experts_loop {E}x {D}->{I} top-{topk}"] = r
     print(f"experts_loop {D}->{I}: " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in r.items()), flush=True)
