@@ -504,6 +504,41 @@ def test_master_weights_refuse_settings_whose_numbers_they_cannot_match(tmp_path
         run(tmp_path / "b", "--train.dtype", "fp8", "--train.master_weights", "true", "--train.max_steps", "1")
 
 
+def test_master_weights_auto_turns_on_only_where_it_gives_the_default_numbers(tmp_path):
+    """--train.master_weights is 'auto' by default: on for bf16 autocast on a GPU in one process without FP8,
+    off elsewhere; an explicit value is kept, and the decided value is what run.json saves."""
+    from nanoseek.train.trainer import resolve_master_weights
+    auto = parse_args([]).train
+    assert auto.master_weights is None and parse_args(["--train.master_weights", "auto"]).train.master_weights is None
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read
+    assert resolve_master_weights(auto, True, gpu, parallel=False).master_weights is True
+    assert resolve_master_weights(auto, True, cpu, parallel=False).master_weights is False
+    assert resolve_master_weights(auto, False, gpu, parallel=False).master_weights is False
+    assert resolve_master_weights(auto, True, gpu, parallel=True).master_weights is False
+    fp8 = parse_args(["--train.dtype", "fp8"]).train
+    assert resolve_master_weights(fp8, True, gpu, parallel=False).master_weights is False
+    off = parse_args(["--train.master_weights", "false"]).train
+    assert resolve_master_weights(off, True, gpu, parallel=False).master_weights is False
+    summary = run(tmp_path, "--train.max_steps", "1", "--train.ckpt_every", "1")
+    saved = json.loads(next((tmp_path / "checkpoints").glob("step-*/run.json")).read_text())
+    assert saved["config"]["train"]["master_weights"] is False, summary
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_default_gpu_run_holds_fp32_masters_and_resumes(tmp_path):
+    """On a GPU the defaults (bf16 autocast, master weights 'auto') train with bf16 GEMM weights and fp32
+    masters: run.json saves the decided value, the checkpoint holds fp32 weights, and --resume continues."""
+    run(tmp_path, "--train.device", "cuda", "--train.max_steps", "2", "--train.ckpt_every", "2")
+    saved = json.loads((tmp_path / "checkpoints" / "step-000002" / "run.json").read_text())
+    assert saved["config"]["train"]["master_weights"] is True
+    train(parse_args(["--train.out_dir", str(tmp_path), "--resume", "--train.max_steps", "4"]))
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v[0]) for v in losses.values())
+    model = nanoseek.load_pretrained(tmp_path / "checkpoints" / "step-000004")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_end_of_run_evaluation_fits_a_small_context(tmp_path):
     """The held-out evaluation's completions are capped to what the context leaves after the prompts (this
     tiny tokenizer makes 300-token prompts against a 512-token context and 256 new tokens): no failure at the

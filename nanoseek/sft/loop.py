@@ -76,6 +76,7 @@ from nanoseek.train.trainer import (
     _optimizer_finite,
     master_weights_problems,
     resolve_device,
+    resolve_master_weights,
     schedule_settings,
 )
 
@@ -292,6 +293,7 @@ def sft(run: SFTRun) -> dict[str, Any]:
                         pad_partial_blocks=tc.fp8_pad_partial, parts=parse_parts(tc.fp8_parts))
         except ValueError as e:
             raise fail(f"--train.fp8_parts {tc.fp8_parts!r}: {e}") from None
+    tc = run.train = resolve_master_weights(tc, use_bf16, device, parallel=False)
     if tc.master_weights and (problem := master_weights_problems(tc, use_bf16, parallel=False)):
         raise fail(problem)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()

@@ -96,9 +96,10 @@ class TrainConfig:
     beta2: float = doc("AdamW beta2", 0.95)
     eps: float = doc("AdamW epsilon", 1e-8)
     bf16_moments: bool = doc("keep AdamW moments in bf16 (as in DeepSeek-V3)", False)
-    master_weights: bool = doc("GEMM weights in bf16 with their fp32 masters in the optimizer: the bf16-autocast "
-                               "numbers with less memory traffic (one process, bf16 autocast; docs/training.md)",
-                               False)
+    master_weights: bool | None = doc("GEMM weights in bf16 with their fp32 masters in the optimizer: the bf16-"
+                                      "autocast numbers with less memory traffic (docs/training.md). 'auto' (the "
+                                      "default): on for bf16 autocast on a GPU in one process without FP8; "
+                                      "true / false force it", None)
     grad_clip: float = doc("gradient-norm clip (0 disables)", 1.0)
     mtp_lambda: float = doc("MTP loss weight lambda for the first part of training", 0.3)
     mtp_lambda_final: float = doc("MTP loss weight after mtp_switch_frac of the steps", 0.1)
@@ -224,8 +225,8 @@ def convert(value: str | Any, typ: Any, option: str, command: str = "train") -> 
         return value
     args = typing.get_args(typ)
     if type(None) in args:
-        if value.lower() in ("none", "null"):
-            return None
+        if value.lower() in ("none", "null") or (value.lower() == "auto" and bool in args):
+            return None  # an optional switch's 'auto' is its unset value
         typ = next(a for a in args if a is not type(None))
     try:
         if typ is bool:
@@ -259,10 +260,12 @@ def help_text() -> str:
         lines.append(f"{section}:")
         defaults = ModelConfig(**PRESETS["demo"]) if section == "model" else cls()
         for name, (typ, help_) in _fields(cls).items():
-            tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))
+            switch = typing.get_args(typ) == (bool, type(None))  # true / false / auto
+            tname = "auto|bool" if switch else getattr(typ, "__name__", str(typ).replace("typing.", ""))
             default = getattr(defaults, name)
+            shown = "auto" if switch and default is None else repr(default)
             option = f"--{section}.{name} {tname}"
-            lines.append(f"  {option:<46} {help_} [default: {default!r}]")
+            lines.append(f"  {option:<46} {help_} [default: {shown}]")
         lines.append("")
     return "\n".join(lines)
 

@@ -171,6 +171,16 @@ def schedule_settings(tc: TrainConfig) -> dict[str, Any]:
                 min_ratio=tc.min_lr_ratio)
 
 
+def resolve_master_weights(tc: TrainConfig, use_bf16: bool, device: torch.device, parallel: bool) -> TrainConfig:
+    """`tc` with --train.master_weights decided: 'auto' (None) turns it on exactly where it computes the default
+    setting's numbers and runs our GPU kernel (bf16 autocast on CUDA, one process, no FP8), else off. The
+    decided value is what run.json saves, so a resumed run keeps it."""
+    if tc.master_weights is not None:
+        return tc
+    on = use_bf16 and device.type == "cuda" and not parallel and tc.dtype != "fp8"
+    return dataclasses.replace(tc, master_weights=on)
+
+
 def master_weights_problems(tc: TrainConfig, use_bf16: bool, parallel: bool) -> str | None:
     """Why --train.master_weights cannot give the default setting's numbers here (it needs bf16 autocast, one
     process and no FP8; nanoseek/train/master_weights.py), with the fix; None where it can."""
@@ -246,6 +256,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         except ValueError as e:
             raise SystemExit(f"nanoseek train: --train.fp8_parts {tc.fp8_parts!r}: {e}") from None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    tc = run.train = resolve_master_weights(tc, use_bf16, device, par is not None)
     if tc.master_weights and (problem := master_weights_problems(tc, use_bf16, par is not None)):
         raise SystemExit(f"nanoseek train: {problem}")
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.bf16_moments,
@@ -291,8 +302,10 @@ def train(run: RunConfig) -> dict[str, Any]:
                            purge_step=step + 1 if step else None)
     record = run_record(run.to_dict(), device)
     (out_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    masters = " (bf16 GEMM weights, fp32 masters)" if tc.master_weights else ""
     print(f"model: {n_params / 1e6:.2f}M parameters ({run.preset} preset), device {device}, "
-          f"{'bf16 autocast' if use_bf16 else 'fp32'}; {tokens_per_step} tokens/step, {len(loader)} steps/epoch")
+          f"{'bf16 autocast' if use_bf16 else 'fp32'}{masters}; {tokens_per_step} tokens/step, "
+          f"{len(loader)} steps/epoch")
 
     stop_signal: list[str] = []
 
