@@ -211,7 +211,8 @@ def experts_loop(T: int, D: int, I: int, out: dict, E: int = 64, topk: int = 6) 
     for name, (fn, flops) in cases.items():
         try:
             fn()
-            torch.cuda.synchronize() if DEV == "cuda" else None
+            if DEV == "cuda":
+                torch.cuda.synchronize()  # a launch error surfaces here, inside the try
         except (RuntimeError, ValueError, TypeError) as e:
             r[f"loop_{name}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
             continue

@@ -177,7 +177,7 @@ def resolve_master_weights(tc: TrainConfig, use_bf16: bool, device: torch.device
     decided value is what run.json saves, so a resumed run keeps it."""
     if tc.master_weights is not None:
         return tc
-    on = use_bf16 and device.type == "cuda" and not parallel and tc.dtype != "fp8"
+    on = device.type == "cuda" and master_weights_problems(tc, use_bf16, parallel) is None
     return dataclasses.replace(tc, master_weights=on)
 
 
