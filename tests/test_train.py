@@ -519,6 +519,8 @@ def test_master_weights_auto_turns_on_only_where_it_gives_the_default_numbers(tm
     assert resolve_master_weights(fp8, True, gpu, parallel=False).master_weights is False
     off = parse_args(["--train.master_weights", "false"]).train
     assert resolve_master_weights(off, True, gpu, parallel=False).master_weights is False
+    with pytest.raises(SystemExit, match="expects auto, true or false, got 'maybe'"):
+        parse_args(["--train.master_weights", "maybe"])
     summary = run(tmp_path, "--train.max_steps", "1", "--train.ckpt_every", "1")
     saved = json.loads(next((tmp_path / "checkpoints").glob("step-*/run.json")).read_text())
     assert saved["config"]["train"]["master_weights"] is False, summary

@@ -243,7 +243,7 @@ def convert(value: str | Any, typ: Any, option: str, command: str = "train") -> 
             return value
         return json.loads(value)  # dicts (rope_scaling)
     except (ValueError, json.JSONDecodeError):
-        name = getattr(typ, "__name__", str(typ))
+        name = "auto, true or false" if args == (bool, type(None)) else getattr(typ, "__name__", str(typ))
         raise SystemExit(f"nanoseek {command}: {option} expects {name}, got {value!r}") from None
 
 
